@@ -1,0 +1,1 @@
+"""HTTP surface of the gateway: app factory, routes, SSE, errors, config, CLI."""

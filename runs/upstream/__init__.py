@@ -1,0 +1,1 @@
+"""Adapters that stream a model turn from an upstream provider."""
