@@ -1,0 +1,18 @@
+"""Choose a Store backend from a storage URL."""
+
+from __future__ import annotations
+
+from storage.base import Store
+from storage.memory import MemoryStore
+from storage.redis import RedisStore
+
+MEMORY_URL = "memory://"
+
+
+def open_store(url: str, *, key_prefix: str, retention_seconds: int) -> Store:
+    """`memory://` gives the embedded store; `redis://…` and `rediss://…` the Redis backend."""
+    if url == MEMORY_URL or url.startswith(MEMORY_URL):
+        return MemoryStore(retention_seconds=retention_seconds)
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStore.from_url(url, key_prefix=key_prefix, retention_seconds=retention_seconds)
+    raise ValueError(f"unsupported storage URL scheme: {url.split(':', 1)[0]!r}")

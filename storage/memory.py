@@ -1,0 +1,143 @@
+"""The embedded backend: the Store contract in process memory, for a single zero-setup gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from storage.base import (
+    TERMINAL_STATUSES,
+    NewResponse,
+    ResponseAlreadyExists,
+    ResponseClosed,
+    ResponseMissing,
+    ResponseRecord,
+    SequenceConflict,
+    StoredEvent,
+)
+
+
+@dataclass(slots=True)
+class _Entry:
+    snapshot: bytes
+    status: str
+    background: bool
+    stored: bool
+    input_items: bytes
+    events: list[StoredEvent]
+    expires_at: float
+    appended: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class MemoryStore:
+    """Store kept in this process. Same semantics as the Redis backend, including retention expiry."""
+
+    def __init__(self, *, retention_seconds: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._retention = float(retention_seconds)
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {}
+        # (expires_at, response_id) pushed on every write; stale pairs are skipped when popped.
+        self._expiry_heap: list[tuple[float, str]] = []
+
+    def _expire_due(self) -> None:
+        now = self._clock()
+        while self._expiry_heap and self._expiry_heap[0][0] <= now:
+            _, response_id = heapq.heappop(self._expiry_heap)
+            entry = self._entries.get(response_id)
+            if entry is not None and entry.expires_at <= now:
+                del self._entries[response_id]
+                entry.appended.set()
+
+    def _live(self, response_id: str) -> _Entry | None:
+        self._expire_due()
+        return self._entries.get(response_id)
+
+    def _touch(self, response_id: str, entry: _Entry) -> None:
+        entry.expires_at = self._clock() + self._retention
+        heapq.heappush(self._expiry_heap, (entry.expires_at, response_id))
+
+    def _wake_readers(self, entry: _Entry) -> None:
+        entry.appended.set()
+        entry.appended = asyncio.Event()
+
+    async def create_response(self, new: NewResponse) -> None:
+        if self._live(new.response_id) is not None:
+            raise ResponseAlreadyExists(new.response_id)
+        entry = _Entry(
+            snapshot=new.snapshot,
+            status=new.status,
+            background=new.background,
+            stored=new.stored,
+            input_items=new.input_items,
+            events=list(new.events),
+            expires_at=0.0,
+        )
+        self._entries[new.response_id] = entry
+        self._touch(new.response_id, entry)
+
+    async def append_events(
+        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str
+    ) -> None:
+        if not events:
+            return
+        entry = self._live(response_id)
+        if entry is None:
+            raise ResponseMissing(response_id)
+        if entry.status in TERMINAL_STATUSES:
+            raise ResponseClosed(response_id)
+        if events[0].sequence_number != len(entry.events):
+            raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
+        entry.events.extend(events)
+        entry.snapshot = snapshot
+        entry.status = status
+        self._touch(response_id, entry)
+        self._wake_readers(entry)
+
+    async def get_response(self, response_id: str) -> ResponseRecord | None:
+        entry = self._live(response_id)
+        if entry is None:
+            return None
+        return ResponseRecord(
+            response_id=response_id,
+            snapshot=entry.snapshot,
+            status=entry.status,
+            last_sequence_number=len(entry.events) - 1,
+            background=entry.background,
+            stored=entry.stored,
+        )
+
+    async def get_input_items(self, response_id: str) -> bytes | None:
+        entry = self._live(response_id)
+        return None if entry is None else entry.input_items
+
+    async def read_events(
+        self, response_id: str, after: int, *, limit: int = 512, wait_ms: int = 0
+    ) -> list[StoredEvent]:
+        entry = self._live(response_id)
+        if entry is not None and len(entry.events) - 1 > after:
+            start = max(after + 1, 0)
+            return entry.events[start : start + limit]
+        if wait_ms <= 0 or entry is None:
+            return []
+        try:
+            await asyncio.wait_for(entry.appended.wait(), wait_ms / 1000)
+        except TimeoutError:
+            return []
+        return await self.read_events(response_id, after, limit=limit)
+
+    async def delete_response(self, response_id: str) -> bool:
+        entry = self._entries.pop(response_id, None)
+        if entry is None:
+            return False
+        entry.appended.set()
+        return True
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self._expiry_heap.clear()
