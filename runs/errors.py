@@ -1,0 +1,82 @@
+"""The errors a client can be told about: HTTP status plus the OpenAI error `type`, `code` and `param`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ApiError(Exception):
+    """An error with an OpenAI-style envelope. gateway.errors turns it into a response in one place."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        """The `{"error": {...}}` body the OpenAI API returns."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(ApiError):
+    """400: the request is malformed or asks for something impossible."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFound(ApiError):
+    """404: the object does not exist (or is not visible to the caller)."""
+
+    status = 404
+    type = "invalid_request_error"
+
+
+class Conflict(ApiError):
+    """409: the request conflicts with the current state of an object."""
+
+    status = 409
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(ApiError):
+    """413: the body is over the configured limit."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamError(ApiError):
+    """502: the model provider failed before the response could start."""
+
+    status = 502
+    type = "server_error"
+    code = "upstream_error"
+
+
+class Unavailable(ApiError):
+    """503: the gateway cannot serve the request now (store unreachable, shutting down)."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+def response_not_found(response_id: str) -> NotFound:
+    """The 404 OpenAI returns for an unknown response id."""
+    return NotFound(f"Response with id '{response_id}' not found.", param="response_id")

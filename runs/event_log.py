@@ -1,0 +1,97 @@
+"""A response's event log as its run writes it: numbering, snapshotting, and coalesced persist-before-publish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+
+from runs.snapshot import Json, apply_event
+from storage.base import Store, StoredEvent
+
+# A run that outpaces the store waits once this many events are queued, so memory stays bounded.
+MAX_PENDING_EVENTS = 2048
+
+
+class EventLog:
+    """Numbers events from `next_sequence_number`, keeps the snapshot they produce, and appends them to the store.
+
+    Subscribers read only from the store, so an event is visible to nobody until its append has succeeded. While
+    one append is in flight, later events queue and go out together in the next round trip.
+    """
+
+    def __init__(self, store: Store, response_id: str, snapshot: Json, *, next_sequence_number: int) -> None:
+        self._store = store
+        self._response_id = response_id
+        self._snapshot = snapshot
+        self._next_sequence_number = next_sequence_number
+        self._pending: list[StoredEvent] = []
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._failure: BaseException | None = None
+        self._writer = asyncio.create_task(self._write_loop(), name=f"event-log:{response_id}")
+
+    @property
+    def snapshot(self) -> Json:
+        """The Response as of the last emitted event (written or about to be)."""
+        return self._snapshot
+
+    @property
+    def next_sequence_number(self) -> int:
+        return self._next_sequence_number
+
+    async def emit(self, event: dict[str, Any]) -> StoredEvent:
+        """Number `event`, apply it to the snapshot and queue its append. Raises the store's error once a write
+        has failed: the log cannot go on with a gap."""
+        if self._failure is not None:
+            raise self._failure
+        if len(self._pending) >= MAX_PENDING_EVENTS:
+            await self._drained.wait()
+            if self._failure is not None:
+                raise self._failure
+        event["sequence_number"] = self._next_sequence_number
+        stored = StoredEvent(self._next_sequence_number, event["type"], orjson.dumps(event))
+        self._next_sequence_number += 1
+        self._snapshot = apply_event(self._snapshot, event)
+        self._pending.append(stored)
+        self._drained.clear()
+        self._wake.set()
+        return stored
+
+    async def flush(self) -> None:
+        """Wait until every emitted event is stored; raise the store's error if one could not be."""
+        await self._drained.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    async def close(self) -> None:
+        """Flush, then stop the writer."""
+        try:
+            await self.flush()
+        finally:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                # Take the batch and serialise the snapshot in one step (no await between), so the snapshot
+                # written is exactly the one these events produce.
+                batch, self._pending = self._pending, []
+                snapshot = orjson.dumps(self._snapshot)
+                try:
+                    await self._store.append_events(
+                        self._response_id, batch, snapshot=snapshot, status=self._snapshot["status"]
+                    )
+                except Exception as error:
+                    self._failure = error
+                    self._pending.clear()
+                    self._drained.set()
+                    return
+            self._drained.set()

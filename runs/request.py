@@ -1,0 +1,117 @@
+"""The body of `POST /v1/responses`: its shape (pydantic) and the rules that span fields."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from runs.errors import InvalidRequest
+
+Includable = Literal[
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "code_interpreter_call.outputs",
+    "reasoning.encrypted_content",
+    "message.output_text.logprobs",
+]
+
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+class ConversationRef(BaseModel):
+    """`conversation` given as an object."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    id: str
+
+
+class StreamOptions(BaseModel):
+    """`stream_options`: only meaningful with `stream: true`."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_obfuscation: bool | None = None
+
+
+class CreateResponseRequest(BaseModel):
+    """A create request. Unknown fields are kept (and forwarded upstream); known ones are type-checked strictly."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: Annotated[str, StringConstraints(min_length=1)]
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    conversation: str | ConversationRef | None = None
+    background: bool | None = None
+    store: bool | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    text: dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
+    include: list[Includable] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+    prompt: dict[str, Any] | None = None
+
+    @property
+    def is_stored(self) -> bool:
+        """`store` defaults to true, as in the OpenAI API."""
+        return self.store is not False
+
+    @property
+    def is_background(self) -> bool:
+        return self.background is True
+
+    @property
+    def is_streaming(self) -> bool:
+        return self.stream is True
+
+
+def check_request_rules(request: CreateResponseRequest) -> None:
+    """Rules across fields that the OpenAI API enforces; raise InvalidRequest naming the param."""
+    if request.is_background and not request.is_stored:
+        raise InvalidRequest(
+            "Background responses require store=true; stateless background requests are rejected.",
+            param="background",
+        )
+    if request.previous_response_id is not None and request.conversation is not None:
+        raise InvalidRequest(
+            "Mutually exclusive parameters: 'previous_response_id' and 'conversation' cannot be used together.",
+            param="previous_response_id",
+        )
+    if request.stream_options is not None and not request.is_streaming:
+        raise InvalidRequest("stream_options is only allowed when stream is true.", param="stream_options")
+    if (
+        request.input is None
+        and request.prompt is None
+        and request.previous_response_id is None
+        and (request.conversation is None)
+    ):
+        raise InvalidRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
+    if isinstance(request.input, list):
+        for index, item in enumerate(request.input):
+            if not isinstance(item.get("type", "message"), str):
+                raise InvalidRequest("Input item type must be a string.", param=f"input[{index}].type")
+            if item.get("type", "message") == "message" and "role" not in item:
+                raise InvalidRequest(
+                    "Missing required parameter: 'role'.",
+                    param=f"input[{index}].role",
+                    code="missing_required_parameter",
+                )

@@ -1,0 +1,169 @@
+"""ResponseRun: one response's life, from admission to its single terminal event, owned by the run manager."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import time
+from typing import Any
+
+from runs.event_log import EventLog
+from runs.request import CreateResponseRequest
+from runs.snapshot import LIFECYCLE_EVENT_TYPES
+from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
+from runs.upstream.base import Upstream, UpstreamFailure
+
+log = logging.getLogger(__name__)
+
+_UPSTREAM_TERMINAL_STATUS = {
+    "response.completed": ResponseStatus.COMPLETED,
+    "response.incomplete": ResponseStatus.INCOMPLETE,
+    "response.failed": ResponseStatus.FAILED,
+}
+
+
+class ResponseRun:
+    """Drives one upstream turn and writes every event through the EventLog.
+
+    The HTTP handler that admitted the request only watches: the run lives in a task of the RunManager, so a
+    dropped connection does not end it (except for `store=false` streams, whose handler cancels it on purpose).
+    """
+
+    def __init__(
+        self,
+        *,
+        request: CreateResponseRequest,
+        upstream: Upstream,
+        upstream_body: dict[str, Any],
+        log: EventLog,
+    ) -> None:
+        self.request = request
+        self.response_id: str = log.snapshot["id"]
+        self._upstream = upstream
+        self._upstream_body = upstream_body
+        self._log = log
+        self._consumer: asyncio.Task[None] | None = None
+        self._cancel_requested = False
+        self._finished = asyncio.Event()
+        self.failure: UpstreamFailure | None = None
+        self.emitted_output = False
+
+    @property
+    def status(self) -> ResponseStatus:
+        return ResponseStatus(self._log.snapshot["status"])
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    async def wait_finished(self) -> None:
+        """Return once the terminal event is stored (or the run gave up on the store)."""
+        await self._finished.wait()
+
+    def cancel(self) -> None:
+        """Stop the upstream call; the run ends `cancelled` with one terminal event."""
+        self._cancel_requested = True
+        if self._consumer is not None:
+            self._consumer.cancel()
+
+    async def execute(self) -> None:
+        """The run task's body. Never raises for upstream or store failures: it ends the response instead."""
+        try:
+            if self.status is ResponseStatus.QUEUED and not self._cancel_requested:
+                await self._advance(ResponseStatus.IN_PROGRESS)
+            self._consumer = asyncio.create_task(self._consume_upstream(), name=f"upstream:{self.response_id}")
+            if self._cancel_requested:
+                self._consumer.cancel()
+            try:
+                await asyncio.wait({self._consumer})
+            except asyncio.CancelledError:
+                # The manager is shutting down: stop the upstream and end the response rather than leave it open.
+                self._consumer.cancel()
+                await asyncio.gather(self._consumer, return_exceptions=True)
+                await self._fail("server_error", "The gateway shut down before the response finished.")
+                raise
+            await self._settle(self._consumer)
+        except Exception:
+            log.exception("run %s could not be finished cleanly", self.response_id)
+        finally:
+            try:
+                await self._log.close()
+            except Exception:
+                log.exception("run %s: events could not be stored", self.response_id)
+            self._finished.set()
+
+    async def _settle(self, consumer: asyncio.Task[None]) -> None:
+        if consumer.cancelled():
+            await self._end(ResponseStatus.CANCELLED)
+            return
+        error = consumer.exception()
+        if error is None:
+            return
+        if isinstance(error, UpstreamFailure):
+            self.failure = error
+            code = "rate_limit_exceeded" if error.status == 429 else "server_error"
+            await self._fail(code, error.message)
+            return
+        log.error("run %s failed", self.response_id, exc_info=error)
+        await self._fail("server_error", "The response failed because of an internal error in the gateway.")
+
+    async def _consume_upstream(self) -> None:
+        async for event in self._upstream.stream_turn(self._upstream_body):
+            kind = event.get("type")
+            if kind in _UPSTREAM_TERMINAL_STATUS:
+                await self._end_from_upstream(_UPSTREAM_TERMINAL_STATUS[kind], event.get("response") or {})
+                return
+            if kind in LIFECYCLE_EVENT_TYPES:
+                continue  # our own created / in_progress were already emitted with our id
+            if kind == "error":
+                raise UpstreamFailure(str(event.get("message") or "upstream error"), code=event.get("code"))
+            if not isinstance(kind, str):
+                continue
+            await self._log.emit(dict(event))
+            self.emitted_output = True
+        raise UpstreamFailure("The upstream ended the stream before the response was finished.")
+
+    async def _advance(self, status: ResponseStatus) -> None:
+        check_transition(self.status, status)
+        response = copy.deepcopy(self._log.snapshot)
+        response["status"] = status.value
+        await self._log.emit({"type": STATUS_EVENT_TYPE[status], "response": response})
+
+    async def _end_from_upstream(self, status: ResponseStatus, upstream_response: dict[str, Any]) -> None:
+        output = upstream_response.get("output")
+        await self._end(
+            status,
+            output=output if isinstance(output, list) else None,
+            usage=upstream_response.get("usage"),
+            error=upstream_response.get("error"),
+            incomplete_details=upstream_response.get("incomplete_details"),
+        )
+
+    async def _fail(self, code: str, message: str) -> None:
+        await self._end(ResponseStatus.FAILED, error={"code": code, "message": message})
+
+    async def _end(
+        self,
+        status: ResponseStatus,
+        *,
+        output: list[Any] | None = None,
+        usage: Any = None,
+        error: Any = None,
+        incomplete_details: Any = None,
+    ) -> None:
+        """Emit the single terminal event. The partial output is kept when the upstream gave no final one."""
+        if self.status in TERMINAL:
+            return
+        check_transition(self.status, status)
+        response = copy.deepcopy(self._log.snapshot)
+        response["status"] = status.value
+        if output is not None:
+            response["output"] = output
+        response["usage"] = usage
+        response["error"] = error
+        response["incomplete_details"] = incomplete_details
+        if status is ResponseStatus.COMPLETED:
+            response["completed_at"] = int(time.time())
+        await self._log.emit({"type": STATUS_EVENT_TYPE[status], "response": response})
+        await self._log.flush()

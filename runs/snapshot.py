@@ -1,0 +1,114 @@
+"""Response snapshots: the initial Response object of a request, and how each event changes a snapshot."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from runs.request import CreateResponseRequest
+from runs.status import ResponseStatus
+
+Json = dict[str, Any]
+
+LIFECYCLE_EVENT_TYPES = frozenset(
+    {
+        "response.created",
+        "response.queued",
+        "response.in_progress",
+        "response.completed",
+        "response.failed",
+        "response.incomplete",
+    }
+)
+
+
+def initial_snapshot(
+    request: CreateResponseRequest, *, response_id: str, created_at: int, status: ResponseStatus
+) -> Json:
+    """The Response object for a just-admitted request: every field the SDK and Open Responses expect, null when
+    unknown, echoing what the request set."""
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status.value,
+        "background": request.is_background,
+        "completed_at": None,
+        "conversation": None,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": request.instructions,
+        "max_output_tokens": request.max_output_tokens,
+        "max_tool_calls": request.max_tool_calls,
+        "metadata": request.metadata or {},
+        "model": request.model,
+        "output": [],
+        "parallel_tool_calls": request.parallel_tool_calls is not False,
+        "previous_response_id": request.previous_response_id,
+        "prompt_cache_key": request.prompt_cache_key,
+        "reasoning": request.reasoning or {"effort": None, "summary": None},
+        "safety_identifier": request.safety_identifier,
+        "service_tier": request.service_tier or "auto",
+        "store": request.is_stored,
+        "temperature": 1.0 if request.temperature is None else request.temperature,
+        "text": request.text or {"format": {"type": "text"}},
+        "tool_choice": request.tool_choice if request.tool_choice is not None else "auto",
+        "tools": request.tools or [],
+        "top_logprobs": request.top_logprobs,
+        "top_p": 1.0 if request.top_p is None else request.top_p,
+        "truncation": request.truncation or "disabled",
+        "usage": None,
+        "user": request.user,
+    }
+
+
+def _slot(items: list[Any], index: int) -> None:
+    """Grow `items` so that `index` is valid (events may name an index the list has not reached yet)."""
+    while len(items) <= index:
+        items.append({})
+
+
+def apply_event(snapshot: Json, event: Json) -> Json:
+    """Return the snapshot after `event`. Lifecycle events replace it; output events edit it in place.
+
+    This is the one definition of "the snapshot equals the result of applying the stored events": the run writes
+    what this returns, and tests replay stored logs through it.
+    """
+    kind = event["type"]
+    if kind in LIFECYCLE_EVENT_TYPES:
+        return copy.deepcopy(event["response"])
+    output: list[Json] = snapshot["output"]
+    if kind in ("response.output_item.added", "response.output_item.done"):
+        _slot(output, event["output_index"])
+        output[event["output_index"]] = copy.deepcopy(event["item"])
+    elif kind in ("response.content_part.added", "response.content_part.done"):
+        content = output[event["output_index"]].setdefault("content", [])
+        _slot(content, event["content_index"])
+        content[event["content_index"]] = copy.deepcopy(event["part"])
+    elif kind in ("response.output_text.delta", "response.reasoning_text.delta"):
+        part = output[event["output_index"]]["content"][event["content_index"]]
+        part["text"] = part.get("text", "") + event["delta"]
+        if event.get("logprobs") and "logprobs" in part:
+            part["logprobs"] = [*(part["logprobs"] or []), *event["logprobs"]]
+    elif kind in ("response.output_text.done", "response.reasoning_text.done"):
+        output[event["output_index"]]["content"][event["content_index"]]["text"] = event["text"]
+    elif kind == "response.refusal.delta":
+        part = output[event["output_index"]]["content"][event["content_index"]]
+        part["refusal"] = part.get("refusal", "") + event["delta"]
+    elif kind == "response.refusal.done":
+        output[event["output_index"]]["content"][event["content_index"]]["refusal"] = event["refusal"]
+    elif kind == "response.function_call_arguments.delta":
+        item = output[event["output_index"]]
+        item["arguments"] = item.get("arguments", "") + event["delta"]
+    elif kind == "response.function_call_arguments.done":
+        output[event["output_index"]]["arguments"] = event["arguments"]
+    elif kind in ("response.reasoning_summary_part.added", "response.reasoning_summary_part.done"):
+        summary = output[event["output_index"]].setdefault("summary", [])
+        _slot(summary, event["summary_index"])
+        summary[event["summary_index"]] = copy.deepcopy(event["part"])
+    elif kind == "response.reasoning_summary_text.delta":
+        part = output[event["output_index"]]["summary"][event["summary_index"]]
+        part["text"] = part.get("text", "") + event["delta"]
+    elif kind == "response.reasoning_summary_text.done":
+        output[event["output_index"]]["summary"][event["summary_index"]]["text"] = event["text"]
+    return snapshot

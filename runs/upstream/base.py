@@ -1,0 +1,48 @@
+"""What the run needs from a model provider: one streamed turn as Responses API event dicts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+UpstreamKind = Literal["responses", "chat"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSpec:
+    """One configured provider. `models` are glob patterns matched against a request's `model`."""
+
+    name: str
+    kind: UpstreamKind
+    base_url: str
+    api_key: str | None = None
+    models: tuple[str, ...] = ("*",)
+    max_retries: int = 2
+    connect_timeout_seconds: float = 10.0
+    read_timeout_seconds: float = 600.0
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+class UpstreamFailure(Exception):
+    """The provider refused or broke the turn. `status` is its HTTP status when it answered with one."""
+
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+class Upstream(Protocol):
+    """A provider adapter. `stream_turn` yields Responses streaming events (dicts with `type`), upstream-numbered;
+    the run renumbers them. It raises UpstreamFailure for provider errors."""
+
+    spec: UpstreamSpec
+
+    def stream_turn(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one model turn for a Responses-shaped request body."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
