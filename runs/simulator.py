@@ -1,0 +1,461 @@
+"""An OpenAI-compatible simulated model server: deterministic text at a set pace, with injectable faults.
+
+The gateway reaches it over HTTP exactly like a real provider (``POST /v1/responses``, streaming or not).
+The text is a pure function of the input (``simulated_text(input_text_of(body), tokens)``), so tests can
+predict it. Side routes let tests look inside: ``GET /sim/stats``, ``POST /sim/reset`` and
+``GET /sim/requests?tag=T`` (the last 200 request bodies, newest last).
+
+Per-request knobs, read from the request's ``metadata`` (string values) or, overriding it, from the header
+``x-sim-<name with - for _>`` (e.g. ``sim_ttft_ms`` -> ``x-sim-ttft-ms``):
+
+``sim_tokens``
+    Output tokens (>= 0) instead of ``SimulatorSettings.tokens``. ``max_output_tokens`` in the body caps it;
+    a cap below it ends the response ``incomplete`` (reason ``max_output_tokens``), the text cut short.
+``sim_token_delay_ms`` / ``sim_ttft_ms``
+    Pace overrides: delay between tokens; delay before the first output event (after ``in_progress``).
+``sim_fault``
+    ``http_<code>`` (400-599): answer that status with an OpenAI error envelope before any streaming
+    (429 also carries ``retry-after-ms: 10``). ``hang``: after ``response.in_progress`` send nothing more and
+    hold the connection until the client goes away. ``error_event``: after the first text delta, send a flat
+    ``error`` event then ``response.failed`` and end (a non-streaming request gets the failed Response, 200).
+``sim_fail_after``
+    ``k`` >= 1: after the k-th event (``response.created`` is the 1st) abort the TCP connection with no
+    terminal event, like a provider crashing mid-stream. A non-streaming request is aborted at the same point.
+``sim_tag``
+    A label: counted in ``requests_by_tag`` and usable as ``/sim/requests?tag=``.
+
+Stats: ``requests`` counts every ``POST /v1/responses`` (faulted and malformed ones too); ``active`` the ones
+generating right now (streaming or not); ``completed`` the ones that reached a terminal event;
+``disconnects`` the ones whose client went away first. ``/sim/reset`` zeroes the counters and the request log
+(``active`` is a gauge of live requests, so it is left alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+SIM_MODEL_ID = "sim-1"
+REQUEST_LOG_SIZE = 200
+MAX_BODY_BYTES = 64 * 1024 * 1024
+# Disconnects are noticed by polling the transport, so this bounds how late one is seen while sleeping.
+DISCONNECT_POLL_S = 0.02
+
+FAULT_HANG = "hang"
+FAULT_ERROR_EVENT = "error_event"
+FAULT_HTTP_PREFIX = "http_"
+FAILURE_MESSAGE = "simulated failure"
+_ERROR_CODES = {429: "rate_limit_exceeded"}
+# Body fields a Response reports back as sent (null when absent).
+_ECHOED_FIELDS = (
+    "instructions",
+    "metadata",
+    "temperature",
+    "top_p",
+    "max_output_tokens",
+    "previous_response_id",
+)
+
+_VOCABULARY = (
+    "the", "a", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then", "runs", "to",
+    "river", "under", "bright", "blue", "sky", "while", "small", "birds", "sing", "in", "green", "trees",
+    "near", "old", "stone", "bridge", "where", "children", "play", "with", "red", "kites", "every", "warm",
+    "summer", "day", "as", "soft", "wind", "moves", "tall", "grass", "across", "quiet", "hills", "far",
+    "away",
+)  # fmt: skip
+
+Event = dict[str, Any]
+
+
+@dataclass(slots=True)
+class SimulatorSettings:
+    """Server-wide defaults; each request may override them with knobs (see the module docstring)."""
+
+    tokens: int = 20  # output tokens per response by default
+    token_delay_ms: float = 20  # delay between tokens
+    ttft_ms: float = 50  # delay before the first output event (after response.created/in_progress)
+
+
+@dataclass(slots=True)
+class SimulatorStats:
+    """What the simulator has seen, for tests and benchmarks to assert on."""
+
+    requests: int = 0
+    active: int = 0
+    completed: int = 0
+    disconnects: int = 0
+    requests_by_tag: Counter[str] = field(default_factory=Counter)
+    recent: deque[tuple[str | None, Any]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE))
+
+    def record(self, tag: str | None, body: Any) -> None:
+        self.requests += 1
+        if tag is not None:
+            self.requests_by_tag[tag] += 1
+        self.recent.append((tag, body))
+
+    def reset(self) -> None:
+        self.requests = self.completed = self.disconnects = 0
+        self.requests_by_tag.clear()
+        self.recent.clear()
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "active": self.active,
+            "completed": self.completed,
+            "disconnects": self.disconnects,
+            "requests_by_tag": dict(self.requests_by_tag),
+        }
+
+
+SIM_SETTINGS_KEY = web.AppKey("sim_settings", SimulatorSettings)
+SIM_STATS_KEY = web.AppKey("sim_stats", SimulatorStats)
+
+
+def simulated_text(input_text: str, tokens: int) -> list[str]:
+    """The deterministic tokens answering ``input_text``; ``"".join(...)`` is the full text."""
+    rng = random.Random(int.from_bytes(hashlib.sha256(input_text.encode()).digest(), "big"))
+    words = [rng.choice(_VOCABULARY) for _ in range(tokens)]
+    if not words:
+        return []
+    out = [words[0].capitalize()] + [" " + word for word in words[1:]]
+    out[-1] += "."
+    return out
+
+
+def input_text_of(body: Mapping[str, Any]) -> str:
+    """Flatten ``instructions`` and ``input`` (a string or message items) into the text seeding the answer."""
+    pieces: list[str] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        pieces.append(instructions)
+    input_ = body.get("input")
+    if isinstance(input_, str):
+        pieces.append(input_)
+    elif isinstance(input_, list):
+        for item in input_:
+            content = item.get("content") if isinstance(item, Mapping) else None
+            if isinstance(content, str):
+                pieces.append(content)
+            elif isinstance(content, list):
+                pieces.extend(
+                    part["text"]
+                    for part in content
+                    if isinstance(part, Mapping)
+                    and part.get("type") in ("input_text", "output_text")
+                    and isinstance(part.get("text"), str)
+                )
+    return "\n".join(pieces)
+
+
+class _RequestError(Exception):
+    """A problem answered with an OpenAI error envelope before any streaming starts."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> web.Response:
+        error_type = "server_error" if self.status >= 500 else "invalid_request_error"
+        envelope = {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
+        # A short retry hint keeps SDK retries of simulated rate limits fast in tests.
+        headers = {"retry-after-ms": "10"} if self.status == 429 else None
+        return _json(envelope, status=self.status, headers=headers)
+
+
+class _ClientGone(Exception):
+    """The client closed the connection; stop producing."""
+
+
+class _Crash(Exception):
+    """``sim_fail_after`` was reached; the connection must be dropped."""
+
+
+@dataclass(slots=True)
+class _Plan:
+    """The knobs of one request, resolved against the settings."""
+
+    tokens: int
+    cap: int | None
+    token_delay_s: float
+    ttft_s: float
+    fault: str | None
+    fail_after: int | None
+
+
+def _knob(request: web.Request, metadata: Mapping[str, Any], name: str) -> str | None:
+    header = request.headers.get("x-" + name.replace("_", "-"))
+    if header is not None:
+        return header
+    value = metadata.get(name)
+    return None if value is None else str(value)
+
+
+def _number(request: web.Request, metadata: Mapping[str, Any], name: str, default: float) -> float:
+    raw = _knob(request, metadata, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise _RequestError(400, f"{name} must be a number >= 0, got {raw!r}", param=f"metadata.{name}")
+    return value
+
+
+def _metadata(body: Any) -> Mapping[str, Any]:
+    metadata = body.get("metadata") if isinstance(body, Mapping) else None
+    return metadata if isinstance(metadata, Mapping) else {}
+
+
+def _plan(request: web.Request, body: Mapping[str, Any], settings: SimulatorSettings) -> _Plan:
+    metadata = _metadata(body)
+    tokens = int(_number(request, metadata, "sim_tokens", settings.tokens))
+    cap = body.get("max_output_tokens")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise _RequestError(400, "max_output_tokens must be an integer >= 1", param="max_output_tokens")
+    fault = _knob(request, metadata, "sim_fault")
+    if fault is not None and fault not in (FAULT_HANG, FAULT_ERROR_EVENT):
+        status = fault.removeprefix(FAULT_HTTP_PREFIX)
+        if not (fault.startswith(FAULT_HTTP_PREFIX) and status.isdigit() and 400 <= int(status) <= 599):
+            raise _RequestError(400, f"unknown sim_fault {fault!r}", param="metadata.sim_fault")
+        # The injected HTTP error travels the same path as a genuine one, answered before any streaming.
+        code = "server_error" if int(status) >= 500 else "simulated_error"
+        raise _RequestError(int(status), f"simulated HTTP {status}", code=_ERROR_CODES.get(int(status), code))
+    fail_after = None
+    if _knob(request, metadata, "sim_fail_after") is not None:
+        fail_after = int(_number(request, metadata, "sim_fail_after", 0))
+        if fail_after < 1:
+            raise _RequestError(400, "sim_fail_after must be >= 1", param="metadata.sim_fail_after")
+    return _Plan(
+        tokens=tokens,
+        cap=cap if cap is not None and cap < tokens else None,
+        token_delay_s=_number(request, metadata, "sim_token_delay_ms", settings.token_delay_ms) / 1000,
+        ttft_s=_number(request, metadata, "sim_ttft_ms", settings.ttft_ms) / 1000,
+        fault=fault,
+        fail_after=fail_after,
+    )
+
+
+@dataclass(slots=True)
+class _SimulatedResponse:
+    """One response being generated: its identity and the events that tell its story."""
+
+    body: Mapping[str, Any]
+    plan: _Plan
+    response_id: str = field(default_factory=lambda: f"resp_sim_{uuid.uuid4().hex}")
+    item_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex}")
+    created_at: int = field(default_factory=lambda: int(time.time()))
+
+    def snapshot(self, status: str, output: list[Event], output_tokens: int | None = None) -> Event:
+        """The Response object as it stands; ``output_tokens`` is given once generation has ended."""
+        body = self.body
+        usage = None
+        if output_tokens is not None:
+            input_tokens = len(input_text_of(body).split())
+            usage = {
+                "input_tokens": input_tokens,
+                # cache_write_tokens is required by newer SDK models; older ones ignore it.
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+                "output_tokens": output_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": input_tokens + output_tokens,
+            }
+        failed = status == "failed"
+        return {
+            "id": self.response_id,
+            "object": "response",
+            "created_at": self.created_at,
+            "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None,
+            "model": body.get("model") or SIM_MODEL_ID,
+            "output": output,
+            "usage": usage,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            **{key: body.get(key) for key in _ECHOED_FIELDS},
+            "background": bool(body.get("background", False)),
+            "store": bool(body.get("store", True)),
+            "text": {"format": {"type": "text"}},
+            "error": {"code": "server_error", "message": FAILURE_MESSAGE} if failed else None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        }
+
+    def steps(self) -> Iterator[tuple[float, Event]]:
+        """(seconds to wait first, event) pairs, in the order API_NOTES.md gives, not yet numbered."""
+        plan = self.plan
+        tokens = simulated_text(input_text_of(self.body), plan.tokens)[: plan.cap]
+        if plan.fault == FAULT_ERROR_EVENT:
+            tokens = tokens[:1]
+        in_part = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        message = {"id": self.item_id, "type": "message", "status": "in_progress", "role": "assistant"}
+        part: Event = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        yield 0.0, {"type": "response.created", "response": self.snapshot("in_progress", [])}
+        yield 0.0, {"type": "response.in_progress", "response": self.snapshot("in_progress", [])}
+        # A hang is a time to first token that never ends; _wait notices the client leaving meanwhile.
+        ttft_s = math.inf if plan.fault == FAULT_HANG else plan.ttft_s
+        added = {**message, "content": []}
+        yield ttft_s, {"type": "response.output_item.added", "output_index": 0, "item": added}
+        yield 0.0, {"type": "response.content_part.added", **in_part, "part": part}
+        for index, token in enumerate(tokens):
+            delta = {"type": "response.output_text.delta", **in_part, "delta": token, "logprobs": []}
+            yield (plan.token_delay_s if index else 0.0), delta
+        part = {**part, "text": "".join(tokens)}
+        if plan.fault == FAULT_ERROR_EVENT:
+            partial = {**message, "status": "incomplete", "content": [part]}
+            yield 0.0, {"type": "error", "code": "server_error", "message": FAILURE_MESSAGE, "param": None}
+            yield (
+                0.0,
+                {"type": "response.failed", "response": self.snapshot("failed", [partial], len(tokens))},
+            )
+            return
+        status = "incomplete" if plan.cap is not None else "completed"
+        item = {**message, "status": status, "content": [part]}
+        yield 0.0, {"type": "response.output_text.done", **in_part, "text": part["text"], "logprobs": []}
+        yield 0.0, {"type": "response.content_part.done", **in_part, "part": part}
+        yield 0.0, {"type": "response.output_item.done", "output_index": 0, "item": item}
+        yield 0.0, {"type": f"response.{status}", "response": self.snapshot(status, [item], len(tokens))}
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _wait(request: web.Request, seconds: float) -> None:
+    """Sleep ``seconds`` (may be inf); raise ``_ClientGone`` within a poll interval of the client leaving."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not _client_gone(request):
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return
+        await asyncio.sleep(min(remaining, DISCONNECT_POLL_S))
+    raise _ClientGone
+
+
+def _sse_frame(event: Event) -> bytes:
+    return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+async def _play(request: web.Request, sim: _SimulatedResponse, stream: web.StreamResponse | None) -> Event:
+    """Produce the events on schedule (writing each at once when streaming); return the last one."""
+    last: Event = {}
+    for sequence_number, (delay_s, event) in enumerate(sim.steps()):
+        await _wait(request, delay_s)
+        event["sequence_number"] = sequence_number
+        if stream is not None:
+            try:
+                await stream.write(_sse_frame(event))
+            except ConnectionResetError as exc:
+                raise _ClientGone from exc
+        last = event
+        if sim.plan.fail_after is not None and sequence_number + 1 >= sim.plan.fail_after:
+            raise _Crash
+    return last
+
+
+async def _create_response(request: web.Request) -> web.StreamResponse:
+    stats = request.app[SIM_STATS_KEY]
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        body = None
+    tag = _knob(request, _metadata(body), "sim_tag")
+    stats.record(tag, body)
+    if not isinstance(body, dict):
+        return _RequestError(400, "The request body must be a JSON object.").response()
+    try:
+        plan = _plan(request, body, request.app[SIM_SETTINGS_KEY])
+    except _RequestError as error:
+        return error.response()
+
+    sim = _SimulatedResponse(body=body, plan=plan)
+    stream: web.StreamResponse | None = None
+    if body.get("stream"):
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await stream.prepare(request)
+    stats.active += 1
+    try:
+        last = await _play(request, sim, stream)
+    except _ClientGone:
+        stats.disconnects += 1
+        return stream if stream is not None else web.Response()  # aiohttp shrugs off the failed write
+    except asyncio.CancelledError:
+        # Under handler_cancellation=True (as in aiohttp's TestServer) a client leaving cancels us instead.
+        if _client_gone(request):
+            stats.disconnects += 1
+        raise
+    except _Crash:
+        if request.transport is not None:
+            request.transport.abort()
+        return stream if stream is not None else web.Response()
+    finally:
+        stats.active -= 1
+    stats.completed += 1
+    # aiohttp finishes a returned stream itself and shrugs off a client that left just now.
+    return stream if stream is not None else _json(last["response"])
+
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
+
+
+async def _list_models(request: web.Request) -> web.Response:
+    model = {"id": SIM_MODEL_ID, "object": "model", "created": 0, "owned_by": "simulator"}
+    return _json({"object": "list", "data": [model]})
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return _json(request.app[SIM_STATS_KEY].as_json())
+
+
+async def _reset(request: web.Request) -> web.Response:
+    stats = request.app[SIM_STATS_KEY]
+    stats.reset()
+    return _json(stats.as_json())
+
+
+async def _requests(request: web.Request) -> web.Response:
+    tag = request.query.get("tag")
+    recent = request.app[SIM_STATS_KEY].recent
+    return _json([body for body_tag, body in recent if tag is None or body_tag == tag])
+
+
+def create_simulator_app(settings: SimulatorSettings) -> web.Application:
+    """The simulator as an aiohttp application, with fresh stats."""
+    # Long conversations make big bodies; aiohttp's 1 MiB default would turn them into 413s.
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app[SIM_SETTINGS_KEY] = settings
+    app[SIM_STATS_KEY] = SimulatorStats()
+    app.router.add_get("/v1/models", _list_models)
+    app.router.add_post("/v1/responses", _create_response)
+    app.router.add_get("/sim/stats", _stats)
+    app.router.add_post("/sim/reset", _reset)
+    app.router.add_get("/sim/requests", _requests)
+    return app
+
+
+async def run_simulator(host: str, port: int, settings: SimulatorSettings) -> None:
+    """Serve the simulator on ``host:port`` until cancelled."""
+    # Hanging streams never finish by themselves, so shutdown must not wait the default minute for them.
+    runner = web.AppRunner(create_simulator_app(settings), shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
