@@ -1,0 +1,80 @@
+"""The application factory: state, resources (store, upstreams, run manager) and routes of one gateway."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.errors import error_middleware
+from gateway.routes import health, responses
+from gateway.state import ROUTER, RUN_MANAGER, SETTINGS, STORE
+from runs.manager import RunManager
+from runs.simulator import SimulatorSettings, create_simulator_app
+from runs.upstream.base import UpstreamSpec
+from runs.upstream.router import UpstreamRouter
+from storage.factory import open_store
+
+log = logging.getLogger("gateway")
+
+SIMULATOR_UPSTREAM = "simulator"
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    storage = app[SETTINGS].storage
+    store = open_store(storage.url, key_prefix=storage.key_prefix, retention_seconds=storage.retention_seconds)
+    if storage.url.startswith("memory://"):
+        log.info("storage: embedded in-process store (memory://); responses live as long as this process")
+    else:
+        log.info("storage: %s (key prefix %r)", storage.url.split("@")[-1], storage.key_prefix)
+    app[STORE] = store
+    yield
+    await store.close()
+
+
+async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    specs = [upstream.to_spec() for upstream in settings.upstreams]
+    simulator: web.AppRunner | None = None
+    if not specs:
+        # The built-in model is a real HTTP server on loopback, reached through the same adapter as any
+        # provider, so a zero-config gateway exercises the whole path.
+        sim = settings.simulator
+        simulator = web.AppRunner(
+            create_simulator_app(SimulatorSettings(sim.tokens, sim.token_delay_ms, sim.ttft_ms)),
+            access_log=None,
+        )
+        await simulator.setup()
+        site = web.TCPSite(simulator, "127.0.0.1", 0)
+        await site.start()
+        port = simulator.addresses[0][1]
+        specs = [UpstreamSpec(name=SIMULATOR_UPSTREAM, kind="responses", base_url=f"http://127.0.0.1:{port}/v1")]
+        log.info("model: no upstream configured; serving the built-in simulated model (any model name)")
+    else:
+        for spec in specs:
+            log.info("upstream %s (%s) at %s for models %s", spec.name, spec.kind, spec.base_url, list(spec.models))
+    router = UpstreamRouter.from_specs(specs)
+    app[ROUTER] = router
+    yield
+    await router.close()
+    if simulator is not None:
+        await simulator.cleanup()
+
+
+async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
+    manager = RunManager(app[STORE], app[ROUTER])
+    app[RUN_MANAGER] = manager
+    yield
+    await manager.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """A gateway application. Resources are opened on startup and closed on cleanup, in dependency order."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=4 * 1024 * 1024)
+    app[SETTINGS] = settings
+    app.cleanup_ctx.extend([_store_ctx, _upstreams_ctx, _runs_ctx])
+    health.add_routes(app)
+    responses.add_routes(app)
+    return app

@@ -1,0 +1,143 @@
+"""Configuration: one pydantic settings model from YAML, overridden by `GATEWAY_<SECTION>__<KEY>` env variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from runs.upstream.base import UpstreamSpec
+
+CONFIG_ENV = "GATEWAY_CONFIG"
+
+
+class ConfigError(Exception):
+    """A configuration problem, worded as one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+class StorageConfig(_Section):
+    url: str = "memory://"
+    key_prefix: str = Field("rgw", min_length=1)
+    retention_seconds: int = Field(86400, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str) -> str:
+        if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
+            raise ValueError("must start with memory://, redis://, rediss:// or unix://")
+        return url
+
+
+class UpstreamConfig(_Section):
+    name: str = Field(min_length=1)
+    kind: Literal["responses", "chat"] = "responses"
+    base_url: str = Field(min_length=1)
+    api_key_env: str | None = None
+    models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    max_retries: int = Field(2, ge=0, le=10)
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    read_timeout_seconds: float = Field(600.0, gt=0)
+
+    def to_spec(self) -> UpstreamSpec:
+        """The runtime description; the API key is read from the environment now and never stored."""
+        api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return UpstreamSpec(
+            name=self.name,
+            kind=self.kind,
+            base_url=self.base_url,
+            api_key=api_key,
+            models=tuple(self.models),
+            max_retries=self.max_retries,
+            connect_timeout_seconds=self.connect_timeout_seconds,
+            read_timeout_seconds=self.read_timeout_seconds,
+        )
+
+
+class SimulatorConfig(_Section):
+    """The built-in simulated model, served when no upstream is configured."""
+
+    tokens: int = Field(20, ge=1)
+    token_delay_ms: float = Field(20.0, ge=0)
+    ttft_ms: float = Field(50.0, ge=0)
+
+
+class Settings(BaseSettings):
+    """Every setting of a gateway process. Precedence: CLI flags > environment > YAML file > defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
+
+    server: ServerConfig = Field(default_factory=lambda: ServerConfig())
+    storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
+    upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    simulator: SimulatorConfig = Field(default_factory=lambda: SimulatorConfig())
+
+    @field_validator("upstreams")
+    @classmethod
+    def _unique_names(cls, upstreams: list[UpstreamConfig]) -> list[UpstreamConfig]:
+        names = [upstream.name for upstream in upstreams]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate upstream name {duplicates[0]!r}")
+        return upstreams
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML source reads `yaml_file` from model_config; load_settings sets it on a subclass per file.
+        return init_settings, env_settings, YamlConfigSettingsSource(settings_cls)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    return f"{key}: {message}"
+
+
+def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
+    """Settings from `config_file` (or $GATEWAY_CONFIG), the environment, and `overrides` (nested dicts from CLI
+    flags). Raises ConfigError with one line naming the bad key."""
+    path_text = config_file or os.environ.get(CONFIG_ENV)
+    if path_text:
+        path = Path(path_text)
+        if not path.is_file():
+            raise ConfigError(f"config file {path_text!r} does not exist")
+        settings_cls: type[Settings] = type(
+            "FileSettings",
+            (Settings,),
+            {"model_config": SettingsConfigDict(**Settings.model_config, yaml_file=path)},
+        )
+    else:
+        settings_cls = Settings
+    try:
+        return settings_cls(**overrides)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path_text!r} is not valid YAML: {error}".replace("\n", " ")) from None

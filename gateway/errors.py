@@ -1,0 +1,92 @@
+"""The one place exceptions become HTTP responses in the OpenAI error envelope."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import ValidationError
+
+from runs.errors import ApiError, InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+
+def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON response serialised with orjson."""
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json", headers=headers)
+
+
+def raw_json_response(body: bytes, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A response whose body is already JSON (a stored snapshot): served byte for byte."""
+    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
+
+
+def error_response(error: ApiError) -> web.Response:
+    return json_response(error.envelope(), status=error.status, headers=error.headers or None)
+
+
+def _param_of(location: tuple[int | str, ...]) -> str:
+    """pydantic's error location as OpenAI writes a param: `input[0].content`."""
+    param = ""
+    for part in location:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif not param:
+            param = part
+        elif part in (
+            "str",
+            "list[dict[str,any]]",
+            "ConversationRef",
+            "dict[str,any]",
+            "int",
+            "float",
+            "bool",
+        ):
+            continue  # union branch names pydantic adds to the path
+        else:
+            param += f".{part}"
+    return param
+
+
+def invalid_body(error: ValidationError) -> InvalidRequest:
+    """A 400 for the first problem pydantic found, naming its param."""
+    first = error.errors(include_url=False)[0]
+    param = _param_of(tuple(first["loc"]))
+    kind = first["type"]
+    if kind == "missing":
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    value = first.get("input")
+    shown = orjson.dumps(value).decode()[:100] if isinstance(value, (str, int, float, bool, type(None))) else None
+    detail = first["msg"][0].lower() + first["msg"][1:]
+    message = (
+        f"Invalid value for '{param}': {detail}."
+        if shown is None
+        else f"Invalid value {shown} for '{param}': {detail}."
+    )
+    code = "invalid_type" if kind.endswith("_type") or kind.endswith("_parsing") else "invalid_value"
+    return InvalidRequest(message, param=param, code=code)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """ApiError → its envelope; aiohttp's HTTP errors → the same envelope; anything else → 500, logged."""
+    try:
+        return await handler(request)
+    except ApiError as error:
+        return error_response(error)
+    except web.HTTPException as error:
+        if error.status == 404:
+            return error_response(NotFound(f"Unknown route: {request.method} {request.path}"))
+        if error.status < 400:
+            raise
+        wrapped = ApiError(error.reason)
+        wrapped.status = error.status
+        wrapped.type = "invalid_request_error" if error.status < 500 else "server_error"
+        return error_response(wrapped)
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError("The server had an error while processing your request."))

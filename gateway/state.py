@@ -1,0 +1,15 @@
+"""Typed application state: what handlers reach through `request.app[...]`, instead of module globals."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.config import Settings
+from runs.manager import RunManager
+from runs.upstream.router import UpstreamRouter
+from storage.base import Store
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
+ROUTER = web.AppKey("router", UpstreamRouter)
+RUN_MANAGER = web.AppKey("run_manager", RunManager)

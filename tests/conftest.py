@@ -1,0 +1,219 @@
+"""Shared fixtures: a real redis-server, the simulated model as a real process, gateways in-process and as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import redis.asyncio as aioredis
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.app import create_app
+from gateway.config import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SIM_TOKEN_DELAY_MS = 5
+SIM_TTFT_MS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes] | None = None, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout}s")
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free port for the whole session; yields its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not on PATH: `make test` installs it (apt-get install redis-server)")
+    port = free_port()
+    directory = tmp_path_factory.mktemp("redis")
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, process)
+    yield f"redis://127.0.0.1:{port}/0"
+    stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def simulator_url() -> Iterator[str]:
+    """The simulated model as a real process (`responses-gateway simulate`), shared by the session; its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gateway",
+            "simulate",
+            "--port",
+            str(port),
+            "--token-delay-ms",
+            str(SIM_TOKEN_DELAY_MS),
+            "--ttft-ms",
+            str(SIM_TTFT_MS),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(port, process)
+    yield f"http://127.0.0.1:{port}"
+    stop_process(process)
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A key prefix of this test's own, so tests sharing the Redis never see each other's keys."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def redis_client(redis_server: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server)
+    yield client
+    await client.aclose()
+
+
+def gateway_settings(
+    *, storage_url: str, simulator_url: str, key_prefix: str = "rgw", **extra: Any
+) -> Settings:
+    return load_settings(
+        storage={"url": storage_url, "key_prefix": key_prefix, "retention_seconds": extra.pop("retention", 600)},
+        upstreams=[{"name": "sim", "kind": "responses", "base_url": f"{simulator_url}/v1", "max_retries": 0}],
+        **extra,
+    )
+
+
+@dataclass
+class Gateway:
+    """A gateway under test and an SDK client pointed at it."""
+
+    url: str
+    client: openai.AsyncOpenAI
+    http: aiohttp.ClientSession
+    app: web.Application | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture(params=["redis", "memory"])
+def storage_url(request: pytest.FixtureRequest) -> str:
+    """Each end-to-end test runs against both backends."""
+    if request.param == "memory":
+        return "memory://"
+    url: str = request.getfixturevalue("redis_server")
+    return url
+
+
+@pytest.fixture
+async def gateway(storage_url: str, simulator_url: str, key_prefix: str) -> AsyncIterator[Gateway]:
+    """An in-process gateway (real aiohttp server on loopback) in front of the simulator process."""
+    app = create_app(gateway_settings(storage_url=storage_url, simulator_url=simulator_url, key_prefix=key_prefix))
+    server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
+    await server.start_server()
+    url = str(server.make_url("")).rstrip("/")
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="test-key", max_retries=0)
+    http = aiohttp.ClientSession(base_url=url, timeout=aiohttp.ClientTimeout(total=30))
+    try:
+        yield Gateway(url=url, client=client, http=http, app=app)
+    finally:
+        await client.close()
+        await http.close()
+        await server.close()
+
+
+@dataclass
+class GatewayProcess:
+    """A gateway running as its own OS process."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start real `python -m gateway serve` processes configured through environment variables."""
+    started: list[GatewayProcess] = []
+
+    def start(env: dict[str, str] | None = None, args: list[str] | None = None) -> GatewayProcess:
+        port = free_port()
+        log_path = tmp_path / f"gateway-{port}.log"
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        full_env.update(env or {})
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--port", str(port), *(args or [])],
+                cwd=ROOT,
+                env=full_env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+            )
+        started.append(GatewayProcess(port, process, log_path))
+        wait_for_port(port, process)
+        return started[-1]
+
+    yield start
+    for gateway_process in started:
+        stop_process(gateway_process.process)
+
+
+async def eventually(check: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Poll an async check until it returns a truthy value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+        await asyncio.sleep(interval)

@@ -1,0 +1,195 @@
+"""One contract suite for every Store backend: the same tests against Redis and the embedded store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from storage.base import (
+    NewResponse,
+    ResponseAlreadyExists,
+    ResponseClosed,
+    ResponseMissing,
+    SequenceConflict,
+    Store,
+    StoredEvent,
+)
+from storage.memory import MemoryStore
+from storage.redis import RedisStore
+
+
+class FakeClock:
+    """A clock the embedded store's expiry can be driven with (Redis expiry is tested with real TTLs)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["redis", "memory"])
+async def store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Store]:
+    backend: Store
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_server")
+        backend = RedisStore.from_url(url, key_prefix=key_prefix, retention_seconds=60)
+    else:
+        backend = MemoryStore(retention_seconds=60)
+    yield backend
+    await backend.close()
+
+
+def event(seq: int, kind: str = "response.output_text.delta") -> StoredEvent:
+    return StoredEvent(seq, kind, orjson.dumps({"type": kind, "sequence_number": seq, "delta": f"t{seq}"}))
+
+
+def new_response(response_id: str, *, events: int = 1, status: str = "in_progress") -> NewResponse:
+    return NewResponse(
+        response_id=response_id,
+        snapshot=b'{"status":"%s"}' % status.encode(),
+        status=status,
+        background=True,
+        stored=True,
+        input_items=b"[]",
+        events=[event(i, "response.created" if i == 0 else "response.in_progress") for i in range(events)],
+    )
+
+
+async def test_create_then_read_everything(store: Store) -> None:
+    await store.create_response(new_response("resp_a", events=2))
+    record = await store.get_response("resp_a")
+    assert record is not None
+    assert (record.status, record.last_sequence_number, record.background, record.stored) == ("in_progress", 1, True, True)
+    assert [e.sequence_number for e in await store.read_events("resp_a", -1)] == [0, 1]
+    assert await store.get_input_items("resp_a") == b"[]"
+
+
+async def test_create_twice_is_refused(store: Store) -> None:
+    await store.create_response(new_response("resp_dup"))
+    with pytest.raises(ResponseAlreadyExists):
+        await store.create_response(new_response("resp_dup"))
+
+
+async def test_append_continues_the_log_and_replaces_the_snapshot(store: Store) -> None:
+    await store.create_response(new_response("resp_b", events=2))
+    await store.append_events("resp_b", [event(2), event(3)], snapshot=b'{"n":3}', status="in_progress")
+    events = await store.read_events("resp_b", 1)
+    assert [(e.sequence_number, e.type) for e in events] == [(2, "response.output_text.delta"), (3, "response.output_text.delta")]
+    assert events[0].data == event(2).data  # byte for byte what was appended
+    record = await store.get_response("resp_b")
+    assert record is not None
+    assert (record.snapshot, record.last_sequence_number) == (b'{"n":3}', 3)
+
+
+@pytest.mark.parametrize("first", [0, 1, 3])
+async def test_append_that_does_not_continue_is_refused(store: Store, first: int) -> None:
+    await store.create_response(new_response("resp_c", events=2))
+    with pytest.raises(SequenceConflict):
+        await store.append_events("resp_c", [event(first)], snapshot=b"{}", status="in_progress")
+    record = await store.get_response("resp_c")
+    assert record is not None
+    assert record.last_sequence_number == 1
+    assert record.snapshot == b'{"status":"in_progress"}'
+
+
+async def test_append_to_missing_response(store: Store) -> None:
+    with pytest.raises(ResponseMissing):
+        await store.append_events("resp_none", [event(0)], snapshot=b"{}", status="in_progress")
+
+
+async def test_no_append_after_terminal_status(store: Store) -> None:
+    await store.create_response(new_response("resp_d", events=1))
+    await store.append_events("resp_d", [event(1, "response.completed")], snapshot=b"{}", status="completed")
+    with pytest.raises(ResponseClosed):
+        await store.append_events("resp_d", [event(2)], snapshot=b"{}", status="completed")
+
+
+async def test_read_after_cursor_and_limit(store: Store) -> None:
+    await store.create_response(new_response("resp_e", events=1))
+    await store.append_events("resp_e", [event(i) for i in range(1, 10)], snapshot=b"{}", status="in_progress")
+    assert [e.sequence_number for e in await store.read_events("resp_e", 4, limit=3)] == [5, 6, 7]
+    assert await store.read_events("resp_e", 9) == []
+    assert await store.read_events("resp_e", 100) == []
+    assert await store.read_events("resp_missing", -1) == []
+
+
+async def test_blocking_read_wakes_on_append(store: Store) -> None:
+    await store.create_response(new_response("resp_f", events=1))
+    reader = asyncio.create_task(store.read_events("resp_f", 0, wait_ms=5000))
+    await asyncio.sleep(0.05)
+    assert not reader.done()
+    await store.append_events("resp_f", [event(1)], snapshot=b"{}", status="in_progress")
+    events = await asyncio.wait_for(reader, 2)
+    assert [e.sequence_number for e in events] == [1]
+
+
+async def test_blocking_read_times_out_empty(store: Store) -> None:
+    await store.create_response(new_response("resp_g", events=1))
+    assert await store.read_events("resp_g", 0, wait_ms=50) == []
+
+
+async def test_concurrent_writers_one_wins(store: Store) -> None:
+    await store.create_response(new_response("resp_h", events=1))
+    results = await asyncio.gather(
+        *(store.append_events("resp_h", [event(1)], snapshot=b"{}", status="in_progress") for _ in range(10)),
+        return_exceptions=True,
+    )
+    assert sum(r is None for r in results) == 1
+    assert all(isinstance(r, SequenceConflict) for r in results if r is not None)
+    assert [e.sequence_number for e in await store.read_events("resp_h", -1)] == [0, 1]
+
+
+async def test_delete_removes_everything(store: Store) -> None:
+    await store.create_response(new_response("resp_i", events=3))
+    assert await store.delete_response("resp_i") is True
+    assert await store.get_response("resp_i") is None
+    assert await store.read_events("resp_i", -1) == []
+    assert await store.get_input_items("resp_i") is None
+    assert await store.delete_response("resp_i") is False
+
+
+async def test_redis_every_key_has_the_retention_ttl(redis_server: str, key_prefix: str) -> None:
+    store = RedisStore.from_url(redis_server, key_prefix=key_prefix, retention_seconds=60)
+    client = aioredis.Redis.from_url(redis_server)
+    try:
+        await store.create_response(new_response("resp_ttl", events=2))
+        await store.append_events("resp_ttl", [event(2)], snapshot=b"{}", status="in_progress")
+        keys = [key async for key in client.scan_iter(match=f"{key_prefix}:*")]
+        assert len(keys) == 3
+        for key in keys:
+            assert 0 < await client.pttl(key) <= 60_000, key
+            assert b"{resp_ttl}" in key  # one hash tag: one Cluster slot
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_redis_retention_expires_everything(redis_server: str, key_prefix: str) -> None:
+    store = RedisStore.from_url(redis_server, key_prefix=key_prefix, retention_seconds=1)
+    client = aioredis.Redis.from_url(redis_server)
+    try:
+        await store.create_response(new_response("resp_exp", events=2))
+        await asyncio.sleep(1.2)
+        assert [key async for key in client.scan_iter(match=f"{key_prefix}:*")] == []
+        assert await store.get_response("resp_exp") is None
+    finally:
+        await client.aclose()
+        await store.close()
+
+
+async def test_memory_retention_expires_everything() -> None:
+    clock = FakeClock()
+    store = MemoryStore(retention_seconds=10, clock=clock)
+    await store.create_response(new_response("resp_m", events=1))
+    clock.now += 5
+    await store.append_events("resp_m", [event(1)], snapshot=b"{}", status="in_progress")
+    clock.now += 9  # 14 s after creation, 9 s after the last write: still kept
+    assert await store.get_response("resp_m") is not None
+    clock.now += 2
+    assert await store.get_response("resp_m") is None
+    assert await store.read_events("resp_m", -1) == []
