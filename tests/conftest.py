@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
-import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -69,7 +69,19 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     directory = tmp_path_factory.mktemp("redis")
     process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -117,9 +129,7 @@ async def redis_client(redis_server: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-def gateway_settings(
-    *, storage_url: str, simulator_url: str, key_prefix: str = "rgw", **extra: Any
-) -> Settings:
+def gateway_settings(*, storage_url: str, simulator_url: str, key_prefix: str = "rgw", **extra: Any) -> Settings:
     return load_settings(
         storage={"url": storage_url, "key_prefix": key_prefix, "retention_seconds": extra.pop("retention", 600)},
         upstreams=[{"name": "sim", "kind": "responses", "base_url": f"{simulator_url}/v1", "max_retries": 0}],
@@ -207,13 +217,13 @@ def start_gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProce
         stop_process(gateway_process.process)
 
 
-async def eventually(check: Callable[[], Any], *, timeout: float = 10.0, interval: float = 0.05) -> Any:
+async def eventually(check: Callable[[], Any], *, within: float = 10.0, interval: float = 0.05) -> Any:
     """Poll an async check until it returns a truthy value."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while True:
         result = await check()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last: {result!r})")
+            raise AssertionError(f"condition not met within {within}s (last: {result!r})")
         await asyncio.sleep(interval)

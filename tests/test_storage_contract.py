@@ -64,7 +64,12 @@ async def test_create_then_read_everything(store: Store) -> None:
     await store.create_response(new_response("resp_a", events=2))
     record = await store.get_response("resp_a")
     assert record is not None
-    assert (record.status, record.last_sequence_number, record.background, record.stored) == ("in_progress", 1, True, True)
+    assert (record.status, record.last_sequence_number, record.background, record.stored) == (
+        "in_progress",
+        1,
+        True,
+        True,
+    )
     assert [e.sequence_number for e in await store.read_events("resp_a", -1)] == [0, 1]
     assert await store.get_input_items("resp_a") == b"[]"
 
@@ -79,7 +84,10 @@ async def test_append_continues_the_log_and_replaces_the_snapshot(store: Store) 
     await store.create_response(new_response("resp_b", events=2))
     await store.append_events("resp_b", [event(2), event(3)], snapshot=b'{"n":3}', status="in_progress")
     events = await store.read_events("resp_b", 1)
-    assert [(e.sequence_number, e.type) for e in events] == [(2, "response.output_text.delta"), (3, "response.output_text.delta")]
+    assert [(e.sequence_number, e.type) for e in events] == [
+        (2, "response.output_text.delta"),
+        (3, "response.output_text.delta"),
+    ]
     assert events[0].data == event(2).data  # byte for byte what was appended
     record = await store.get_response("resp_b")
     assert record is not None
