@@ -1,0 +1,64 @@
+"""Small helpers shared by the end-to-end tests: expected simulator text, a raw SSE reader, key inspection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+import redis.asyncio as aioredis
+
+from runs.simulator import SimulatorSettings, input_text_of, simulated_text
+
+DEFAULT_SIM_TOKENS = SimulatorSettings().tokens
+
+
+def expected_text(input_value: Any, tokens: int = DEFAULT_SIM_TOKENS, instructions: str | None = None) -> str:
+    """The text the simulator answers `input_value` with."""
+    body: dict[str, Any] = {"input": input_value}
+    if instructions is not None:
+        body["instructions"] = instructions
+    return "".join(simulated_text(input_text_of(body), tokens))
+
+
+@dataclass
+class Frame:
+    """One SSE frame as received: its raw bytes and parsed fields."""
+
+    raw: bytes
+    event: str | None
+    id: str | None
+    data: dict[str, Any] | None
+
+
+def parse_frame(raw: bytes) -> Frame:
+    fields: dict[str, str] = {}
+    for line in raw.decode().split("\n"):
+        if not line or line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        fields[name] = value[1:] if value.startswith(" ") else value
+    data = orjson.loads(fields["data"]) if "data" in fields else None
+    return Frame(raw, fields.get("event"), fields.get("id"), data)
+
+
+async def read_frames(response: aiohttp.ClientResponse, limit: int | None = None) -> list[Frame]:
+    """Read SSE frames until the stream ends or `limit` frames were read. Comment-only frames are skipped."""
+    frames: list[Frame] = []
+    buffer = b""
+    async for chunk in response.content.iter_any():
+        buffer += chunk
+        while b"\n\n" in buffer:
+            raw, buffer = buffer.split(b"\n\n", 1)
+            frame = parse_frame(raw + b"\n\n")
+            if frame.data is None:
+                continue
+            frames.append(frame)
+            if limit is not None and len(frames) >= limit:
+                return frames
+    return frames
+
+
+async def keys_with_prefix(client: aioredis.Redis, prefix: str) -> list[bytes]:
+    return [key async for key in client.scan_iter(match=f"{prefix}:*")]

@@ -1,0 +1,392 @@
+"""End to end: the official openai client against an in-process gateway in front of the simulator process."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import openai
+import orjson
+import pytest
+from aiohttp.test_utils import TestServer
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from gateway.app import create_app
+from gateway.state import STORE
+from runs.snapshot import apply_event
+from tests.conftest import Gateway, eventually, gateway_settings
+from tests.helpers import expected_text, keys_with_prefix, read_frames
+
+EVENT_MODEL: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+
+
+async def sim_stats(simulator_url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as session, session.get(f"{simulator_url}/sim/stats") as response:
+        stats: dict[str, Any] = await response.json()
+        return stats
+
+
+async def stored_snapshot_and_replay(gateway: Gateway, response_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The stored snapshot, and the snapshot obtained by replaying the stored events from nothing."""
+    assert gateway.app is not None
+    store = gateway.app[STORE]
+    record = await store.get_response(response_id)
+    assert record is not None
+    replayed: dict[str, Any] = {}
+    # The run may append between the two reads: replay exactly the events the snapshot was written with.
+    for event in await store.read_events(response_id, -1, limit=record.last_sequence_number + 1):
+        replayed = apply_event(replayed, orjson.loads(event.data))
+    return orjson.loads(record.snapshot), replayed
+
+
+async def test_non_streaming_create_completes_with_the_model_text(gateway: Gateway) -> None:
+    response = await gateway.client.responses.create(model="sim-1", input="Tell me about rivers.")
+    assert response.status == "completed"
+    assert response.id.startswith("resp_")
+    assert len(response.id) == len("resp_") + 32
+    assert response.output_text == expected_text("Tell me about rivers.")
+    assert response.usage is not None
+    assert response.usage.output_tokens == 20
+    assert response.completed_at is not None
+    again = await gateway.client.responses.retrieve(response.id)
+    assert again.model_dump() == response.model_dump()
+
+
+async def test_streaming_create_sends_ordered_contiguous_events_that_accumulate(gateway: Gateway) -> None:
+    events = []
+    async with gateway.client.responses.stream(model="sim-1", input="stream me") as stream:
+        async for event in stream:
+            events.append(event)
+        final = await stream.get_final_response()
+    numbers = [event.sequence_number for event in events]
+    assert numbers == list(range(len(events)))
+    kinds = [event.type for event in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    assert final.output_text == expected_text("stream me")
+    assert {e.response.id for e in events if hasattr(e, "response")} == {final.id}
+    stored = await gateway.client.responses.retrieve(final.id)
+    assert stored.status == "completed"
+    assert stored.output_text == final.output_text
+
+
+async def test_raw_sse_frames_carry_event_id_and_sdk_valid_json(gateway: Gateway) -> None:
+    body = {"model": "sim-1", "input": "raw frames", "stream": True}
+    async with gateway.http.post("/v1/responses", json=body) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        assert response.headers["Cache-Control"] == "no-cache"
+        frames = await read_frames(response)
+    for number, frame in enumerate(frames):
+        assert frame.data is not None
+        assert frame.event == frame.data["type"]
+        assert frame.id == str(number) == str(frame.data["sequence_number"])
+        EVENT_MODEL.validate_python(frame.data)
+    assert frames[-1].event == "response.completed"
+    Response.model_validate(frames[-1].data["response"])  # type: ignore[index]
+
+
+async def test_background_create_returns_at_once_and_completes_later(gateway: Gateway) -> None:
+    response = await gateway.client.responses.create(
+        model="sim-1", input="background please", background=True, metadata={"sim_token_delay_ms": "20"}
+    )
+    assert response.status in ("queued", "in_progress")
+    assert response.background is True
+    assert response.output == []
+
+    async def completed() -> Response | None:
+        current = await gateway.client.responses.retrieve(response.id)
+        return current if current.status == "completed" else None
+
+    done = await eventually(completed)
+    assert done.output_text == expected_text("background please")
+
+
+async def test_background_streaming_create(gateway: Gateway) -> None:
+    async with gateway.client.responses.stream(model="sim-1", input="bg stream", background=True) as stream:
+        final = await stream.get_final_response()
+    assert final.background is True
+    assert final.output_text == expected_text("bg stream")
+
+
+async def test_snapshot_always_equals_the_replayed_events(gateway: Gateway) -> None:
+    response = await gateway.client.responses.create(model="sim-1", input="replay me")
+    stored, replayed = await stored_snapshot_and_replay(gateway, response.id)
+    assert stored == replayed
+    assert stored["status"] == "completed"
+
+
+async def test_snapshot_matches_events_while_the_run_is_in_flight(gateway: Gateway) -> None:
+    response = await gateway.client.responses.create(
+        model="sim-1", input="in flight", background=True, metadata={"sim_token_delay_ms": "30"}
+    )
+    seen_partial = False
+    for _ in range(40):
+        stored, replayed = await stored_snapshot_and_replay(gateway, response.id)
+        assert stored == replayed
+        if stored["status"] == "completed":
+            break
+        seen_partial = seen_partial or bool(stored["output"])
+        await asyncio.sleep(0.02)
+    assert seen_partial
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"input": "no model"}, "model"),
+        ({"model": "sim-1"}, "input"),
+        ({"model": "sim-1", "input": 5}, "input"),
+        ({"model": "sim-1", "input": "x", "temperature": "hot"}, "temperature"),
+        ({"model": "sim-1", "input": "x", "temperature": 3}, "temperature"),
+        ({"model": "sim-1", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"model": "sim-1", "input": "x", "stream": "yes"}, "stream"),
+        ({"model": "sim-1", "input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"model": "sim-1", "input": "x", "metadata": {"k": "v" * 513}}, "metadata.k"),
+        ({"model": "sim-1", "input": "x", "include": ["nonsense"]}, "include[0]"),
+        ({"model": "sim-1", "input": "x", "truncation": "sometimes"}, "truncation"),
+        ({"model": "sim-1", "input": "x", "background": True, "store": False}, "background"),
+        ({"model": "sim-1", "input": "x", "stream_options": {"include_obfuscation": False}}, "stream_options"),
+        ({"model": "sim-1", "input": [{"type": "message", "content": "no role"}]}, "input[0].role"),
+    ],
+)
+async def test_invalid_bodies_get_a_400_naming_the_param_and_store_nothing(
+    gateway: Gateway, simulator_url: str, body: dict[str, Any], param: str
+) -> None:
+    before = (await sim_stats(simulator_url))["requests"]
+    async with gateway.http.post("/v1/responses", json=body) as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+    assert (await sim_stats(simulator_url))["requests"] == before
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b""])
+async def test_a_body_that_is_not_a_json_object_gets_a_400(gateway: Gateway, raw: bytes) -> None:
+    headers = {"Content-Type": "application/json"}
+    async with gateway.http.post("/v1/responses", data=raw, headers=headers) as response:
+        assert response.status == 400
+        error = (await response.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "invalid_json"
+
+
+async def test_sdk_raises_bad_request_for_background_without_store(gateway: Gateway) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await gateway.client.responses.create(model="sim-1", input="x", background=True, store=False)
+    assert caught.value.param == "background"
+
+
+async def test_invalid_request_leaves_no_key_in_redis(
+    simulator_url: str, redis_server: str, key_prefix: str, redis_client: Any
+) -> None:
+    # A Redis gateway of its own, whatever the parametrised backend, to look at the keys.
+    app = create_app(gateway_settings(storage_url=redis_server, simulator_url=simulator_url, key_prefix=key_prefix))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as http:
+            for body in ({"model": "sim-1", "input": "x", "background": True, "store": False}, {"input": "x"}):
+                async with http.post("/v1/responses", json=body) as response:
+                    assert response.status == 400
+        assert await keys_with_prefix(redis_client, key_prefix) == []
+    finally:
+        await server.close()
+
+
+async def test_unknown_response_is_a_404_envelope(gateway: Gateway) -> None:
+    with pytest.raises(openai.NotFoundError):
+        await gateway.client.responses.retrieve("resp_doesnotexist")
+    async with gateway.http.get("/v1/responses/resp_doesnotexist") as response:
+        assert response.status == 404
+        body = await response.json()
+    assert body == {
+        "error": {
+            "message": "Response with id 'resp_doesnotexist' not found.",
+            "type": "invalid_request_error",
+            "param": "response_id",
+            "code": None,
+        }
+    }
+
+
+async def test_unknown_route_is_a_404_envelope(gateway: Gateway) -> None:
+    async with gateway.http.get("/v1/nothing-here") as response:
+        assert response.status == 404
+        assert set((await response.json())["error"]) == {"message", "type", "param", "code"}
+
+
+async def test_store_false_answers_but_keeps_nothing(gateway: Gateway) -> None:
+    response = await gateway.client.responses.create(model="sim-1", input="forget me", store=False)
+    assert response.status == "completed"
+    assert response.store is False
+    assert response.output_text == expected_text("forget me")
+    with pytest.raises(openai.NotFoundError):
+        await gateway.client.responses.retrieve(response.id)
+    assert gateway.app is not None
+    store = gateway.app[STORE]
+
+    async def gone() -> bool:
+        return await store.get_response(response.id) is None
+
+    await eventually(gone)
+
+
+async def test_stored_stream_survives_its_subscriber_disconnecting(gateway: Gateway) -> None:
+    """Done-when: a store=true streaming client leaves after 3 events; the response still completes with exactly
+    the text an uninterrupted stream produces."""
+    prompt = "disconnect early"
+    uninterrupted = await gateway.client.responses.create(model="sim-1", input=prompt)
+    stream = await gateway.client.responses.create(
+        model="sim-1", input=prompt, stream=True, metadata={"sim_token_delay_ms": "20"}
+    )
+    received = []
+    async for event in stream:
+        received.append(event)
+        if len(received) == 3:
+            break
+    await stream.close()
+    response_id = received[0].response.id  # type: ignore[union-attr]
+
+    async def completed() -> Response | None:
+        current = await gateway.client.responses.retrieve(response_id)
+        return current if current.status == "completed" else None
+
+    done = await eventually(completed)
+    assert done.output_text == uninterrupted.output_text == expected_text(prompt)
+
+
+async def test_store_false_stream_disconnect_cancels_the_upstream_call(gateway: Gateway, simulator_url: str) -> None:
+    before = (await sim_stats(simulator_url))["disconnects"]
+    stream = await gateway.client.responses.create(
+        model="sim-1", input="cancel on leave", stream=True, store=False, metadata={"sim_token_delay_ms": "200"}
+    )
+    received = []
+    async for event in stream:
+        received.append(event)
+        if len(received) == 4:
+            break
+    await stream.close()
+
+    async def upstream_closed() -> bool:
+        return bool((await sim_stats(simulator_url))["disconnects"] > before)
+
+    await eventually(upstream_closed, within=5)
+    assert gateway.app is not None
+    store = gateway.app[STORE]
+    response_id = received[0].response.id  # type: ignore[union-attr]
+
+    async def discarded() -> bool:
+        return await store.get_response(response_id) is None
+
+    await eventually(discarded)
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "error_class"),
+    [
+        ("http_500", 502, openai.InternalServerError),
+        ("http_400", 400, openai.BadRequestError),
+        ("http_429", 429, openai.RateLimitError),
+    ],
+)
+async def test_upstream_refusal_of_a_synchronous_request_is_an_error_status(
+    gateway: Gateway, fault: str, status: int, error_class: type[openai.APIStatusError]
+) -> None:
+    with pytest.raises(error_class) as caught:
+        await gateway.client.responses.create(model="sim-1", input="refused", metadata={"sim_fault": fault})
+    assert caught.value.status_code == status
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body.get("message")
+
+
+async def test_upstream_refusal_of_a_stream_ends_it_with_response_failed(gateway: Gateway) -> None:
+    stream = await gateway.client.responses.create(
+        model="sim-1", input="refused stream", stream=True, metadata={"sim_fault": "http_500"}
+    )
+    events = [event async for event in stream]
+    assert [event.type for event in events] == ["response.created", "response.in_progress", "response.failed"]
+    failed = events[-1].response  # type: ignore[union-attr]
+    assert failed.status == "failed"
+    assert failed.error is not None
+    assert failed.error.code == "server_error"
+
+
+async def test_upstream_crash_mid_stream_fails_the_response_and_keeps_partial_output(gateway: Gateway) -> None:
+    stream = await gateway.client.responses.create(
+        model="sim-1", input="crash midway", stream=True, metadata={"sim_fail_after": "8"}
+    )
+    events = [event async for event in stream]
+    assert events[-1].type == "response.failed"
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    assert deltas, "some output arrived before the crash"
+    stored = await gateway.client.responses.retrieve(events[0].response.id)  # type: ignore[union-attr]
+    assert stored.status == "failed"
+    assert stored.error is not None
+    assert stored.error.code == "server_error"
+    assert stored.output_text == "".join(deltas)
+
+
+async def test_upstream_error_event_fails_the_response(gateway: Gateway) -> None:
+    response = await gateway.client.responses.create(
+        model="sim-1", input="error event", metadata={"sim_fault": "error_event"}
+    )
+    assert response.status == "failed"
+    assert response.error is not None
+    assert "simulated failure" in response.error.message
+
+
+async def test_max_output_tokens_cap_ends_incomplete(gateway: Gateway) -> None:
+    response = await gateway.client.responses.create(model="sim-1", input="long answer", max_output_tokens=16)
+    assert response.status == "incomplete"
+    assert response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.max_output_tokens == 16
+
+
+async def test_request_fields_are_echoed_and_forwarded(gateway: Gateway, simulator_url: str, key_prefix: str) -> None:
+    response = await gateway.client.responses.create(
+        model="sim-1",
+        input=[{"role": "user", "content": "items input"}],
+        instructions="be brief",
+        temperature=0.5,
+        metadata={"sim_tag": key_prefix},
+    )
+    assert response.instructions == "be brief"
+    assert response.temperature == 0.5
+    assert response.output_text == expected_text([{"role": "user", "content": "items input"}], instructions="be brief")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{simulator_url}/sim/requests", params={"tag": key_prefix}) as reply,
+    ):
+        received = await reply.json()
+    body = received[-1]
+    assert body["stream"] is True
+    assert body["store"] is False
+    assert body["instructions"] == "be brief"
+    assert body["temperature"] == 0.5
+    assert "background" not in body
+
+
+async def test_health_and_readiness(gateway: Gateway) -> None:
+    async with gateway.http.get("/healthz") as response:
+        assert response.status == 200
+    async with gateway.http.get("/readyz") as response:
+        assert response.status == 200
