@@ -131,7 +131,7 @@ def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
         settings_cls: type[Settings] = type(
             "FileSettings",
             (Settings,),
-            {"model_config": SettingsConfigDict(**Settings.model_config, yaml_file=path)},
+            {"model_config": SettingsConfigDict(**{**Settings.model_config, "yaml_file": path})},
         )
     else:
         settings_cls = Settings

@@ -1,0 +1,53 @@
+# responses-gateway: `make run` serves the gateway, `make test` runs lint and the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test lint format simulate clean
+
+$(BIN)/python:
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	    echo "installing python3-venv with apt-get"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null && \
+	    rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); \
+	  else echo "python3 -m venv failed: install python3-venv (Debian: sudo apt-get install python3-venv)"; exit 1; fi; }
+	@$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@ $(VENV)/.installed
+
+## run: start the gateway on http://127.0.0.1:8080 (embedded store; built-in simulated model unless upstreams are configured)
+run: $(VENV)/.installed
+	$(BIN)/responses-gateway serve $(ARGS)
+
+## simulate: run the simulated model server alone on port 9090
+simulate: $(VENV)/.installed
+	$(BIN)/responses-gateway simulate --port 9090 $(ARGS)
+
+## lint: ruff (lint + format check) and mypy --strict
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+## format: apply ruff's formatting and safe fixes
+format: $(VENV)/.installed-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## test: lint, then the whole suite against a real redis-server (installed via apt-get when missing and root)
+test: lint
+	@.ci/ensure-redis-server
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,104 @@
+"""Real gateway processes: two instances on one Redis, the zero-config `serve`, and start-up config errors."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import openai
+import orjson
+from openai.types.responses import Response
+
+from tests.conftest import ROOT, GatewayProcess, eventually
+from tests.helpers import expected_text
+
+
+def sdk(gateway: GatewayProcess) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="test-key", max_retries=0)
+
+
+async def test_background_response_created_on_one_instance_is_retrievable_on_another(
+    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    env = {
+        "GATEWAY_STORAGE__URL": redis_server,
+        "GATEWAY_STORAGE__KEY_PREFIX": key_prefix,
+        "GATEWAY_UPSTREAMS": orjson.dumps([{"name": "sim", "base_url": f"{simulator_url}/v1"}]).decode(),
+    }
+    first, second = start_gateway_process(env), start_gateway_process(env)
+    client_a, client_b = sdk(first), sdk(second)
+    try:
+        created = await client_a.responses.create(
+            model="sim-1", input="cross instance", background=True, metadata={"sim_token_delay_ms": "40"}
+        )
+
+        async def in_progress_with_output() -> Response | None:
+            seen = await client_b.responses.retrieve(created.id)
+            return seen if seen.status == "in_progress" and seen.output else None
+
+        midway = await eventually(in_progress_with_output)
+        assert midway.id == created.id
+        assert expected_text("cross instance").startswith(midway.output_text)
+
+        async def completed() -> Response | None:
+            seen = await client_b.responses.retrieve(created.id)
+            return seen if seen.status == "completed" else None
+
+        done = await eventually(completed)
+        assert done.output_text == expected_text("cross instance")
+        assert (await client_a.responses.retrieve(created.id)).model_dump() == done.model_dump()
+    finally:
+        await client_a.close()
+        await client_b.close()
+
+
+async def test_zero_config_serve_uses_the_embedded_store_and_the_built_in_model(
+    start_gateway_process: Callable[..., GatewayProcess],
+) -> None:
+    gateway = start_gateway_process()
+    client = sdk(gateway)
+    try:
+        response = await client.responses.create(model="any-model", input="hello")
+        assert response.status == "completed"
+        assert response.output_text
+        async with client.responses.stream(model="any-model", input="hello") as stream:
+            final = await stream.get_final_response()
+        assert final.output_text == response.output_text  # the simulated text depends on the input only
+    finally:
+        await client.close()
+    await asyncio.sleep(0.1)
+    log = gateway.log()
+    assert "embedded in-process store" in log
+    assert "built-in simulated model" in log
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_bad_config_exits_non_zero_with_one_line_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("server:\n  port: 99999\n")
+    result = run_cli("serve", "--config", str(config))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "server.port" in lines[0]
+
+
+def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("serve", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "does not exist" in result.stderr
