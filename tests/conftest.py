@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -157,10 +158,10 @@ def storage_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
-@pytest.fixture
-async def gateway(storage_url: str, simulator_url: str, key_prefix: str) -> AsyncIterator[Gateway]:
-    """An in-process gateway (real aiohttp server on loopback) in front of the simulator process."""
-    app = create_app(gateway_settings(storage_url=storage_url, simulator_url=simulator_url, key_prefix=key_prefix))
+@contextlib.asynccontextmanager
+async def serve_gateway(settings: Settings) -> AsyncIterator[Gateway]:
+    """An in-process gateway (a real aiohttp server on loopback) and clients for it."""
+    app = create_app(settings)
     server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
     await server.start_server()
     url = str(server.make_url("")).rstrip("/")
@@ -172,6 +173,22 @@ async def gateway(storage_url: str, simulator_url: str, key_prefix: str) -> Asyn
         await client.close()
         await http.close()
         await server.close()
+
+
+@pytest.fixture
+async def gateway(storage_url: str, simulator_url: str, key_prefix: str) -> AsyncIterator[Gateway]:
+    """A gateway in front of the simulator process, once per backend."""
+    settings = gateway_settings(storage_url=storage_url, simulator_url=simulator_url, key_prefix=key_prefix)
+    async with serve_gateway(settings) as served:
+        yield served
+
+
+@pytest.fixture
+async def redis_gateway(redis_server: str, simulator_url: str, key_prefix: str) -> AsyncIterator[Gateway]:
+    """A gateway on the Redis backend only, for tests that look at the keys."""
+    settings = gateway_settings(storage_url=redis_server, simulator_url=simulator_url, key_prefix=key_prefix)
+    async with serve_gateway(settings) as served:
+        yield served
 
 
 @dataclass

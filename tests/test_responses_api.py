@@ -9,14 +9,13 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from aiohttp.test_utils import TestServer
+import redis.asyncio as aioredis
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from gateway.app import create_app
 from gateway.state import STORE
 from runs.snapshot import apply_event
-from tests.conftest import Gateway, eventually, gateway_settings
+from tests.conftest import Gateway, eventually
 from tests.helpers import expected_text, keys_with_prefix, read_frames
 
 EVENT_MODEL: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
@@ -193,20 +192,28 @@ async def test_sdk_raises_bad_request_for_background_without_store(gateway: Gate
 
 
 async def test_invalid_request_leaves_no_key_in_redis(
-    simulator_url: str, redis_server: str, key_prefix: str, redis_client: Any
+    redis_gateway: Gateway, key_prefix: str, redis_client: aioredis.Redis
 ) -> None:
-    # A Redis gateway of its own, whatever the parametrised backend, to look at the keys.
-    app = create_app(gateway_settings(storage_url=redis_server, simulator_url=simulator_url, key_prefix=key_prefix))
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        async with aiohttp.ClientSession(base_url=str(server.make_url(""))) as http:
-            for body in ({"model": "sim-1", "input": "x", "background": True, "store": False}, {"input": "x"}):
-                async with http.post("/v1/responses", json=body) as response:
-                    assert response.status == 400
-        assert await keys_with_prefix(redis_client, key_prefix) == []
-    finally:
-        await server.close()
+    for body in ({"model": "sim-1", "input": "x", "background": True, "store": False}, {"input": "x"}):
+        async with redis_gateway.http.post("/v1/responses", json=body) as response:
+            assert response.status == 400
+    assert await keys_with_prefix(redis_client, key_prefix) == []
+
+
+async def test_every_key_a_run_writes_has_a_ttl_and_one_hash_tag(
+    redis_gateway: Gateway, key_prefix: str, redis_client: aioredis.Redis
+) -> None:
+    first = await redis_gateway.client.responses.create(model="sim-1", input="keys one")
+    second = await redis_gateway.client.responses.create(model="sim-1", input="keys two", background=True)
+    async with redis_gateway.client.responses.stream(model="sim-1", input="keys three") as stream:
+        third = await stream.get_final_response()
+    keys = await keys_with_prefix(redis_client, key_prefix)
+    assert len(keys) == 9
+    for key in keys:
+        ttl = await redis_client.pttl(key)
+        assert 0 < ttl <= 600_000, (key, ttl)
+    for response_id in (first.id, second.id, third.id):
+        assert sum(f"{{{response_id}}}".encode() in key for key in keys) == 3
 
 
 async def test_unknown_response_is_a_404_envelope(gateway: Gateway) -> None:

@@ -1,0 +1,76 @@
+"""The run's event log: numbering, snapshot per write, and coalescing of appends while one is in flight."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from runs.event_log import EventLog
+from runs.snapshot import apply_event
+from storage.base import NewResponse, StoredEvent
+from storage.redis import RedisStore
+
+
+class CountingStore(RedisStore):
+    """The real Redis store, counting append round trips and making each one take a little longer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.appends: list[int] = []
+
+    async def append_events(
+        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str
+    ) -> None:
+        self.appends.append(len(events))
+        await asyncio.sleep(0.01)
+        await super().append_events(response_id, events, snapshot=snapshot, status=status)
+
+
+def start_snapshot(response_id: str) -> dict[str, Any]:
+    return {"id": response_id, "object": "response", "status": "in_progress", "output": []}
+
+
+async def test_appends_coalesce_while_one_is_in_flight(redis_server: str, key_prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    store = CountingStore(aioredis.Redis.from_url(redis_server), key_prefix=key_prefix, retention_seconds=60)
+    snapshot = start_snapshot("resp_log")
+    created = {"type": "response.created", "response": snapshot, "sequence_number": 0}
+    await store.create_response(
+        NewResponse(
+            response_id="resp_log",
+            snapshot=orjson.dumps(snapshot),
+            status="in_progress",
+            background=False,
+            stored=True,
+            input_items=b"[]",
+            events=[StoredEvent(0, "response.created", orjson.dumps(created))],
+        )
+    )
+    log = EventLog(store, "resp_log", dict(snapshot), next_sequence_number=1)
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    await log.emit({"type": "response.output_item.added", "output_index": 0, "item": item})
+    part = {"type": "output_text", "text": "", "annotations": []}
+    await log.emit({"type": "response.content_part.added", "output_index": 0, "content_index": 0, "part": part})
+    for number in range(200):
+        delta = {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": f"w{number} "}
+        await log.emit(delta)
+        if number % 50 == 0:
+            await asyncio.sleep(0)  # let the writer start a round trip now and then
+    await log.close()
+
+    assert sum(store.appends) == 202
+    assert len(store.appends) < 20, store.appends  # 202 events in a handful of round trips
+    events = await store.read_events("resp_log", -1, limit=1000)
+    assert [event.sequence_number for event in events] == list(range(203))
+    replayed: dict[str, Any] = {}
+    for event in events:
+        replayed = apply_event(replayed, orjson.loads(event.data))
+    record = await store.get_response("resp_log")
+    assert record is not None
+    assert orjson.loads(record.snapshot) == replayed
+    assert replayed["output"][0]["content"][0]["text"] == "".join(f"w{n} " for n in range(200))
+    await store.close()
