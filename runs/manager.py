@@ -73,6 +73,6 @@ class RunManager:
     async def _discard_after_finish(self, run: ResponseRun) -> None:
         await run.wait_finished()
         try:
-            await self._store.delete_response(run.response_id)
+            await self._store.delete_response(run.response_id, only_if_finished=False)
         except Exception:
             log.warning("could not delete unstored response %s; its TTL will", run.response_id)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 # Statuses after which a response's event log is closed. Kept here (not imported from runs) because storage must not
@@ -65,6 +66,30 @@ class NewResponse:
     events: Sequence[StoredEvent]
 
 
+class DeleteOutcome(Enum):
+    """What `delete_response` did."""
+
+    DELETED = "deleted"
+    MISSING = "missing"
+    ACTIVE = "active"  # refused: the response has not reached a terminal status
+
+
+class EventFeed(Protocol):
+    """One reader of live events for many responses at once, so a process needs one blocking read, not one per
+    subscriber."""
+
+    async def read(self, cursors: Mapping[str, int], *, wait_ms: int) -> dict[str, list[StoredEvent]]:
+        """Events after each response's cursor; waits up to wait_ms when there are none. May return early (empty)
+        after `interrupt`."""
+        ...
+
+    async def interrupt(self) -> None:
+        """Make a read in progress return now (the set of responses to watch has changed)."""
+
+    async def close(self) -> None:
+        """Release the feed's connection."""
+
+
 class Store(Protocol):
     """Persistence of responses and their event logs. Every write sets the retention TTL of what it touches."""
 
@@ -93,8 +118,21 @@ class Store(Protocol):
         With wait_ms > 0 and nothing to return yet, wait up to that long for the next append.
         """
 
-    async def delete_response(self, response_id: str) -> bool:
-        """Remove every key of the response. True when something was deleted."""
+    async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
+        """Remove every key of the response, atomically refusing (ACTIVE) while it is still queued or in progress
+        unless only_if_finished is False."""
+
+    async def request_cancel(self, response_id: str) -> str | None:
+        """Mark the response as to be cancelled and notify every instance; returns its status at that moment (None
+        when it does not exist). A terminal response is left untouched."""
+
+    def cancel_requests(self) -> AsyncIterator[str]:
+        """Response ids whose cancellation was requested from any instance, as the requests happen."""
+        ...
+
+    def open_event_feed(self) -> EventFeed:
+        """A feed for following many responses' live events with one blocking read."""
+        ...
 
     async def ping(self) -> None:
         """Raise if the backend cannot be reached."""

@@ -45,3 +45,7 @@ class KeySpace:
             self.response_events(response_id),
             self.response_input(response_id),
         )
+
+    def cancel_channel(self) -> str:
+        """Pub/sub channel (not a key: nothing stored, no TTL) on which cancel requests reach the owning instance."""
+        return f"{self.prefix}:cancel"

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from storage.base import (
     TERMINAL_STATUSES,
+    DeleteOutcome,
     NewResponse,
     ResponseAlreadyExists,
     ResponseClosed,
@@ -29,6 +30,7 @@ class _Entry:
     input_items: bytes
     events: list[StoredEvent]
     expires_at: float
+    cancel_requested: bool = False
     appended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -41,6 +43,9 @@ class MemoryStore:
         self._entries: dict[str, _Entry] = {}
         # (expires_at, response_id) pushed on every write; stale pairs are skipped when popped.
         self._expiry_heap: list[tuple[float, str]] = []
+        # Set (and replaced) on every append, for event feeds waiting on any response.
+        self._any_append = asyncio.Event()
+        self._cancel_listeners: set[asyncio.Queue[str]] = set()
 
     def _expire_due(self) -> None:
         now = self._clock()
@@ -62,6 +67,8 @@ class MemoryStore:
     def _wake_readers(self, entry: _Entry) -> None:
         entry.appended.set()
         entry.appended = asyncio.Event()
+        self._any_append.set()
+        self._any_append = asyncio.Event()
 
     async def create_response(self, new: NewResponse) -> None:
         if self._live(new.response_id) is not None:
@@ -116,24 +123,54 @@ class MemoryStore:
     async def read_events(
         self, response_id: str, after: int, *, limit: int = 512, wait_ms: int = 0
     ) -> list[StoredEvent]:
-        entry = self._live(response_id)
-        if entry is not None and len(entry.events) - 1 > after:
-            start = max(after + 1, 0)
-            return entry.events[start : start + limit]
-        if wait_ms <= 0 or entry is None:
-            return []
+        events = self._events_after(response_id, after, limit)
+        entry = self._entries.get(response_id)
+        if events or wait_ms <= 0 or entry is None:
+            return events
         try:
             await asyncio.wait_for(entry.appended.wait(), wait_ms / 1000)
         except TimeoutError:
             return []
-        return await self.read_events(response_id, after, limit=limit)
+        return self._events_after(response_id, after, limit)
 
-    async def delete_response(self, response_id: str) -> bool:
-        entry = self._entries.pop(response_id, None)
+    async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
+        entry = self._live(response_id)
         if entry is None:
-            return False
-        entry.appended.set()
-        return True
+            return DeleteOutcome.MISSING
+        if only_if_finished and entry.status not in TERMINAL_STATUSES:
+            return DeleteOutcome.ACTIVE
+        del self._entries[response_id]
+        self._wake_readers(entry)
+        return DeleteOutcome.DELETED
+
+    async def request_cancel(self, response_id: str) -> str | None:
+        entry = self._live(response_id)
+        if entry is None:
+            return None
+        if entry.status not in TERMINAL_STATUSES:
+            entry.cancel_requested = True
+            for listener in self._cancel_listeners:
+                listener.put_nowait(response_id)
+        return entry.status
+
+    async def cancel_requests(self) -> AsyncIterator[str]:
+        listener: asyncio.Queue[str] = asyncio.Queue()
+        self._cancel_listeners.add(listener)
+        try:
+            while True:
+                yield await listener.get()
+        finally:
+            self._cancel_listeners.discard(listener)
+
+    def open_event_feed(self) -> MemoryEventFeed:
+        return MemoryEventFeed(self)
+
+    def _events_after(self, response_id: str, after: int, limit: int) -> list[StoredEvent]:
+        entry = self._live(response_id)
+        if entry is None or len(entry.events) - 1 <= after:
+            return []
+        start = max(after + 1, 0)
+        return entry.events[start : start + limit]
 
     async def ping(self) -> None:
         return None
@@ -141,3 +178,39 @@ class MemoryStore:
     async def close(self) -> None:
         self._entries.clear()
         self._expiry_heap.clear()
+
+
+class MemoryEventFeed:
+    """The embedded store's feed: checks every watched response, then waits for the next append anywhere."""
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self._interrupted = asyncio.Event()
+
+    async def read(self, cursors: Mapping[str, int], *, wait_ms: int) -> dict[str, list[StoredEvent]]:
+        found = self._collect(cursors)
+        if found or wait_ms <= 0:
+            return found
+        appended = asyncio.ensure_future(self._store._any_append.wait())
+        interrupted = asyncio.ensure_future(self._interrupted.wait())
+        try:
+            await asyncio.wait({appended, interrupted}, timeout=wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            appended.cancel()
+            interrupted.cancel()
+            self._interrupted.clear()
+        return self._collect(cursors)
+
+    def _collect(self, cursors: Mapping[str, int]) -> dict[str, list[StoredEvent]]:
+        found = {}
+        for response_id, after in cursors.items():
+            events = self._store._events_after(response_id, after, 512)
+            if events:
+                found[response_id] = events
+        return found
+
+    async def interrupt(self) -> None:
+        self._interrupted.set()
+
+    async def close(self) -> None:
+        return None

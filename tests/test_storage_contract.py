@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from storage.base import (
+    DeleteOutcome,
     NewResponse,
     ResponseAlreadyExists,
     ResponseClosed,
@@ -152,13 +153,70 @@ async def test_concurrent_writers_one_wins(store: Store) -> None:
     assert [e.sequence_number for e in await store.read_events("resp_h", -1)] == [0, 1]
 
 
-async def test_delete_removes_everything(store: Store) -> None:
+async def test_delete_removes_everything_once_finished(store: Store) -> None:
     await store.create_response(new_response("resp_i", events=3))
-    assert await store.delete_response("resp_i") is True
+    assert await store.delete_response("resp_i") is DeleteOutcome.ACTIVE
+    assert await store.get_response("resp_i") is not None
+    await store.append_events("resp_i", [event(3, "response.completed")], snapshot=b"{}", status="completed")
+    assert await store.delete_response("resp_i") is DeleteOutcome.DELETED
     assert await store.get_response("resp_i") is None
     assert await store.read_events("resp_i", -1) == []
     assert await store.get_input_items("resp_i") is None
-    assert await store.delete_response("resp_i") is False
+    assert await store.delete_response("resp_i") is DeleteOutcome.MISSING
+
+
+async def test_delete_of_a_running_response_when_forced(store: Store) -> None:
+    await store.create_response(new_response("resp_force", events=2))
+    assert await store.delete_response("resp_force", only_if_finished=False) is DeleteOutcome.DELETED
+    assert await store.get_response("resp_force") is None
+
+
+async def test_cancel_request_reaches_listeners_and_reports_status(store: Store) -> None:
+    await store.create_response(new_response("resp_run", events=1))
+    await store.create_response(new_response("resp_done", events=1))
+    await store.append_events("resp_done", [event(1, "response.completed")], snapshot=b"{}", status="completed")
+    requests = store.cancel_requests()
+    first = asyncio.ensure_future(anext(requests))
+    await asyncio.sleep(0.1)  # let the listener subscribe
+    assert await store.request_cancel("resp_done") == "completed"
+    assert await store.request_cancel("resp_missing") is None
+    assert await store.request_cancel("resp_run") == "in_progress"
+    assert await asyncio.wait_for(first, 2) == "resp_run"  # terminal and missing ones were not announced
+    await requests.aclose()
+
+
+async def test_event_feed_reads_many_responses_at_once(store: Store) -> None:
+    for name in ("resp_x", "resp_y", "resp_z"):
+        await store.create_response(new_response(name, events=1))
+    feed = store.open_event_feed()
+    try:
+        assert await feed.read({"resp_x": 0, "resp_y": 0}, wait_ms=50) == {}
+        await store.append_events("resp_y", [event(1), event(2)], snapshot=b"{}", status="in_progress")
+        await store.append_events("resp_z", [event(1)], snapshot=b"{}", status="in_progress")
+        found = await feed.read({"resp_x": 0, "resp_y": 0, "resp_z": 0}, wait_ms=1000)
+        assert {rid: [e.sequence_number for e in events] for rid, events in found.items()} == {
+            "resp_y": [1, 2],
+            "resp_z": [1],
+        }
+        waiting = asyncio.ensure_future(feed.read({"resp_x": 0}, wait_ms=5000))
+        await asyncio.sleep(0.05)
+        await store.append_events("resp_x", [event(1)], snapshot=b"{}", status="in_progress")
+        assert [e.sequence_number for e in (await asyncio.wait_for(waiting, 2))["resp_x"]] == [1]
+    finally:
+        await feed.close()
+
+
+async def test_event_feed_interrupt_ends_a_blocked_read(store: Store) -> None:
+    await store.create_response(new_response("resp_w", events=1))
+    feed = store.open_event_feed()
+    try:
+        blocked = asyncio.ensure_future(feed.read({"resp_w": 0}, wait_ms=10_000))
+        await asyncio.sleep(0.1)
+        assert not blocked.done()
+        await feed.interrupt()
+        assert await asyncio.wait_for(blocked, 2) == {}
+    finally:
+        await feed.close()
 
 
 async def test_redis_every_key_has_the_retention_ttl(redis_server: str, key_prefix: str) -> None:
