@@ -10,7 +10,8 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.errors import error_middleware
 from gateway.routes import health, responses
-from gateway.state import ROUTER, RUN_MANAGER, SETTINGS, STORE
+from gateway.state import LIVE_EVENTS, ROUTER, RUN_MANAGER, SETTINGS, STORE
+from runs.live import LiveEvents
 from runs.manager import RunManager
 from runs.simulator import SimulatorSettings, create_simulator_app
 from runs.upstream.base import UpstreamSpec
@@ -63,8 +64,17 @@ async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
         await simulator.cleanup()
 
 
+async def _live_events_ctx(app: web.Application) -> AsyncIterator[None]:
+    live = LiveEvents(app[STORE].open_event_feed(), buffer_events=app[SETTINGS].sse.subscriber_buffer_events)
+    live.start()
+    app[LIVE_EVENTS] = live
+    yield
+    await live.close()
+
+
 async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
     manager = RunManager(app[STORE], app[ROUTER])
+    manager.start()
     app[RUN_MANAGER] = manager
     yield
     await manager.close()
@@ -74,7 +84,7 @@ def create_app(settings: Settings) -> web.Application:
     """A gateway application. Resources are opened on startup and closed on cleanup, in dependency order."""
     app = web.Application(middlewares=[error_middleware], client_max_size=4 * 1024 * 1024)
     app[SETTINGS] = settings
-    app.cleanup_ctx.extend([_store_ctx, _upstreams_ctx, _runs_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _upstreams_ctx, _live_events_ctx, _runs_ctx])
     health.add_routes(app)
     responses.add_routes(app)
     return app

@@ -71,6 +71,14 @@ class UpstreamConfig(_Section):
         )
 
 
+class SseConfig(_Section):
+    """Server-sent event streams to clients."""
+
+    heartbeat_seconds: float = Field(15.0, gt=0)
+    retry_ms: int = Field(1000, ge=0)
+    subscriber_buffer_events: int = Field(1024, ge=16)
+
+
 class SimulatorConfig(_Section):
     """The built-in simulated model, served when no upstream is configured."""
 
@@ -87,6 +95,7 @@ class Settings(BaseSettings):
     server: ServerConfig = Field(default_factory=lambda: ServerConfig())
     storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    sse: SseConfig = Field(default_factory=lambda: SseConfig())
     simulator: SimulatorConfig = Field(default_factory=lambda: SimulatorConfig())
 
     @field_validator("upstreams")

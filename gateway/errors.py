@@ -10,7 +10,9 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
-from runs.errors import ApiError, InvalidRequest, NotFound
+from runs.errors import ApiError, InvalidRequest, NotFound, Unavailable, UpstreamError
+from runs.upstream.base import UpstreamFailure
+from storage.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,27 @@ def invalid_body(error: ValidationError) -> InvalidRequest:
     return InvalidRequest(message, param=param, code=code)
 
 
+# Provider statuses that describe the client's request, passed on as they are. Others (401/403/404 from the
+# provider mean the gateway's own credentials or configuration are wrong) become 502.
+_CLIENT_FAULT_STATUSES = {
+    400: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def upstream_refusal(failure: UpstreamFailure) -> ApiError:
+    """The error a synchronous caller gets when the provider refused the turn before any output: what it would
+    have got from the provider directly (a failed Response with 200 would hide a 400 or a 429)."""
+    if failure.status in _CLIENT_FAULT_STATUSES:
+        return ApiError(
+            failure.message, code=failure.code, status=failure.status, type=_CLIENT_FAULT_STATUSES[failure.status]
+        )
+    return UpstreamError(failure.message)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """ApiError → its envelope; aiohttp's HTTP errors → the same envelope; anything else → 500, logged."""
@@ -78,15 +101,18 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as error:
         return error_response(error)
+    except StoreUnavailable as error:
+        log.warning("store unavailable on %s %s: %s", request.method, request.path, error)
+        return error_response(
+            Unavailable("The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"})
+        )
     except web.HTTPException as error:
         if error.status == 404:
             return error_response(NotFound(f"Unknown route: {request.method} {request.path}"))
         if error.status < 400:
             raise
-        wrapped = ApiError(error.reason)
-        wrapped.status = error.status
-        wrapped.type = "invalid_request_error" if error.status < 500 else "server_error"
-        return error_response(wrapped)
+        kind = "invalid_request_error" if error.status < 500 else "server_error"
+        return error_response(ApiError(error.reason, status=error.status, type=kind))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(ApiError("The server had an error while processing your request."))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.config import Settings
+from runs.live import LiveEvents
 from runs.manager import RunManager
 from runs.upstream.router import UpstreamRouter
 from storage.base import Store
@@ -13,3 +14,4 @@ SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 ROUTER = web.AppKey("router", UpstreamRouter)
 RUN_MANAGER = web.AppKey("run_manager", RunManager)
+LIVE_EVENTS = web.AppKey("live_events", LiveEvents)

@@ -16,7 +16,7 @@ from runs.status import ResponseStatus
 from storage.base import NewResponse, StoredEvent
 
 # Fields the gateway answers itself; the rest of the request goes to the provider as given.
-_GATEWAY_FIELDS = frozenset({"background", "store", "stream", "stream_options", "previous_response_id", "conversation"})
+_GATEWAY_FIELDS = frozenset({"background", "store", "stream", "previous_response_id", "conversation"})
 
 
 def check_admissible(request: CreateResponseRequest) -> None:

@@ -19,12 +19,18 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        status: int | None = None,
+        type: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
         self.headers = headers or {}
 
     def envelope(self) -> dict[str, Any]:

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from runs.snapshot import Json, apply_event
-from storage.base import Store, StoredEvent
+from storage.base import Store, StoredEvent, StoreUnavailable
+
+log = logging.getLogger(__name__)
 
 # A run that outpaces the store waits once this many events are queued, so memory stays bounded.
 MAX_PENDING_EVENTS = 2048
+# A store that cannot be reached is retried (appends are idempotent) with growing pauses, for this long in all.
+WRITE_RETRY_SECONDS = 15.0
+WRITE_RETRY_FIRST_DELAY_SECONDS = 0.05
+WRITE_RETRY_MAX_DELAY_SECONDS = 2.0
 
 
 class EventLog:
@@ -22,8 +30,20 @@ class EventLog:
     one append is in flight, later events queue and go out together in the next round trip.
     """
 
-    def __init__(self, store: Store, response_id: str, snapshot: Json, *, next_sequence_number: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        response_id: str,
+        snapshot: Json,
+        *,
+        next_sequence_number: int,
+        on_cancel_requested: Callable[[], None] | None = None,
+        write_retry_seconds: float = WRITE_RETRY_SECONDS,
+    ) -> None:
         self._store = store
+        # Called when the store reports that a cancel was requested (e.g. the pub/sub notice was missed).
+        self.on_cancel_requested = on_cancel_requested
+        self._write_retry_seconds = write_retry_seconds
         self._response_id = response_id
         self._snapshot = snapshot
         self._next_sequence_number = next_sequence_number
@@ -52,10 +72,11 @@ class EventLog:
             await self._drained.wait()
             if self._failure is not None:
                 raise self._failure
+        # Apply first: an event the snapshot cannot take raises here, before it has used up a sequence number.
+        self._snapshot = apply_event(self._snapshot, event)
         event["sequence_number"] = self._next_sequence_number
         stored = StoredEvent(self._next_sequence_number, event["type"], orjson.dumps(event))
         self._next_sequence_number += 1
-        self._snapshot = apply_event(self._snapshot, event)
         self._pending.append(stored)
         self._drained.clear()
         self._wake.set()
@@ -86,12 +107,26 @@ class EventLog:
                 batch, self._pending = self._pending, []
                 snapshot = orjson.dumps(self._snapshot)
                 try:
-                    await self._store.append_events(
-                        self._response_id, batch, snapshot=snapshot, status=self._snapshot["status"]
-                    )
+                    cancel_requested = await self._append_with_retries(batch, snapshot, self._snapshot["status"])
                 except Exception as error:
                     self._failure = error
                     self._pending.clear()
                     self._drained.set()
                     return
+                if cancel_requested and self.on_cancel_requested is not None:
+                    self.on_cancel_requested()
             self._drained.set()
+
+    async def _append_with_retries(self, batch: list[StoredEvent], snapshot: bytes, status: str) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._write_retry_seconds
+        delay = WRITE_RETRY_FIRST_DELAY_SECONDS
+        while True:
+            try:
+                return await self._store.append_events(self._response_id, batch, snapshot=snapshot, status=status)
+            except StoreUnavailable as error:
+                if loop.time() + delay > deadline:
+                    raise
+                log.warning("append to %s failed (%s); retrying in %.2fs", self._response_id, error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, WRITE_RETRY_MAX_DELAY_SECONDS)

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from runs.admission import check_admissible, new_response, upstream_body
+from runs.errors import InvalidRequest, response_not_found
 from runs.event_log import EventLog
 from runs.request import CreateResponseRequest
 from runs.run import ResponseRun
+from runs.status import TERMINAL, ResponseStatus
 from runs.upstream.router import UpstreamRouter
-from storage.base import Store
+from storage.base import ResponseRecord, Store
+
+# How long a cancel request waits for the owning instance to write the terminal event.
+CANCEL_WAIT_SECONDS = 10.0
+CANCEL_POLL_SECONDS = 0.02
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +30,18 @@ class RunManager:
         self._router = router
         self._runs: dict[str, ResponseRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cancel_listener: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin hearing cancel requests made on any instance."""
+        self._cancel_listener = asyncio.create_task(self._listen_for_cancels(), name="cancel-listener")
+
+    async def _listen_for_cancels(self) -> None:
+        async for response_id in self._store.cancel_requests():
+            run = self._runs.get(response_id)
+            if run is not None:
+                log.info("cancelling %s at another instance's request", response_id)
+                run.cancel()
 
     @property
     def store(self) -> Store:
@@ -37,7 +56,26 @@ class RunManager:
         return self._runs.get(response_id)
 
     async def admit(self, request: CreateResponseRequest) -> ResponseRun:
-        """Validate, store the response with its first events, and start its run. Nothing is stored on error."""
+        """Validate, store the response with its first events, and start its run. Nothing is stored on error.
+
+        Admission finishes even if the caller is cancelled half-way (its client left): a response stored without
+        a run would stay in progress forever. A connection-owned (`store=false`) run admitted that way is
+        released at once."""
+        admission = asyncio.ensure_future(self._admit(request))
+        try:
+            return await asyncio.shield(admission)
+        except asyncio.CancelledError:
+            admission.add_done_callback(self._after_abandoned_admission)
+            raise
+
+    def _after_abandoned_admission(self, admission: asyncio.Future[ResponseRun]) -> None:
+        if admission.cancelled() or admission.exception() is not None:
+            return  # nothing was started (the exception is retrieved here, so it is not reported as lost)
+        run = admission.result()
+        if not run.request.is_stored:
+            self.release_connection_owned(run)
+
+    async def _admit(self, request: CreateResponseRequest) -> ResponseRun:
         check_admissible(request)
         upstream = self._router.route(request.model)
         record, snapshot = new_response(request)
@@ -54,8 +92,50 @@ class RunManager:
         self._runs.pop(response_id, None)
         self._tasks.discard(task)
 
+    async def cancel(self, response_id: str) -> ResponseRecord:
+        """Cancel a background response, wherever it runs, and return it once it has ended.
+
+        Follows OpenAI's rules: cancelling a cancelled response returns it again; a finished one or a synchronous
+        one cannot be cancelled (400); an unknown one is 404.
+        """
+        record = await self._store.get_response(response_id)
+        if record is None or not record.stored:
+            raise response_not_found(response_id)
+        if not record.background:
+            raise InvalidRequest("Cannot cancel a synchronous response.", code="response_not_cancellable")
+        self._refuse_if_finished(record)
+        run = self._runs.get(response_id)
+        if run is not None:
+            run.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.wait_finished(), CANCEL_WAIT_SECONDS)
+        elif await self._store.request_cancel(response_id) is None:
+            raise response_not_found(response_id)
+        return await self._wait_until_finished(response_id)
+
+    @staticmethod
+    def _refuse_if_finished(record: ResponseRecord) -> None:
+        status = ResponseStatus(record.status)
+        if status in TERMINAL and status is not ResponseStatus.CANCELLED:
+            raise InvalidRequest(f"Cannot cancel a {status.value} response.", code="response_not_cancellable")
+
+    async def _wait_until_finished(self, response_id: str) -> ResponseRecord:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_WAIT_SECONDS
+        while True:
+            record = await self._store.get_response(response_id)
+            if record is None:
+                raise response_not_found(response_id)
+            if ResponseStatus(record.status) in TERMINAL or loop.time() > deadline:
+                return record
+            await asyncio.sleep(CANCEL_POLL_SECONDS)
+
     async def close(self) -> None:
         """Stop every run; each ends with a terminal event if the store can still take it."""
+        if self._cancel_listener is not None:
+            self._cancel_listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cancel_listener
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import time
@@ -43,6 +44,7 @@ class ResponseRun:
         self._upstream = upstream
         self._upstream_body = upstream_body
         self._log = log
+        log.on_cancel_requested = self.cancel
         self._consumer: asyncio.Task[None] | None = None
         self._cancel_requested = False
         self._finished = asyncio.Event()
@@ -102,27 +104,33 @@ class ResponseRun:
             return
         if isinstance(error, UpstreamFailure):
             self.failure = error
-            code = "rate_limit_exceeded" if error.status == 429 else "server_error"
-            await self._fail(code, error.message)
+            await self._fail(error.response_error_code(), error.message)
             return
         log.error("run %s failed", self.response_id, exc_info=error)
         await self._fail("server_error", "The response failed because of an internal error in the gateway.")
 
     async def _consume_upstream(self) -> None:
-        async for event in self._upstream.stream_turn(self._upstream_body):
-            kind = event.get("type")
-            if kind in _UPSTREAM_TERMINAL_STATUS:
-                await self._end_from_upstream(_UPSTREAM_TERMINAL_STATUS[kind], event.get("response") or {})
-                return
-            if kind in LIFECYCLE_EVENT_TYPES:
-                continue  # our own created / in_progress were already emitted with our id
-            if kind == "error":
-                raise UpstreamFailure(str(event.get("message") or "upstream error"), code=event.get("code"))
-            if not isinstance(kind, str):
-                continue
-            await self._log.emit(dict(event))
-            self.emitted_output = True
+        # aclosing: whatever ends this loop (a failure, a cancel) closes the provider's stream at once, so it
+        # stops generating (and billing) instead of waiting for garbage collection.
+        async with contextlib.aclosing(self._upstream.stream_turn(self._upstream_body)) as events:
+            async for event in events:
+                if await self._take_upstream_event(event):
+                    return
         raise UpstreamFailure("The upstream ended the stream before the response was finished.")
+
+    async def _take_upstream_event(self, event: dict[str, Any]) -> bool:
+        """Emit one upstream event; True once the upstream's terminal event has ended the response."""
+        kind = event.get("type")
+        if kind in _UPSTREAM_TERMINAL_STATUS:
+            await self._end_from_upstream(_UPSTREAM_TERMINAL_STATUS[kind], event.get("response") or {})
+            return True
+        if kind == "error":
+            raise UpstreamFailure(str(event.get("message") or "upstream error"), code=event.get("code"))
+        if not isinstance(kind, str) or kind in LIFECYCLE_EVENT_TYPES:
+            return False  # our own created / in_progress were already emitted with our id
+        await self._log.emit(dict(event))
+        self.emitted_output = True
+        return False
 
     async def _advance(self, status: ResponseStatus) -> None:
         check_transition(self.status, status)

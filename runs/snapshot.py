@@ -68,47 +68,66 @@ def _slot(items: list[Any], index: int) -> None:
         items.append({})
 
 
+def _item(snapshot: Json, event: Json) -> Json:
+    output: list[Json] = snapshot.setdefault("output", [])
+    index = int(event.get("output_index", 0))
+    _slot(output, index)
+    return output[index]
+
+
+def _part(snapshot: Json, event: Json, field: str = "content", index_key: str = "content_index") -> Json:
+    parts: list[Json] = _item(snapshot, event).setdefault(field, [])
+    index = int(event.get(index_key, 0))
+    _slot(parts, index)
+    return parts[index]
+
+
 def apply_event(snapshot: Json, event: Json) -> Json:
-    """Return the snapshot after `event`. Lifecycle events replace it; output events edit it in place.
+    """Return the snapshot after `event`. Lifecycle events replace it; output events edit it in place; events
+    that do not change the Response (unknown ones included) leave it as it is.
 
     This is the one definition of "the snapshot equals the result of applying the stored events": the run writes
-    what this returns, and tests replay stored logs through it.
+    what this returns, and tests replay stored logs through it. Indices an upstream skipped are filled with empty
+    objects rather than refused, so one odd event cannot stop a run.
     """
     kind = event["type"]
     if kind in LIFECYCLE_EVENT_TYPES:
         return copy.deepcopy(event["response"])
-    output: list[Json] = snapshot["output"]
     if kind in ("response.output_item.added", "response.output_item.done"):
-        _slot(output, event["output_index"])
-        output[event["output_index"]] = copy.deepcopy(event["item"])
+        output: list[Json] = snapshot.setdefault("output", [])
+        index = int(event["output_index"])
+        _slot(output, index)
+        output[index] = copy.deepcopy(event["item"])
     elif kind in ("response.content_part.added", "response.content_part.done"):
-        content = output[event["output_index"]].setdefault("content", [])
-        _slot(content, event["content_index"])
-        content[event["content_index"]] = copy.deepcopy(event["part"])
+        parts: list[Json] = _item(snapshot, event).setdefault("content", [])
+        index = int(event["content_index"])
+        _slot(parts, index)
+        parts[index] = copy.deepcopy(event["part"])
     elif kind in ("response.output_text.delta", "response.reasoning_text.delta"):
-        part = output[event["output_index"]]["content"][event["content_index"]]
+        part = _part(snapshot, event)
         part["text"] = part.get("text", "") + event["delta"]
         if event.get("logprobs") and "logprobs" in part:
             part["logprobs"] = [*(part["logprobs"] or []), *event["logprobs"]]
     elif kind in ("response.output_text.done", "response.reasoning_text.done"):
-        output[event["output_index"]]["content"][event["content_index"]]["text"] = event["text"]
+        _part(snapshot, event)["text"] = event["text"]
     elif kind == "response.refusal.delta":
-        part = output[event["output_index"]]["content"][event["content_index"]]
+        part = _part(snapshot, event)
         part["refusal"] = part.get("refusal", "") + event["delta"]
     elif kind == "response.refusal.done":
-        output[event["output_index"]]["content"][event["content_index"]]["refusal"] = event["refusal"]
+        _part(snapshot, event)["refusal"] = event["refusal"]
     elif kind == "response.function_call_arguments.delta":
-        item = output[event["output_index"]]
+        item = _item(snapshot, event)
         item["arguments"] = item.get("arguments", "") + event["delta"]
     elif kind == "response.function_call_arguments.done":
-        output[event["output_index"]]["arguments"] = event["arguments"]
+        _item(snapshot, event)["arguments"] = event["arguments"]
     elif kind in ("response.reasoning_summary_part.added", "response.reasoning_summary_part.done"):
-        summary = output[event["output_index"]].setdefault("summary", [])
-        _slot(summary, event["summary_index"])
-        summary[event["summary_index"]] = copy.deepcopy(event["part"])
+        summary: list[Json] = _item(snapshot, event).setdefault("summary", [])
+        index = int(event["summary_index"])
+        _slot(summary, index)
+        summary[index] = copy.deepcopy(event["part"])
     elif kind == "response.reasoning_summary_text.delta":
-        part = output[event["output_index"]]["summary"][event["summary_index"]]
+        part = _part(snapshot, event, "summary", "summary_index")
         part["text"] = part.get("text", "") + event["delta"]
     elif kind == "response.reasoning_summary_text.done":
-        output[event["output_index"]]["summary"][event["summary_index"]]["text"] = event["text"]
+        _part(snapshot, event, "summary", "summary_index")["text"] = event["text"]
     return snapshot

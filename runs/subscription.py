@@ -1,33 +1,67 @@
-"""Following a response's events from the store: replay after a cursor, then live, until the terminal event."""
+"""Following a response's events: replay from the store after a cursor, then live, until the terminal event."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+from runs.live import LiveEvents
 from runs.status import TERMINAL_EVENT_TYPES
 from storage.base import TERMINAL_STATUSES, Store, StoredEvent
 
-# How long one blocking read waits before the follower re-checks that the response still exists.
-DEFAULT_WAIT_MS = 5_000
+CATCH_UP_PAGE = 512
 
 
 async def follow_events(
-    store: Store, response_id: str, after: int, *, wait_ms: int = DEFAULT_WAIT_MS
-) -> AsyncIterator[StoredEvent]:
-    """Yield stored events with sequence_number > after, then each new one as it is stored, and stop after the
-    terminal event. Stops early if the response disappears (deleted or expired) or is already over."""
+    store: Store,
+    live: LiveEvents,
+    response_id: str,
+    after: int,
+    *,
+    idle_seconds: float,
+    on_overflow: Callable[[], None] | None = None,
+) -> AsyncIterator[StoredEvent | None]:
+    """Yield stored events with sequence_number > after, in order, without gaps or duplicates, and stop after the
+    terminal event. Yields None after `idle_seconds` without an event (the caller sends a heartbeat). Ends early
+    when the response disappears; raises SubscriberOverflow when this subscriber fell too far behind.
+
+    The subscription is taken before the first store read, so an event stored after that read is always handed
+    over live; anything the live buffer skipped (a gap) is read back from the store.
+    """
+    subscription = live.subscribe(response_id, after, on_overflow=on_overflow)
     cursor = after
-    while True:
-        events = await store.read_events(response_id, cursor, wait_ms=wait_ms)
-        for event in events:
-            yield event
-            cursor = event.sequence_number
-            if event.type in TERMINAL_EVENT_TYPES:
-                return
-        if events:
-            continue
-        record = await store.get_response(response_id)
-        if record is None:
-            return
-        if record.status in TERMINAL_STATUSES and record.last_sequence_number <= cursor:
-            return
+    try:
+        while True:
+            while True:
+                events = await store.read_events(response_id, cursor, limit=CATCH_UP_PAGE)
+                for event in events:
+                    yield event
+                    cursor = event.sequence_number
+                    if event.type in TERMINAL_EVENT_TYPES:
+                        return
+                if len(events) < CATCH_UP_PAGE:
+                    break
+            record = await store.get_response(response_id)
+            if record is None or (record.status in TERMINAL_STATUSES and record.last_sequence_number <= cursor):
+                return  # gone, or finished with nothing left after the cursor: nothing will ever come live
+            while True:
+                live_event = await subscription.next(idle_seconds)
+                if live_event is None:
+                    yield None
+                    record = await store.get_response(response_id)
+                    if record is None:
+                        return
+                    if record.last_sequence_number > cursor:
+                        break  # the live feed missed something (e.g. the store was briefly unreachable)
+                    if record.status in TERMINAL_STATUSES:
+                        return
+                    continue
+                if live_event.sequence_number <= cursor:
+                    continue
+                if live_event.sequence_number > cursor + 1:
+                    break  # a gap: read it back from the store
+                yield live_event
+                cursor = live_event.sequence_number
+                if live_event.type in TERMINAL_EVENT_TYPES:
+                    return
+    finally:
+        live.unsubscribe(subscription)

@@ -32,6 +32,10 @@ class ResponseClosed(StoreError):
     """An append after the response reached a terminal status."""
 
 
+class StoreUnavailable(StoreError):
+    """The backend could not be reached or did not answer in time. Safe to retry: appends are idempotent."""
+
+
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
     """One event as clients see it: `data` is the exact JSON sent on the wire, including `sequence_number`."""
@@ -98,9 +102,11 @@ class Store(Protocol):
 
     async def append_events(
         self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str
-    ) -> None:
-        """Append events continuing the log and replace the snapshot, atomically.
+    ) -> bool:
+        """Append events continuing the log and replace the snapshot, atomically. Returns True when a cancel of
+        the response has been requested (so an owner that missed the notice still learns of it).
 
+        Repeating an append that already happened (a retry after a lost reply) succeeds without writing again.
         Raises ResponseMissing, SequenceConflict (the first event's number is not last + 1) or ResponseClosed.
         """
 

@@ -87,21 +87,25 @@ class MemoryStore:
 
     async def append_events(
         self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str
-    ) -> None:
+    ) -> bool:
         if not events:
-            return
+            return False
         entry = self._live(response_id)
         if entry is None:
             raise ResponseMissing(response_id)
+        if events[0].sequence_number != len(entry.events):
+            final = events[-1]
+            if final.sequence_number < len(entry.events) and entry.events[final.sequence_number] == final:
+                return entry.cancel_requested  # a repeated append: already stored
+            raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
         if entry.status in TERMINAL_STATUSES:
             raise ResponseClosed(response_id)
-        if events[0].sequence_number != len(entry.events):
-            raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
         entry.events.extend(events)
         entry.snapshot = snapshot
         entry.status = status
         self._touch(response_id, entry)
         self._wake_readers(entry)
+        return entry.cancel_requested
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         entry = self._live(response_id)
@@ -123,7 +127,7 @@ class MemoryStore:
     async def read_events(
         self, response_id: str, after: int, *, limit: int = 512, wait_ms: int = 0
     ) -> list[StoredEvent]:
-        events = self._events_after(response_id, after, limit)
+        events = self.events_after(response_id, after, limit)
         entry = self._entries.get(response_id)
         if events or wait_ms <= 0 or entry is None:
             return events
@@ -131,7 +135,7 @@ class MemoryStore:
             await asyncio.wait_for(entry.appended.wait(), wait_ms / 1000)
         except TimeoutError:
             return []
-        return self._events_after(response_id, after, limit)
+        return self.events_after(response_id, after, limit)
 
     async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
         entry = self._live(response_id)
@@ -162,10 +166,15 @@ class MemoryStore:
         finally:
             self._cancel_listeners.discard(listener)
 
+    async def wait_for_any_append(self) -> None:
+        """Return at the next append to any response."""
+        await self._any_append.wait()
+
     def open_event_feed(self) -> MemoryEventFeed:
         return MemoryEventFeed(self)
 
-    def _events_after(self, response_id: str, after: int, limit: int) -> list[StoredEvent]:
+    def events_after(self, response_id: str, after: int, limit: int) -> list[StoredEvent]:
+        """Stored events after a cursor, without waiting (shared by read_events and the event feed)."""
         entry = self._live(response_id)
         if entry is None or len(entry.events) - 1 <= after:
             return []
@@ -191,7 +200,7 @@ class MemoryEventFeed:
         found = self._collect(cursors)
         if found or wait_ms <= 0:
             return found
-        appended = asyncio.ensure_future(self._store._any_append.wait())
+        appended = asyncio.ensure_future(self._store.wait_for_any_append())
         interrupted = asyncio.ensure_future(self._interrupted.wait())
         try:
             await asyncio.wait({appended, interrupted}, timeout=wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
@@ -204,7 +213,7 @@ class MemoryEventFeed:
     def _collect(self, cursors: Mapping[str, int]) -> dict[str, list[StoredEvent]]:
         found = {}
         for response_id, after in cursors.items():
-            events = self._store._events_after(response_id, after, 512)
+            events = self._store.events_after(response_id, after, 512)
             if events:
                 found[response_id] = events
         return found

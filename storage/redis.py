@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from importlib import resources
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.base import (
     DeleteOutcome,
@@ -19,6 +24,7 @@ from storage.base import (
     ResponseRecord,
     SequenceConflict,
     StoredEvent,
+    StoreUnavailable,
 )
 from storage.keys import KeySpace, after_entry_id, event_entry_id
 
@@ -26,6 +32,43 @@ log = logging.getLogger(__name__)
 
 # How long to wait before re-subscribing after the pub/sub connection failed.
 RESUBSCRIBE_DELAY_SECONDS = 1.0
+
+
+# How often the pub/sub loop wakes up without a message (to notice a cancellation redis-py swallowed).
+PUBSUB_POLL_SECONDS = 1.0
+
+
+def _raise_if_cancelling() -> None:
+    """redis-py can swallow a CancelledError that lands while it connects (the task's cancel request stays
+    pending); loops that wait on Redis check this so that cancelling them always ends them."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+# Commands answer in milliseconds; a Redis that does not answer within this is treated as unavailable.
+COMMAND_TIMEOUT_SECONDS = 10.0
+CONNECT_TIMEOUT_SECONDS = 5.0
+# Appends and reads wait this long for a free pooled connection before giving up.
+POOL_WAIT_SECONDS = 10.0
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _unavailable_on_connection_error(
+    method: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """Turn redis-py's connection and timeout errors into the storage contract's StoreUnavailable."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise StoreUnavailable(f"redis: {error}") from error
+
+    return wrapper
 
 
 def _load_lua(name: str) -> str:
@@ -60,9 +103,18 @@ class RedisStore:
         self._cancel_script = client.register_script(_load_lua("request_cancel.lua"))
 
     @classmethod
-    def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int) -> RedisStore:
-        """A store on the Redis at `url` (`redis://…` or `rediss://…`)."""
-        client = aioredis.Redis.from_url(url, decode_responses=False, health_check_interval=30)
+    def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 64) -> RedisStore:
+        """A store on the Redis at `url` (`redis://…`, `rediss://…`, `unix://…`). Requests beyond
+        `max_connections` in flight wait for a free connection instead of failing."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=POOL_WAIT_SECONDS,
+            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            socket_timeout=COMMAND_TIMEOUT_SECONDS,
+            health_check_interval=30,
+        )
+        client = aioredis.Redis(connection_pool=pool)
         return cls(client, key_prefix=key_prefix, retention_seconds=retention_seconds)
 
     @property
@@ -70,6 +122,7 @@ class RedisStore:
         """The key names this store writes (for tests and operators)."""
         return self._keys
 
+    @_unavailable_on_connection_error
     async def create_response(self, new: NewResponse) -> None:
         keys = self._keys.response_keys(new.response_id)
         args: list[bytes | str | int] = [
@@ -85,23 +138,25 @@ class RedisStore:
         if result == b"EXISTS":
             raise ResponseAlreadyExists(new.response_id)
 
+    @_unavailable_on_connection_error
     async def append_events(
         self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str
-    ) -> None:
+    ) -> bool:
         if not events:
-            return
+            return False
         keys = self._keys.response_keys(response_id)
         args: list[bytes | str | int] = [self._ttl_ms, snapshot, status, events[0].sequence_number]
         args += _event_args(events)
         result = await self._append_script(keys=list(keys), args=args)
-        if result == b"OK":
-            return
+        if result in (b"OK", b"CANCEL"):
+            return bool(result == b"CANCEL")
         if result == b"MISSING":
             raise ResponseMissing(response_id)
         if result == b"CLOSED":
             raise ResponseClosed(response_id)
         raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
 
+    @_unavailable_on_connection_error
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         key = self._keys.response_state(response_id)
         fields: dict[bytes, bytes] = await self._client.hgetall(key)  # type: ignore[assignment]
@@ -116,10 +171,12 @@ class RedisStore:
             stored=fields[b"stored"] == b"1",
         )
 
+    @_unavailable_on_connection_error
     async def get_input_items(self, response_id: str) -> bytes | None:
         value: bytes | None = await self._client.get(self._keys.response_input(response_id))  # type: ignore[assignment]
         return value
 
+    @_unavailable_on_connection_error
     async def read_events(
         self, response_id: str, after: int, *, limit: int = 512, wait_ms: int = 0
     ) -> list[StoredEvent]:
@@ -135,11 +192,13 @@ class RedisStore:
         streams = reply.values() if isinstance(reply, dict) else (entries for _, entries in reply)
         return [event for entries in streams for event in _parse_entries(list(entries))]
 
+    @_unavailable_on_connection_error
     async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
         keys = self._keys.response_keys(response_id)
         result = await self._delete_script(keys=list(keys), args=[int(only_if_finished)])
         return DeleteOutcome(result.decode().lower())
 
+    @_unavailable_on_connection_error
     async def request_cancel(self, response_id: str) -> str | None:
         channel = self._keys.cancel_channel()
         status = await self._cancel_script(keys=[self._keys.response_state(response_id)], args=[channel, response_id])
@@ -150,10 +209,13 @@ class RedisStore:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._keys.cancel_channel())
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                while True:
+                    _raise_if_cancelling()
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=PUBSUB_POLL_SECONDS)
+                    if message is not None and message.get("type") == "message":
                         yield message["data"].decode()
             except (ConnectionError, OSError, aioredis.RedisError) as error:
+                _raise_if_cancelling()
                 log.warning("cancel channel lost (%s); resubscribing", error)
                 await asyncio.sleep(RESUBSCRIBE_DELAY_SECONDS)
             finally:
@@ -162,11 +224,12 @@ class RedisStore:
     def open_event_feed(self) -> RedisEventFeed:
         return RedisEventFeed(self._client, self._keys)
 
+    @_unavailable_on_connection_error
     async def ping(self) -> None:
         await self._client.ping()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
 
 class RedisEventFeed:
@@ -175,11 +238,18 @@ class RedisEventFeed:
 
     def __init__(self, client: aioredis.Redis, keys: KeySpace) -> None:
         self._control = client
-        self._reader = client.client()  # holds one connection of the pool for itself
+        # A connection of its own: no socket timeout (it blocks on purpose) and no silent reconnect-and-retry,
+        # so a new connection (with a new CLIENT ID) is always noticed.
+        pool = client.connection_pool
+        kwargs = {**pool.connection_kwargs, "socket_timeout": None, "retry": Retry(NoBackoff(), 0)}
+        self._reader = aioredis.Redis(
+            connection_pool=aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
+        )
         self._keys = keys
         self._reader_id: int | None = None
         self._reading = False
 
+    @_unavailable_on_connection_error
     async def read(self, cursors: Mapping[str, int], *, wait_ms: int) -> dict[str, list[StoredEvent]]:
         if not cursors:
             return {}
@@ -190,6 +260,7 @@ class RedisEventFeed:
                 self._reader_id = int(await self._reader.client_id())
             self._reading = True
             reply = await self._reader.xread(streams, count=512, block=max(wait_ms, 1))  # type: ignore[arg-type]
+            _raise_if_cancelling()
         except BaseException:
             self._reader_id = None  # the connection may have been replaced
             raise
@@ -212,4 +283,4 @@ class RedisEventFeed:
             await asyncio.sleep(0.002)
 
     async def close(self) -> None:
-        await self._reader.aclose()
+        await self._reader.aclose(close_connection_pool=True)

@@ -144,13 +144,41 @@ async def test_blocking_read_times_out_empty(store: Store) -> None:
 
 async def test_concurrent_writers_one_wins(store: Store) -> None:
     await store.create_response(new_response("resp_h", events=1))
+
+    def writer_event(writer: int) -> StoredEvent:
+        return StoredEvent(1, "response.output_text.delta", b'{"writer":%d}' % writer)
+
     results = await asyncio.gather(
-        *(store.append_events("resp_h", [event(1)], snapshot=b"{}", status="in_progress") for _ in range(10)),
+        *(store.append_events("resp_h", [writer_event(w)], snapshot=b"{}", status="in_progress") for w in range(10)),
         return_exceptions=True,
     )
-    assert sum(r is None for r in results) == 1
-    assert all(isinstance(r, SequenceConflict) for r in results if r is not None)
-    assert [e.sequence_number for e in await store.read_events("resp_h", -1)] == [0, 1]
+    winners = [w for w, result in enumerate(results) if result is False]
+    assert len(winners) == 1
+    assert all(isinstance(r, SequenceConflict) for r in results if r is not False)
+    stored = await store.read_events("resp_h", -1)
+    assert [e.sequence_number for e in stored] == [0, 1]
+    assert stored[1].data == writer_event(winners[0]).data
+
+
+async def test_repeating_an_append_is_idempotent(store: Store) -> None:
+    """A retry after a lost reply must not fail (nor store twice): the events are already there."""
+    await store.create_response(new_response("resp_retry", events=1))
+    batch = [event(1), event(2)]
+    await store.append_events("resp_retry", batch, snapshot=b"{}", status="in_progress")
+    await store.append_events("resp_retry", batch, snapshot=b"{}", status="in_progress")
+    assert [e.sequence_number for e in await store.read_events("resp_retry", -1)] == [0, 1, 2]
+    with pytest.raises(SequenceConflict):  # same numbers, other content: a different writer
+        await store.append_events("resp_retry", [event(1, "response.other")], snapshot=b"{}", status="in_progress")
+    closing = [event(3, "response.completed")]
+    await store.append_events("resp_retry", closing, snapshot=b"{}", status="completed")
+    await store.append_events("resp_retry", closing, snapshot=b"{}", status="completed")
+
+
+async def test_append_reports_a_requested_cancel(store: Store) -> None:
+    await store.create_response(new_response("resp_cx", events=1))
+    assert await store.append_events("resp_cx", [event(1)], snapshot=b"{}", status="in_progress") is False
+    await store.request_cancel("resp_cx")
+    assert await store.append_events("resp_cx", [event(2)], snapshot=b"{}", status="in_progress") is True
 
 
 async def test_delete_removes_everything_once_finished(store: Store) -> None:
@@ -175,14 +203,21 @@ async def test_cancel_request_reaches_listeners_and_reports_status(store: Store)
     await store.create_response(new_response("resp_run", events=1))
     await store.create_response(new_response("resp_done", events=1))
     await store.append_events("resp_done", [event(1, "response.completed")], snapshot=b"{}", status="completed")
-    requests = store.cancel_requests()
-    first = asyncio.ensure_future(anext(requests))
-    await asyncio.sleep(0.1)  # let the listener subscribe
     assert await store.request_cancel("resp_done") == "completed"
     assert await store.request_cancel("resp_missing") is None
-    assert await store.request_cancel("resp_run") == "in_progress"
-    assert await asyncio.wait_for(first, 2) == "resp_run"  # terminal and missing ones were not announced
-    await requests.aclose()
+    requests = store.cancel_requests()
+    first = asyncio.ensure_future(anext(requests))
+    try:
+        # The listener subscribes in the background; ask until it hears (a notice before that is not kept).
+        for _ in range(100):
+            assert await store.request_cancel("resp_run") == "in_progress"
+            done, _ = await asyncio.wait({first}, timeout=0.05)
+            if done:
+                break
+        assert first.result() == "resp_run"
+    finally:
+        first.cancel()
+        await requests.aclose()
 
 
 async def test_event_feed_reads_many_responses_at_once(store: Store) -> None:

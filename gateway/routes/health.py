@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from gateway.errors import json_response
 from gateway.state import STORE
+
+# A store slower than this to answer a ping counts as unreachable.
+READY_TIMEOUT_SECONDS = 2.0
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -16,7 +21,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """The store answers, so this instance can take requests."""
     try:
-        await request.app[STORE].ping()
+        await asyncio.wait_for(request.app[STORE].ping(), READY_TIMEOUT_SECONDS)
     except Exception as error:
         return json_response({"status": "unavailable", "reason": type(error).__name__}, status=503)
     return json_response({"status": "ready"})

@@ -9,14 +9,15 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from gateway.errors import invalid_body, raw_json_response
-from gateway.sse import error_frame, open_stream, write_events
-from gateway.state import RUN_MANAGER, STORE
-from runs.errors import ApiError, InvalidRequest, UpstreamError, response_not_found
-from runs.request import CreateResponseRequest
+from gateway.errors import invalid_body, json_response, raw_json_response, upstream_refusal
+from gateway.pagination import PageQuery
+from gateway.sse import StreamSettings, cut_off, open_stream, write_events
+from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
+from runs.errors import ApiError, InvalidRequest, Unavailable, response_not_found
+from runs.request import INCLUDABLE, CreateResponseRequest
 from runs.run import ResponseRun
 from runs.subscription import follow_events
-from storage.base import ResponseRecord, Store
+from storage.base import TERMINAL_STATUSES, DeleteOutcome, ResponseRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,32 +62,24 @@ async def _visible_record(store: Store, response_id: str) -> ResponseRecord:
     return record
 
 
-def _upstream_refusal(run: ResponseRun) -> ApiError | None:
-    """For a synchronous request whose upstream refused before any output, the error the caller would have got
-    from the provider directly (a failed Response with 200 would hide a 400 or 429)."""
-    failure = run.failure
-    if failure is None or run.emitted_output:
-        return None
-    if failure.status is not None and 400 <= failure.status < 500:
-        error = ApiError(failure.message, code=failure.code)
-        error.status = failure.status
-        error.type = "rate_limit_error" if failure.status == 429 else "invalid_request_error"
-        return error
-    return UpstreamError(failure.message)
+def _stream_settings(request: web.Request) -> StreamSettings:
+    sse = request.app[SETTINGS].sse
+    return StreamSettings(heartbeat_seconds=sse.heartbeat_seconds, retry_ms=sse.retry_ms)
 
 
-async def _stream_response(request: web.Request, store: Store, response_id: str, after: int) -> web.StreamResponse:
+async def _stream_response(request: web.Request, response_id: str, after: int) -> web.StreamResponse:
+    """Replay the stored events after `after`, then follow live ones until the terminal event."""
+    settings = _stream_settings(request)
+    events = follow_events(
+        request.app[STORE],
+        request.app[LIVE_EVENTS],
+        response_id,
+        after,
+        idle_seconds=settings.heartbeat_seconds,
+        on_overflow=lambda: cut_off(request),
+    )
     response = await open_stream(request)
-    last = after
-    try:
-        last = await write_events(response, follow_events(store, response_id, after))
-    except ConnectionResetError:
-        log.debug("subscriber of %s went away", response_id)
-        return response
-    except Exception:
-        log.exception("stream of %s broke", response_id)
-        await response.write(error_frame("server_error", "The event stream was interrupted; reconnect.", last + 1))
-    await response.write_eof()
+    await write_events(response, events, settings)
     return response
 
 
@@ -113,31 +106,92 @@ async def _serve_created(
     request: web.Request, store: Store, run: ResponseRun, create: CreateResponseRequest
 ) -> web.StreamResponse:
     if create.is_streaming:
-        return await _stream_response(request, store, run.response_id, -1)
+        return await _stream_response(request, run.response_id, -1)
     if not create.is_background:
         await run.wait_finished()
-        refusal = _upstream_refusal(run)
-        if refusal is not None:
-            raise refusal
+        if run.failure is not None and not run.emitted_output:
+            raise upstream_refusal(run.failure)
     record = await store.get_response(run.response_id)
     if record is None:
         raise ApiError("The response was lost before it could be returned.")
+    if not create.is_background and record.status not in TERMINAL_STATUSES:
+        raise Unavailable("The response could not be stored to its end; retry.")
     return raw_json_response(record.snapshot)
+
+
+def _validate_include(request: web.Request) -> None:
+    """`include[]=…` (the SDK's encoding) or `include=…`: each value must be one the API knows."""
+    for value in request.query.getall("include[]", []) + request.query.getall("include", []):
+        if value not in INCLUDABLE:
+            raise InvalidRequest(f"Invalid value for 'include': {value!r} is not supported.", param="include")
+
+
+def _resume_cursor(request: web.Request) -> int:
+    """Where a GET stream starts: after `starting_after`, else after `Last-Event-ID`, else from the first event."""
+    starting_after = _query_int(request, "starting_after")
+    if starting_after is not None:
+        if starting_after < 0:
+            raise InvalidRequest("'starting_after' must be at least 0.", param="starting_after")
+        return starting_after
+    last_event_id = request.headers.get("Last-Event-ID", "").strip()
+    if last_event_id:
+        if not last_event_id.isdigit():
+            raise InvalidRequest("Last-Event-ID must be a sequence number.", param="Last-Event-ID")
+        return int(last_event_id)
+    return -1
 
 
 async def retrieve_response(request: web.Request) -> web.StreamResponse:
-    """GET /v1/responses/{response_id}: the snapshot, or with `stream=true` its events after `starting_after`."""
+    """GET /v1/responses/{response_id}: the snapshot, or with `stream=true` its events (after `starting_after` or
+    `Last-Event-ID`), replayed from the store and then followed live, on any instance."""
     response_id = request.match_info["response_id"]
     stream = _query_flag(request, "stream")
-    starting_after = _query_int(request, "starting_after")
+    _validate_include(request)
+    cursor = _resume_cursor(request)
+    record = await _visible_record(request.app[STORE], response_id)
+    if stream:
+        return await _stream_response(request, response_id, cursor)
+    return raw_json_response(record.snapshot)
+
+
+async def cancel_response(request: web.Request) -> web.Response:
+    """POST /v1/responses/{response_id}/cancel, from any instance."""
+    record = await request.app[RUN_MANAGER].cancel(request.match_info["response_id"])
+    return raw_json_response(record.snapshot)
+
+
+async def delete_response(request: web.Request) -> web.Response:
+    """DELETE /v1/responses/{response_id}: every key of it gone; refused while it runs."""
+    response_id = request.match_info["response_id"]
     store = request.app[STORE]
     await _visible_record(store, response_id)
-    if stream:
-        return await _stream_response(request, store, response_id, -1 if starting_after is None else starting_after)
-    record = await _visible_record(store, response_id)
-    return raw_json_response(record.snapshot)
+    outcome = await store.delete_response(response_id)
+    if outcome is DeleteOutcome.ACTIVE:
+        raise InvalidRequest(
+            "Cannot delete an in-flight response; cancel it first or wait for it to finish.",
+            code="response_in_progress",
+        )
+    if outcome is DeleteOutcome.MISSING:
+        raise response_not_found(response_id)
+    return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
+
+
+async def list_input_items(request: web.Request) -> web.Response:
+    """GET /v1/responses/{response_id}/input_items: a cursor page of the input items, newest first by default."""
+    response_id = request.match_info["response_id"]
+    store = request.app[STORE]
+    _validate_include(request)
+    query = PageQuery.from_query(request.query)
+    await _visible_record(store, response_id)
+    raw = await store.get_input_items(response_id)
+    if raw is None:
+        raise response_not_found(response_id)
+    return json_response(query.page(orjson.loads(raw)))
 
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/responses", create_response)
     app.router.add_get("/v1/responses/{response_id}", retrieve_response)
+    app.router.add_delete("/v1/responses/{response_id}", delete_response)
+    app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)
+    app.router.add_get("/v1/responses/{response_id}/input_items", list_input_items)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -33,6 +33,14 @@ class UpstreamFailure(Exception):
         self.status = status
         self.code = code
 
+    def response_error_code(self) -> str:
+        """The `error.code` of the failed Response: the provider's own code when it gave one."""
+        if self.status == 429:
+            return "rate_limit_exceeded"
+        if self.code:
+            return self.code
+        return "server_error"
+
 
 class Upstream(Protocol):
     """A provider adapter. `stream_turn` yields Responses streaming events (dicts with `type`), upstream-numbered;
@@ -40,7 +48,7 @@ class Upstream(Protocol):
 
     spec: UpstreamSpec
 
-    def stream_turn(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    def stream_turn(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Stream one model turn for a Responses-shaped request body."""
         ...
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import openai
@@ -31,7 +31,7 @@ class ResponsesUpstream:
             default_headers=spec.extra_headers or None,
         )
 
-    async def stream_turn(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream_turn(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         request = {**body, "stream": True, "store": False}
         try:
             stream = await self._client.post(

@@ -1,0 +1,149 @@
+"""Live events for local subscribers: one feed read per process, fanned out to bounded per-subscriber buffers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from storage.base import EventFeed, StoredEvent
+
+log = logging.getLogger(__name__)
+
+# After a failed feed read (store unreachable), wait this long, doubling up to the cap, before trying again.
+RETRY_DELAY_SECONDS = 0.1
+RETRY_DELAY_CAP_SECONDS = 2.0
+
+
+class SubscriberOverflow(Exception):
+    """A subscriber fell more than its buffer behind and was cut off; it reconnects with its cursor."""
+
+
+@dataclass(eq=False, slots=True)
+class LiveSubscription:
+    """One subscriber's buffer of live events. Events are hints: the store stays the truth, so a gap is filled
+    from the store by the follower, never guessed."""
+
+    response_id: str
+    capacity: int
+    on_overflow: Callable[[], None] | None = None
+    buffer: deque[StoredEvent] = field(default_factory=deque)
+    overflowed: bool = False
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, event: StoredEvent) -> None:
+        if self.overflowed:
+            return
+        if len(self.buffer) >= self.capacity:
+            # Drop the whole buffer rather than grow: the subscriber is cut off and memory is released now.
+            self.overflowed = True
+            self.buffer.clear()
+            self.arrived.set()
+            if self.on_overflow is not None:
+                self.on_overflow()
+            return
+        self.buffer.append(event)
+        self.arrived.set()
+
+    async def next(self, idle_seconds: float) -> StoredEvent | None:
+        """The next buffered event, or None after `idle_seconds` without one. Raises SubscriberOverflow."""
+        if not self.buffer and not self.overflowed:
+            self.arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), idle_seconds)
+        if self.overflowed:
+            raise SubscriberOverflow(self.response_id)
+        return self.buffer.popleft() if self.buffer else None
+
+
+@dataclass(slots=True)
+class _Watch:
+    cursor: int
+    subscribers: set[LiveSubscription] = field(default_factory=set)
+
+
+class LiveEvents:
+    """Follows every response some local subscriber watches with a single feed read, and hands each new event to
+    each of its subscribers without waiting for any of them: a slow subscriber never slows the run or the others."""
+
+    def __init__(self, feed: EventFeed, *, buffer_events: int = 1024, wait_ms: int = 5_000) -> None:
+        self._feed = feed
+        self._buffer_events = buffer_events
+        self._wait_ms = wait_ms
+        self._watches: dict[str, _Watch] = {}
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._interrupts: set[asyncio.Task[None]] = set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._read_loop(), name="live-events")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._feed.close()
+
+    @property
+    def watched(self) -> int:
+        return len(self._watches)
+
+    def subscribe(
+        self, response_id: str, cursor: int, *, on_overflow: Callable[[], None] | None = None
+    ) -> LiveSubscription:
+        """Start buffering events of `response_id`. Every event stored after this call reaches the subscription
+        (events up to `cursor` may arrive too; the follower skips them)."""
+        subscription = LiveSubscription(response_id, self._buffer_events, on_overflow)
+        watch = self._watches.get(response_id)
+        if watch is None:
+            self._watches[response_id] = _Watch(cursor, {subscription})
+            self._changed.set()
+            interrupt = asyncio.get_running_loop().create_task(self._feed.interrupt())
+            self._interrupts.add(interrupt)
+            interrupt.add_done_callback(self._interrupts.discard)
+        else:
+            watch.subscribers.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: LiveSubscription) -> None:
+        watch = self._watches.get(subscription.response_id)
+        if watch is None:
+            return
+        watch.subscribers.discard(subscription)
+        if not watch.subscribers:
+            # Left in the current read until it returns; dropped from the next one.
+            del self._watches[subscription.response_id]
+
+    async def _read_loop(self) -> None:
+        delay = RETRY_DELAY_SECONDS
+        while True:
+            if not self._watches:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            cursors = {response_id: watch.cursor for response_id, watch in self._watches.items()}
+            try:
+                found = await self._feed.read(cursors, wait_ms=self._wait_ms)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                # Subscribers keep their own timeout and re-read the store, so an outage delays, never loses.
+                log.warning("live event read failed (%s); retrying in %.1fs", error, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_DELAY_CAP_SECONDS)
+                continue
+            delay = RETRY_DELAY_SECONDS
+            for response_id, events in found.items():
+                watch = self._watches.get(response_id)
+                if watch is None:
+                    continue
+                for event in events:
+                    if event.sequence_number <= watch.cursor:
+                        continue
+                    watch.cursor = event.sequence_number
+                    for subscription in list(watch.subscribers):
+                        subscription.push(event)
