@@ -77,6 +77,8 @@ class SseConfig(_Section):
     heartbeat_seconds: float = Field(15.0, gt=0)
     retry_ms: int = Field(1000, ge=0)
     subscriber_buffer_events: int = Field(1024, ge=16)
+    write_timeout_seconds: float = Field(30.0, gt=0)
+    socket_send_buffer_bytes: int = Field(0, ge=0)
 
 
 class SimulatorConfig(_Section):

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
 
-from runs.live import SubscriberOverflow
 from storage.base import StoredEvent
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,21 @@ HEARTBEAT = b": keep-alive\n"
 class StreamSettings:
     heartbeat_seconds: float
     retry_ms: int
+    write_timeout_seconds: float
+    socket_send_buffer_bytes: int = 0
 
 
-def event_frame(event: StoredEvent, *, retry_ms: int | None = None) -> bytes:
+def event_frame(event: StoredEvent) -> bytes:
     """`event:`, `id:` (the sequence number, for Last-Event-ID) and `data:` lines. The stored JSON has no raw
-    newline (JSON escapes them), so it is always one `data:` line and model text cannot forge a frame."""
-    retry = b"retry: %d\n" % retry_ms if retry_ms is not None else b""
-    return b"event: %s\nid: %d\n%sdata: %s\n\n" % (event.type.encode(), event.sequence_number, retry, event.data)
+    newline (JSON escapes them), so it is always one `data:` line and model text cannot forge a frame. The same
+    event is the same bytes on every stream, on every instance."""
+    return b"event: %s\nid: %d\ndata: %s\n\n" % (event.type.encode(), event.sequence_number, event.data)
+
+
+def retry_preamble(retry_ms: int) -> bytes:
+    """`retry:` alone on a line before the first event: it sets the client's reconnect delay. No blank line
+    follows it (that would dispatch an empty event), so parsers read it as part of the next frame."""
+    return b"retry: %d\n" % retry_ms
 
 
 def error_frame(code: str, message: str, sequence_number: int) -> bytes:
@@ -45,36 +54,81 @@ def error_frame(code: str, message: str, sequence_number: int) -> bytes:
     return b"event: error\ndata: %s\n\n" % orjson.dumps(payload)
 
 
-async def open_stream(request: web.Request, headers: dict[str, str] | None = None) -> web.StreamResponse:
-    """Send the SSE response headers."""
-    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **(headers or {})})
+async def open_stream(request: web.Request, settings: StreamSettings) -> web.StreamResponse:
+    """Send the SSE response headers. A fixed send buffer, when configured, caps what the kernel holds for a
+    client that stops reading (autotuning lets it grow to megabytes)."""
+    if settings.socket_send_buffer_bytes and request.transport is not None:
+        sock = request.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
     await response.prepare(request)
     return response
 
 
-def cut_off(request: web.Request) -> None:
-    """Drop a subscriber's connection now, discarding what is buffered for it (it fell too far behind)."""
-    if request.transport is not None:
-        request.transport.abort()
+class _StallWatch:
+    """Cuts off a client whose writes have not gone through for `timeout` seconds: its socket buffers are full
+    and it is not reading. One timer per stream, re-armed at each write, instead of a timeout around every write."""
+
+    def __init__(self, request: web.Request, timeout: float) -> None:
+        self._request = request
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._writing_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.cut = False
+
+    def writing(self) -> None:
+        self._writing_since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._timeout, self._check)
+
+    def written(self) -> None:
+        self._writing_since = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._writing_since is None:
+            return
+        stalled_for = self._loop.time() - self._writing_since
+        if stalled_for < self._timeout:
+            self._timer = self._loop.call_later(self._timeout - stalled_for, self._check)
+            return
+        self.cut = True
+        if self._request.transport is not None:
+            self._request.transport.abort()  # drops what is buffered for it: memory stays bounded
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 async def write_events(
-    response: web.StreamResponse, events: AsyncIterator[StoredEvent | None], settings: StreamSettings
+    request: web.Request,
+    response: web.StreamResponse,
+    events: AsyncIterator[StoredEvent | None],
+    settings: StreamSettings,
 ) -> None:
     """Write events as they come (None means idle: send a heartbeat), then end the body. A client that went away
-    or fell behind just stops receiving: no terminal event is invented for it, it reconnects with its cursor."""
-    retry_ms: int | None = settings.retry_ms
+    or stopped reading just stops receiving: no terminal event is invented for it, it reconnects with its cursor."""
     last = -1
+    watch = _StallWatch(request, settings.write_timeout_seconds)
+
+    async def send(frame: bytes) -> None:
+        watch.writing()
+        await response.write(frame)
+        watch.written()
+
     try:
+        await send(retry_preamble(settings.retry_ms))
         async for event in events:
             if event is None:
-                await response.write(HEARTBEAT)
+                await send(HEARTBEAT)
                 continue
-            await response.write(event_frame(event, retry_ms=retry_ms))
-            retry_ms = None
+            await send(event_frame(event))
             last = event.sequence_number
-    except (ConnectionResetError, SubscriberOverflow) as gone:
-        log.debug("subscriber left or was cut off after %d: %s", last, type(gone).__name__)
+    except ConnectionResetError:
+        log.debug("subscriber gone after %d (cut off for stalling: %s)", last, watch.cut)
         return
     except Exception:
         log.exception("event stream broke after %d", last)
@@ -82,6 +136,8 @@ async def write_events(
             await response.write(error_frame("server_error", "The event stream was interrupted; reconnect.", last + 1))
         except ConnectionResetError:
             return
+    finally:
+        watch.stop()
     try:
         await response.write_eof()
     except ConnectionResetError:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from storage.base import EventFeed, StoredEvent
@@ -18,8 +17,8 @@ RETRY_DELAY_SECONDS = 0.1
 RETRY_DELAY_CAP_SECONDS = 2.0
 
 
-class SubscriberOverflow(Exception):
-    """A subscriber fell more than its buffer behind and was cut off; it reconnects with its cursor."""
+class SubscriberLagged(Exception):
+    """A subscriber fell more than its buffer behind; its buffer was dropped and it must read from the store."""
 
 
 @dataclass(eq=False, slots=True)
@@ -29,33 +28,33 @@ class LiveSubscription:
 
     response_id: str
     capacity: int
-    on_overflow: Callable[[], None] | None = None
     buffer: deque[StoredEvent] = field(default_factory=deque)
-    overflowed: bool = False
+    lagged: bool = False
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def push(self, event: StoredEvent) -> None:
-        if self.overflowed:
+        if self.lagged:
             return
         if len(self.buffer) >= self.capacity:
-            # Drop the whole buffer rather than grow: the subscriber is cut off and memory is released now.
-            self.overflowed = True
+            # Drop the whole buffer rather than grow: memory is released now, and the subscriber reads what it
+            # missed from the store at its own pace.
+            self.lagged = True
             self.buffer.clear()
             self.arrived.set()
-            if self.on_overflow is not None:
-                self.on_overflow()
             return
         self.buffer.append(event)
         self.arrived.set()
 
     async def next(self, idle_seconds: float) -> StoredEvent | None:
-        """The next buffered event, or None after `idle_seconds` without one. Raises SubscriberOverflow."""
-        if not self.buffer and not self.overflowed:
+        """The next buffered event, or None after `idle_seconds` without one. Raises SubscriberLagged (once)
+        when the buffer overflowed since the last call."""
+        if not self.buffer and not self.lagged:
             self.arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.arrived.wait(), idle_seconds)
-        if self.overflowed:
-            raise SubscriberOverflow(self.response_id)
+        if self.lagged:
+            self.lagged = False
+            raise SubscriberLagged(self.response_id)
         return self.buffer.popleft() if self.buffer else None
 
 
@@ -67,7 +66,8 @@ class _Watch:
 
 class LiveEvents:
     """Follows every response some local subscriber watches with a single feed read, and hands each new event to
-    each of its subscribers without waiting for any of them: a slow subscriber never slows the run or the others."""
+    each of its subscribers without waiting for any of them: a slow subscriber never slows the run or the others,
+    and one that falls a whole buffer behind costs no memory (it re-reads from the store)."""
 
     def __init__(self, feed: EventFeed, *, buffer_events: int = 1024, wait_ms: int = 5_000) -> None:
         self._feed = feed
@@ -92,12 +92,10 @@ class LiveEvents:
     def watched(self) -> int:
         return len(self._watches)
 
-    def subscribe(
-        self, response_id: str, cursor: int, *, on_overflow: Callable[[], None] | None = None
-    ) -> LiveSubscription:
+    def subscribe(self, response_id: str, cursor: int) -> LiveSubscription:
         """Start buffering events of `response_id`. Every event stored after this call reaches the subscription
         (events up to `cursor` may arrive too; the follower skips them)."""
-        subscription = LiveSubscription(response_id, self._buffer_events, on_overflow)
+        subscription = LiveSubscription(response_id, self._buffer_events)
         watch = self._watches.get(response_id)
         if watch is None:
             self._watches[response_id] = _Watch(cursor, {subscription})

@@ -26,8 +26,8 @@ Per-request knobs, read from the request's ``metadata`` (string values) or, over
 
 Stats: ``requests`` counts every ``POST /v1/responses`` (faulted and malformed ones too); ``active`` the ones
 generating right now (streaming or not); ``completed`` the ones that reached a terminal event;
-``disconnects`` the ones whose client went away first. ``/sim/reset`` zeroes the counters and the request log
-(``active`` is a gauge of live requests, so it is left alone).
+``disconnects`` the ones whose client went away first (by tag: ``disconnects_by_tag``). ``/sim/reset`` zeroes
+the counters and the request log (``active`` is a gauge of live requests, so it is left alone).
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ class SimulatorStats:
     completed: int = 0
     disconnects: int = 0
     requests_by_tag: Counter[str] = field(default_factory=Counter)
+    disconnects_by_tag: Counter[str] = field(default_factory=Counter)
     recent: deque[tuple[str | None, Any]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE))
 
     def record(self, tag: str | None, body: Any) -> None:
@@ -104,9 +105,15 @@ class SimulatorStats:
             self.requests_by_tag[tag] += 1
         self.recent.append((tag, body))
 
+    def disconnected(self, tag: str | None) -> None:
+        self.disconnects += 1
+        if tag is not None:
+            self.disconnects_by_tag[tag] += 1
+
     def reset(self) -> None:
         self.requests = self.completed = self.disconnects = 0
         self.requests_by_tag.clear()
+        self.disconnects_by_tag.clear()
         self.recent.clear()
 
     def as_json(self) -> dict[str, Any]:
@@ -116,6 +123,7 @@ class SimulatorStats:
             "completed": self.completed,
             "disconnects": self.disconnects,
             "requests_by_tag": dict(self.requests_by_tag),
+            "disconnects_by_tag": dict(self.disconnects_by_tag),
         }
 
 
@@ -392,12 +400,12 @@ async def _create_response(request: web.Request) -> web.StreamResponse:
     try:
         last = await _play(request, sim, stream)
     except _ClientGone:
-        stats.disconnects += 1
+        stats.disconnected(tag)
         return stream if stream is not None else web.Response()  # aiohttp shrugs off the failed write
     except asyncio.CancelledError:
         # Under handler_cancellation=True (as in aiohttp's TestServer) a client leaving cancels us instead.
         if _client_gone(request):
-            stats.disconnects += 1
+            stats.disconnected(tag)
         raise
     except _Crash:
         if request.transport is not None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator
 
-from runs.live import LiveEvents
+from runs.live import LiveEvents, SubscriberLagged
 from runs.status import TERMINAL_EVENT_TYPES
 from storage.base import TERMINAL_STATUSES, Store, StoredEvent
 
@@ -18,16 +18,15 @@ async def follow_events(
     after: int,
     *,
     idle_seconds: float,
-    on_overflow: Callable[[], None] | None = None,
-) -> AsyncIterator[StoredEvent | None]:
+) -> AsyncGenerator[StoredEvent | None, None]:
     """Yield stored events with sequence_number > after, in order, without gaps or duplicates, and stop after the
     terminal event. Yields None after `idle_seconds` without an event (the caller sends a heartbeat). Ends early
-    when the response disappears; raises SubscriberOverflow when this subscriber fell too far behind.
+    when the response disappears. A follower slower than the live buffer reads the rest from the store.
 
     The subscription is taken before the first store read, so an event stored after that read is always handed
     over live; anything the live buffer skipped (a gap) is read back from the store.
     """
-    subscription = live.subscribe(response_id, after, on_overflow=on_overflow)
+    subscription = live.subscribe(response_id, after)
     cursor = after
     try:
         while True:
@@ -44,7 +43,10 @@ async def follow_events(
             if record is None or (record.status in TERMINAL_STATUSES and record.last_sequence_number <= cursor):
                 return  # gone, or finished with nothing left after the cursor: nothing will ever come live
             while True:
-                live_event = await subscription.next(idle_seconds)
+                try:
+                    live_event = await subscription.next(idle_seconds)
+                except SubscriberLagged:
+                    break
                 if live_event is None:
                     yield None
                     record = await store.get_response(response_id)

@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -205,6 +206,16 @@ class GatewayProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def redis_gateway_env(redis_url: str, simulator_url: str, key_prefix: str, **extra: str) -> dict[str, str]:
+    """Environment for a gateway process on the shared Redis, in front of the simulator."""
+    return {
+        "GATEWAY_STORAGE__URL": redis_url,
+        "GATEWAY_STORAGE__KEY_PREFIX": key_prefix,
+        "GATEWAY_UPSTREAMS": orjson.dumps([{"name": "sim", "base_url": f"{simulator_url}/v1"}]).decode(),
+        **extra,
+    }
 
 
 @pytest.fixture

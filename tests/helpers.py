@@ -30,9 +30,13 @@ class Frame:
     event: str | None
     id: str | None
     data: dict[str, Any] | None
+    retry_seen: bool = False
 
 
 def parse_frame(raw: bytes) -> Frame:
+    """Parse one frame. Lines that are not part of the event itself (the stream's `retry:` preamble, comment
+    heartbeats) are dropped from `raw`, so the same event compares equal across streams."""
+    raw = b"".join(line for line in raw.splitlines(keepends=True) if not line.startswith((b"retry:", b":")))
     fields: dict[str, str] = {}
     for line in raw.decode().split("\n"):
         if not line or line.startswith(":"):
@@ -52,6 +56,7 @@ async def read_frames(response: aiohttp.ClientResponse, limit: int | None = None
         while b"\n\n" in buffer:
             raw, buffer = buffer.split(b"\n\n", 1)
             frame = parse_frame(raw + b"\n\n")
+            frame.retry_seen = b"retry:" in raw
             if frame.data is None:
                 continue
             frames.append(frame)

@@ -9,10 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import openai
-import orjson
 from openai.types.responses import Response
 
-from tests.conftest import ROOT, GatewayProcess, eventually
+from tests.conftest import ROOT, GatewayProcess, eventually, redis_gateway_env
 from tests.helpers import expected_text
 
 
@@ -23,16 +22,12 @@ def sdk(gateway: GatewayProcess) -> openai.AsyncOpenAI:
 async def test_background_response_created_on_one_instance_is_retrievable_on_another(
     start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
 ) -> None:
-    env = {
-        "GATEWAY_STORAGE__URL": redis_server,
-        "GATEWAY_STORAGE__KEY_PREFIX": key_prefix,
-        "GATEWAY_UPSTREAMS": orjson.dumps([{"name": "sim", "base_url": f"{simulator_url}/v1"}]).decode(),
-    }
+    env = redis_gateway_env(redis_server, simulator_url, key_prefix)
     first, second = start_gateway_process(env), start_gateway_process(env)
     client_a, client_b = sdk(first), sdk(second)
     try:
         created = await client_a.responses.create(
-            model="sim-1", input="cross instance", background=True, metadata={"sim_token_delay_ms": "40"}
+            model="sim-1", input="cross instance", background=True, metadata={"sim_token_delay_ms": "60"}
         )
 
         async def in_progress_with_output() -> Response | None:

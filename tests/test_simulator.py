@@ -247,7 +247,9 @@ async def test_bad_knob_is_a_400(client: openai.AsyncOpenAI) -> None:
 
 
 async def test_hang_holds_the_stream_until_the_client_leaves(client: openai.AsyncOpenAI, http: ClientSession) -> None:
-    stream = await client.responses.create(model="sim-1", input="x", stream=True, metadata={"sim_fault": "hang"})
+    stream = await client.responses.create(
+        model="sim-1", input="x", stream=True, metadata={"sim_fault": "hang", "sim_tag": "hung"}
+    )
     seen = [(await anext(aiter(stream))).type, (await anext(aiter(stream))).type]
     assert seen == ["response.created", "response.in_progress"]
     await asyncio.sleep(0.2)
@@ -255,6 +257,7 @@ async def test_hang_holds_the_stream_until_the_client_leaves(client: openai.Asyn
     await stream.close()
     after = await wait_for_stats(http, disconnects=1, active=0)
     assert after["disconnects"] == 1, after
+    assert after["disconnects_by_tag"] == {"hung": 1}
     assert after["active"] == 0
     assert after["completed"] == 0
 
@@ -319,6 +322,7 @@ async def test_stats_tags_and_request_log(client: openai.AsyncOpenAI, http: Clie
         "completed": 2,
         "disconnects": 0,
         "requests_by_tag": {"a": 2, "b": 1},
+        "disconnects_by_tag": {},
     }
     async with http.get("/sim/requests", params={"tag": "a"}) as resp:
         assert [body["input"] for body in await resp.json()] == ["one", "three"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -11,7 +12,7 @@ from pydantic import ValidationError
 
 from gateway.errors import invalid_body, json_response, raw_json_response, upstream_refusal
 from gateway.pagination import PageQuery
-from gateway.sse import StreamSettings, cut_off, open_stream, write_events
+from gateway.sse import StreamSettings, open_stream, write_events
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
 from runs.errors import ApiError, InvalidRequest, Unavailable, response_not_found
 from runs.request import INCLUDABLE, CreateResponseRequest
@@ -64,22 +65,23 @@ async def _visible_record(store: Store, response_id: str) -> ResponseRecord:
 
 def _stream_settings(request: web.Request) -> StreamSettings:
     sse = request.app[SETTINGS].sse
-    return StreamSettings(heartbeat_seconds=sse.heartbeat_seconds, retry_ms=sse.retry_ms)
+    return StreamSettings(
+        heartbeat_seconds=sse.heartbeat_seconds,
+        retry_ms=sse.retry_ms,
+        write_timeout_seconds=sse.write_timeout_seconds,
+        socket_send_buffer_bytes=sse.socket_send_buffer_bytes,
+    )
 
 
 async def _stream_response(request: web.Request, response_id: str, after: int) -> web.StreamResponse:
     """Replay the stored events after `after`, then follow live ones until the terminal event."""
     settings = _stream_settings(request)
     events = follow_events(
-        request.app[STORE],
-        request.app[LIVE_EVENTS],
-        response_id,
-        after,
-        idle_seconds=settings.heartbeat_seconds,
-        on_overflow=lambda: cut_off(request),
+        request.app[STORE], request.app[LIVE_EVENTS], response_id, after, idle_seconds=settings.heartbeat_seconds
     )
-    response = await open_stream(request)
-    await write_events(response, events, settings)
+    response = await open_stream(request, settings)
+    async with contextlib.aclosing(events):  # unsubscribe at once when the client goes
+        await write_events(request, response, events, settings)
     return response
 
 
