@@ -81,6 +81,12 @@ class SseConfig(_Section):
     socket_send_buffer_bytes: int = Field(0, ge=0)
 
 
+class IdempotencyConfig(_Section):
+    """Idempotency-Key on creating POSTs."""
+
+    ttl_seconds: int = Field(86400, ge=1)
+
+
 class SimulatorConfig(_Section):
     """The built-in simulated model, served when no upstream is configured."""
 
@@ -98,6 +104,7 @@ class Settings(BaseSettings):
     storage: StorageConfig = Field(default_factory=lambda: StorageConfig())
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     sse: SseConfig = Field(default_factory=lambda: SseConfig())
+    idempotency: IdempotencyConfig = Field(default_factory=lambda: IdempotencyConfig())
     simulator: SimulatorConfig = Field(default_factory=lambda: SimulatorConfig())
 
     @field_validator("upstreams")

@@ -54,14 +54,16 @@ def error_frame(code: str, message: str, sequence_number: int) -> bytes:
     return b"event: error\ndata: %s\n\n" % orjson.dumps(payload)
 
 
-async def open_stream(request: web.Request, settings: StreamSettings) -> web.StreamResponse:
+async def open_stream(
+    request: web.Request, settings: StreamSettings, headers: dict[str, str] | None = None
+) -> web.StreamResponse:
     """Send the SSE response headers. A fixed send buffer, when configured, caps what the kernel holds for a
     client that stops reading (autotuning lets it grow to megabytes)."""
     if settings.socket_send_buffer_bytes and request.transport is not None:
         sock = request.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
-    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **(headers or {})})
     await response.prepare(request)
     return response
 

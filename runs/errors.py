@@ -59,6 +59,13 @@ class Conflict(ApiError):
     type = "invalid_request_error"
 
 
+class UnprocessableEntity(ApiError):
+    """422: well-formed, but it cannot be done (e.g. an idempotency key reused with another body)."""
+
+    status = 422
+    type = "invalid_request_error"
+
+
 class PayloadTooLarge(ApiError):
     """413: the body is over the configured limit."""
 

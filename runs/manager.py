@@ -5,21 +5,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 
 from runs.admission import check_admissible, new_response, upstream_body
 from runs.errors import InvalidRequest, response_not_found
 from runs.event_log import EventLog
+from runs.idempotency import IdempotencyKey, holder_response_id
 from runs.request import CreateResponseRequest
 from runs.run import ResponseRun
 from runs.status import TERMINAL, ResponseStatus
 from runs.upstream.router import UpstreamRouter
-from storage.base import ResponseRecord, Store
+from storage.base import IdempotencyClaim, ResponseRecord, Store
 
 # How long a cancel request waits for the owning instance to write the terminal event.
 CANCEL_WAIT_SECONDS = 10.0
 CANCEL_POLL_SECONDS = 0.02
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The outcome of admitting a request: its response, and the run if this call started one (None when an
+    earlier request with the same Idempotency-Key did)."""
+
+    response_id: str
+    run: ResponseRun | None
+
+    @property
+    def replayed(self) -> bool:
+        return self.run is None
 
 
 class RunManager:
@@ -55,38 +71,81 @@ class RunManager:
         """The run for `response_id` if this instance executes it."""
         return self._runs.get(response_id)
 
-    async def admit(self, request: CreateResponseRequest) -> ResponseRun:
-        """Validate, store the response with its first events, and start its run. Nothing is stored on error.
+    async def admit(self, request: CreateResponseRequest, *, idempotency: IdempotencyKey | None = None) -> Admission:
+        """Validate, store the response with its first events, and start its run; or, for a request whose
+        Idempotency-Key already started one, name that response instead. Nothing is stored on error.
 
         Admission finishes even if the caller is cancelled half-way (its client left): a response stored without
         a run would stay in progress forever. A connection-owned (`store=false`) run admitted that way is
         released at once."""
-        admission = asyncio.ensure_future(self._admit(request))
+        admission = asyncio.ensure_future(self._admit(request, idempotency))
         try:
             return await asyncio.shield(admission)
         except asyncio.CancelledError:
             admission.add_done_callback(self._after_abandoned_admission)
             raise
 
-    def _after_abandoned_admission(self, admission: asyncio.Future[ResponseRun]) -> None:
+    def _after_abandoned_admission(self, admission: asyncio.Future[Admission]) -> None:
         if admission.cancelled() or admission.exception() is not None:
             return  # nothing was started (the exception is retrieved here, so it is not reported as lost)
-        run = admission.result()
-        if not run.request.is_stored:
+        run = admission.result().run
+        if run is not None and not run.request.is_stored:
             self.release_connection_owned(run)
 
-    async def _admit(self, request: CreateResponseRequest) -> ResponseRun:
+    async def _admit(self, request: CreateResponseRequest, idempotency: IdempotencyKey | None) -> Admission:
         check_admissible(request)
         upstream = self._router.route(request.model)
         record, snapshot = new_response(request)
-        await self._store.create_response(record)
+        if idempotency is not None:
+            existing = await self._store.claim_idempotency_key(
+                idempotency.scope,
+                idempotency.key,
+                fingerprint=idempotency.fingerprint,
+                response_id=record.response_id,
+                ttl_seconds=idempotency.ttl_seconds,
+            )
+            if existing is not None:
+                holder = await holder_response_id(self._store, idempotency, existing)
+                if holder is not None:
+                    return Admission(holder, run=None)
+                claim = IdempotencyClaim(idempotency.fingerprint, record.response_id, int(time.time() * 1000))
+                taken_over = await self._store.replace_idempotency_claim(
+                    idempotency.scope,
+                    idempotency.key,
+                    expected_response_id=existing.response_id,
+                    claim=claim,
+                    ttl_seconds=idempotency.ttl_seconds,
+                )
+                if not taken_over:  # another retry took it over first: follow that one
+                    return await self._admit(request, idempotency)
+                log.warning("took over an abandoned idempotency claim for %s", existing.response_id)
+        try:
+            await self._store.create_response(record)
+        except BaseException:
+            if idempotency is not None:
+                with contextlib.suppress(Exception):
+                    await self._store.release_idempotency_key(
+                        idempotency.scope, idempotency.key, response_id=record.response_id
+                    )
+            raise
         event_log = EventLog(self._store, record.response_id, snapshot, next_sequence_number=len(record.events))
         run = ResponseRun(request=request, upstream=upstream, upstream_body=upstream_body(request), log=event_log)
         self._runs[run.response_id] = run
-        task = asyncio.create_task(run.execute(), name=f"run:{run.response_id}")
+        task = asyncio.create_task(self._execute(run, idempotency), name=f"run:{run.response_id}")
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._forget(run.response_id, done))
-        return run
+        return Admission(run.response_id, run=run)
+
+    async def _execute(self, run: ResponseRun, idempotency: IdempotencyKey | None) -> None:
+        await run.execute()
+        if idempotency is not None:
+            # The key must outlive its response, whose retention restarts with each write.
+            try:
+                await self._store.refresh_idempotency_key(
+                    idempotency.scope, idempotency.key, ttl_seconds=idempotency.ttl_seconds
+                )
+            except Exception:
+                log.warning("could not refresh the idempotency key of %s", run.response_id)
 
     def _forget(self, response_id: str, task: asyncio.Task[None]) -> None:
         self._runs.pop(response_id, None)

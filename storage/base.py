@@ -94,6 +94,15 @@ class EventFeed(Protocol):
         """Release the feed's connection."""
 
 
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """Who holds an idempotency key: the request fingerprint and the response it created, and since when."""
+
+    fingerprint: str
+    response_id: str
+    claimed_at_ms: int
+
+
 class Store(Protocol):
     """Persistence of responses and their event logs. Every write sets the retention TTL of what it touches."""
 
@@ -139,6 +148,24 @@ class Store(Protocol):
     def open_event_feed(self) -> EventFeed:
         """A feed for following many responses' live events with one blocking read."""
         ...
+
+    async def claim_idempotency_key(
+        self, scope: str, key: str, *, fingerprint: str, response_id: str, ttl_seconds: int
+    ) -> IdempotencyClaim | None:
+        """Claim `key` (within `scope`, e.g. a tenant) for `response_id`: None when this call won it, else the
+        existing claim, untouched. One atomic step, so concurrent claims on any instance have one winner."""
+
+    async def replace_idempotency_claim(
+        self, scope: str, key: str, *, expected_response_id: str, claim: IdempotencyClaim, ttl_seconds: int
+    ) -> bool:
+        """Hand an abandoned claim (its response was never created) to a new request, only if it still names
+        `expected_response_id`. True when replaced."""
+
+    async def release_idempotency_key(self, scope: str, key: str, *, response_id: str) -> None:
+        """Drop the claim if it still names `response_id` (its admission failed, so a retry may start afresh)."""
+
+    async def refresh_idempotency_key(self, scope: str, key: str, *, ttl_seconds: int) -> None:
+        """Restart the key's TTL (when its response ends, so the key outlives it)."""
 
     async def ping(self) -> None:
         """Raise if the backend cannot be reached."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 # Entry ids of a response's event stream are `<EVENT_ID_EPOCH>-<sequence_number>`. Redis refuses the id `0-0`, so
@@ -45,6 +46,12 @@ class KeySpace:
             self.response_events(response_id),
             self.response_input(response_id),
         )
+
+    def idempotency(self, scope: str, key: str) -> str:
+        """String (JSON claim) for an Idempotency-Key within a scope. The client's key is hashed: it never appears
+        in a key name, and every name has the same short length."""
+        digest = hashlib.sha256(f"{scope}\n{key}".encode()).hexdigest()
+        return f"{self.prefix}:{{idem:{digest}}}"
 
     def cancel_channel(self) -> str:
         """Pub/sub channel (not a key: nothing stored, no TTL) on which cancel requests reach the owning instance."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from storage.base import (
     TERMINAL_STATUSES,
     DeleteOutcome,
+    IdempotencyClaim,
     NewResponse,
     ResponseAlreadyExists,
     ResponseClosed,
@@ -46,6 +47,9 @@ class MemoryStore:
         # Set (and replaced) on every append, for event feeds waiting on any response.
         self._any_append = asyncio.Event()
         self._cancel_listeners: set[asyncio.Queue[str]] = set()
+        # (scope, key) -> (claim, expires_at)
+        self._claims: dict[tuple[str, str], tuple[IdempotencyClaim, float]] = {}
+        self._claims_sweep_at = 1024
 
     def _expire_due(self) -> None:
         now = self._clock()
@@ -166,6 +170,49 @@ class MemoryStore:
         finally:
             self._cancel_listeners.discard(listener)
 
+    def _live_claim(self, scope: str, key: str) -> IdempotencyClaim | None:
+        held = self._claims.get((scope, key))
+        if held is None:
+            return None
+        if held[1] <= self._clock():
+            del self._claims[(scope, key)]
+            return None
+        return held[0]
+
+    async def claim_idempotency_key(
+        self, scope: str, key: str, *, fingerprint: str, response_id: str, ttl_seconds: int
+    ) -> IdempotencyClaim | None:
+        existing = self._live_claim(scope, key)
+        if existing is not None:
+            return existing
+        claim = IdempotencyClaim(fingerprint, response_id, int(time.time() * 1000))
+        self._claims[(scope, key)] = (claim, self._clock() + ttl_seconds)
+        if len(self._claims) >= self._claims_sweep_at:
+            # Expired claims nobody asks about again are dropped here, amortised over the claims made.
+            now = self._clock()
+            self._claims = {name: held for name, held in self._claims.items() if held[1] > now}
+            self._claims_sweep_at = max(1024, 2 * len(self._claims))
+        return None
+
+    async def replace_idempotency_claim(
+        self, scope: str, key: str, *, expected_response_id: str, claim: IdempotencyClaim, ttl_seconds: int
+    ) -> bool:
+        existing = self._live_claim(scope, key)
+        if existing is None or existing.response_id != expected_response_id:
+            return False
+        self._claims[(scope, key)] = (claim, self._clock() + ttl_seconds)
+        return True
+
+    async def release_idempotency_key(self, scope: str, key: str, *, response_id: str) -> None:
+        existing = self._live_claim(scope, key)
+        if existing is not None and existing.response_id == response_id:
+            del self._claims[(scope, key)]
+
+    async def refresh_idempotency_key(self, scope: str, key: str, *, ttl_seconds: int) -> None:
+        existing = self._live_claim(scope, key)
+        if existing is not None:
+            self._claims[(scope, key)] = (existing, self._clock() + ttl_seconds)
+
     async def wait_for_any_append(self) -> None:
         """Return at the next append to any response."""
         await self._any_append.wait()
@@ -186,6 +233,7 @@ class MemoryStore:
 
     async def close(self) -> None:
         self._entries.clear()
+        self._claims.clear()
         self._expiry_heap.clear()
 
 

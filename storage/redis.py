@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -17,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.base import (
     DeleteOutcome,
+    IdempotencyClaim,
     NewResponse,
     ResponseAlreadyExists,
     ResponseClosed,
@@ -71,6 +74,21 @@ def _unavailable_on_connection_error(
     return wrapper
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _claim_json(claim: IdempotencyClaim) -> bytes:
+    return orjson.dumps(
+        {"fingerprint": claim.fingerprint, "response_id": claim.response_id, "claimed_at_ms": claim.claimed_at_ms}
+    )
+
+
+def _parse_claim(raw: bytes) -> IdempotencyClaim:
+    data = orjson.loads(raw)
+    return IdempotencyClaim(data["fingerprint"], data["response_id"], int(data["claimed_at_ms"]))
+
+
 def _load_lua(name: str) -> str:
     return (resources.files("storage") / "lua" / name).read_text(encoding="utf-8")
 
@@ -101,6 +119,8 @@ class RedisStore:
         self._append_script = client.register_script(_load_lua("append_events.lua"))
         self._delete_script = client.register_script(_load_lua("delete_response.lua"))
         self._cancel_script = client.register_script(_load_lua("request_cancel.lua"))
+        self._claim_script = client.register_script(_load_lua("claim_idempotency_key.lua"))
+        self._release_script = client.register_script(_load_lua("release_idempotency_key.lua"))
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 64) -> RedisStore:
@@ -220,6 +240,34 @@ class RedisStore:
                 await asyncio.sleep(RESUBSCRIBE_DELAY_SECONDS)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @_unavailable_on_connection_error
+    async def claim_idempotency_key(
+        self, scope: str, key: str, *, fingerprint: str, response_id: str, ttl_seconds: int
+    ) -> IdempotencyClaim | None:
+        claim = _claim_json(IdempotencyClaim(fingerprint, response_id, _now_ms()))
+        existing = await self._claim_script(
+            keys=[self._keys.idempotency(scope, key)], args=[claim, ttl_seconds * 1000, ""]
+        )
+        return _parse_claim(existing) if existing else None
+
+    @_unavailable_on_connection_error
+    async def replace_idempotency_claim(
+        self, scope: str, key: str, *, expected_response_id: str, claim: IdempotencyClaim, ttl_seconds: int
+    ) -> bool:
+        result = await self._claim_script(
+            keys=[self._keys.idempotency(scope, key)],
+            args=[_claim_json(claim), ttl_seconds * 1000, expected_response_id],
+        )
+        return bool(result == b"REPLACED")
+
+    @_unavailable_on_connection_error
+    async def release_idempotency_key(self, scope: str, key: str, *, response_id: str) -> None:
+        await self._release_script(keys=[self._keys.idempotency(scope, key)], args=[response_id])
+
+    @_unavailable_on_connection_error
+    async def refresh_idempotency_key(self, scope: str, key: str, *, ttl_seconds: int) -> None:
+        await self._client.pexpire(self._keys.idempotency(scope, key), ttl_seconds * 1000)
 
     def open_event_feed(self) -> RedisEventFeed:
         return RedisEventFeed(self._client, self._keys)

@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from storage.base import (
     DeleteOutcome,
+    IdempotencyClaim,
     NewResponse,
     ResponseAlreadyExists,
     ResponseClosed,
@@ -252,6 +253,63 @@ async def test_event_feed_interrupt_ends_a_blocked_read(store: Store) -> None:
         assert await asyncio.wait_for(blocked, 2) == {}
     finally:
         await feed.close()
+
+
+async def test_idempotency_claim_has_one_winner(store: Store) -> None:
+    results = await asyncio.gather(
+        *(
+            store.claim_idempotency_key("tenant", "key-1", fingerprint="f", response_id=f"resp_{n}", ttl_seconds=60)
+            for n in range(20)
+        )
+    )
+    winners = [n for n, result in enumerate(results) if result is None]
+    assert len(winners) == 1
+    assert {result.response_id for result in results if result is not None} == {f"resp_{winners[0]}"}
+    assert {result.fingerprint for result in results if result is not None} == {"f"}
+
+
+async def test_idempotency_claims_are_scoped(store: Store) -> None:
+    assert await store.claim_idempotency_key("a", "k", fingerprint="f", response_id="resp_a", ttl_seconds=60) is None
+    assert await store.claim_idempotency_key("b", "k", fingerprint="f", response_id="resp_b", ttl_seconds=60) is None
+    held = await store.claim_idempotency_key("a", "k", fingerprint="g", response_id="resp_c", ttl_seconds=60)
+    assert held is not None
+    assert held.response_id == "resp_a"
+
+
+async def test_idempotency_release_and_replace_only_their_own_claim(store: Store) -> None:
+    await store.claim_idempotency_key("t", "k", fingerprint="f", response_id="resp_1", ttl_seconds=60)
+    await store.release_idempotency_key("t", "k", response_id="resp_other")
+    held = await store.claim_idempotency_key("t", "k", fingerprint="f", response_id="resp_2", ttl_seconds=60)
+    assert held is not None
+    assert held.response_id == "resp_1"
+    replacement = IdempotencyClaim("f", "resp_3", 0)
+    assert not await store.replace_idempotency_claim(
+        "t", "k", expected_response_id="resp_other", claim=replacement, ttl_seconds=60
+    )
+    assert await store.replace_idempotency_claim(
+        "t", "k", expected_response_id="resp_1", claim=replacement, ttl_seconds=60
+    )
+    held = await store.claim_idempotency_key("t", "k", fingerprint="f", response_id="resp_4", ttl_seconds=60)
+    assert held is not None
+    assert held.response_id == "resp_3"
+    await store.release_idempotency_key("t", "k", response_id="resp_3")
+    assert await store.claim_idempotency_key("t", "k", fingerprint="f", response_id="resp_5", ttl_seconds=60) is None
+
+
+async def test_redis_idempotency_key_has_its_ttl_and_hides_the_client_key(
+    redis_server: str, key_prefix: str, redis_client: aioredis.Redis
+) -> None:
+    store = RedisStore.from_url(redis_server, key_prefix=key_prefix, retention_seconds=60)
+    try:
+        await store.claim_idempotency_key("t", "my-secret-key", fingerprint="f", response_id="r", ttl_seconds=30)
+        keys = [key async for key in redis_client.scan_iter(match=f"{key_prefix}:*")]
+        assert len(keys) == 1
+        assert b"my-secret-key" not in keys[0]
+        assert 0 < await redis_client.pttl(keys[0]) <= 30_000
+        await store.refresh_idempotency_key("t", "my-secret-key", ttl_seconds=50)
+        assert 30_000 < await redis_client.pttl(keys[0]) <= 50_000
+    finally:
+        await store.close()
 
 
 async def test_redis_every_key_has_the_retention_ttl(redis_server: str, key_prefix: str) -> None:

@@ -1,4 +1,4 @@
-"""`/v1/responses`: create, retrieve (JSON or SSE)."""
+"""`/v1/responses`: create, retrieve (JSON or SSE), cancel, delete, input items."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from gateway.errors import invalid_body, json_response, raw_json_response, upstr
 from gateway.pagination import PageQuery
 from gateway.sse import StreamSettings, open_stream, write_events
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
+from runs import idempotency
 from runs.errors import ApiError, InvalidRequest, Unavailable, response_not_found
 from runs.request import INCLUDABLE, CreateResponseRequest
 from runs.run import ResponseRun
@@ -21,6 +22,8 @@ from runs.subscription import follow_events
 from storage.base import TERMINAL_STATUSES, DeleteOutcome, ResponseRecord, Store
 
 log = logging.getLogger(__name__)
+
+REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
@@ -73,13 +76,15 @@ def _stream_settings(request: web.Request) -> StreamSettings:
     )
 
 
-async def _stream_response(request: web.Request, response_id: str, after: int) -> web.StreamResponse:
+async def _stream_response(
+    request: web.Request, response_id: str, after: int, headers: dict[str, str] | None = None
+) -> web.StreamResponse:
     """Replay the stored events after `after`, then follow live ones until the terminal event."""
     settings = _stream_settings(request)
     events = follow_events(
         request.app[STORE], request.app[LIVE_EVENTS], response_id, after, idle_seconds=settings.heartbeat_seconds
     )
-    response = await open_stream(request, settings)
+    response = await open_stream(request, settings, headers)
     async with contextlib.aclosing(events):  # unsubscribe at once when the client goes
         await write_events(request, response, events, settings)
     return response
@@ -87,14 +92,24 @@ async def _stream_response(request: web.Request, response_id: str, after: int) -
 
 async def create_response(request: web.Request) -> web.StreamResponse:
     """POST /v1/responses."""
+    key_header = request.headers.get(idempotency.HEADER)
+    if key_header is not None:
+        idempotency.check_key(key_header)  # before anything else, as the IETF draft asks
     body = await read_json_object(request)
     try:
         create = CreateResponseRequest.model_validate(body)
     except ValidationError as error:
         raise invalid_body(error) from None
+    key = None
+    if key_header is not None:
+        ttl_seconds = request.app[SETTINGS].idempotency.ttl_seconds
+        key = idempotency.IdempotencyKey.for_request(key_header, create, ttl_seconds=ttl_seconds)
     manager = request.app[RUN_MANAGER]
+    admission = await manager.admit(create, idempotency=key)
+    if admission.run is None:
+        return await _serve_replay(request, admission.response_id, create)
+    run = admission.run
     store = request.app[STORE]
-    run = await manager.admit(create)
     if not create.is_stored:
         # Connection-owned: the run ends with this handler (client gone → handler cancelled → run cancelled).
         try:
@@ -102,6 +117,22 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         finally:
             manager.release_connection_owned(run)
     return await _serve_created(request, store, run, create)
+
+
+async def _serve_replay(request: web.Request, response_id: str, create: CreateResponseRequest) -> web.StreamResponse:
+    """A retry with a used Idempotency-Key gets exactly what the first request gets: the same stream from its
+    first event, or the same Response."""
+    headers = {REPLAYED_HEADER: "true"}
+    if create.is_streaming:
+        return await _stream_response(request, response_id, -1, headers)
+    store = request.app[STORE]
+    if not create.is_background:
+        events = follow_events(store, request.app[LIVE_EVENTS], response_id, -1, idle_seconds=60)
+        async with contextlib.aclosing(events):
+            async for _ in events:
+                pass  # until the terminal event
+    record = await _visible_record(store, response_id)
+    return raw_json_response(record.snapshot, headers=headers)
 
 
 async def _serve_created(
