@@ -52,9 +52,13 @@ class UpstreamConfig(_Section):
     base_url: str = Field(min_length=1)
     api_key_env: str | None = None
     models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    model_map: dict[str, str] = Field(default_factory=dict)
     max_retries: int = Field(2, ge=0, le=10)
+    retry_backoff_seconds: float = Field(0.5, ge=0)
     connect_timeout_seconds: float = Field(10.0, gt=0)
     read_timeout_seconds: float = Field(600.0, gt=0)
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    reasoning_effort: bool = False
 
     def to_spec(self) -> UpstreamSpec:
         """The runtime description; the API key is read from the environment now and never stored."""
@@ -65,9 +69,13 @@ class UpstreamConfig(_Section):
             base_url=self.base_url,
             api_key=api_key,
             models=tuple(self.models),
+            model_map=dict(self.model_map),
             max_retries=self.max_retries,
+            retry_backoff_seconds=self.retry_backoff_seconds,
             connect_timeout_seconds=self.connect_timeout_seconds,
             read_timeout_seconds=self.read_timeout_seconds,
+            max_tokens_field=self.max_tokens_field,
+            reasoning_effort=self.reasoning_effort,
         )
 
 

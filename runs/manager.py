@@ -95,6 +95,7 @@ class RunManager:
     async def _admit(self, request: CreateResponseRequest, idempotency: IdempotencyKey | None) -> Admission:
         check_admissible(request)
         upstream = self._router.route(request.model)
+        provider_body = upstream.prepare(upstream_body(request))  # a 400 for what the provider cannot honour
         record, snapshot = new_response(request)
         if idempotency is not None:
             existing = await self._store.claim_idempotency_key(
@@ -129,7 +130,7 @@ class RunManager:
                     )
             raise
         event_log = EventLog(self._store, record.response_id, snapshot, next_sequence_number=len(record.events))
-        run = ResponseRun(request=request, upstream=upstream, upstream_body=upstream_body(request), log=event_log)
+        run = ResponseRun(request=request, upstream=upstream, upstream_body=provider_body, log=event_log)
         self._runs[run.response_id] = run
         task = asyncio.create_task(self._execute(run, idempotency), name=f"run:{run.response_id}")
         self._tasks.add(task)

@@ -14,6 +14,7 @@ from runs.request import CreateResponseRequest
 from runs.snapshot import LIFECYCLE_EVENT_TYPES
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
 from runs.upstream.base import Upstream, UpstreamFailure
+from runs.upstream.retry import stream_with_retries
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class ResponseRun:
     async def _consume_upstream(self) -> None:
         # aclosing: whatever ends this loop (a failure, a cancel) closes the provider's stream at once, so it
         # stops generating (and billing) instead of waiting for garbage collection.
-        async with contextlib.aclosing(self._upstream.stream_turn(self._upstream_body)) as events:
+        async with contextlib.aclosing(stream_with_retries(self._upstream, self._upstream_body)) as events:
             async for event in events:
                 if await self._take_upstream_event(event):
                     return

@@ -130,6 +130,11 @@ async def test_a_background_retry_returns_the_current_snapshot(
     again = await gateway.client.responses.create(**arguments)
     assert again.id == first.id
     assert again.status in ("queued", "in_progress", "completed")
+
+    async def completed() -> bool:
+        return (await gateway.client.responses.retrieve(first.id)).status == "completed"
+
+    await eventually(completed)  # the background run reaches the simulator only after the POST returned
     assert await upstream_calls(simulator_url, key_prefix) == 1
 
 

@@ -19,19 +19,37 @@ class UpstreamSpec:
     api_key: str | None = None
     models: tuple[str, ...] = ("*",)
     max_retries: int = 2
+    retry_backoff_seconds: float = 0.5
     connect_timeout_seconds: float = 10.0
     read_timeout_seconds: float = 600.0
     extra_headers: dict[str, str] = field(default_factory=dict)
+    model_map: dict[str, str] = field(default_factory=dict)
+    max_tokens_field: str = "max_tokens"
+    reasoning_effort: bool = False
+
+    def upstream_model(self, model: str) -> str:
+        """The provider's name for a model the client asked for."""
+        return self.model_map.get(model, model)
 
 
 class UpstreamFailure(Exception):
     """The provider refused or broke the turn. `status` is its HTTP status when it answered with one."""
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retryable: bool = False,
+        retry_after_seconds: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
         self.code = code
+        self.retryable = retryable
+        self.retry_after_seconds = retry_after_seconds
 
     def response_error_code(self) -> str:
         """The `error.code` of the failed Response: the provider's own code when it gave one."""
@@ -43,10 +61,15 @@ class UpstreamFailure(Exception):
 
 
 class Upstream(Protocol):
-    """A provider adapter. `stream_turn` yields Responses streaming events (dicts with `type`), upstream-numbered;
-    the run renumbers them. It raises UpstreamFailure for provider errors."""
+    """A provider adapter. `prepare` turns a Responses body into the provider's request (raising InvalidRequest
+    for what it cannot honour, before anything is stored); `stream_turn` sends it and yields Responses streaming
+    events (dicts with `type`), which the run renumbers. Provider errors are raised as UpstreamFailure."""
 
     spec: UpstreamSpec
+
+    def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The provider's request body for a Responses body."""
+        ...
 
     def stream_turn(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         """Stream one model turn for a Responses-shaped request body."""

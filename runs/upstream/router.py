@@ -6,6 +6,7 @@ from fnmatch import fnmatchcase
 
 from runs.errors import NotFound
 from runs.upstream.base import Upstream, UpstreamSpec
+from runs.upstream.chat import ChatUpstream
 from runs.upstream.responses import ResponsesUpstream
 
 
@@ -13,7 +14,7 @@ def build_upstream(spec: UpstreamSpec) -> Upstream:
     """The adapter for one configured provider."""
     if spec.kind == "responses":
         return ResponsesUpstream(spec)
-    raise ValueError(f"upstream {spec.name!r}: kind {spec.kind!r} is not supported yet")
+    return ChatUpstream(spec)
 
 
 class UpstreamRouter:
@@ -33,7 +34,7 @@ class UpstreamRouter:
     def route(self, model: str) -> Upstream:
         """The upstream for `model`, or 404 `model_not_found`."""
         for upstream in self._upstreams:
-            if any(fnmatchcase(model, pattern) for pattern in upstream.spec.models):
+            if model in upstream.spec.model_map or any(fnmatchcase(model, pattern) for pattern in upstream.spec.models):
                 return upstream
         raise NotFound(
             f"The model '{model}' does not exist or is not served by this gateway.",

@@ -1,0 +1,36 @@
+"""Adapter for providers that only speak Chat Completions (llama.cpp, vLLM, Ollama, LM Studio, TGI, …)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from runs.upstream.base import UpstreamSpec
+from runs.upstream.chat_request import ChatDialect, chat_request
+from runs.upstream.chat_stream import ChatStreamTranslator
+from runs.upstream.client import make_client, stream_json
+
+
+class ChatUpstream:
+    """Translates the request to `/chat/completions` and the streamed chunks back into Responses events, so a
+    Chat-only server gets background runs, stored responses and reattach like any Responses provider."""
+
+    def __init__(self, spec: UpstreamSpec) -> None:
+        self.spec = spec
+        self._client = make_client(spec)
+        self._dialect = ChatDialect(max_tokens_field=spec.max_tokens_field, reasoning_effort=spec.reasoning_effort)
+
+    def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The Chat Completions body; raises InvalidRequest (400) for what Chat cannot express."""
+        return chat_request(body, model=self.spec.upstream_model(body["model"]), dialect=self._dialect)
+
+    async def stream_turn(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+        translator = ChatStreamTranslator()
+        async for chunk in stream_json(self._client, self.spec.name, "/chat/completions", body):
+            for event in translator.feed(chunk):
+                yield event
+        for event in translator.finish():
+            yield event
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,225 @@
+"""Translate a Responses request into a Chat Completions request, refusing (400) what Chat cannot express."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from runs.errors import InvalidRequest
+
+# Responses fields the gateway itself implements or that only shape its own output: never sent to the provider.
+_HANDLED_ELSEWHERE = frozenset({"model", "input", "instructions", "stream", "stream_options", "store", "background"})
+# Responses fields with a Chat Completions equivalent of the same name and meaning.
+_SAME_NAME = (
+    "temperature",
+    "top_p",
+    "user",
+    "service_tier",
+    "parallel_tool_calls",
+    "metadata",
+    "prompt_cache_key",
+    "safety_identifier",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ChatDialect:
+    """What one Chat Completions provider accepts beyond the common core."""
+
+    max_tokens_field: str = "max_tokens"  # OpenAI's reasoning models want "max_completion_tokens"
+    reasoning_effort: bool = False  # whether `reasoning_effort` may be sent
+
+
+def _text_of(content: Any, param: str) -> str:
+    """The text of a content value: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if not isinstance(content, list):
+        raise InvalidRequest("Content must be a string or a list of parts.", param=param)
+    texts = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
+            texts.append(str(part.get("text", "")))
+        elif kind == "refusal":
+            texts.append(str(part.get("refusal", "")))
+        else:
+            raise InvalidRequest(f"Content part type {kind!r} cannot be sent here.", param=f"{param}[{index}]")
+    return "".join(texts)
+
+
+def _user_content(content: Any, param: str) -> str | list[dict[str, Any]]:
+    """User/system content: text stays text; images become `image_url` parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest("Content must be a string or a list of parts.", param=param)
+    parts: list[dict[str, Any]] = []
+    for index, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text"):
+            parts.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "input_image":
+            url = part.get("image_url")
+            if not url:
+                raise InvalidRequest(
+                    "Only images given by image_url (a URL or a data: URL) can be sent to this model.",
+                    param=f"{param}[{index}].image_url",
+                )
+            image: dict[str, Any] = {"url": url}
+            if part.get("detail") and part["detail"] != "auto":
+                image["detail"] = part["detail"]
+            parts.append({"type": "image_url", "image_url": image})
+        else:
+            raise InvalidRequest(
+                f"Content part type {kind!r} is not supported by this model's API.", param=f"{param}[{index}]"
+            )
+    if all(part["type"] == "text" for part in parts):
+        return "".join(part["text"] for part in parts)  # plain text is understood by every server
+    return parts
+
+
+def _messages(instructions: str | None, input_value: Any) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    if instructions:
+        messages.append({"role": "system", "content": instructions})
+    if input_value is None:
+        return messages
+    if isinstance(input_value, str):
+        messages.append({"role": "user", "content": input_value})
+        return messages
+    for index, item in enumerate(input_value):
+        param = f"input[{index}]"
+        kind = item.get("type", "message")
+        if kind == "message":
+            role = item.get("role")
+            if role == "assistant":
+                messages.append({"role": "assistant", "content": _text_of(item.get("content"), f"{param}.content")})
+            elif role in ("user", "system", "developer"):
+                # Most self-hosted servers know no "developer" role; it means what "system" means to them.
+                chat_role = "system" if role == "developer" else role
+                messages.append({"role": chat_role, "content": _user_content(item.get("content"), f"{param}.content")})
+            else:
+                raise InvalidRequest(f"Unknown message role {role!r}.", param=f"{param}.role")
+        elif kind == "function_call":
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments", "")},
+            }
+            previous = messages[-1] if messages else None
+            if previous is not None and previous["role"] == "assistant" and previous.get("tool_calls"):
+                previous["tool_calls"].append(call)  # parallel calls of one turn stay in one message
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append(
+                {
+                    "role": "tool",
+                    "tool_call_id": item.get("call_id"),
+                    "content": _text_of(output, f"{param}.output"),
+                }
+            )
+        elif kind == "reasoning":
+            continue  # a model's own earlier reasoning: Chat has no way to take it back, and needs none
+        else:
+            raise InvalidRequest(f"Input item type {kind!r} is not supported by this model's API.", param=param)
+    return messages
+
+
+def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    translated = []
+    for index, tool in enumerate(tools):
+        if tool.get("type") != "function":
+            raise InvalidRequest(
+                f"Tool type {tool.get('type')!r} is not supported by this model's API; only function tools are.",
+                param=f"tools[{index}]",
+            )
+        function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
+        translated.append({"type": "function", "function": function})
+    return translated
+
+
+def _tool_choice(choice: Any) -> Any:
+    if isinstance(choice, str):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+        return {"type": "function", "function": {"name": choice["name"]}}
+    raise InvalidRequest("This tool_choice is not supported by this model's API.", param="tool_choice")
+
+
+def _response_format(text: dict[str, Any]) -> dict[str, Any] | None:
+    format_ = text.get("format") or {"type": "text"}
+    kind = format_.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        schema = {key: format_[key] for key in ("name", "schema", "strict", "description") if key in format_}
+        return {"type": "json_schema", "json_schema": schema}
+    raise InvalidRequest(f"Unknown text format type {kind!r}.", param="text.format.type")
+
+
+def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> dict[str, Any]:
+    """The Chat Completions body for a Responses body (already validated, without the gateway's own fields).
+
+    Everything Chat can express is translated; anything it cannot honour is a 400 naming the parameter, never
+    dropped silently. Fields this module does not know (provider extensions such as `top_k`) pass through.
+    """
+    chat: dict[str, Any] = {
+        "model": model,
+        "messages": _messages(body.get("instructions"), body.get("input")),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    for name in _SAME_NAME:
+        if body.get(name) is not None:
+            chat[name] = body[name]
+    if body.get("tools"):
+        chat["tools"] = _tools(body["tools"])
+    elif "parallel_tool_calls" in chat:
+        del chat["parallel_tool_calls"]  # some servers refuse it without tools
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+    if body.get("max_output_tokens") is not None:
+        chat[dialect.max_tokens_field] = body["max_output_tokens"]
+    if body.get("text"):
+        response_format = _response_format(body["text"])
+        if response_format is not None:
+            chat["response_format"] = response_format
+        if body["text"].get("verbosity") is not None:
+            chat["verbosity"] = body["text"]["verbosity"]
+    reasoning = body.get("reasoning") or {}
+    if reasoning.get("effort") is not None:
+        if not dialect.reasoning_effort:
+            raise InvalidRequest("This model's API does not accept reasoning.effort.", param="reasoning.effort")
+        chat["reasoning_effort"] = reasoning["effort"]
+    if reasoning.get("summary") is not None:
+        raise InvalidRequest("This model's API cannot produce reasoning summaries.", param="reasoning.summary")
+    include = body.get("include") or []
+    for index, value in enumerate(include):
+        if value != "message.output_text.logprobs":
+            raise InvalidRequest(
+                f"include value {value!r} is not supported by this model's API.", param=f"include[{index}]"
+            )
+    if "message.output_text.logprobs" in include or body.get("top_logprobs") is not None:
+        chat["logprobs"] = True
+        if body.get("top_logprobs") is not None:
+            chat["top_logprobs"] = body["top_logprobs"]
+    if body.get("truncation") == "auto":
+        raise InvalidRequest("truncation 'auto' is not supported by this model's API.", param="truncation")
+    for name in ("max_tool_calls", "prompt"):
+        if body.get(name) is not None:
+            raise InvalidRequest(f"{name} is not supported by this model's API.", param=name)
+    known = _HANDLED_ELSEWHERE | set(_SAME_NAME) | {
+        "tools", "tool_choice", "max_output_tokens", "text", "reasoning", "include", "top_logprobs",
+        "truncation", "max_tool_calls", "prompt",
+    }  # fmt: skip
+    for name, value in body.items():
+        if name not in known and name not in chat:
+            chat[name] = value  # provider extensions pass through untouched
+    return chat

@@ -1,0 +1,56 @@
+"""Retrying a provider call, but only while nothing of the answer has been emitted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from runs.upstream.base import Upstream, UpstreamFailure
+
+log = logging.getLogger(__name__)
+
+# Lifecycle events announce a response but carry none of its output; a retry after them is invisible.
+_NOT_OUTPUT = frozenset({"response.created", "response.queued", "response.in_progress"})
+MAX_BACKOFF_SECONDS = 8.0
+MAX_RETRY_AFTER_SECONDS = 60.0
+
+
+def backoff_seconds(attempt: int, base: float) -> float:
+    """Exponential backoff with full jitter: uniform in [0, base * 2^attempt], capped."""
+    return random.uniform(0, min(base * 2**attempt, MAX_BACKOFF_SECONDS))
+
+
+async def stream_with_retries(upstream: Upstream, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    """The upstream's events. A retryable failure (connection error, 408, 409, 429, 5xx, a stream cut short)
+    before the first output event is retried up to `max_retries` times, honouring the provider's Retry-After;
+    once output has been emitted a failure is final: re-running the model would bill twice and change the text."""
+    spec = upstream.spec
+    attempt = 0
+    while True:
+        emitted_output = False
+        try:
+            async for event in upstream.stream_turn(body):
+                if event.get("type") not in _NOT_OUTPUT:
+                    emitted_output = True
+                yield event
+            return
+        except UpstreamFailure as failure:
+            if emitted_output or not failure.retryable or attempt >= spec.max_retries:
+                raise
+            delay = failure.retry_after_seconds
+            if delay is None:
+                delay = backoff_seconds(attempt, spec.retry_backoff_seconds)
+            delay = min(delay, MAX_RETRY_AFTER_SECONDS)
+            attempt += 1
+            log.warning(
+                "upstream %s failed before any output (%s); retry %d/%d in %.2fs",
+                spec.name,
+                failure.message,
+                attempt,
+                spec.max_retries,
+                delay,
+            )
+            await asyncio.sleep(delay)
