@@ -1,9 +1,11 @@
 """An OpenAI-compatible simulated model server: deterministic text at a set pace, with injectable faults.
 
-The gateway reaches it over HTTP exactly like a real provider (``POST /v1/responses``, streaming or not).
-The text is a pure function of the input (``simulated_text(input_text_of(body), tokens)``), so tests can
-predict it. Side routes let tests look inside: ``GET /sim/stats``, ``POST /sim/reset`` and
-``GET /sim/requests?tag=T`` (the last 200 request bodies, newest last).
+The gateway reaches it over HTTP exactly like a real provider: ``POST /v1/responses`` or, for providers
+that only speak Chat Completions, ``POST /v1/chat/completions`` (see ``runs.simulator_chat``), streaming or
+not. The text is a pure function of the input (``simulated_text(input_text_of(body), tokens)``, or
+``chat_input_text_of`` for chat, which flattens equivalent requests to the same string), so tests can predict
+it. Side routes let tests look inside: ``GET /sim/stats``, ``POST /sim/reset`` and
+``GET /sim/requests?tag=T`` (the last 200 request bodies of both endpoints, newest last).
 
 Per-request knobs, read from the request's ``metadata`` (string values) or, overriding it, from the header
 ``x-sim-<name with - for _>`` (e.g. ``sim_ttft_ms`` -> ``x-sim-ttft-ms``):
@@ -21,13 +23,20 @@ Per-request knobs, read from the request's ``metadata`` (string values) or, over
 ``sim_fail_after``
     ``k`` >= 1: after the k-th event (``response.created`` is the 1st) abort the TCP connection with no
     terminal event, like a provider crashing mid-stream. A non-streaming request is aborted at the same point.
+``sim_fail_first``
+    ``N``: the faults above hit only the first N requests carrying the same ``sim_tag``; later ones are served
+    normally (a flaky provider that recovers, for testing retries).
 ``sim_tag``
     A label: counted in ``requests_by_tag`` and usable as ``/sim/requests?tag=``.
 
-Stats: ``requests`` counts every ``POST /v1/responses`` (faulted and malformed ones too); ``active`` the ones
-generating right now (streaming or not); ``completed`` the ones that reached a terminal event;
-``disconnects`` the ones whose client went away first (by tag: ``disconnects_by_tag``). ``/sim/reset`` zeroes
-the counters and the request log (``active`` is a gauge of live requests, so it is left alone).
+The chat endpoint honours all of these, in its own wire format, and adds ``sim_tool_calls`` and
+``sim_reasoning``; ``runs.simulator_chat`` describes how.
+
+Stats: ``requests`` counts every generation request (faulted and malformed ones too), on either endpoint
+(by endpoint: ``requests_by_path``); ``active`` the ones generating right now (streaming or not);
+``completed`` the ones that reached a terminal event; ``disconnects`` the ones whose client went away first
+(by tag: ``disconnects_by_tag``). ``/sim/reset`` zeroes the counters and the request log (``active`` is a
+gauge of live requests, so it is left alone).
 """
 
 from __future__ import annotations
@@ -39,14 +48,16 @@ import random
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from aiohttp import web
 
 SIM_MODEL_ID = "sim-1"
+RESPONSES_PATH = "/v1/responses"
+CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
 REQUEST_LOG_SIZE = 200
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Disconnects are noticed by polling the transport, so this bounds how late one is seen while sleeping.
@@ -96,11 +107,13 @@ class SimulatorStats:
     completed: int = 0
     disconnects: int = 0
     requests_by_tag: Counter[str] = field(default_factory=Counter)
+    requests_by_path: Counter[str] = field(default_factory=Counter)
     disconnects_by_tag: Counter[str] = field(default_factory=Counter)
     recent: deque[tuple[str | None, Any]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE))
 
-    def record(self, tag: str | None, body: Any) -> None:
+    def record(self, tag: str | None, body: Any, path: str) -> None:
         self.requests += 1
+        self.requests_by_path[path] += 1
         if tag is not None:
             self.requests_by_tag[tag] += 1
         self.recent.append((tag, body))
@@ -113,6 +126,7 @@ class SimulatorStats:
     def reset(self) -> None:
         self.requests = self.completed = self.disconnects = 0
         self.requests_by_tag.clear()
+        self.requests_by_path.clear()
         self.disconnects_by_tag.clear()
         self.recent.clear()
 
@@ -123,6 +137,8 @@ class SimulatorStats:
             "completed": self.completed,
             "disconnects": self.disconnects,
             "requests_by_tag": dict(self.requests_by_tag),
+            # Both endpoints always appear, so a test can compare the whole dict without knowing which ran.
+            "requests_by_path": {path: self.requests_by_path[path] for path in (RESPONSES_PATH, CHAT_COMPLETIONS_PATH)},
             "disconnects_by_tag": dict(self.disconnects_by_tag),
         }
 
@@ -164,6 +180,34 @@ def input_text_of(body: Mapping[str, Any]) -> str:
                     and part.get("type") in ("input_text", "output_text")
                     and isinstance(part.get("text"), str)
                 )
+    return "\n".join(pieces)
+
+
+def chat_input_text_of(body: Mapping[str, Any]) -> str:
+    """Flatten chat ``messages`` into the text seeding the answer, equal to ``input_text_of`` of the same
+    conversation as a Responses request (``instructions`` <-> a leading system message).
+
+    The pieces mirror ``input_text_of`` exactly, since the gateway expects the same text from either provider
+    kind: every message in order (system included) gives its string content as one piece (even ``""``, as an
+    input item would) or each ``text`` part of a part list as its own piece (not concatenated: input_text_of
+    keeps parts apart). A tool-call turn (role ``tool``, or ``tool_calls`` set) adds nothing when its content
+    is empty, since its Responses twin (a ``function_call`` item) has no content at all.
+    """
+    pieces: list[str] = []
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if not isinstance(message, Mapping):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            if content or not (message.get("role") == "tool" or message.get("tool_calls")):
+                pieces.append(content)
+        elif isinstance(content, list):
+            pieces.extend(
+                part["text"]
+                for part in content
+                if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            )
     return "\n".join(pieces)
 
 
@@ -228,12 +272,41 @@ def _metadata(body: Any) -> Mapping[str, Any]:
     return metadata if isinstance(metadata, Mapping) else {}
 
 
-def _plan(request: web.Request, body: Mapping[str, Any], settings: SimulatorSettings) -> _Plan:
+def _faults_spent(request: web.Request, metadata: Mapping[str, Any]) -> bool:
+    """With ``sim_fail_first=N`` the faults hit only the first N requests of the tag (a flaky provider that
+    recovers), so retries can be tested end to end."""
+    if _knob(request, metadata, "sim_fail_first") is None:
+        return False
+    tag = _knob(request, metadata, "sim_tag")
+    if tag is None:
+        raise _RequestError(400, "sim_fail_first needs sim_tag", param="metadata.sim_fail_first")
+    limit = int(_number(request, metadata, "sim_fail_first", 0))
+    return request.app[SIM_STATS_KEY].requests_by_tag[tag] > limit
+
+
+def _plan(
+    request: web.Request,
+    body: Mapping[str, Any],
+    settings: SimulatorSettings,
+    cap_fields: tuple[str, ...] = ("max_output_tokens",),
+) -> _Plan:
+    """Resolve the knobs; ``cap_fields`` name the body's output-token limits, the first one given wins."""
     metadata = _metadata(body)
     tokens = int(_number(request, metadata, "sim_tokens", settings.tokens))
-    cap = body.get("max_output_tokens")
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
-        raise _RequestError(400, "max_output_tokens must be an integer >= 1", param="max_output_tokens")
+    for name in cap_fields:
+        limit = body.get(name)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise _RequestError(400, f"{name} must be an integer >= 1", param=name)
+    cap = next((body[name] for name in cap_fields if body.get(name) is not None), None)
+    if _faults_spent(request, metadata):
+        return _Plan(
+            tokens=tokens,
+            cap=cap if cap is not None and cap < tokens else None,
+            token_delay_s=_number(request, metadata, "sim_token_delay_ms", settings.token_delay_ms) / 1000,
+            ttft_s=_number(request, metadata, "sim_ttft_ms", settings.ttft_ms) / 1000,
+            fault=None,
+            fail_after=None,
+        )
     fault = _knob(request, metadata, "sim_fault")
     if fault is not None and fault not in (FAULT_HANG, FAULT_ERROR_EVENT):
         status = fault.removeprefix(FAULT_HTTP_PREFIX)
@@ -302,6 +375,18 @@ class _SimulatedResponse:
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         }
 
+    last: Event = field(default_factory=dict)
+
+    def frames(self) -> Iterator[tuple[float, bytes]]:
+        """The numbered events as SSE frames, remembering the last one for ``answer``."""
+        for sequence_number, (delay_s, event) in enumerate(self.steps()):
+            event["sequence_number"] = sequence_number
+            self.last = event
+            yield delay_s, _sse_frame(event)
+
+    def answer(self) -> web.Response:
+        return _json(self.last["response"])
+
     def steps(self) -> Iterator[tuple[float, Event]]:
         """(seconds to wait first, event) pairs, in the order API_NOTES.md gives, not yet numbered."""
         plan = self.plan
@@ -359,46 +444,61 @@ def _sse_frame(event: Event) -> bytes:
     return b"event: " + str(event["type"]).encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
-async def _play(request: web.Request, sim: _SimulatedResponse, stream: web.StreamResponse | None) -> Event:
-    """Produce the events on schedule (writing each at once when streaming); return the last one."""
-    last: Event = {}
-    for sequence_number, (delay_s, event) in enumerate(sim.steps()):
+class _Generation(Protocol):
+    """One answer being produced, in whichever API's wire format; ``_serve`` runs its life."""
+
+    @property
+    def plan(self) -> _Plan: ...
+
+    def frames(self) -> Iterator[tuple[float, bytes]]:
+        """(seconds to wait first, SSE frame) pairs; also played, unwritten, for a non-streaming request."""
+        ...
+
+    def answer(self) -> web.Response:
+        """The non-streaming reply, once every frame has been played."""
+        ...
+
+
+async def _play(request: web.Request, generation: _Generation, stream: web.StreamResponse | None) -> None:
+    """Produce the frames on schedule, writing each at once when streaming."""
+    fail_after = generation.plan.fail_after
+    for count, (delay_s, frame) in enumerate(generation.frames(), start=1):
         await _wait(request, delay_s)
-        event["sequence_number"] = sequence_number
         if stream is not None:
             try:
-                await stream.write(_sse_frame(event))
+                await stream.write(frame)
             except ConnectionResetError as exc:
                 raise _ClientGone from exc
-        last = event
-        if sim.plan.fail_after is not None and sequence_number + 1 >= sim.plan.fail_after:
+        if fail_after is not None and count >= fail_after:
             raise _Crash
-    return last
 
 
-async def _create_response(request: web.Request) -> web.StreamResponse:
+async def _serve(
+    request: web.Request, prepare: Callable[[web.Request, dict[str, Any]], _Generation]
+) -> web.StreamResponse:
+    """Handle one generation request: log and count it, let ``prepare`` validate it (raising ``_RequestError``)
+    and plan the answer, then play that answer out, streaming or not, surviving faults and vanishing clients."""
     stats = request.app[SIM_STATS_KEY]
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
         body = None
     tag = _knob(request, _metadata(body), "sim_tag")
-    stats.record(tag, body)
+    stats.record(tag, body, request.path)
     if not isinstance(body, dict):
         return _RequestError(400, "The request body must be a JSON object.").response()
     try:
-        plan = _plan(request, body, request.app[SIM_SETTINGS_KEY])
+        generation = prepare(request, body)
     except _RequestError as error:
         return error.response()
 
-    sim = _SimulatedResponse(body=body, plan=plan)
     stream: web.StreamResponse | None = None
     if body.get("stream"):
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await stream.prepare(request)
     stats.active += 1
     try:
-        last = await _play(request, sim, stream)
+        await _play(request, generation, stream)
     except _ClientGone:
         stats.disconnected(tag)
         return stream if stream is not None else web.Response()  # aiohttp shrugs off the failed write
@@ -415,7 +515,14 @@ async def _create_response(request: web.Request) -> web.StreamResponse:
         stats.active -= 1
     stats.completed += 1
     # aiohttp finishes a returned stream itself and shrugs off a client that left just now.
-    return stream if stream is not None else _json(last["response"])
+    return stream if stream is not None else generation.answer()
+
+
+async def _create_response(request: web.Request) -> web.StreamResponse:
+    def prepare(request: web.Request, body: dict[str, Any]) -> _Generation:
+        return _SimulatedResponse(body=body, plan=_plan(request, body, request.app[SIM_SETTINGS_KEY]))
+
+    return await _serve(request, prepare)
 
 
 def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
@@ -445,12 +552,16 @@ async def _requests(request: web.Request) -> web.Response:
 
 def create_simulator_app(settings: SimulatorSettings) -> web.Application:
     """The simulator as an aiohttp application, with fresh stats."""
+    # The chat endpoint is built on this module's machinery, so it can only be imported once that exists.
+    from runs.simulator_chat import create_chat_completion
+
     # Long conversations make big bodies; aiohttp's 1 MiB default would turn them into 413s.
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app[SIM_SETTINGS_KEY] = settings
     app[SIM_STATS_KEY] = SimulatorStats()
     app.router.add_get("/v1/models", _list_models)
-    app.router.add_post("/v1/responses", _create_response)
+    app.router.add_post(RESPONSES_PATH, _create_response)
+    app.router.add_post(CHAT_COMPLETIONS_PATH, create_chat_completion)
     app.router.add_get("/sim/stats", _stats)
     app.router.add_post("/sim/reset", _reset)
     app.router.add_get("/sim/requests", _requests)

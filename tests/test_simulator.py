@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,16 +14,25 @@ import orjson
 import pytest
 from aiohttp import ClientSession
 from aiohttp.test_utils import TestServer
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionFunctionToolParam,
+    ChatCompletionMessageFunctionToolCall,
+    ChatCompletionMessageParam,
+)
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from runs.simulator import (
     SimulatorSettings,
+    chat_input_text_of,
     create_simulator_app,
     input_text_of,
     run_simulator,
     simulated_text,
 )
+from runs.simulator_chat import simulated_reasoning, simulated_tool_arguments
 
 EVENT_ADAPTER: TypeAdapter[ResponseStreamEvent] = TypeAdapter(ResponseStreamEvent)
 HAPPY_PATH_TYPES = [
@@ -322,6 +332,7 @@ async def test_stats_tags_and_request_log(client: openai.AsyncOpenAI, http: Clie
         "completed": 2,
         "disconnects": 0,
         "requests_by_tag": {"a": 2, "b": 1},
+        "requests_by_path": {"/v1/responses": 4, "/v1/chat/completions": 0},
         "disconnects_by_tag": {},
     }
     async with http.get("/sim/requests", params={"tag": "a"}) as resp:
@@ -350,3 +361,464 @@ async def test_run_simulator_serves_until_cancelled() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+# --- POST /v1/chat/completions ---
+
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi there"}]
+TOOLS: list[ChatCompletionFunctionToolParam] = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+]
+
+
+def validate_chunk(raw: dict[str, Any]) -> ChatCompletionChunk:
+    """Validate against the SDK model and refuse fields it does not know (bar the de-facto reasoning_content)."""
+    chunk = ChatCompletionChunk.model_validate(raw)
+    assert not chunk.model_extra
+    for choice in chunk.choices:
+        assert not choice.model_extra
+        assert set(choice.delta.model_extra or {}) <= {"reasoning_content"}
+    return chunk
+
+
+async def chat_frames(
+    http: ClientSession, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], bool]:
+    """POST a streaming chat request; return its JSON frames (chunks validated) and whether [DONE] ended it."""
+    async with http.post("/v1/chat/completions", json={**body, "stream": True}, headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.content_type == "text/event-stream"
+        raw = (await resp.read()).decode()
+    assert raw.endswith("\n\n")
+    frames = raw.split("\n\n")[:-1]
+    # OpenAI's chat stream is bare data lines: no event names, no ids.
+    assert all(frame.startswith("data: ") and "\n" not in frame for frame in frames)
+    done = frames[-1] == "data: [DONE]"
+    chunks = [orjson.loads(frame.removeprefix("data: ")) for frame in frames[: -1 if done else None]]
+    for chunk in chunks:
+        if "error" not in chunk:
+            validate_chunk(chunk)
+    return chunks, done
+
+
+def deltas(chunks: list[dict[str, Any]], key: str) -> list[Any]:
+    return [c["choices"][0]["delta"][key] for c in chunks if c["choices"] and key in c["choices"][0]["delta"]]
+
+
+@pytest.mark.parametrize(
+    ("responses_body", "chat_body"),
+    [
+        pytest.param({"input": "just this"}, {"messages": [{"role": "user", "content": "just this"}]}, id="string"),
+        pytest.param(
+            {"instructions": "Be brief.", "input": "hello"},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]},
+            id="instructions",
+        ),
+        pytest.param(
+            {
+                "input": [
+                    {"role": "user", "content": "plain"},
+                    {"role": "user", "content": ""},
+                    {
+                        "type": "message",
+                        "role": "user",
+                        "content": [
+                            {"type": "input_text", "text": "part one"},
+                            {"type": "input_image", "image_url": "data:,"},
+                            {"type": "input_text", "text": "part two"},
+                        ],
+                    },
+                ]
+            },
+            {
+                "messages": [
+                    {"role": "user", "content": "plain"},
+                    {"role": "user", "content": ""},
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "part one"},
+                            {"type": "image_url", "image_url": {"url": "data:,"}},
+                            {"type": "text", "text": "part two"},
+                        ],
+                    },
+                ]
+            },
+            id="items-and-parts",
+        ),
+        pytest.param(
+            {
+                "instructions": "Sys.",
+                "input": [
+                    {"role": "user", "content": "q1"},
+                    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "a1"}]},
+                    {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                    {"role": "user", "content": [{"type": "input_text", "text": "q2"}]},
+                ],
+            },
+            {
+                "messages": [
+                    {"role": "system", "content": "Sys."},
+                    {"role": "user", "content": "q1"},
+                    {"role": "assistant", "content": [{"type": "text", "text": "a1"}]},
+                    {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function"}]},
+                    {"role": "user", "content": "q2"},
+                ]
+            },
+            id="assistant-history",
+        ),
+    ],
+)
+def test_chat_input_text_of_equals_input_text_of_for_the_same_conversation(
+    responses_body: dict[str, Any], chat_body: dict[str, Any]
+) -> None:
+    assert chat_input_text_of(chat_body) == input_text_of(responses_body)
+
+
+def test_chat_input_text_of_takes_tool_turns_content_only_when_there_is_some() -> None:
+    calling = {"role": "assistant", "tool_calls": [{"id": "c1", "type": "function"}]}
+    messages = [
+        {"role": "user", "content": "q"},
+        {**calling, "content": ""},
+        {**calling, "content": "let me look"},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": ""},
+        {"role": "tool", "tool_call_id": "c3", "content": [{"type": "text", "text": "windy"}]},
+    ]
+    assert chat_input_text_of({"messages": messages}) == "q\nlet me look\nsunny\nwindy"
+    assert chat_input_text_of({}) == chat_input_text_of({"messages": "nope"}) == ""
+
+
+async def test_chat_stream_chunks_validate_in_order(http: ClientSession) -> None:
+    body = {"model": "any-model", "messages": HI, "stream_options": {"include_usage": True}}
+    chunks, done = await chat_frames(http, body)
+    assert done
+    expected = simulated_text(chat_input_text_of(body), 20)
+    assert len(chunks) == 1 + 20 + 2
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert deltas(chunks, "content") == ["", *expected]
+    assert chunks[-2]["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}]
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 20,
+        "total_tokens": 22,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+    assert all(chunk["usage"] is None for chunk in chunks[:-1])
+    assert all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks[:-2])
+    assert {chunk["id"] for chunk in chunks} == {chunks[0]["id"]}
+    assert chunks[0]["id"].startswith("chatcmpl-")
+    assert {(chunk["object"], chunk["model"], chunk["created"]) for chunk in chunks} == {
+        ("chat.completion.chunk", "any-model", chunks[0]["created"])
+    }
+
+    plain, done = await chat_frames(http, {"model": "sim-1", "messages": HI})
+    assert done
+    assert len(plain) == 1 + 20 + 1
+    assert all("usage" not in chunk for chunk in plain)
+
+
+async def test_chat_sdk_stream_joins_to_the_simulated_text(client: openai.AsyncOpenAI) -> None:
+    messages: list[ChatCompletionMessageParam] = [{"role": "system", "content": "Be brief."}, *HI]
+    stream = await client.chat.completions.create(
+        model="sim-1", messages=messages, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == "".join(simulated_text(chat_input_text_of({"messages": messages}), 20))
+    assert text == "".join(simulated_text(input_text_of({"instructions": "Be brief.", "input": "Hi there"}), 20))
+    assert [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1] == "stop"
+    assert [chunk.usage is not None for chunk in chunks] == [False] * (len(chunks) - 1) + [True]
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 20
+
+    unasked = await client.chat.completions.create(model="sim-1", messages=messages, stream=True)
+    assert [chunk.usage async for chunk in unasked] == [None] * 22
+
+
+async def test_chat_non_streaming_returns_a_valid_completion(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    completion = await client.chat.completions.create(model="any-model", messages=HI)
+    choice = completion.choices[0]
+    assert choice.message.content == "".join(simulated_text("Hi there", 20))
+    assert choice.message.tool_calls is None
+    assert choice.finish_reason == "stop"
+    assert completion.model == "any-model"
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (2, 20)
+    async with http.post("/v1/chat/completions", json={"model": "sim-1", "messages": HI}) as resp:
+        raw = await resp.json()
+    parsed = ChatCompletion.model_validate(raw)
+    assert not parsed.model_extra
+    assert parsed.object == "chat.completion"
+    assert parsed.id.startswith("chatcmpl-")
+
+
+@pytest.mark.parametrize("cap_field", ["max_tokens", "max_completion_tokens"])
+async def test_chat_token_cap_finishes_with_length(
+    client: openai.AsyncOpenAI, http: ClientSession, cap_field: str
+) -> None:
+    chunks, done = await chat_frames(http, {"model": "sim-1", "messages": HI, cap_field: 5})
+    assert done
+    assert deltas(chunks, "content")[1:] == simulated_text("Hi there", 20)[:5]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+    capped = await client.chat.completions.create(model="sim-1", messages=HI, extra_body={cap_field: 5})
+    assert capped.choices[0].message.content == "".join(simulated_text("Hi there", 20)[:5])
+    assert capped.choices[0].finish_reason == "length"
+    assert capped.usage is not None
+    assert capped.usage.completion_tokens == 5
+    roomy = await client.chat.completions.create(model="sim-1", messages=HI, extra_body={cap_field: 20})
+    assert roomy.choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError, match=cap_field):
+        await client.chat.completions.create(model="sim-1", messages=HI, extra_body={cap_field: 0})
+
+
+async def test_chat_max_completion_tokens_wins_over_max_tokens(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.create(model="sim-1", messages=HI, max_completion_tokens=3, max_tokens=7)
+    assert completion.choices[0].message.content == "".join(simulated_text("Hi there", 20)[:3])
+
+
+async def test_chat_tool_calls_stream_in_pieces_that_assemble_to_json(
+    client: openai.AsyncOpenAI, http: ClientSession
+) -> None:
+    body: dict[str, Any] = {"model": "sim-1", "messages": HI, "tools": TOOLS, "metadata": {"sim_tool_calls": "3"}}
+    chunks, done = await chat_frames(http, body)
+    assert done
+    first = chunks[0]["choices"][0]["delta"]
+    assert first["role"] == "assistant"
+    assert first["content"] is None
+    assert first["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    assert deltas(chunks, "content") == [None]
+    pieces_per_call = [0, 0, 0]
+    for call_delta in (call for calls in deltas(chunks, "tool_calls") for call in calls):
+        if "id" not in call_delta:
+            assert set(call_delta) == {"index", "function"}
+            pieces_per_call[call_delta["index"]] += 1
+    assert min(pieces_per_call) >= 3
+
+    stream = await client.chat.completions.create(
+        model="sim-1", messages=HI, tools=TOOLS, stream=True, extra_body={"metadata": {"sim_tool_calls": "3"}}
+    )
+    calls: dict[int, dict[str, str]] = {}
+    finish_reasons = []
+    async for chunk in stream:
+        finish_reasons.append(chunk.choices[0].finish_reason)
+        for tool_call in chunk.choices[0].delta.tool_calls or []:
+            call = calls.setdefault(tool_call.index, {"id": "", "name": "", "arguments": ""})
+            assert tool_call.function is not None
+            call["id"] += tool_call.id or ""
+            call["name"] += tool_call.function.name or ""
+            call["arguments"] += tool_call.function.arguments or ""
+    assert finish_reasons[-1] == "tool_calls"
+    assert [call["name"] for call in calls.values()] == ["get_weather", "get_time", "get_weather"]
+    assert all(call["id"].startswith("call_") for call in calls.values())
+    assert len({call["id"] for call in calls.values()}) == 3
+    for index, call in calls.items():
+        arguments = json.loads(call["arguments"])
+        assert arguments["n"] == index
+        assert isinstance(arguments["city"], str)
+        assert call["arguments"] == simulated_tool_arguments("Hi there", index)
+
+
+async def test_chat_non_streaming_tool_calls(client: openai.AsyncOpenAI) -> None:
+    completion = await client.chat.completions.create(
+        model="sim-1", messages=HI, tools=TOOLS[1:], extra_headers={"x-sim-tool-calls": "2"}
+    )
+    choice = completion.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    assert choice.message.tool_calls is not None
+    calls = [call for call in choice.message.tool_calls if isinstance(call, ChatCompletionMessageFunctionToolCall)]
+    assert len(calls) == 2
+    assert [call.function.name for call in calls] == ["get_time", "get_time"]
+    assert [json.loads(call.function.arguments)["n"] for call in calls] == [0, 1]
+
+
+async def test_chat_tool_calls_need_function_tools(client: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        await client.chat.completions.create(
+            model="sim-1", messages=HI, extra_body={"metadata": {"sim_tool_calls": "1"}}
+        )
+    with pytest.raises(openai.BadRequestError, match="sim_tool_calls"):
+        await client.chat.completions.create(
+            model="sim-1", messages=HI, tools=TOOLS, extra_body={"metadata": {"sim_tool_calls": "1.5"}}
+        )
+
+
+async def test_chat_reasoning_streams_before_the_content(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    body = {"model": "sim-1", "messages": HI, "metadata": {"sim_reasoning": "4", "sim_tokens": "3"}}
+    chunks, _ = await chat_frames(http, {**body, "stream_options": {"include_usage": True}})
+    kinds = [next(iter(c["choices"][0]["delta"]), None) for c in chunks if c["choices"]]
+    assert kinds == ["role", *["reasoning_content"] * 4, *["content"] * 3, None]
+    assert deltas(chunks, "reasoning_content") == simulated_reasoning("Hi there", 4)
+    assert deltas(chunks, "content")[1:] == simulated_text("Hi there", 3)
+    assert chunks[-1]["usage"]["completion_tokens"] == 7
+    assert chunks[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 4}
+
+    completion = await client.chat.completions.create(
+        model="sim-1", messages=HI, extra_body={"metadata": body["metadata"]}
+    )
+    message = completion.choices[0].message
+    assert message.content == "".join(simulated_text("Hi there", 3))
+    assert message.model_extra == {"reasoning_content": "".join(simulated_reasoning("Hi there", 4))}
+
+    # Reasoning then calls: the opening chunk keeps the role, so the first call does not repeat it.
+    calling = {**body, "tools": TOOLS, "metadata": {"sim_reasoning": "2", "sim_tool_calls": "1"}}
+    chunks, _ = await chat_frames(http, calling)
+    kinds = [next(iter(c["choices"][0]["delta"]), None) for c in chunks]
+    assert kinds[:4] == ["role", "reasoning_content", "reasoning_content", "tool_calls"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_chat_count_and_pace_knobs(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    started = time.monotonic()
+    completion = await client.chat.completions.create(
+        model="sim-1",
+        messages=HI,
+        extra_body={"metadata": {"sim_tokens": "5", "sim_token_delay_ms": "30"}},
+        extra_headers={"x-sim-ttft-ms": "100", "x-sim-tokens": "4"},
+    )
+    assert time.monotonic() - started >= 0.1 + 3 * 0.03
+    assert completion.choices[0].message.content == "".join(simulated_text("Hi there", 4))
+
+    started = time.monotonic()
+    body = {"model": "sim-1", "messages": HI, "stream": True}
+    async with http.post("/v1/chat/completions", json=body, headers={"x-sim-ttft-ms": "300"}) as resp:
+        opening = await resp.content.readuntil(b"\n\n")
+        assert b'"role":"assistant"' in opening
+        assert time.monotonic() - started < 0.25
+        await resp.read()
+    assert time.monotonic() - started >= 0.3
+
+    empty, done = await chat_frames(http, {"model": "sim-1", "messages": HI, "metadata": {"sim_tokens": "0"}})
+    assert done
+    assert deltas(empty, "content") == [""]
+
+
+@pytest.mark.parametrize(
+    ("fault", "error_class"),
+    [
+        ("http_500", openai.InternalServerError),
+        ("http_429", openai.RateLimitError),
+        ("http_400", openai.BadRequestError),
+    ],
+)
+async def test_chat_http_fault_answers_an_error_envelope(
+    client: openai.AsyncOpenAI, fault: str, error_class: type[openai.APIStatusError]
+) -> None:
+    with pytest.raises(error_class) as caught:
+        await client.chat.completions.create(
+            model="sim-1", messages=HI, stream=True, extra_body={"metadata": {"sim_fault": fault}}
+        )
+    assert caught.value.status_code == int(fault.removeprefix("http_"))
+    assert isinstance(caught.value.body, dict)
+    assert set(caught.value.body) == {"message", "type", "param", "code"}
+
+
+async def test_chat_malformed_requests_are_400s(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    async with http.post("/v1/chat/completions", json={"model": "sim-1"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == "messages"
+    with pytest.raises(openai.BadRequestError, match="sim_fault"):
+        await client.chat.completions.create(model="sim-1", messages=HI, extra_headers={"x-sim-fault": "explode"})
+
+
+async def test_chat_hang_holds_the_stream_until_the_client_leaves(
+    client: openai.AsyncOpenAI, http: ClientSession
+) -> None:
+    stream = await client.chat.completions.create(
+        model="sim-1", messages=HI, stream=True, extra_body={"metadata": {"sim_fault": "hang", "sim_tag": "hung"}}
+    )
+    opening = await anext(aiter(stream))
+    assert opening.choices[0].delta.role == "assistant"
+    await asyncio.sleep(0.2)
+    assert (await stats(http))["active"] == 1
+    await stream.close()
+    after = await wait_for_stats(http, disconnects=1, active=0)
+    assert after["disconnects_by_tag"] == {"hung": 1}, after
+    assert after["active"] == 0
+    assert after["completed"] == 0
+
+
+async def test_chat_fail_after_aborts_the_connection(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    stream = await client.chat.completions.create(
+        model="sim-1", messages=HI, stream=True, extra_body={"metadata": {"sim_fail_after": "3"}}
+    )
+    seen: list[str | None] = []
+
+    async def read_to_the_end() -> None:
+        async for chunk in stream:
+            seen.append(chunk.choices[0].delta.content)
+
+    with pytest.raises(openai.APIConnectionError):
+        await read_to_the_end()
+    assert seen == ["", *simulated_text("Hi there", 20)[:2]]
+    with pytest.raises(openai.APIConnectionError):
+        await client.chat.completions.create(model="sim-1", messages=HI, extra_headers={"x-sim-fail-after": "3"})
+    assert (await stats(http))["disconnects"] == 0
+
+
+async def test_chat_error_event_ends_the_stream_without_done(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    body: dict[str, Any] = {"model": "sim-1", "messages": HI, "metadata": {"sim_fault": "error_event"}}
+    chunks, done = await chat_frames(http, body)
+    assert not done
+    assert deltas(chunks[:-1], "content") == ["", simulated_text("Hi there", 20)[0]]
+    assert chunks[-1] == {"error": {"message": "simulated failure", "type": "server_error", "code": "server_error"}}
+
+    calling, done = await chat_frames(
+        http, {**body, "tools": TOOLS, "metadata": {**body["metadata"], "sim_tool_calls": "2"}}
+    )
+    assert not done
+    assert [list(chunk) for chunk in calling[1:]] == [["error"]]
+    assert calling[0]["choices"][0]["delta"]["tool_calls"][0]["index"] == 0
+
+    # The SDK turns the error frame into an exception; a non-streaming request gets a 500.
+    stream = await client.chat.completions.create(model="sim-1", messages=HI, stream=True, extra_body=body)
+    with pytest.raises(openai.APIError, match="simulated failure"):
+        async for _ in stream:
+            pass
+    with pytest.raises(openai.InternalServerError, match="simulated failure"):
+        await client.chat.completions.create(model="sim-1", messages=HI, extra_body=body)
+
+
+async def test_chat_requests_share_the_stats_and_request_log(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    await client.responses.create(model="sim-1", input="one", metadata={"sim_tag": "a"})
+    await client.chat.completions.create(model="sim-1", messages=HI, extra_body={"metadata": {"sim_tag": "a"}})
+    stream = await client.chat.completions.create(
+        model="sim-1", messages=HI, stream=True, extra_headers={"x-sim-tag": "b"}
+    )
+    async for _ in stream:
+        pass
+    with pytest.raises(openai.RateLimitError):
+        await client.chat.completions.create(
+            model="sim-1", messages=HI, extra_body={"metadata": {"sim_tag": "b", "sim_fault": "http_429"}}
+        )
+    async with http.post("/v1/chat/completions", data=b"not json") as resp:
+        assert resp.status == 400
+
+    assert await stats(http) == {
+        "requests": 5,
+        "active": 0,
+        "completed": 3,
+        "disconnects": 0,
+        "requests_by_tag": {"a": 2, "b": 2},
+        "requests_by_path": {"/v1/responses": 1, "/v1/chat/completions": 4},
+        "disconnects_by_tag": {},
+    }
+    async with http.get("/sim/requests", params={"tag": "a"}) as resp:
+        logged = await resp.json()
+    assert [("input" in body, "messages" in body) for body in logged] == [(True, False), (False, True)]
+    async with http.post("/sim/reset") as resp:
+        assert (await resp.json())["requests_by_path"] == {"/v1/responses": 0, "/v1/chat/completions": 0}
+
+
+async def test_responses_endpoint_ignores_the_chat_only_knobs(client: openai.AsyncOpenAI) -> None:
+    response = await client.responses.create(
+        model="sim-1", input="x", metadata={"sim_tool_calls": "2", "sim_reasoning": "3"}
+    )
+    assert response.status == "completed"
+    assert response.output_text == "".join(simulated_text("x", 20))

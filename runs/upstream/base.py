@@ -75,5 +75,9 @@ class Upstream(Protocol):
         """Stream one model turn for a Responses-shaped request body."""
         ...
 
+    async def list_models(self) -> list[str]:
+        """The model ids the provider itself lists."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""

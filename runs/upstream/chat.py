@@ -8,7 +8,7 @@ from typing import Any
 from runs.upstream.base import UpstreamSpec
 from runs.upstream.chat_request import ChatDialect, chat_request
 from runs.upstream.chat_stream import ChatStreamTranslator
-from runs.upstream.client import make_client, stream_json
+from runs.upstream.client import make_client, provider_models, stream_json
 
 
 class ChatUpstream:
@@ -31,6 +31,9 @@ class ChatUpstream:
                 yield event
         for event in translator.finish():
             yield event
+
+    async def list_models(self) -> list[str]:
+        return await provider_models(self._client, self.spec.name)
 
     async def close(self) -> None:
         await self._client.close()

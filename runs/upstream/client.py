@@ -97,3 +97,13 @@ async def stream_json(
         raise failure_from(error, upstream) from error
     finally:
         await stream.close()
+
+
+async def provider_models(client: AsyncOpenAI, upstream: str) -> list[str]:
+    """The model ids the provider lists at `GET /models`."""
+    try:
+        page = await client.get("/models", cast_to=object)
+    except openai.APIError as error:
+        raise failure_from(error, upstream) from error
+    data = page.get("data") if isinstance(page, dict) else None
+    return [str(entry["id"]) for entry in data or [] if isinstance(entry, dict) and "id" in entry]

@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from runs.upstream.base import UpstreamSpec
-from runs.upstream.client import make_client, stream_json
+from runs.upstream.client import make_client, provider_models, stream_json
 
 
 class ResponsesUpstream:
@@ -24,6 +24,9 @@ class ResponsesUpstream:
     async def stream_turn(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         async for event in stream_json(self._client, self.spec.name, "/responses", body):
             yield event
+
+    async def list_models(self) -> list[str]:
+        return await provider_models(self._client, self.spec.name)
 
     async def close(self) -> None:
         await self._client.close()

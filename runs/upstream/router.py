@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from runs.errors import NotFound
 from runs.upstream.base import Upstream, UpstreamSpec
 from runs.upstream.chat import ChatUpstream
 from runs.upstream.responses import ResponsesUpstream
+
+log = logging.getLogger(__name__)
+
+# Provider model lists are asked for at most this often, and waited for at most this long.
+MODEL_LIST_TTL_SECONDS = 60.0
+MODEL_LIST_TIMEOUT_SECONDS = 5.0
+_GLOB_CHARACTERS = frozenset("*?[")
+
+
+@dataclass(frozen=True, slots=True)
+class RoutableModel:
+    """A model a client may ask for, and the upstream that serves it."""
+
+    id: str
+    upstream: str
 
 
 def build_upstream(spec: UpstreamSpec) -> Upstream:
@@ -22,6 +41,7 @@ class UpstreamRouter:
 
     def __init__(self, upstreams: list[Upstream]) -> None:
         self._upstreams = upstreams
+        self._listed: tuple[float, list[RoutableModel]] | None = None
 
     @classmethod
     def from_specs(cls, specs: list[UpstreamSpec]) -> UpstreamRouter:
@@ -41,6 +61,35 @@ class UpstreamRouter:
             param="model",
             code="model_not_found",
         )
+
+    async def routable_models(self) -> list[RoutableModel]:
+        """Every model id a request may name, in routing order: the exact names and `model_map` entries of each
+        upstream, and what a provider lists that its glob patterns admit (cached for a minute; a provider that
+        cannot be asked contributes its exact names only)."""
+        now = time.monotonic()
+        if self._listed is not None and now - self._listed[0] < MODEL_LIST_TTL_SECONDS:
+            return self._listed[1]
+        listings = await asyncio.gather(*(self._provider_listing(upstream) for upstream in self._upstreams))
+        models: list[RoutableModel] = []
+        seen: set[str] = set()
+        for upstream, listed in zip(self._upstreams, listings, strict=True):
+            spec = upstream.spec
+            exact = [pattern for pattern in spec.models if not _GLOB_CHARACTERS & set(pattern)]
+            for model in [*exact, *spec.model_map, *listed]:
+                if model not in seen and self.route(model) is upstream:
+                    seen.add(model)
+                    models.append(RoutableModel(model, spec.name))
+        self._listed = (now, models)
+        return models
+
+    async def _provider_listing(self, upstream: Upstream) -> list[str]:
+        if all(not _GLOB_CHARACTERS & set(pattern) for pattern in upstream.spec.models):
+            return []
+        try:
+            return await asyncio.wait_for(upstream.list_models(), MODEL_LIST_TIMEOUT_SECONDS)
+        except Exception as error:
+            log.warning("could not list the models of upstream %s: %s", upstream.spec.name, error)
+            return []
 
     async def close(self) -> None:
         for upstream in self._upstreams:

@@ -1,0 +1,255 @@
+"""The simulator's ``POST /v1/chat/completions``: the same deterministic answers and knobs as ``/v1/responses``
+(see ``runs.simulator``), spoken in the Chat Completions wire format, for testing providers that only have it.
+
+The text is ``simulated_text(chat_input_text_of(body), tokens)``, which equals the Responses answer to the
+same conversation. A stream is ``data: <chat.completion.chunk>`` frames (no ``event:`` lines, as OpenAI sends
+them): an opening ``{"role": "assistant", "content": ""}`` delta, one ``content`` delta per token, a final
+chunk with an empty delta and ``finish_reason``, then (if ``stream_options.include_usage``; other chunks then
+carry ``"usage": null``) a chunk with no choices and the usage, and ``data: [DONE]``. ``max_completion_tokens``
+(or else ``max_tokens``) below the token count cuts the text there and finishes with ``"length"``.
+
+How the shared knobs read here: ``sim_ttft_ms`` delays the first chunk after the opening one; ``sim_fault``
+``hang`` sends the opening chunk then nothing; ``error_event`` sends ``data: {"error": {...}}`` after the first
+content (or tool call) chunk and ends without ``[DONE]`` (a non-streaming request gets a 500 error envelope,
+as chat has no failed-completion object); ``sim_fail_after`` counts frames (the opening chunk is the 1st).
+
+Chat-only knobs (whole numbers, 0 = off; the Responses endpoint ignores them):
+
+``sim_reasoning``
+    ``R``: before the answer, R tokens of ``simulated_reasoning`` as ``reasoning_content`` deltas, as DeepSeek,
+    vLLM and llama.cpp stream them (a non-streaming message carries ``reasoning_content``). They count in
+    ``completion_tokens`` and ``completion_tokens_details.reasoning_tokens``.
+``sim_tool_calls``
+    ``N``: answer with N function calls instead of text (needs function ``tools``; call i uses tool
+    ``i % len(tools)``, its arguments ``simulated_tool_arguments(input_text, i)``), finishing ``"tool_calls"``.
+    Without reasoning before it, the first call's chunk opens the message (``role``, ``content: null``) in
+    place of the usual opening chunk. Each call streams its id and name first, then its arguments in
+    pieces of a few characters (each piece counts as a completion token). The token cap does not apply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from aiohttp import web
+
+from runs.simulator import (
+    _VOCABULARY,
+    FAILURE_MESSAGE,
+    FAULT_ERROR_EVENT,
+    FAULT_HANG,
+    SIM_MODEL_ID,
+    SIM_SETTINGS_KEY,
+    Event,
+    _json,
+    _metadata,
+    _number,
+    _Plan,
+    _plan,
+    _RequestError,
+    _serve,
+    chat_input_text_of,
+    simulated_text,
+)
+
+# Small enough that every call's arguments arrive in several chunks, which is what clients must reassemble.
+ARGUMENT_PIECE_CHARS = 5
+_DONE_FRAME = b"data: [DONE]\n\n"
+_ERROR_CHUNK: Event = {"error": {"message": FAILURE_MESSAGE, "type": "server_error", "code": "server_error"}}
+
+# When a chunk goes out: "opening" at once, the first other chunk after the time to first token, further
+# "output" chunks (tokens, argument pieces) a token delay apart, "closing" ones (finish, usage, error) at once.
+_Pace = Literal["opening", "output", "closing"]
+
+
+def simulated_reasoning(input_text: str, tokens: int) -> list[str]:
+    """The deterministic reasoning tokens streamed before the answer to ``input_text``."""
+    # A different seed than the answer's, so reasoning and answer text are told apart in tests.
+    return simulated_text("reasoning\n" + input_text, tokens)
+
+
+def simulated_tool_arguments(input_text: str, index: int) -> str:
+    """The JSON arguments of the ``index``-th simulated call answering ``input_text``."""
+    digest = hashlib.sha256(f"call {index}\n{input_text}".encode()).digest()
+    word = _VOCABULARY[int.from_bytes(digest, "big") % len(_VOCABULARY)]
+    return json.dumps({"city": word, "n": index})
+
+
+@dataclass(frozen=True, slots=True)
+class _ToolCall:
+    id: str
+    name: str
+    arguments: str
+
+    def pieces(self) -> list[str]:
+        text = self.arguments
+        return [text[start : start + ARGUMENT_PIECE_CHARS] for start in range(0, len(text), ARGUMENT_PIECE_CHARS)]
+
+
+@dataclass(slots=True)
+class _SimulatedChat:
+    """One chat completion being generated, everything it will say decided up front."""
+
+    plan: _Plan
+    model: str
+    include_usage: bool
+    prompt_tokens: int
+    reasoning: list[str]
+    content: list[str]  # empty when answering with tool calls
+    calls: list[_ToolCall]
+    completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def finish_reason(self) -> str:
+        if self.calls:
+            return "tool_calls"
+        return "length" if self.plan.cap is not None else "stop"
+
+    def usage(self) -> Event:
+        completion_tokens = len(self.reasoning) + len(self.content) + sum(len(call.pieces()) for call in self.calls)
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": len(self.reasoning)},
+        }
+
+    def _head(self, kind: str) -> Event:
+        return {"id": self.completion_id, "object": kind, "created": self.created, "model": self.model}
+
+    def _chunk(self, delta: Event, finish_reason: str | None = None) -> Event:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        chunk = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def _chunks(self) -> Iterator[tuple[_Pace, Event]]:
+        failing = self.plan.fault == FAULT_ERROR_EVENT
+        if self.reasoning or not self.calls:
+            yield "opening", self._chunk({"role": "assistant", "content": ""})
+        for token in self.reasoning:
+            yield "output", self._chunk({"reasoning_content": token})
+        for index, call in enumerate(self.calls):
+            function = {"name": call.name, "arguments": ""}
+            opening = {"index": index, "id": call.id, "type": "function", "function": function}
+            role = {} if index or self.reasoning else {"role": "assistant", "content": None}
+            yield "output", self._chunk({**role, "tool_calls": [opening]})
+            if failing:
+                yield "closing", _ERROR_CHUNK
+                return
+            for piece in call.pieces():
+                yield "output", self._chunk({"tool_calls": [{"index": index, "function": {"arguments": piece}}]})
+        for token in self.content:
+            yield "output", self._chunk({"content": token})
+            if failing:
+                yield "closing", _ERROR_CHUNK
+                return
+        if failing:  # no content to fail after (sim_tokens 0): fail at once
+            yield "closing", _ERROR_CHUNK
+            return
+        yield "closing", self._chunk({}, self.finish_reason)
+        if self.include_usage:
+            yield "closing", {**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage()}
+
+    def frames(self) -> Iterator[tuple[float, bytes]]:
+        plan = self.plan
+        # A hang is a time to first token that never ends; the server's _wait notices the client leaving.
+        first_s = math.inf if plan.fault == FAULT_HANG else plan.ttft_s
+        waited = False
+        for pace, chunk in self._chunks():
+            delay_s = 0.0
+            if pace != "opening" and not waited:
+                delay_s, waited = first_s, True
+            elif pace == "output":
+                delay_s = plan.token_delay_s
+            yield delay_s, b"data: " + orjson.dumps(chunk) + b"\n\n"
+        # A stream broken by an error event just stops, as providers' do: [DONE] would claim it finished.
+        if plan.fault != FAULT_ERROR_EVENT:
+            yield 0.0, _DONE_FRAME
+
+    def answer(self) -> web.Response:
+        if self.plan.fault == FAULT_ERROR_EVENT:
+            # Chat has no failed-completion object, so a generation breaking off answers as a provider error.
+            return _RequestError(500, FAILURE_MESSAGE, code="server_error").response()
+        message: Event = {
+            "role": "assistant",
+            "content": None if self.calls else "".join(self.content),
+            "refusal": None,
+        }
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                for call in self.calls
+            ]
+        choice = {"index": 0, "message": message, "finish_reason": self.finish_reason, "logprobs": None}
+        return _json({**self._head("chat.completion"), "choices": [choice], "usage": self.usage()})
+
+
+def _count(request: web.Request, metadata: Mapping[str, Any], name: str) -> int:
+    """A whole-number chat knob, 0 when absent."""
+    value = _number(request, metadata, name, 0.0)
+    if not value.is_integer():
+        raise _RequestError(400, f"{name} must be a whole number, got {value}", param=f"metadata.{name}")
+    return int(value)
+
+
+def _function_names(tools: Any) -> list[str]:
+    """The names of the function tools in ``tools`` (others, e.g. custom tools, cannot be simulated)."""
+    names: list[str] = []
+    for tool in tools if isinstance(tools, list) else ():
+        function = tool.get("function") if isinstance(tool, Mapping) and tool.get("type") == "function" else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if isinstance(name, str) and name:
+            names.append(name)
+    return names
+
+
+def _prepare(request: web.Request, body: dict[str, Any]) -> _SimulatedChat:
+    # max_tokens is the deprecated spelling; servers such as vLLM prefer max_completion_tokens when both come.
+    cap_fields = ("max_completion_tokens", "max_tokens")
+    plan = _plan(request, body, request.app[SIM_SETTINGS_KEY], cap_fields=cap_fields)
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _RequestError(400, "messages must be a non-empty array", param="messages")
+    metadata = _metadata(body)
+    call_count = _count(request, metadata, "sim_tool_calls")
+    reasoning_count = _count(request, metadata, "sim_reasoning")
+    names = _function_names(body.get("tools"))
+    if call_count and not names:
+        raise _RequestError(400, "sim_tool_calls needs function tools in the request", param="tools")
+    input_text = chat_input_text_of(body)
+    calls = [
+        _ToolCall(f"call_{uuid.uuid4().hex}", names[index % len(names)], simulated_tool_arguments(input_text, index))
+        for index in range(call_count)
+    ]
+    stream_options = body.get("stream_options")
+    include_usage = (
+        bool(body.get("stream")) and isinstance(stream_options, Mapping) and bool(stream_options.get("include_usage"))
+    )
+    return _SimulatedChat(
+        plan=plan,
+        model=str(body.get("model") or SIM_MODEL_ID),
+        include_usage=include_usage,
+        prompt_tokens=len(input_text.split()),
+        reasoning=simulated_reasoning(input_text, reasoning_count),
+        content=[] if calls else simulated_text(input_text, plan.tokens)[: plan.cap],
+        calls=calls,
+    )
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``; registered by ``runs.simulator.create_simulator_app``."""
+    return await _serve(request, _prepare)
