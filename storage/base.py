@@ -32,6 +32,14 @@ class ResponseClosed(StoreError):
     """An append after the response reached a terminal status."""
 
 
+class ConversationMissing(StoreError):
+    """The conversation does not exist (never created, deleted, or expired)."""
+
+
+class CursorNotFound(StoreError):
+    """A page's `after` names no item of the list."""
+
+
 class StoreUnavailable(StoreError):
     """The backend could not be reached or did not answer in time. Safe to retry: appends are idempotent."""
 
@@ -103,6 +111,17 @@ class IdempotencyClaim:
     claimed_at_ms: int
 
 
+@dataclass(frozen=True, slots=True)
+class ConversationRecord:
+    """A conversation's own fields; its items are read page by page."""
+
+    conversation_id: str
+    created_at: int
+    metadata: bytes
+    active_response_id: str | None
+    latest_completed_response_id: str | None
+
+
 class Store(Protocol):
     """Persistence of responses and their event logs. Every write sets the retention TTL of what it touches."""
 
@@ -166,6 +185,49 @@ class Store(Protocol):
 
     async def refresh_idempotency_key(self, scope: str, key: str, *, ttl_seconds: int) -> None:
         """Restart the key's TTL (when its response ends, so the key outlives it)."""
+
+    async def create_conversation(
+        self, conversation_id: str, *, created_at: int, metadata: bytes, items: Sequence[tuple[str, bytes]]
+    ) -> None:
+        """Create a conversation with its first items (id, JSON). Raises ResponseAlreadyExists on a clash."""
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """The conversation, or None."""
+
+    async def set_conversation_metadata(self, conversation_id: str, metadata: bytes) -> None:
+        """Replace the metadata. Raises ConversationMissing."""
+
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        """Remove the conversation and all its items. True when something was deleted."""
+
+    async def append_conversation_items(self, conversation_id: str, items: Sequence[tuple[str, bytes]]) -> str | None:
+        """Append items unless a turn is running (then its response id is returned and nothing changes).
+        Raises ConversationMissing."""
+
+    async def begin_conversation_turn(self, conversation_id: str, response_id: str) -> str | None:
+        """Make `response_id` the conversation's active response, atomically, unless one already is: then that
+        one's id is returned and nothing changes. Raises ConversationMissing."""
+
+    async def end_conversation_turn(
+        self, conversation_id: str, response_id: str, *, completed: bool, items: Sequence[tuple[str, bytes]]
+    ) -> bool:
+        """Release the turn held by `response_id`; if it completed, append its items (input then output) and make
+        it the latest completed response, in the same step. False when it no longer held the turn."""
+
+    async def clear_conversation_turn(self, conversation_id: str, response_id: str) -> bool:
+        """Release the turn if `response_id` (found dead or finished) still holds it."""
+
+    async def list_conversation_items(
+        self, conversation_id: str, *, after: str | None, limit: int, order: str
+    ) -> tuple[list[bytes], bool]:
+        """A page of items (JSON) in `order` ('asc' oldest first, 'desc' newest first) after the item `after`,
+        and whether more follow. Raises CursorNotFound for an unknown `after`."""
+
+    async def get_conversation_item(self, conversation_id: str, item_id: str) -> bytes | None:
+        """One item's JSON, or None."""
+
+    async def delete_conversation_item(self, conversation_id: str, item_id: str) -> bool:
+        """Remove one item. False when there was no such item. Raises ConversationMissing."""
 
     async def ping(self) -> None:
         """Raise if the backend cannot be reached."""

@@ -47,6 +47,11 @@ class KeySpace:
             self.response_input(response_id),
         )
 
+    def conversation_keys(self, conversation_id: str) -> tuple[str, str, str]:
+        """A conversation's hash (fields, turn lock), items hash (id → JSON) and order list (ids), one slot."""
+        base = f"{self.prefix}:{{{conversation_id}}}"
+        return f"{base}:conv", f"{base}:items", f"{base}:order"
+
     def idempotency(self, scope: str, key: str) -> str:
         """String (JSON claim) for an Idempotency-Key within a scope. The client's key is hashed: it never appears
         in a key name, and every name has the same short length."""

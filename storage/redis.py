@@ -18,6 +18,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.base import (
+    ConversationMissing,
+    ConversationRecord,
+    CursorNotFound,
     DeleteOutcome,
     IdempotencyClaim,
     NewResponse,
@@ -74,6 +77,13 @@ def _unavailable_on_connection_error(
     return wrapper
 
 
+def _pairs(items: Sequence[tuple[str, bytes]]) -> list[bytes | str]:
+    flat: list[bytes | str] = []
+    for item_id, item in items:
+        flat += (item_id, item)
+    return flat
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -121,6 +131,9 @@ class RedisStore:
         self._cancel_script = client.register_script(_load_lua("request_cancel.lua"))
         self._claim_script = client.register_script(_load_lua("claim_idempotency_key.lua"))
         self._release_script = client.register_script(_load_lua("release_idempotency_key.lua"))
+        self._create_conversation_script = client.register_script(_load_lua("create_conversation.lua"))
+        self._conversation_script = client.register_script(_load_lua("conversation.lua"))
+        self._list_items_script = client.register_script(_load_lua("list_conversation_items.lua"))
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 64) -> RedisStore:
@@ -268,6 +281,94 @@ class RedisStore:
     @_unavailable_on_connection_error
     async def refresh_idempotency_key(self, scope: str, key: str, *, ttl_seconds: int) -> None:
         await self._client.pexpire(self._keys.idempotency(scope, key), ttl_seconds * 1000)
+
+    @_unavailable_on_connection_error
+    async def create_conversation(
+        self, conversation_id: str, *, created_at: int, metadata: bytes, items: Sequence[tuple[str, bytes]]
+    ) -> None:
+        args: list[bytes | str | int] = [self._ttl_ms, created_at, metadata, *_pairs(items)]
+        keys = list(self._keys.conversation_keys(conversation_id))
+        if await self._create_conversation_script(keys=keys, args=args) == b"EXISTS":
+            raise ResponseAlreadyExists(conversation_id)
+
+    @_unavailable_on_connection_error
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        key = self._keys.conversation_keys(conversation_id)[0]
+        fields: dict[bytes, bytes] = await self._client.hgetall(key)  # type: ignore[assignment]
+        if not fields:
+            return None
+        return ConversationRecord(
+            conversation_id=conversation_id,
+            created_at=int(fields[b"created_at"]),
+            metadata=fields[b"metadata"],
+            active_response_id=fields[b"active"].decode() or None,
+            latest_completed_response_id=fields[b"latest"].decode() or None,
+        )
+
+    async def _change_conversation(self, conversation_id: str, action: str, *args: bytes | str) -> bytes:
+        keys = list(self._keys.conversation_keys(conversation_id))
+        result: bytes = await self._conversation_script(keys=keys, args=[self._ttl_ms, action, *args])
+        if result == b"MISSING":
+            raise ConversationMissing(conversation_id)
+        return result
+
+    @_unavailable_on_connection_error
+    async def set_conversation_metadata(self, conversation_id: str, metadata: bytes) -> None:
+        await self._change_conversation(conversation_id, "metadata", metadata)
+
+    @_unavailable_on_connection_error
+    async def delete_conversation(self, conversation_id: str) -> bool:
+        deleted: int = await self._client.delete(*self._keys.conversation_keys(conversation_id))
+        return deleted > 0
+
+    @_unavailable_on_connection_error
+    async def append_conversation_items(self, conversation_id: str, items: Sequence[tuple[str, bytes]]) -> str | None:
+        result = await self._change_conversation(conversation_id, "append", "", *_pairs(items))
+        return None if result == b"OK" else result.decode()
+
+    @_unavailable_on_connection_error
+    async def begin_conversation_turn(self, conversation_id: str, response_id: str) -> str | None:
+        result = await self._change_conversation(conversation_id, "begin", response_id)
+        return None if result == b"OK" else result.decode()
+
+    @_unavailable_on_connection_error
+    async def end_conversation_turn(
+        self, conversation_id: str, response_id: str, *, completed: bool, items: Sequence[tuple[str, bytes]]
+    ) -> bool:
+        result = await self._change_conversation(
+            conversation_id, "end", response_id, "1" if completed else "0", *_pairs(items)
+        )
+        return result == b"OK"
+
+    @_unavailable_on_connection_error
+    async def clear_conversation_turn(self, conversation_id: str, response_id: str) -> bool:
+        try:
+            return await self._change_conversation(conversation_id, "clear", response_id) == b"OK"
+        except ConversationMissing:
+            return False
+
+    @_unavailable_on_connection_error
+    async def list_conversation_items(
+        self, conversation_id: str, *, after: str | None, limit: int, order: str
+    ) -> tuple[list[bytes], bool]:
+        _, items_key, order_key = self._keys.conversation_keys(conversation_id)
+        reply: list[bytes] = await self._list_items_script(
+            keys=[items_key, order_key], args=[after or "", limit, order]
+        )
+        if reply and reply[0] == b"NO_AFTER":
+            raise CursorNotFound(after or "")
+        return list(reply[1:]), reply[0] == b"1"
+
+    @_unavailable_on_connection_error
+    async def get_conversation_item(self, conversation_id: str, item_id: str) -> bytes | None:
+        value: bytes | None = await self._client.hget(  # type: ignore[assignment]
+            self._keys.conversation_keys(conversation_id)[1], item_id
+        )
+        return value
+
+    @_unavailable_on_connection_error
+    async def delete_conversation_item(self, conversation_id: str, item_id: str) -> bool:
+        return await self._change_conversation(conversation_id, "delete_item", item_id) == b"OK"
 
     def open_event_feed(self) -> RedisEventFeed:
         return RedisEventFeed(self._client, self._keys)

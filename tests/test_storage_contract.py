@@ -10,6 +10,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from storage.base import (
+    ConversationMissing,
+    CursorNotFound,
     DeleteOutcome,
     IdempotencyClaim,
     NewResponse,
@@ -308,6 +310,108 @@ async def test_redis_idempotency_key_has_its_ttl_and_hides_the_client_key(
         assert 0 < await redis_client.pttl(keys[0]) <= 30_000
         await store.refresh_idempotency_key("t", "my-secret-key", ttl_seconds=50)
         assert 30_000 < await redis_client.pttl(keys[0]) <= 50_000
+    finally:
+        await store.close()
+
+
+def items(*names: str) -> list[tuple[str, bytes]]:
+    return [(name, b'{"id":"%s"}' % name.encode()) for name in names]
+
+
+async def test_conversation_create_read_and_metadata(store: Store) -> None:
+    await store.create_conversation("conv_a", created_at=123, metadata=b'{"k":"v"}', items=items("i1", "i2"))
+    with pytest.raises(ResponseAlreadyExists):
+        await store.create_conversation("conv_a", created_at=1, metadata=b"{}", items=[])
+    record = await store.get_conversation("conv_a")
+    assert record is not None
+    assert (record.created_at, record.metadata, record.active_response_id) == (123, b'{"k":"v"}', None)
+    await store.set_conversation_metadata("conv_a", b'{"k":"w"}')
+    record = await store.get_conversation("conv_a")
+    assert record is not None
+    assert record.metadata == b'{"k":"w"}'
+    with pytest.raises(ConversationMissing):
+        await store.set_conversation_metadata("conv_none", b"{}")
+    assert await store.get_conversation("conv_none") is None
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+async def test_conversation_items_page_in_both_orders(store: Store, order: str) -> None:
+    names = [f"i{n}" for n in range(7)]
+    await store.create_conversation("conv_p", created_at=1, metadata=b"{}", items=items(*names[:3]))
+    assert await store.append_conversation_items("conv_p", items(*names[3:])) is None
+    expected = names if order == "asc" else list(reversed(names))
+    walked: list[bytes] = []
+    after = None
+    while True:
+        page, more = await store.list_conversation_items("conv_p", after=after, limit=3, order=order)
+        walked += page
+        if not more:
+            break
+        after = orjson.loads(page[-1])["id"]
+    assert [orjson.loads(item)["id"] for item in walked] == expected
+    with pytest.raises(CursorNotFound):
+        await store.list_conversation_items("conv_p", after="nope", limit=3, order=order)
+
+
+async def test_conversation_item_get_and_delete(store: Store) -> None:
+    await store.create_conversation("conv_i", created_at=1, metadata=b"{}", items=items("a", "b", "c"))
+    assert await store.get_conversation_item("conv_i", "b") == b'{"id":"b"}'
+    assert await store.delete_conversation_item("conv_i", "b") is True
+    assert await store.delete_conversation_item("conv_i", "b") is False
+    assert await store.get_conversation_item("conv_i", "b") is None
+    page, _ = await store.list_conversation_items("conv_i", after=None, limit=10, order="asc")
+    assert page == [b'{"id":"a"}', b'{"id":"c"}']
+    assert await store.delete_conversation("conv_i") is True
+    assert await store.get_conversation("conv_i") is None
+    assert await store.delete_conversation("conv_i") is False
+
+
+async def test_conversation_turns_have_one_holder(store: Store) -> None:
+    await store.create_conversation("conv_t", created_at=1, metadata=b"{}", items=items("u0"))
+    holders = await asyncio.gather(*(store.begin_conversation_turn("conv_t", f"resp_{n}") for n in range(10)))
+    winners = [n for n, holder in enumerate(holders) if holder is None]
+    assert len(winners) == 1
+    winner = f"resp_{winners[0]}"
+    assert {holder for holder in holders if holder is not None} == {winner}
+    assert await store.append_conversation_items("conv_t", items("x")) == winner  # refused while busy
+    assert await store.end_conversation_turn("conv_t", "resp_other", completed=True, items=items("z")) is False
+    assert await store.end_conversation_turn("conv_t", winner, completed=True, items=items("in1", "out1")) is True
+    record = await store.get_conversation("conv_t")
+    assert record is not None
+    assert (record.active_response_id, record.latest_completed_response_id) == (None, winner)
+    page, _ = await store.list_conversation_items("conv_t", after=None, limit=10, order="asc")
+    assert [orjson.loads(item)["id"] for item in page] == ["u0", "in1", "out1"]
+
+
+async def test_a_failed_turn_adds_nothing_and_a_dead_holder_can_be_cleared(store: Store) -> None:
+    await store.create_conversation("conv_f", created_at=1, metadata=b"{}", items=[])
+    assert await store.begin_conversation_turn("conv_f", "resp_1") is None
+    assert await store.end_conversation_turn("conv_f", "resp_1", completed=False, items=items("lost")) is True
+    record = await store.get_conversation("conv_f")
+    assert record is not None
+    assert (record.active_response_id, record.latest_completed_response_id) == (None, None)
+    assert (await store.list_conversation_items("conv_f", after=None, limit=10, order="asc"))[0] == []
+    assert await store.begin_conversation_turn("conv_f", "resp_2") is None
+    assert await store.clear_conversation_turn("conv_f", "resp_other") is False
+    assert await store.clear_conversation_turn("conv_f", "resp_2") is True
+    assert await store.begin_conversation_turn("conv_f", "resp_3") is None
+    with pytest.raises(ConversationMissing):
+        await store.begin_conversation_turn("conv_none", "resp_4")
+
+
+async def test_redis_conversation_keys_have_the_ttl(
+    redis_server: str, key_prefix: str, redis_client: aioredis.Redis
+) -> None:
+    store = RedisStore.from_url(redis_server, key_prefix=key_prefix, retention_seconds=60)
+    try:
+        await store.create_conversation("conv_ttl", created_at=1, metadata=b"{}", items=items("a"))
+        await store.begin_conversation_turn("conv_ttl", "resp_1")
+        await store.end_conversation_turn("conv_ttl", "resp_1", completed=True, items=items("b"))
+        keys = [key async for key in redis_client.scan_iter(match=f"{key_prefix}:*")]
+        assert len(keys) == 3
+        for key in keys:
+            assert b"{conv_ttl}" in key
+            assert 0 < await redis_client.pttl(key) <= 60_000
     finally:
         await store.close()
 
