@@ -9,7 +9,7 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.errors import error_middleware
-from gateway.routes import health, models, responses
+from gateway.routes import conversations, health, models, responses
 from gateway.state import LIVE_EVENTS, ROUTER, RUN_MANAGER, SETTINGS, STORE
 from runs.live import LiveEvents
 from runs.manager import RunManager
@@ -88,4 +88,5 @@ def create_app(settings: Settings) -> web.Application:
     health.add_routes(app)
     responses.add_routes(app)
     models.add_routes(app)
+    conversations.add_routes(app)
     return app

@@ -8,8 +8,8 @@ from typing import Any
 
 import orjson
 
-from runs.errors import InvalidRequest
-from runs.ids import new_item_id, new_response_id
+from runs.ids import new_response_id
+from runs.items import as_model_input, normalise_items
 from runs.request import CreateResponseRequest, check_request_rules
 from runs.snapshot import Json, initial_snapshot
 from runs.status import ResponseStatus
@@ -22,35 +22,23 @@ _GATEWAY_FIELDS = frozenset({"background", "store", "stream", "previous_response
 def check_admissible(request: CreateResponseRequest) -> None:
     """Every rule a request must pass before anything is stored."""
     check_request_rules(request)
-    if request.previous_response_id is not None:
-        raise InvalidRequest("previous_response_id is not supported by this gateway yet.", param="previous_response_id")
-    if request.conversation is not None:
-        raise InvalidRequest("conversation is not supported by this gateway yet.", param="conversation")
 
 
-def upstream_body(request: CreateResponseRequest) -> dict[str, Any]:
-    """The body for the provider: the request minus what the gateway itself implements."""
-    return request.model_dump(exclude_none=True, exclude=set(_GATEWAY_FIELDS))
+def upstream_body(request: CreateResponseRequest, history: list[Json] | None = None) -> dict[str, Any]:
+    """The body for the provider: the request minus what the gateway itself implements, with the history the
+    gateway owns (a conversation's items, a previous_response_id chain) before the request's own input."""
+    body = request.model_dump(exclude_none=True, exclude=set(_GATEWAY_FIELDS))
+    if history:
+        own = request.input if isinstance(request.input, list) else []
+        if isinstance(request.input, str):
+            own = [{"role": "user", "content": request.input}]
+        body["input"] = as_model_input(history) + own
+    return body
 
 
 def input_items(request: CreateResponseRequest) -> list[Json]:
     """The request's input as items with stable ids, the way `input_items` lists them."""
-    if request.input is None:
-        return []
-    if isinstance(request.input, str):
-        raw: list[Json] = [{"type": "message", "role": "user", "content": request.input}]
-    else:
-        raw = copy.deepcopy(request.input)
-    items = []
-    for item in raw:
-        item.setdefault("type", "message")
-        if item["type"] == "message" and isinstance(item.get("content"), str):
-            part_type = "output_text" if item.get("role") == "assistant" else "input_text"
-            item["content"] = [{"type": part_type, "text": item["content"]}]
-        if "id" not in item:
-            item["id"] = new_item_id("msg" if item["type"] == "message" else "item")
-        items.append(item)
-    return items
+    return normalise_items(request.input)
 
 
 def first_events(snapshot: Json) -> list[Json]:
@@ -64,10 +52,12 @@ def first_events(snapshot: Json) -> list[Json]:
     ]
 
 
-def new_response(request: CreateResponseRequest) -> tuple[NewResponse, Json]:
+def new_response(request: CreateResponseRequest, *, conversation_id: str | None = None) -> tuple[NewResponse, Json]:
     """The record admission creates, and the snapshot the run starts from."""
     status = ResponseStatus.QUEUED if request.is_background else ResponseStatus.IN_PROGRESS
     snapshot = initial_snapshot(request, response_id=new_response_id(), created_at=int(time.time()), status=status)
+    if conversation_id is not None:
+        snapshot["conversation"] = {"id": conversation_id}
     events = [StoredEvent(e["sequence_number"], e["type"], orjson.dumps(e)) for e in first_events(snapshot)]
     record = NewResponse(
         response_id=snapshot["id"],

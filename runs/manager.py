@@ -8,10 +8,15 @@ import logging
 import time
 from dataclasses import dataclass
 
+import orjson
+
 from runs.admission import check_admissible, new_response, upstream_body
+from runs.conversations import begin_turn, end_turn
 from runs.errors import InvalidRequest, response_not_found
 from runs.event_log import EventLog
+from runs.history import conversation_id_of, history_for
 from runs.idempotency import IdempotencyKey, holder_response_id
+from runs.items import Json
 from runs.request import CreateResponseRequest
 from runs.run import ResponseRun
 from runs.status import TERMINAL, ResponseStatus
@@ -23,6 +28,19 @@ CANCEL_WAIT_SECONDS = 10.0
 CANCEL_POLL_SECONDS = 0.02
 
 log = logging.getLogger(__name__)
+
+
+# _claim's answer when another retry took over an abandoned claim first: admit again, and follow that one.
+_RETRY_ADMISSION = "\0retry"
+
+
+@dataclass(frozen=True, slots=True)
+class _Finish:
+    """What to settle once a run has ended, beyond its own events."""
+
+    idempotency: IdempotencyKey | None
+    conversation_id: str | None
+    input_items: list[Json]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,33 +113,28 @@ class RunManager:
     async def _admit(self, request: CreateResponseRequest, idempotency: IdempotencyKey | None) -> Admission:
         check_admissible(request)
         upstream = self._router.route(request.model)
-        provider_body = upstream.prepare(upstream_body(request))  # a 400 for what the provider cannot honour
-        record, snapshot = new_response(request)
+        history = await history_for(self._store, request)
+        provider_body = upstream.prepare(upstream_body(request, history))  # 400 for what it cannot honour
+        conversation_id = conversation_id_of(request)
+        record, snapshot = new_response(request, conversation_id=conversation_id)
         if idempotency is not None:
-            existing = await self._store.claim_idempotency_key(
-                idempotency.scope,
-                idempotency.key,
-                fingerprint=idempotency.fingerprint,
-                response_id=record.response_id,
-                ttl_seconds=idempotency.ttl_seconds,
-            )
-            if existing is not None:
-                holder = await holder_response_id(self._store, idempotency, existing)
-                if holder is not None:
-                    return Admission(holder, run=None)
-                claim = IdempotencyClaim(idempotency.fingerprint, record.response_id, int(time.time() * 1000))
-                taken_over = await self._store.replace_idempotency_claim(
-                    idempotency.scope,
-                    idempotency.key,
-                    expected_response_id=existing.response_id,
-                    claim=claim,
-                    ttl_seconds=idempotency.ttl_seconds,
-                )
-                if not taken_over:  # another retry took it over first: follow that one
-                    return await self._admit(request, idempotency)
-                log.warning("took over an abandoned idempotency claim for %s", existing.response_id)
+            holder = await self._claim(idempotency, record.response_id)
+            if holder == _RETRY_ADMISSION:
+                return await self._admit(request, idempotency)
+            if holder is not None:
+                return Admission(holder, run=None)
+        # store=false responses never touch conversation state: they only read it as context.
+        turn = conversation_id if conversation_id is not None and request.is_stored else None
         try:
-            await self._store.create_response(record)
+            if turn is not None:
+                await begin_turn(self._store, turn, record.response_id)
+            try:
+                await self._store.create_response(record)
+            except BaseException:
+                if turn is not None:
+                    with contextlib.suppress(Exception):
+                        await self._store.clear_conversation_turn(turn, record.response_id)
+                raise
         except BaseException:
             if idempotency is not None:
                 with contextlib.suppress(Exception):
@@ -132,21 +145,60 @@ class RunManager:
         event_log = EventLog(self._store, record.response_id, snapshot, next_sequence_number=len(record.events))
         run = ResponseRun(request=request, upstream=upstream, upstream_body=provider_body, log=event_log)
         self._runs[run.response_id] = run
-        task = asyncio.create_task(self._execute(run, idempotency), name=f"run:{run.response_id}")
+        finish = _Finish(idempotency, turn, orjson.loads(record.input_items))
+        task = asyncio.create_task(self._execute(run, finish), name=f"run:{run.response_id}")
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._forget(run.response_id, done))
         return Admission(run.response_id, run=run)
 
-    async def _execute(self, run: ResponseRun, idempotency: IdempotencyKey | None) -> None:
+    async def _claim(self, idempotency: IdempotencyKey, response_id: str) -> str | None:
+        """Claim the key for `response_id`: None when this request may go on and create it; else the response
+        to replay (or _RETRY_ADMISSION when another retry took over an abandoned claim first)."""
+        existing = await self._store.claim_idempotency_key(
+            idempotency.scope,
+            idempotency.key,
+            fingerprint=idempotency.fingerprint,
+            response_id=response_id,
+            ttl_seconds=idempotency.ttl_seconds,
+        )
+        if existing is None:
+            return None
+        holder = await holder_response_id(self._store, idempotency, existing)
+        if holder is not None:
+            return holder
+        claim = IdempotencyClaim(idempotency.fingerprint, response_id, int(time.time() * 1000))
+        taken_over = await self._store.replace_idempotency_claim(
+            idempotency.scope,
+            idempotency.key,
+            expected_response_id=existing.response_id,
+            claim=claim,
+            ttl_seconds=idempotency.ttl_seconds,
+        )
+        if not taken_over:
+            return _RETRY_ADMISSION
+        log.warning("took over an abandoned idempotency claim for %s", existing.response_id)
+        return None
+
+    async def _execute(self, run: ResponseRun, finish: _Finish) -> None:
         await run.execute()
-        if idempotency is not None:
-            # The key must outlive its response, whose retention restarts with each write.
-            try:
-                await self._store.refresh_idempotency_key(
-                    idempotency.scope, idempotency.key, ttl_seconds=idempotency.ttl_seconds
+        try:
+            if finish.conversation_id is not None:
+                snapshot = run.snapshot
+                await end_turn(
+                    self._store,
+                    finish.conversation_id,
+                    run.response_id,
+                    status=snapshot["status"],
+                    input_items=finish.input_items,
+                    output=snapshot.get("output", []),
                 )
-            except Exception:
-                log.warning("could not refresh the idempotency key of %s", run.response_id)
+            if finish.idempotency is not None:
+                # The key must outlive its response, whose retention restarts with each write.
+                await self._store.refresh_idempotency_key(
+                    finish.idempotency.scope, finish.idempotency.key, ttl_seconds=finish.idempotency.ttl_seconds
+                )
+        except Exception:
+            log.exception("could not finish the bookkeeping of %s", run.response_id)
 
     def _forget(self, response_id: str, task: asyncio.Task[None]) -> None:
         self._runs.pop(response_id, None)

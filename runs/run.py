@@ -53,6 +53,11 @@ class ResponseRun:
         self.emitted_output = False
 
     @property
+    def snapshot(self) -> dict[str, Any]:
+        """The Response as of the last emitted event."""
+        return self._log.snapshot
+
+    @property
     def status(self) -> ResponseStatus:
         return ResponseStatus(self._log.snapshot["status"])
 

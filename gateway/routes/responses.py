@@ -41,7 +41,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _query_flag(request: web.Request, name: str) -> bool:
+def query_flag(request: web.Request, name: str) -> bool:
     value = request.query.get(name, "false").lower()
     if value not in ("true", "false", "1", "0"):
         raise InvalidRequest(f"Invalid value for '{name}': expected true or false.", param=name)
@@ -76,7 +76,7 @@ def _stream_settings(request: web.Request) -> StreamSettings:
     )
 
 
-async def _stream_response(
+async def stream_response(
     request: web.Request, response_id: str, after: int, headers: dict[str, str] | None = None
 ) -> web.StreamResponse:
     """Replay the stored events after `after`, then follow live ones until the terminal event."""
@@ -124,7 +124,7 @@ async def _serve_replay(request: web.Request, response_id: str, create: CreateRe
     first event, or the same Response."""
     headers = {REPLAYED_HEADER: "true"}
     if create.is_streaming:
-        return await _stream_response(request, response_id, -1, headers)
+        return await stream_response(request, response_id, -1, headers)
     store = request.app[STORE]
     if not create.is_background:
         events = follow_events(store, request.app[LIVE_EVENTS], response_id, -1, idle_seconds=60)
@@ -139,7 +139,7 @@ async def _serve_created(
     request: web.Request, store: Store, run: ResponseRun, create: CreateResponseRequest
 ) -> web.StreamResponse:
     if create.is_streaming:
-        return await _stream_response(request, run.response_id, -1)
+        return await stream_response(request, run.response_id, -1)
     if not create.is_background:
         await run.wait_finished()
         if run.failure is not None and not run.emitted_output:
@@ -159,7 +159,7 @@ def _validate_include(request: web.Request) -> None:
             raise InvalidRequest(f"Invalid value for 'include': {value!r} is not supported.", param="include")
 
 
-def _resume_cursor(request: web.Request) -> int:
+def resume_cursor(request: web.Request) -> int:
     """Where a GET stream starts: after `starting_after`, else after `Last-Event-ID`, else from the first event."""
     starting_after = _query_int(request, "starting_after")
     if starting_after is not None:
@@ -178,12 +178,12 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
     """GET /v1/responses/{response_id}: the snapshot, or with `stream=true` its events (after `starting_after` or
     `Last-Event-ID`), replayed from the store and then followed live, on any instance."""
     response_id = request.match_info["response_id"]
-    stream = _query_flag(request, "stream")
+    stream = query_flag(request, "stream")
     _validate_include(request)
-    cursor = _resume_cursor(request)
+    cursor = resume_cursor(request)
     record = await _visible_record(request.app[STORE], response_id)
     if stream:
-        return await _stream_response(request, response_id, cursor)
+        return await stream_response(request, response_id, cursor)
     return raw_json_response(record.snapshot)
 
 

@@ -1,0 +1,138 @@
+"""`/v1/conversations`: the Conversations API, and reattach to a conversation's running response."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import orjson
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from gateway.errors import invalid_body, json_response, raw_json_response
+from gateway.pagination import PageQuery
+from gateway.routes.responses import query_flag, read_json_object, resume_cursor, stream_response
+from gateway.state import STORE
+from runs import conversations
+from runs.conversations import (
+    AddItemsRequest,
+    CreateConversationRequest,
+    UpdateConversationRequest,
+    conversation_not_found,
+    conversation_object,
+)
+from runs.errors import NotFound
+from storage.base import ConversationMissing
+
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+async def _body(request: web.Request, model: type[_Body]) -> _Body:
+    try:
+        return model.model_validate(await read_json_object(request))
+    except ValidationError as error:
+        raise invalid_body(error) from None
+
+
+async def create_conversation(request: web.Request) -> web.Response:
+    """POST /v1/conversations (up to 20 initial items, metadata)."""
+    body = await _body(request, CreateConversationRequest)
+    return json_response(await conversations.create_conversation(request.app[STORE], body))
+
+
+async def retrieve_conversation(request: web.Request) -> web.Response:
+    record = await conversations.get_conversation(request.app[STORE], request.match_info["conversation_id"])
+    return json_response(conversation_object(record))
+
+
+async def update_conversation(request: web.Request) -> web.Response:
+    """POST /v1/conversations/{id}: replace the metadata."""
+    conversation_id = request.match_info["conversation_id"]
+    body = await _body(request, UpdateConversationRequest)
+    store = request.app[STORE]
+    try:
+        await store.set_conversation_metadata(conversation_id, orjson.dumps(body.metadata))
+    except ConversationMissing:
+        raise conversation_not_found(conversation_id) from None
+    return json_response(conversation_object(await conversations.get_conversation(store, conversation_id)))
+
+
+async def delete_conversation(request: web.Request) -> web.Response:
+    """DELETE /v1/conversations/{id}: the conversation and every item of it."""
+    conversation_id = request.match_info["conversation_id"]
+    if not await request.app[STORE].delete_conversation(conversation_id):
+        raise conversation_not_found(conversation_id)
+    return json_response({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
+
+
+async def list_items(request: web.Request) -> web.Response:
+    """GET /v1/conversations/{id}/items: a cursor page (`after`, `limit` 1-100, `order`, default `desc`)."""
+    query = PageQuery.from_query(request.query)
+    page = await conversations.list_items(
+        request.app[STORE],
+        request.match_info["conversation_id"],
+        after=query.after,
+        limit=query.limit,
+        order=query.order,
+    )
+    return json_response(page)
+
+
+async def add_items(request: web.Request) -> web.Response:
+    """POST /v1/conversations/{id}/items (up to 20)."""
+    body = await _body(request, AddItemsRequest)
+    items = await conversations.add_items(request.app[STORE], request.match_info["conversation_id"], body)
+    return json_response(
+        {"object": "list", "data": items, "first_id": items[0]["id"], "last_id": items[-1]["id"], "has_more": False}
+    )
+
+
+async def retrieve_item(request: web.Request) -> web.Response:
+    conversation_id, item_id = request.match_info["conversation_id"], request.match_info["item_id"]
+    store = request.app[STORE]
+    await conversations.get_conversation(store, conversation_id)
+    item = await store.get_conversation_item(conversation_id, item_id)
+    if item is None:
+        raise NotFound(f"Item with id '{item_id}' not found.", param="item_id")
+    return raw_json_response(item)
+
+
+async def delete_item(request: web.Request) -> web.Response:
+    """DELETE /v1/conversations/{id}/items/{item_id}: answers with the conversation, as the API does."""
+    conversation_id, item_id = request.match_info["conversation_id"], request.match_info["item_id"]
+    store = request.app[STORE]
+    try:
+        deleted = await store.delete_conversation_item(conversation_id, item_id)
+    except ConversationMissing:
+        raise conversation_not_found(conversation_id) from None
+    if not deleted:
+        raise NotFound(f"Item with id '{item_id}' not found.", param="item_id")
+    return json_response(conversation_object(await conversations.get_conversation(store, conversation_id)))
+
+
+async def active_response(request: web.Request) -> web.StreamResponse:
+    """GET /v1/conversations/{id}/active_response (our extension): the response running in the conversation,
+    as JSON or, with `stream=true` (and `starting_after` / Last-Event-ID), as its event stream."""
+    conversation_id = request.match_info["conversation_id"]
+    stream = query_flag(request, "stream")
+    cursor = resume_cursor(request)
+    store = request.app[STORE]
+    record = await conversations.get_conversation(store, conversation_id)
+    response_id = record.active_response_id
+    response = None if response_id is None else await store.get_response(response_id)
+    if response_id is None or response is None:
+        raise NotFound(f"No response is running in conversation '{conversation_id}'.", code="no_active_response")
+    if stream:
+        return await stream_response(request, response_id, cursor)
+    return raw_json_response(response.snapshot)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/conversations", create_conversation)
+    app.router.add_get("/v1/conversations/{conversation_id}", retrieve_conversation)
+    app.router.add_post("/v1/conversations/{conversation_id}", update_conversation)
+    app.router.add_delete("/v1/conversations/{conversation_id}", delete_conversation)
+    app.router.add_get("/v1/conversations/{conversation_id}/items", list_items)
+    app.router.add_post("/v1/conversations/{conversation_id}/items", add_items)
+    app.router.add_get("/v1/conversations/{conversation_id}/items/{item_id}", retrieve_item)
+    app.router.add_delete("/v1/conversations/{conversation_id}/items/{item_id}", delete_item)
+    app.router.add_get("/v1/conversations/{conversation_id}/active_response", active_response)

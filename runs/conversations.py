@@ -1,0 +1,178 @@
+"""Conversations: their API objects, their items, and the one-turn-at-a-time rule for responses."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from runs.errors import Conflict, InvalidRequest, NotFound
+from runs.ids import new_id
+from runs.items import Json, normalise_items, stored_in_conversation
+from runs.status import TERMINAL, ResponseStatus
+from storage.base import ConversationMissing, ConversationRecord, CursorNotFound, Store
+
+MAX_INITIAL_ITEMS = 20
+# A long conversation is read for a turn in pages of this size.
+HISTORY_PAGE = 100
+
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
+
+
+class CreateConversationRequest(BaseModel):
+    """`POST /v1/conversations`."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    items: Annotated[list[dict[str, Any]], Field(max_length=MAX_INITIAL_ITEMS)] | None = None
+    metadata: Metadata | None = None
+
+
+class UpdateConversationRequest(BaseModel):
+    """`POST /v1/conversations/{id}`: only metadata can change."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    metadata: Metadata
+
+
+class AddItemsRequest(BaseModel):
+    """`POST /v1/conversations/{id}/items`."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    items: Annotated[list[dict[str, Any]], Field(min_length=1, max_length=MAX_INITIAL_ITEMS)]
+
+
+def conversation_not_found(conversation_id: str, param: str | None = None) -> NotFound:
+    return NotFound(f"Conversation with id '{conversation_id}' not found.", param=param)
+
+
+def conversation_object(record: ConversationRecord) -> Json:
+    """The Conversation as the API returns it."""
+    return {
+        "id": record.conversation_id,
+        "object": "conversation",
+        "created_at": record.created_at,
+        "metadata": orjson.loads(record.metadata),
+    }
+
+
+def _check_items(items: list[Json]) -> None:
+    for index, item in enumerate(items):
+        if item["type"] == "message" and item.get("role") not in ("user", "assistant", "system", "developer"):
+            raise InvalidRequest(
+                "Message items need a role of user, assistant, system or developer.", param=f"items[{index}].role"
+            )
+
+
+def _pairs(items: list[Json]) -> list[tuple[str, bytes]]:
+    return [(item["id"], orjson.dumps(item)) for item in items]
+
+
+async def create_conversation(store: Store, request: CreateConversationRequest) -> Json:
+    items = stored_in_conversation(normalise_items(request.items or []))
+    _check_items(items)
+    conversation_id = new_id("conv")
+    created_at = int(time.time())
+    metadata = orjson.dumps(request.metadata or {})
+    await store.create_conversation(conversation_id, created_at=created_at, metadata=metadata, items=_pairs(items))
+    return {
+        "id": conversation_id,
+        "object": "conversation",
+        "created_at": created_at,
+        "metadata": request.metadata or {},
+    }
+
+
+async def get_conversation(store: Store, conversation_id: str, *, param: str | None = None) -> ConversationRecord:
+    record = await store.get_conversation(conversation_id)
+    if record is None:
+        raise conversation_not_found(conversation_id, param)
+    return record
+
+
+async def add_items(store: Store, conversation_id: str, request: AddItemsRequest) -> list[Json]:
+    """Append items; refused (409) while a response is running in the conversation."""
+    items = stored_in_conversation(normalise_items(request.items))
+    _check_items(items)
+    try:
+        busy = await store.append_conversation_items(conversation_id, _pairs(items))
+    except ConversationMissing:
+        raise conversation_not_found(conversation_id) from None
+    if busy is not None:
+        raise busy_error(busy)
+    return items
+
+
+async def list_items(store: Store, conversation_id: str, *, after: str | None, limit: int, order: str) -> Json:
+    await get_conversation(store, conversation_id)
+    try:
+        page, has_more = await store.list_conversation_items(conversation_id, after=after, limit=limit, order=order)
+    except CursorNotFound:
+        raise InvalidRequest(f"No item with id '{after}' in this conversation.", param="after") from None
+    data = [orjson.loads(item) for item in page]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
+async def all_items(store: Store, conversation_id: str) -> list[Json]:
+    """Every item, oldest first (the history a turn gives the model)."""
+    items: list[Json] = []
+    after = None
+    while True:
+        page, has_more = await store.list_conversation_items(
+            conversation_id, after=after, limit=HISTORY_PAGE, order="asc"
+        )
+        items += [orjson.loads(item) for item in page]
+        if not has_more or not page:
+            return items
+        after = items[-1]["id"]
+
+
+def busy_error(active_response_id: str) -> Conflict:
+    """409 while another response runs in the conversation; the SDK must not retry it blindly."""
+    return Conflict(
+        f"Another response ({active_response_id}) is in progress in this conversation; wait for it to finish.",
+        param="conversation",
+        code="conversation_busy",
+        headers={"x-should-retry": "false"},
+    )
+
+
+async def begin_turn(store: Store, conversation_id: str, response_id: str) -> None:
+    """Make `response_id` the conversation's one active response (atomically, across instances), or 409. A holder
+    that has already ended or vanished (its instance died before releasing the turn) is cleared first."""
+    stale = ""
+    for _ in range(3):
+        try:
+            holder = await store.begin_conversation_turn(conversation_id, response_id)
+        except ConversationMissing:
+            raise conversation_not_found(conversation_id, "conversation") from None
+        if holder is None:
+            return
+        record = await store.get_response(holder)
+        if record is not None and ResponseStatus(record.status) not in TERMINAL:
+            raise busy_error(holder)
+        stale = holder
+        await store.clear_conversation_turn(conversation_id, holder)
+    raise busy_error(stale)
+
+
+async def end_turn(
+    store: Store, conversation_id: str, response_id: str, *, status: str, input_items: list[Json], output: list[Json]
+) -> None:
+    """Release the turn; a completed response's input and output join the conversation in the same step, and it
+    becomes the conversation's latest completed response. Failed, cancelled and incomplete turns add nothing."""
+    completed = status == ResponseStatus.COMPLETED
+    items = stored_in_conversation(input_items + output) if completed else []
+    try:
+        await store.end_conversation_turn(conversation_id, response_id, completed=completed, items=_pairs(items))
+    except ConversationMissing:
+        return  # deleted while the response ran

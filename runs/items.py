@@ -1,0 +1,76 @@
+"""Conversation items: giving input items stable ids, and turning stored history back into model input."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from runs.ids import new_item_id
+
+Json = dict[str, Any]
+
+_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def normalise_items(raw: str | list[Json] | None) -> list[Json]:
+    """Items with a type, list content and a stable id, the way `input_items` and conversations list them. A
+    string is one user message."""
+    if raw is None:
+        return []
+    source: list[Json] = (
+        [{"type": "message", "role": "user", "content": raw}] if isinstance(raw, str) else copy.deepcopy(raw)
+    )
+    items = []
+    for item in source:
+        item.setdefault("type", "message")
+        if item["type"] == "message" and isinstance(item.get("content"), str):
+            part_type = "output_text" if item.get("role") == "assistant" else "input_text"
+            item["content"] = [{"type": part_type, "text": item["content"]}]
+        if "id" not in item:
+            item["id"] = new_item_id(_ID_PREFIXES.get(item["type"], "item"))
+        items.append(item)
+    return items
+
+
+def stored_in_conversation(items: list[Json]) -> list[Json]:
+    """Items as a conversation keeps them: a message always has a status, as the API lists it."""
+    return [
+        {**item, "status": item.get("status") or "completed"} if item["type"] == "message" else item for item in items
+    ]
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(str(part.get("text", "")) for part in content or [] if isinstance(part, dict))
+
+
+def as_model_input(items: list[Json]) -> list[Json]:
+    """Stored history as input a provider will take without state of its own: no gateway ids (a provider with
+    `store=false` would look them up and fail), no statuses, earlier answers as plain assistant text, and no
+    reasoning that cannot be sent back (only encrypted reasoning can)."""
+    converted: list[Json] = []
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message":
+            if item.get("role") == "assistant":
+                converted.append({"role": "assistant", "content": _text(item.get("content"))})
+            else:
+                converted.append({"role": item.get("role", "user"), "content": item.get("content", "")})
+        elif kind == "function_call":
+            converted.append(
+                {
+                    "type": "function_call",
+                    "call_id": item["call_id"],
+                    "name": item["name"],
+                    "arguments": item["arguments"],
+                }
+            )
+        elif kind == "function_call_output":
+            converted.append({"type": "function_call_output", "call_id": item["call_id"], "output": item["output"]})
+        elif kind == "reasoning":
+            if item.get("encrypted_content"):
+                converted.append({key: value for key, value in item.items() if key != "status"})
+        else:
+            converted.append({key: value for key, value in item.items() if key not in ("id", "status")})
+    return converted
