@@ -104,3 +104,21 @@ async def test_a_background_run_reattached_midway(gateway: Gateway) -> None:
     assert stored.status in ("completed", "incomplete")
     assert stored.output_text == text
     assert text.strip()
+
+
+async def test_a_second_turn_with_previous_response_id(gateway: Gateway) -> None:
+    # `stop` is not a Responses parameter: it passes through to the Chat server untouched, and makes this small
+    # model finish (so the turn is `completed`, the only status that can be continued).
+    first = await gateway.client.responses.create(
+        model="gemma-3-270m",
+        input="My name is Ada. Say hello to me.",
+        max_output_tokens=200,
+        extra_body={"stop": ["\n", "."]},
+    )
+    assert first.status == "completed"  # only a completed response can be continued
+    second = await gateway.client.responses.create(
+        model="gemma-3-270m", input="What is my name?", previous_response_id=first.id, max_output_tokens=30
+    )
+    assert second.previous_response_id == first.id
+    assert second.status in ("completed", "incomplete")
+    assert second.output_text.strip()
