@@ -10,9 +10,10 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.errors import error_middleware
 from gateway.routes import conversations, health, models, responses
-from gateway.state import LIVE_EVENTS, ROUTER, RUN_MANAGER, SETTINGS, STORE
+from gateway.state import LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE
 from runs.live import LiveEvents
-from runs.manager import RunManager
+from runs.manager import RunManager, RunSettings
+from runs.ownership import Ownership
 from runs.simulator import SimulatorSettings, create_simulator_app
 from runs.upstream.base import UpstreamSpec
 from runs.upstream.router import UpstreamRouter
@@ -73,11 +74,33 @@ async def _live_events_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
-    manager = RunManager(app[STORE], app[ROUTER])
+    settings = app[SETTINGS]
+    runs = settings.runs
+    run_settings = RunSettings(
+        max_concurrent=runs.max_concurrent,
+        lease_ms=int(runs.lease_seconds * 1000),
+        renew_seconds=runs.renew_seconds,
+        sweep_seconds=runs.sweep_seconds,
+        handover=not settings.storage.url.startswith("memory://"),
+    )
+    manager = RunManager(app[STORE], app[ROUTER], run_settings)
     manager.start()
+    ownership = Ownership(manager, app[STORE])
+    ownership.start()
     app[RUN_MANAGER] = manager
+    app[OWNERSHIP] = ownership
+    log.info("instance %s: up to %d concurrent runs", run_settings.instance_id, run_settings.max_concurrent)
     yield
+    await ownership.close()
     await manager.close()
+
+
+async def drain(app: web.Application) -> None:
+    """Graceful shutdown, before the server stops listening: /readyz turns 503 and new runs are refused while the
+    running ones get `shutdown.grace_seconds`; what is left is handed over; then event streams end cleanly (their
+    clients reconnect elsewhere with their cursor)."""
+    await app[RUN_MANAGER].drain(app[SETTINGS].shutdown.grace_seconds)
+    await app[LIVE_EVENTS].close()
 
 
 def create_app(settings: Settings) -> web.Application:

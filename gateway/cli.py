@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 from typing import Any
 
 from aiohttp import web
 
-from gateway.app import create_app
-from gateway.config import ConfigError, load_settings
+from gateway.app import create_app, drain
+from gateway.config import ConfigError, Settings, load_settings
 from runs.simulator import SimulatorSettings, run_simulator
 
 log = logging.getLogger("gateway")
@@ -55,16 +56,30 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"responses-gateway: config error: {error}", file=sys.stderr)
         return 2
     _configure_logging(args.log_level)
-    log.info("responses-gateway listening on http://%s:%d", settings.server.host, settings.server.port)
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        handler_cancellation=True,
-        print=None,
-        access_log=None,
-    )
+    asyncio.run(_run_server(settings))
     return 0
+
+
+async def _run_server(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully: keep listening (so /readyz can say 503) while
+    the running responses finish or are handed over, and only then stop."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    await site.start()
+    log.info("responses-gateway listening on http://%s:%d", settings.server.host, settings.server.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down: draining (grace %.0fs)", settings.shutdown.grace_seconds)
+        await drain(app)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
 
 
 def _simulate(args: argparse.Namespace) -> int:

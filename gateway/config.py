@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -89,6 +89,25 @@ class SseConfig(_Section):
     socket_send_buffer_bytes: int = Field(0, ge=0)
 
 
+class RunsConfig(_Section):
+    """How many runs an instance takes, and how their ownership is kept."""
+
+    max_concurrent: int = Field(64, ge=1)
+    lease_seconds: float = Field(15.0, gt=0)
+    renew_seconds: float = Field(5.0, gt=0)
+    sweep_seconds: float = Field(2.0, gt=0)
+
+    @model_validator(mode="after")
+    def _renew_well_within_the_lease(self) -> RunsConfig:
+        if self.renew_seconds * 2 > self.lease_seconds:
+            raise ValueError("renew_seconds must be at most half of lease_seconds")
+        return self
+
+
+class ShutdownConfig(_Section):
+    grace_seconds: float = Field(30.0, ge=0)
+
+
 class IdempotencyConfig(_Section):
     """Idempotency-Key on creating POSTs."""
 
@@ -113,6 +132,8 @@ class Settings(BaseSettings):
     upstreams: list[UpstreamConfig] = Field(default_factory=list)
     sse: SseConfig = Field(default_factory=lambda: SseConfig())
     idempotency: IdempotencyConfig = Field(default_factory=lambda: IdempotencyConfig())
+    runs: RunsConfig = Field(default_factory=lambda: RunsConfig())
+    shutdown: ShutdownConfig = Field(default_factory=lambda: ShutdownConfig())
     simulator: SimulatorConfig = Field(default_factory=lambda: SimulatorConfig())
 
     @field_validator("upstreams")

@@ -7,6 +7,7 @@ from aiohttp import web
 from gateway.config import Settings
 from runs.live import LiveEvents
 from runs.manager import RunManager
+from runs.ownership import Ownership
 from runs.upstream.router import UpstreamRouter
 from storage.base import Store
 
@@ -15,3 +16,4 @@ STORE = web.AppKey("store", Store)
 ROUTER = web.AppKey("router", UpstreamRouter)
 RUN_MANAGER = web.AppKey("run_manager", RunManager)
 LIVE_EVENTS = web.AppKey("live_events", LiveEvents)
+OWNERSHIP = web.AppKey("ownership", Ownership)

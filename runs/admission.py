@@ -41,24 +41,36 @@ def input_items(request: CreateResponseRequest) -> list[Json]:
     return normalise_items(request.input)
 
 
-def first_events(snapshot: Json) -> list[Json]:
-    """`response.created`, and for a run that starts at once `response.in_progress`, both with this snapshot."""
+def first_events(snapshot: Json, *, queued: bool = False) -> list[Json]:
+    """`response.created`, and for a run that starts at once `response.in_progress`, or for one that waits for
+    capacity `response.queued`, all with this snapshot."""
     types = ["response.created"]
     if snapshot["status"] == ResponseStatus.IN_PROGRESS:
         types.append("response.in_progress")
+    elif queued:
+        types.append("response.queued")
     return [
         {"type": kind, "response": copy.deepcopy(snapshot), "sequence_number": number}
         for number, kind in enumerate(types)
     ]
 
 
-def new_response(request: CreateResponseRequest, *, conversation_id: str | None = None) -> tuple[NewResponse, Json]:
-    """The record admission creates, and the snapshot the run starts from."""
+def new_response(
+    request: CreateResponseRequest,
+    *,
+    conversation_id: str | None = None,
+    owner: str = "",
+    lease_ms: int = 15_000,
+) -> tuple[NewResponse, Json]:
+    """The record admission creates (owned by `owner`, or queued for any instance when it is ""), and the
+    snapshot the run starts from."""
     status = ResponseStatus.QUEUED if request.is_background else ResponseStatus.IN_PROGRESS
     snapshot = initial_snapshot(request, response_id=new_response_id(), created_at=int(time.time()), status=status)
     if conversation_id is not None:
         snapshot["conversation"] = {"id": conversation_id}
-    events = [StoredEvent(e["sequence_number"], e["type"], orjson.dumps(e)) for e in first_events(snapshot)]
+    events = [
+        StoredEvent(e["sequence_number"], e["type"], orjson.dumps(e)) for e in first_events(snapshot, queued=not owner)
+    ]
     record = NewResponse(
         response_id=snapshot["id"],
         snapshot=orjson.dumps(snapshot),
@@ -67,5 +79,8 @@ def new_response(request: CreateResponseRequest, *, conversation_id: str | None 
         stored=request.is_stored,
         input_items=orjson.dumps(input_items(request)),
         events=events,
+        request=request.model_dump_json(exclude_none=True).encode(),
+        owner=owner,
+        lease_ms=lease_ms,
     )
     return record, snapshot

@@ -66,6 +66,14 @@ class UnprocessableEntity(ApiError):
     type = "invalid_request_error"
 
 
+class TooManyRequests(ApiError):
+    """429: over a limit (this instance's capacity, a tenant's concurrency); retry after a while."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
 class PayloadTooLarge(ApiError):
     """413: the body is over the configured limit."""
 

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from runs.snapshot import Json, apply_event
-from storage.base import Store, StoredEvent, StoreUnavailable
+from storage.base import Lease, LeaseLost, Store, StoredEvent, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,14 @@ class EventLog:
         snapshot: Json,
         *,
         next_sequence_number: int,
+        lease: Lease,
         on_cancel_requested: Callable[[], None] | None = None,
         write_retry_seconds: float = WRITE_RETRY_SECONDS,
     ) -> None:
         self._store = store
+        self.lease = lease
+        # Called when the store refuses a write because this instance no longer owns the response.
+        self.on_lease_lost: Callable[[], None] | None = None
         # Called when the store reports that a cancel was requested (e.g. the pub/sub notice was missed).
         self.on_cancel_requested = on_cancel_requested
         self._write_retry_seconds = write_retry_seconds
@@ -112,6 +116,8 @@ class EventLog:
                     self._failure = error
                     self._pending.clear()
                     self._drained.set()
+                    if isinstance(error, LeaseLost) and self.on_lease_lost is not None:
+                        self.on_lease_lost()
                     return
                 if cancel_requested and self.on_cancel_requested is not None:
                     self.on_cancel_requested()
@@ -123,7 +129,9 @@ class EventLog:
         delay = WRITE_RETRY_FIRST_DELAY_SECONDS
         while True:
             try:
-                return await self._store.append_events(self._response_id, batch, snapshot=snapshot, status=status)
+                return await self._store.append_events(
+                    self._response_id, batch, snapshot=snapshot, status=status, lease=self.lease
+                )
             except StoreUnavailable as error:
                 if loop.time() + delay > deadline:
                     raise

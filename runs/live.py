@@ -17,6 +17,11 @@ RETRY_DELAY_SECONDS = 0.1
 RETRY_DELAY_CAP_SECONDS = 2.0
 
 
+class LiveEventsClosed(Exception):
+    """The instance is shutting down: followers end their streams (without a terminal event) so clients reconnect
+    elsewhere with their cursor."""
+
+
 class SubscriberLagged(Exception):
     """A subscriber fell more than its buffer behind; its buffer was dropped and it must read from the store."""
 
@@ -30,6 +35,7 @@ class LiveSubscription:
     capacity: int
     buffer: deque[StoredEvent] = field(default_factory=deque)
     lagged: bool = False
+    closed: bool = False
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
 
     def push(self, event: StoredEvent) -> None:
@@ -48,10 +54,12 @@ class LiveSubscription:
     async def next(self, idle_seconds: float) -> StoredEvent | None:
         """The next buffered event, or None after `idle_seconds` without one. Raises SubscriberLagged (once)
         when the buffer overflowed since the last call."""
-        if not self.buffer and not self.lagged:
+        if not self.buffer and not self.lagged and not self.closed:
             self.arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.arrived.wait(), idle_seconds)
+        if self.closed:
+            raise LiveEventsClosed(self.response_id)
         if self.lagged:
             self.lagged = False
             raise SubscriberLagged(self.response_id)
@@ -77,11 +85,20 @@ class LiveEvents:
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._interrupts: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._read_loop(), name="live-events")
 
     async def close(self) -> None:
+        """End every follower's stream, then stop reading. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for watch in self._watches.values():
+            for subscription in watch.subscribers:
+                subscription.closed = True
+                subscription.arrived.set()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -95,7 +112,7 @@ class LiveEvents:
     def subscribe(self, response_id: str, cursor: int) -> LiveSubscription:
         """Start buffering events of `response_id`. Every event stored after this call reaches the subscription
         (events up to `cursor` may arrive too; the follower skips them)."""
-        subscription = LiveSubscription(response_id, self._buffer_events)
+        subscription = LiveSubscription(response_id, self._buffer_events, closed=self._closed)
         watch = self._watches.get(response_id)
         if watch is None:
             self._watches[response_id] = _Watch(cursor, {subscription})

@@ -1,4 +1,4 @@
-"""The run manager: admits requests as ResponseRuns, owns their tasks, and stops them at shutdown."""
+"""The run manager: admits requests as ResponseRuns, owns their tasks, resumes orphans, and hands over at shutdown."""
 
 from __future__ import annotations
 
@@ -6,28 +6,43 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import orjson
 
 from runs.admission import check_admissible, new_response, upstream_body
 from runs.conversations import begin_turn, end_turn
-from runs.errors import InvalidRequest, response_not_found
+from runs.errors import InvalidRequest, TooManyRequests, Unavailable, response_not_found
 from runs.event_log import EventLog
 from runs.history import conversation_id_of, history_for
 from runs.idempotency import IdempotencyKey, holder_response_id
+from runs.ids import new_id
 from runs.items import Json
 from runs.request import CreateResponseRequest
 from runs.run import ResponseRun
 from runs.status import TERMINAL, ResponseStatus
+from runs.upstream.base import Upstream
 from runs.upstream.router import UpstreamRouter
-from storage.base import IdempotencyClaim, ResponseRecord, Store
+from storage.base import IdempotencyClaim, Lease, ResponseRecord, Store
 
 # How long a cancel request waits for the owning instance to write the terminal event.
 CANCEL_WAIT_SECONDS = 10.0
 CANCEL_POLL_SECONDS = 0.02
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """How runs are owned and how many run here."""
+
+    instance_id: str = field(default_factory=lambda: new_id("gw"))
+    max_concurrent: int = 64
+    lease_ms: int = 15_000
+    renew_seconds: float = 5.0
+    sweep_seconds: float = 2.0
+    # With a shared store another instance can take a run over; with the embedded one nobody can.
+    handover: bool = True
 
 
 # _claim's answer when another retry took over an abandoned claim first: admit again, and follow that one.
@@ -45,26 +60,26 @@ class _Finish:
 
 @dataclass(frozen=True, slots=True)
 class Admission:
-    """The outcome of admitting a request: its response, and the run if this call started one (None when an
-    earlier request with the same Idempotency-Key did)."""
+    """The outcome of admitting a request: its response, the run if this instance started one, and whether an
+    earlier request with the same Idempotency-Key had already created it."""
 
     response_id: str
     run: ResponseRun | None
-
-    @property
-    def replayed(self) -> bool:
-        return self.run is None
+    replayed: bool = False
 
 
 class RunManager:
     """Runs live here, not in HTTP handlers, so a client's disconnect never ends a stored response."""
 
-    def __init__(self, store: Store, router: UpstreamRouter) -> None:
+    def __init__(self, store: Store, router: UpstreamRouter, settings: RunSettings | None = None) -> None:
         self._store = store
         self._router = router
+        self.settings = settings or RunSettings()
         self._runs: dict[str, ResponseRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._cancel_listener: asyncio.Task[None] | None = None
+        self._draining = False
+        self.capacity_freed = asyncio.Event()  # the sweeper waits on it to start queued runs sooner
 
     def start(self) -> None:
         """Begin hearing cancel requests made on any instance."""
@@ -82,20 +97,34 @@ class RunManager:
         return self._store
 
     @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
     def active_count(self) -> int:
         return len(self._runs)
+
+    @property
+    def free_capacity(self) -> int:
+        return 0 if self._draining else max(self.settings.max_concurrent - len(self._runs), 0)
+
+    def local_runs(self) -> list[ResponseRun]:
+        return list(self._runs.values())
 
     def local_run(self, response_id: str) -> ResponseRun | None:
         """The run for `response_id` if this instance executes it."""
         return self._runs.get(response_id)
 
     async def admit(self, request: CreateResponseRequest, *, idempotency: IdempotencyKey | None = None) -> Admission:
-        """Validate, store the response with its first events, and start its run; or, for a request whose
-        Idempotency-Key already started one, name that response instead. Nothing is stored on error.
+        """Validate, store the response with its first events, and start its run (or queue it when this
+        instance is full); or, for a request whose Idempotency-Key already started one, name that response
+        instead. Nothing is stored on error.
 
         Admission finishes even if the caller is cancelled half-way (its client left): a response stored without
         a run would stay in progress forever. A connection-owned (`store=false`) run admitted that way is
         released at once."""
+        if self._draining:
+            raise Unavailable("This gateway instance is shutting down; retry on another.", headers={"Retry-After": "1"})
         admission = asyncio.ensure_future(self._admit(request, idempotency))
         try:
             return await asyncio.shield(admission)
@@ -115,21 +144,33 @@ class RunManager:
         upstream = self._router.route(request.model)
         history = await history_for(self._store, request)
         provider_body = upstream.prepare(upstream_body(request, history))  # 400 for what it cannot honour
+        queued = self.free_capacity == 0
+        if queued and not request.is_background:
+            raise TooManyRequests(
+                "This gateway instance is running as many responses as it may; retry shortly.",
+                headers={"Retry-After": "1"},
+            )
         conversation_id = conversation_id_of(request)
-        record, snapshot = new_response(request, conversation_id=conversation_id)
+        owner = "" if queued else self.settings.instance_id
+        record, snapshot = new_response(
+            request, conversation_id=conversation_id, owner=owner, lease_ms=self.settings.lease_ms
+        )
         if idempotency is not None:
             holder = await self._claim(idempotency, record.response_id)
             if holder == _RETRY_ADMISSION:
                 return await self._admit(request, idempotency)
             if holder is not None:
-                return Admission(holder, run=None)
+                return Admission(holder, run=None, replayed=True)
         # store=false responses never touch conversation state: they only read it as context.
         turn = conversation_id if conversation_id is not None and request.is_stored else None
         try:
             if turn is not None:
                 await begin_turn(self._store, turn, record.response_id)
             try:
-                await self._store.create_response(record)
+                # Indexed first: a response stored but never indexed could be orphaned without anyone noticing.
+                due_ms = 0 if queued else int(time.time() * 1000) + self.settings.lease_ms
+                await self._store.index_run(record.response_id, due_ms)
+                lease = await self._store.create_response(record)
             except BaseException:
                 if turn is not None:
                     with contextlib.suppress(Exception):
@@ -142,14 +183,47 @@ class RunManager:
                         idempotency.scope, idempotency.key, response_id=record.response_id
                     )
             raise
-        event_log = EventLog(self._store, record.response_id, snapshot, next_sequence_number=len(record.events))
+        if lease is None:
+            log.info("%s queued: this instance is at capacity", record.response_id)
+            self.capacity_freed.set()  # another instance, or this one later, starts it
+            return Admission(record.response_id, run=None)
+        finish = _Finish(idempotency, turn, orjson.loads(record.input_items))
+        run = self._start(request, upstream, provider_body, snapshot, len(record.events), lease, finish)
+        return Admission(run.response_id, run=run)
+
+    def _start(
+        self,
+        request: CreateResponseRequest,
+        upstream: Upstream,
+        provider_body: Json,
+        snapshot: Json,
+        next_sequence_number: int,
+        lease: Lease,
+        finish: _Finish,
+    ) -> ResponseRun:
+        event_log = EventLog(
+            self._store, snapshot["id"], snapshot, next_sequence_number=next_sequence_number, lease=lease
+        )
         run = ResponseRun(request=request, upstream=upstream, upstream_body=provider_body, log=event_log)
         self._runs[run.response_id] = run
-        finish = _Finish(idempotency, turn, orjson.loads(record.input_items))
         task = asyncio.create_task(self._execute(run, finish), name=f"run:{run.response_id}")
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._forget(run.response_id, done))
-        return Admission(run.response_id, run=run)
+        return run
+
+    async def resume(self, record: ResponseRecord, lease: Lease) -> ResponseRun:
+        """Run a response this instance has just claimed: a queued one starting, or one whose owner died before
+        it emitted any output, restarting (its stream simply goes on from its last event)."""
+        request = CreateResponseRequest.model_validate_json(record.request)
+        upstream = self._router.route(request.model)
+        history = await history_for(self._store, request)
+        provider_body = upstream.prepare(upstream_body(request, history))
+        conversation_id = conversation_id_of(request)
+        turn = conversation_id if conversation_id is not None and request.is_stored else None
+        input_items = orjson.loads(await self._store.get_input_items(record.response_id) or b"[]")
+        snapshot = orjson.loads(record.snapshot)
+        finish = _Finish(None, turn, input_items)
+        return self._start(request, upstream, provider_body, snapshot, record.last_sequence_number + 1, lease, finish)
 
     async def _claim(self, idempotency: IdempotencyKey, response_id: str) -> str | None:
         """Claim the key for `response_id`: None when this request may go on and create it; else the response
@@ -181,28 +255,22 @@ class RunManager:
 
     async def _execute(self, run: ResponseRun, finish: _Finish) -> None:
         await run.execute()
-        try:
-            if finish.conversation_id is not None:
-                snapshot = run.snapshot
-                await end_turn(
-                    self._store,
-                    finish.conversation_id,
-                    run.response_id,
-                    status=snapshot["status"],
-                    input_items=finish.input_items,
-                    output=snapshot.get("output", []),
-                )
-            if finish.idempotency is not None:
+        if run.abandoned:
+            return  # another instance owns it now and settles it
+        await settle(self._store, run.response_id, run.snapshot, finish.conversation_id, finish.input_items)
+        if finish.idempotency is not None:
+            try:
                 # The key must outlive its response, whose retention restarts with each write.
                 await self._store.refresh_idempotency_key(
                     finish.idempotency.scope, finish.idempotency.key, ttl_seconds=finish.idempotency.ttl_seconds
                 )
-        except Exception:
-            log.exception("could not finish the bookkeeping of %s", run.response_id)
+            except Exception:
+                log.warning("could not refresh the idempotency key of %s", run.response_id)
 
     def _forget(self, response_id: str, task: asyncio.Task[None]) -> None:
         self._runs.pop(response_id, None)
         self._tasks.discard(task)
+        self.capacity_freed.set()
 
     async def cancel(self, response_id: str) -> ResponseRecord:
         """Cancel a background response, wherever it runs, and return it once it has ended.
@@ -242,8 +310,27 @@ class RunManager:
                 return record
             await asyncio.sleep(CANCEL_POLL_SECONDS)
 
+    async def drain(self, grace_seconds: float) -> None:
+        """Graceful shutdown: take no new runs, give the running ones `grace_seconds` to finish, then hand the
+        rest over (release their leases so another instance claims them at once)."""
+        self._draining = True
+        pending = [task for task in self._tasks if not task.done()]
+        if pending:
+            log.info("draining: waiting up to %.0fs for %d runs", grace_seconds, len(self._runs))
+            await asyncio.wait(pending, timeout=grace_seconds)
+        if not self.settings.handover:
+            return  # nobody to hand over to: close() ends what is left
+        for run in list(self._runs.values()):
+            log.info("handing %s over to another instance", run.response_id)
+            run.abandon()
+            with contextlib.suppress(Exception):
+                await self._store.release_lease(run.response_id, run.lease)
+                await self._store.index_run(run.response_id, 0)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
     async def close(self) -> None:
         """Stop every run; each ends with a terminal event if the store can still take it."""
+        self._draining = True
         if self._cancel_listener is not None:
             self._cancel_listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -268,3 +355,23 @@ class RunManager:
             await self._store.delete_response(run.response_id, only_if_finished=False)
         except Exception:
             log.warning("could not delete unstored response %s; its TTL will", run.response_id)
+
+
+async def settle(
+    store: Store, response_id: str, snapshot: Json, conversation_id: str | None, input_items: list[Json]
+) -> None:
+    """Bookkeeping once a response has ended, wherever it ran: its conversation turn, and the run index."""
+    try:
+        if conversation_id is not None:
+            await end_turn(
+                store,
+                conversation_id,
+                response_id,
+                status=snapshot["status"],
+                input_items=input_items,
+                output=snapshot.get("output", []),
+            )
+        if ResponseStatus(snapshot["status"]) in TERMINAL:
+            await store.unindex_run(response_id)
+    except Exception:
+        log.exception("could not finish the bookkeeping of %s", response_id)

@@ -15,6 +15,7 @@ from runs.snapshot import LIFECYCLE_EVENT_TYPES
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
 from runs.upstream.base import Upstream, UpstreamFailure
 from runs.upstream.retry import stream_with_retries
+from storage.base import Lease, LeaseLost
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class ResponseRun:
         self._upstream_body = upstream_body
         self._log = log
         log.on_cancel_requested = self.cancel
+        log.on_lease_lost = self.abandon
+        self._abandoned = False
         self._consumer: asyncio.Task[None] | None = None
         self._cancel_requested = False
         self._finished = asyncio.Event()
@@ -69,6 +72,25 @@ class ResponseRun:
         """Return once the terminal event is stored (or the run gave up on the store)."""
         await self._finished.wait()
 
+    @property
+    def lease(self) -> Lease:
+        return self._log.lease
+
+    @lease.setter
+    def lease(self, lease: Lease) -> None:
+        self._log.lease = lease
+
+    @property
+    def abandoned(self) -> bool:
+        return self._abandoned
+
+    def abandon(self) -> None:
+        """Stop without writing anything more: the response now belongs to another instance (lease lost, or
+        handed over at shutdown), which will finish it."""
+        self._abandoned = True
+        if self._consumer is not None:
+            self._consumer.cancel()
+
     def cancel(self) -> None:
         """Stop the upstream call; the run ends `cancelled` with one terminal event."""
         self._cancel_requested = True
@@ -86,22 +108,30 @@ class ResponseRun:
             try:
                 await asyncio.wait({self._consumer})
             except asyncio.CancelledError:
-                # The manager is shutting down: stop the upstream and end the response rather than leave it open.
+                # The manager is shutting down with no instance to hand over to: stop the upstream and end the
+                # response rather than leave it open.
                 self._consumer.cancel()
                 await asyncio.gather(self._consumer, return_exceptions=True)
-                await self._fail("server_error", "The gateway shut down before the response finished.")
+                if not self._abandoned:
+                    await self._fail("server_error", "The gateway shut down before the response finished.")
                 raise
             await self._settle(self._consumer)
+        except LeaseLost:
+            log.warning("run %s: lease lost; stopped without writing", self.response_id)
         except Exception:
             log.exception("run %s could not be finished cleanly", self.response_id)
         finally:
             try:
                 await self._log.close()
+            except LeaseLost:
+                log.warning("run %s: another instance owns it now; this one stopped", self.response_id)
             except Exception:
                 log.exception("run %s: events could not be stored", self.response_id)
             self._finished.set()
 
     async def _settle(self, consumer: asyncio.Task[None]) -> None:
+        if self._abandoned:
+            return
         if consumer.cancelled():
             await self._end(ResponseStatus.CANCELLED)
             return
@@ -181,3 +211,14 @@ class ResponseRun:
             response["completed_at"] = int(time.time())
         await self._log.emit({"type": STATUS_EVENT_TYPE[status], "response": response})
         await self._log.flush()
+
+
+async def fail_orphaned(event_log: EventLog, message: str) -> None:
+    """End a response whose owner died after it had started answering: re-running the model would bill twice and
+    change the text, so it fails with the partial output kept, with exactly one terminal event."""
+    response = copy.deepcopy(event_log.snapshot)
+    check_transition(ResponseStatus(response["status"]), ResponseStatus.FAILED)
+    response["status"] = ResponseStatus.FAILED.value
+    response["error"] = {"code": "server_error", "message": message}
+    await event_log.emit({"type": STATUS_EVENT_TYPE[ResponseStatus.FAILED], "response": response})
+    await event_log.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 
-from runs.live import LiveEvents, SubscriberLagged
+from runs.live import LiveEvents, LiveEventsClosed, SubscriberLagged
 from runs.status import TERMINAL_EVENT_TYPES
 from storage.base import TERMINAL_STATUSES, Store, StoredEvent
 
@@ -47,6 +47,8 @@ async def follow_events(
                     live_event = await subscription.next(idle_seconds)
                 except SubscriberLagged:
                     break
+                except LiveEventsClosed:
+                    return
                 if live_event is None:
                     yield None
                     record = await store.get_response(response_id)

@@ -32,6 +32,11 @@ class ResponseClosed(StoreError):
     """An append after the response reached a terminal status."""
 
 
+class LeaseLost(StoreError):
+    """This instance no longer owns the response (its lease expired, or another instance claimed it): every
+    write it tries is refused, so it must stop."""
+
+
 class ConversationMissing(StoreError):
     """The conversation does not exist (never created, deleted, or expired)."""
 
@@ -63,6 +68,19 @@ class ResponseRecord:
     last_sequence_number: int
     background: bool
     stored: bool
+    request: bytes = b"{}"
+    owner: str = ""
+    lease_until_ms: int = 0
+    recovery_count: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The right to write a response: who holds it, with which fencing epoch, and until when (Redis time, ms)."""
+
+    owner: str
+    epoch: int
+    until_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +94,9 @@ class NewResponse:
     stored: bool
     input_items: bytes
     events: Sequence[StoredEvent]
+    request: bytes = b"{}"  # the validated create request, so any instance can restart the run
+    owner: str = ""  # the instance that runs it; "" queues it for whichever instance has room first
+    lease_ms: int = 15_000
 
 
 class DeleteOutcome(Enum):
@@ -125,18 +146,47 @@ class ConversationRecord:
 class Store(Protocol):
     """Persistence of responses and their event logs. Every write sets the retention TTL of what it touches."""
 
-    async def create_response(self, new: NewResponse) -> None:
-        """Create the response with its first events (sequence numbers from 0). Raises ResponseAlreadyExists."""
+    async def create_response(self, new: NewResponse) -> Lease | None:
+        """Create the response with its first events (sequence numbers from 0), owned by `new.owner` under a
+        lease (returned), or unowned (None) for any instance to claim. Raises ResponseAlreadyExists."""
 
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str
+        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str, lease: Lease
     ) -> bool:
-        """Append events continuing the log and replace the snapshot, atomically. Returns True when a cancel of
-        the response has been requested (so an owner that missed the notice still learns of it).
+        """Append events continuing the log and replace the snapshot, atomically, if `lease` still holds (same
+        owner and epoch, not expired). Returns True when a cancel of the response has been requested (so an
+        owner that missed the notice still learns of it).
 
         Repeating an append that already happened (a retry after a lost reply) succeeds without writing again.
-        Raises ResponseMissing, SequenceConflict (the first event's number is not last + 1) or ResponseClosed.
+        Raises ResponseMissing, SequenceConflict (the first event's number is not last + 1), ResponseClosed or
+        LeaseLost.
         """
+
+    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Lease:
+        """Extend a held lease. Raises LeaseLost."""
+
+    async def release_lease(self, response_id: str, lease: Lease) -> None:
+        """Give the response up now (graceful shutdown), so another instance claims it without waiting."""
+
+    async def claim_response(self, response_id: str, owner: str, *, lease_ms: int) -> tuple[Lease, int] | None:
+        """Take over a response whose lease has expired, or that was queued unowned: a new epoch fences the old
+        owner out. Returns the lease and how many times the response has been recovered; None when it is held
+        by a live owner, finished, or gone."""
+
+    async def index_run(self, response_id: str, due_ms: int) -> None:
+        """Note a running or queued response in the run index, due for a look at `due_ms` (0: at once)."""
+
+    async def unindex_run(self, response_id: str) -> None:
+        """Drop a finished response from the run index."""
+
+    async def due_runs(self, limit: int) -> list[str]:
+        """Responses in the run index whose time has come (lease expired, or queued), oldest first."""
+
+    async def try_lock(self, name: str, owner: str, *, ttl_ms: int) -> bool:
+        """A short fleet-wide lock (e.g. one sweeper at a time). True when taken."""
+
+    async def unlock(self, name: str, owner: str) -> None:
+        """Release the lock if `owner` still holds it."""
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         """The response's snapshot and state, or None when it does not exist."""

@@ -58,6 +58,15 @@ class KeySpace:
         digest = hashlib.sha256(f"{scope}\n{key}".encode()).hexdigest()
         return f"{self.prefix}:{{idem:{digest}}}"
 
+    def run_index(self) -> str:
+        """Sorted set: running or queued response ids, scored by when they are due for a look (lease expiry, or 0
+        when queued). An index only: the truth is each response's state hash."""
+        return f"{self.prefix}:runs"
+
+    def lock(self, name: str) -> str:
+        """String: a short fleet-wide lock."""
+        return f"{self.prefix}:lock:{name}"
+
     def cancel_channel(self) -> str:
         """Pub/sub channel (not a key: nothing stored, no TTL) on which cancel requests reach the owning instance."""
         return f"{self.prefix}:cancel"

@@ -15,6 +15,8 @@ from storage.base import (
     CursorNotFound,
     DeleteOutcome,
     IdempotencyClaim,
+    Lease,
+    LeaseLost,
     NewResponse,
     ResponseAlreadyExists,
     ResponseClosed,
@@ -44,6 +46,11 @@ class _Entry:
     input_items: bytes
     events: list[StoredEvent]
     expires_at: float
+    request: bytes = b"{}"
+    owner: str = ""
+    epoch: int = 1
+    lease_until_ms: int = 0
+    recovery_count: int = 0
     cancel_requested: bool = False
     appended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -64,6 +71,8 @@ class MemoryStore:
         self._claims: dict[tuple[str, str], tuple[IdempotencyClaim, float]] = {}
         self._claims_sweep_at = 1024
         self._conversations: dict[str, _Conversation] = {}
+        self._run_index: dict[str, int] = {}
+        self._locks: dict[str, tuple[str, float]] = {}
 
     def _expire_due(self) -> None:
         now = self._clock()
@@ -88,9 +97,13 @@ class MemoryStore:
         self._any_append.set()
         self._any_append = asyncio.Event()
 
-    async def create_response(self, new: NewResponse) -> None:
+    def _now_ms(self) -> int:
+        return int(time.time() * 1000)
+
+    async def create_response(self, new: NewResponse) -> Lease | None:
         if self._live(new.response_id) is not None:
             raise ResponseAlreadyExists(new.response_id)
+        lease_until = self._now_ms() + new.lease_ms if new.owner else 0
         entry = _Entry(
             snapshot=new.snapshot,
             status=new.status,
@@ -99,12 +112,16 @@ class MemoryStore:
             input_items=new.input_items,
             events=list(new.events),
             expires_at=0.0,
+            request=new.request,
+            owner=new.owner,
+            lease_until_ms=lease_until,
         )
         self._entries[new.response_id] = entry
         self._touch(new.response_id, entry)
+        return Lease(new.owner, 1, lease_until) if new.owner else None
 
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str
+        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str, lease: Lease
     ) -> bool:
         if not events:
             return False
@@ -118,12 +135,64 @@ class MemoryStore:
             raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
         if entry.status in TERMINAL_STATUSES:
             raise ResponseClosed(response_id)
+        if not self._holds(entry, lease):
+            raise LeaseLost(response_id)
         entry.events.extend(events)
         entry.snapshot = snapshot
         entry.status = status
         self._touch(response_id, entry)
         self._wake_readers(entry)
         return entry.cancel_requested
+
+    def _holds(self, entry: _Entry, lease: Lease) -> bool:
+        return entry.owner == lease.owner and entry.epoch == lease.epoch and entry.lease_until_ms >= self._now_ms()
+
+    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Lease:
+        entry = self._live(response_id)
+        if entry is None or entry.status in TERMINAL_STATUSES or not self._holds(entry, lease):
+            raise LeaseLost(response_id)
+        entry.lease_until_ms = self._now_ms() + lease_ms
+        return Lease(lease.owner, lease.epoch, entry.lease_until_ms)
+
+    async def release_lease(self, response_id: str, lease: Lease) -> None:
+        entry = self._live(response_id)
+        if entry is not None and self._holds(entry, lease):
+            entry.lease_until_ms = 0
+
+    async def claim_response(self, response_id: str, owner: str, *, lease_ms: int) -> tuple[Lease, int] | None:
+        entry = self._live(response_id)
+        if entry is None or entry.status in TERMINAL_STATUSES:
+            return None
+        if entry.owner and entry.lease_until_ms >= self._now_ms():
+            return None
+        if entry.owner:
+            entry.recovery_count += 1
+        entry.owner, entry.epoch = owner, entry.epoch + 1
+        entry.lease_until_ms = self._now_ms() + lease_ms
+        return Lease(owner, entry.epoch, entry.lease_until_ms), entry.recovery_count
+
+    async def index_run(self, response_id: str, due_ms: int) -> None:
+        self._run_index[response_id] = due_ms
+
+    async def unindex_run(self, response_id: str) -> None:
+        self._run_index.pop(response_id, None)
+
+    async def due_runs(self, limit: int) -> list[str]:
+        now = self._now_ms()
+        due = sorted((due_ms, response_id) for response_id, due_ms in self._run_index.items() if due_ms <= now)
+        return [response_id for _, response_id in due[:limit]]
+
+    async def try_lock(self, name: str, owner: str, *, ttl_ms: int) -> bool:
+        held = self._locks.get(name)
+        if held is not None and held[1] > self._clock():
+            return False
+        self._locks[name] = (owner, self._clock() + ttl_ms / 1000)
+        return True
+
+    async def unlock(self, name: str, owner: str) -> None:
+        held = self._locks.get(name)
+        if held is not None and held[0] == owner:
+            del self._locks[name]
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         entry = self._live(response_id)
@@ -136,6 +205,10 @@ class MemoryStore:
             last_sequence_number=len(entry.events) - 1,
             background=entry.background,
             stored=entry.stored,
+            request=entry.request,
+            owner=entry.owner,
+            lease_until_ms=entry.lease_until_ms,
+            recovery_count=entry.recovery_count,
         )
 
     async def get_input_items(self, response_id: str) -> bytes | None:

@@ -23,6 +23,8 @@ from storage.base import (
     CursorNotFound,
     DeleteOutcome,
     IdempotencyClaim,
+    Lease,
+    LeaseLost,
     NewResponse,
     ResponseAlreadyExists,
     ResponseClosed,
@@ -75,6 +77,22 @@ def _unavailable_on_connection_error(
             raise StoreUnavailable(f"redis: {error}") from error
 
     return wrapper
+
+
+# Run index members due now (Redis's clock, the one leases are measured by), oldest first.
+_DUE_RUNS_LUA = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, ARGV[1])
+"""
+
+# Delete a lock only if its owner still holds it.
+_UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 def _pairs(items: Sequence[tuple[str, bytes]]) -> list[bytes | str]:
@@ -134,6 +152,9 @@ class RedisStore:
         self._create_conversation_script = client.register_script(_load_lua("create_conversation.lua"))
         self._conversation_script = client.register_script(_load_lua("conversation.lua"))
         self._list_items_script = client.register_script(_load_lua("list_conversation_items.lua"))
+        self._lease_script = client.register_script(_load_lua("lease.lua"))
+        self._due_script = client.register_script(_DUE_RUNS_LUA)
+        self._unlock_script = client.register_script(_UNLOCK_LUA)
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 64) -> RedisStore:
@@ -156,7 +177,7 @@ class RedisStore:
         return self._keys
 
     @_unavailable_on_connection_error
-    async def create_response(self, new: NewResponse) -> None:
+    async def create_response(self, new: NewResponse) -> Lease | None:
         keys = self._keys.response_keys(new.response_id)
         args: list[bytes | str | int] = [
             self._ttl_ms,
@@ -165,20 +186,32 @@ class RedisStore:
             int(new.background),
             int(new.stored),
             new.input_items,
+            new.request,
+            new.owner,
+            new.lease_ms,
         ]
         args += _event_args(new.events)
         result = await self._create_script(keys=list(keys), args=args)
         if result == b"EXISTS":
             raise ResponseAlreadyExists(new.response_id)
+        _, epoch, until = result
+        return Lease(new.owner, int(epoch), int(until)) if new.owner else None
 
     @_unavailable_on_connection_error
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str
+        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str, lease: Lease
     ) -> bool:
         if not events:
             return False
         keys = self._keys.response_keys(response_id)
-        args: list[bytes | str | int] = [self._ttl_ms, snapshot, status, events[0].sequence_number]
+        args: list[bytes | str | int] = [
+            self._ttl_ms,
+            snapshot,
+            status,
+            events[0].sequence_number,
+            lease.owner,
+            lease.epoch,
+        ]
         args += _event_args(events)
         result = await self._append_script(keys=list(keys), args=args)
         if result in (b"OK", b"CANCEL"):
@@ -187,7 +220,56 @@ class RedisStore:
             raise ResponseMissing(response_id)
         if result == b"CLOSED":
             raise ResponseClosed(response_id)
+        if result == b"FENCED":
+            raise LeaseLost(response_id)
         raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
+
+    async def _lease(self, response_id: str, *args: str | int) -> list[Any]:
+        reply: list[Any] = await self._lease_script(keys=[self._keys.response_state(response_id)], args=list(args))
+        return reply
+
+    @_unavailable_on_connection_error
+    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Lease:
+        reply = await self._lease(response_id, "renew", lease.owner, lease.epoch, lease_ms)
+        if reply[0] != b"OK":
+            raise LeaseLost(response_id)
+        return Lease(lease.owner, lease.epoch, int(reply[1]))
+
+    @_unavailable_on_connection_error
+    async def release_lease(self, response_id: str, lease: Lease) -> None:
+        await self._lease(response_id, "release", lease.owner, lease.epoch, 0)
+
+    @_unavailable_on_connection_error
+    async def claim_response(self, response_id: str, owner: str, *, lease_ms: int) -> tuple[Lease, int] | None:
+        reply = await self._lease(response_id, "claim", owner, "", lease_ms)
+        if reply[0] != b"OK":
+            return None
+        return Lease(owner, int(reply[1]), int(reply[2])), int(reply[3])
+
+    @_unavailable_on_connection_error
+    async def index_run(self, response_id: str, due_ms: int) -> None:
+        index = self._keys.run_index()
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.zadd(index, {response_id: due_ms})
+            pipe.pexpire(index, self._ttl_ms)
+            await pipe.execute()
+
+    @_unavailable_on_connection_error
+    async def unindex_run(self, response_id: str) -> None:
+        await self._client.zrem(self._keys.run_index(), response_id)
+
+    @_unavailable_on_connection_error
+    async def due_runs(self, limit: int) -> list[str]:
+        reply: list[bytes] = await self._due_script(keys=[self._keys.run_index()], args=[limit])
+        return [member.decode() for member in reply]
+
+    @_unavailable_on_connection_error
+    async def try_lock(self, name: str, owner: str, *, ttl_ms: int) -> bool:
+        return bool(await self._client.set(self._keys.lock(name), owner, nx=True, px=ttl_ms))
+
+    @_unavailable_on_connection_error
+    async def unlock(self, name: str, owner: str) -> None:
+        await self._unlock_script(keys=[self._keys.lock(name)], args=[owner])
 
     @_unavailable_on_connection_error
     async def get_response(self, response_id: str) -> ResponseRecord | None:
@@ -202,6 +284,10 @@ class RedisStore:
             last_sequence_number=int(fields[b"last_seq"]),
             background=fields[b"background"] == b"1",
             stored=fields[b"stored"] == b"1",
+            request=fields.get(b"request", b"{}"),
+            owner=fields.get(b"owner", b"").decode(),
+            lease_until_ms=int(fields.get(b"lease_until", b"0")),
+            recovery_count=int(fields.get(b"recovery_count", b"0")),
         )
 
     @_unavailable_on_connection_error

@@ -10,7 +10,7 @@ import orjson
 
 from runs.event_log import EventLog
 from runs.snapshot import apply_event
-from storage.base import NewResponse, StoredEvent
+from storage.base import Lease, NewResponse, StoredEvent
 from storage.redis import RedisStore
 
 
@@ -22,11 +22,11 @@ class CountingStore(RedisStore):
         self.appends: list[int] = []
 
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str
-    ) -> None:
+        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str, lease: Lease
+    ) -> bool:
         self.appends.append(len(events))
         await asyncio.sleep(0.01)
-        await super().append_events(response_id, events, snapshot=snapshot, status=status)
+        return await super().append_events(response_id, events, snapshot=snapshot, status=status, lease=lease)
 
 
 def start_snapshot(response_id: str) -> dict[str, Any]:
@@ -39,7 +39,7 @@ async def test_appends_coalesce_while_one_is_in_flight(redis_server: str, key_pr
     store = CountingStore(aioredis.Redis.from_url(redis_server), key_prefix=key_prefix, retention_seconds=60)
     snapshot = start_snapshot("resp_log")
     created = {"type": "response.created", "response": snapshot, "sequence_number": 0}
-    await store.create_response(
+    lease = await store.create_response(
         NewResponse(
             response_id="resp_log",
             snapshot=orjson.dumps(snapshot),
@@ -48,9 +48,12 @@ async def test_appends_coalesce_while_one_is_in_flight(redis_server: str, key_pr
             stored=True,
             input_items=b"[]",
             events=[StoredEvent(0, "response.created", orjson.dumps(created))],
+            owner="me",
+            lease_ms=60_000,
         )
     )
-    log = EventLog(store, "resp_log", dict(snapshot), next_sequence_number=1)
+    assert lease is not None
+    log = EventLog(store, "resp_log", dict(snapshot), next_sequence_number=1, lease=lease)
     item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
     await log.emit({"type": "response.output_item.added", "output_index": 0, "item": item})
     part = {"type": "output_text", "text": "", "annotations": []}

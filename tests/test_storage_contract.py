@@ -14,6 +14,8 @@ from storage.base import (
     CursorNotFound,
     DeleteOutcome,
     IdempotencyClaim,
+    Lease,
+    LeaseLost,
     NewResponse,
     ResponseAlreadyExists,
     ResponseClosed,
@@ -48,6 +50,10 @@ async def store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterato
     await backend.close()
 
 
+OWNER = "instance-a"
+LEASE = Lease(OWNER, 1, 0)
+
+
 def event(seq: int, kind: str = "response.output_text.delta") -> StoredEvent:
     return StoredEvent(seq, kind, orjson.dumps({"type": kind, "sequence_number": seq, "delta": f"t{seq}"}))
 
@@ -61,6 +67,8 @@ def new_response(response_id: str, *, events: int = 1, status: str = "in_progres
         stored=True,
         input_items=b"[]",
         events=[event(i, "response.created" if i == 0 else "response.in_progress") for i in range(events)],
+        owner=OWNER,
+        lease_ms=60_000,
     )
 
 
@@ -86,7 +94,7 @@ async def test_create_twice_is_refused(store: Store) -> None:
 
 async def test_append_continues_the_log_and_replaces_the_snapshot(store: Store) -> None:
     await store.create_response(new_response("resp_b", events=2))
-    await store.append_events("resp_b", [event(2), event(3)], snapshot=b'{"n":3}', status="in_progress")
+    await store.append_events("resp_b", [event(2), event(3)], snapshot=b'{"n":3}', status="in_progress", lease=LEASE)
     events = await store.read_events("resp_b", 1)
     assert [(e.sequence_number, e.type) for e in events] == [
         (2, "response.output_text.delta"),
@@ -102,7 +110,7 @@ async def test_append_continues_the_log_and_replaces_the_snapshot(store: Store) 
 async def test_append_that_does_not_continue_is_refused(store: Store, first: int) -> None:
     await store.create_response(new_response("resp_c", events=2))
     with pytest.raises(SequenceConflict):
-        await store.append_events("resp_c", [event(first)], snapshot=b"{}", status="in_progress")
+        await store.append_events("resp_c", [event(first)], snapshot=b"{}", status="in_progress", lease=LEASE)
     record = await store.get_response("resp_c")
     assert record is not None
     assert record.last_sequence_number == 1
@@ -111,19 +119,23 @@ async def test_append_that_does_not_continue_is_refused(store: Store, first: int
 
 async def test_append_to_missing_response(store: Store) -> None:
     with pytest.raises(ResponseMissing):
-        await store.append_events("resp_none", [event(0)], snapshot=b"{}", status="in_progress")
+        await store.append_events("resp_none", [event(0)], snapshot=b"{}", status="in_progress", lease=LEASE)
 
 
 async def test_no_append_after_terminal_status(store: Store) -> None:
     await store.create_response(new_response("resp_d", events=1))
-    await store.append_events("resp_d", [event(1, "response.completed")], snapshot=b"{}", status="completed")
+    await store.append_events(
+        "resp_d", [event(1, "response.completed")], snapshot=b"{}", status="completed", lease=LEASE
+    )
     with pytest.raises(ResponseClosed):
-        await store.append_events("resp_d", [event(2)], snapshot=b"{}", status="completed")
+        await store.append_events("resp_d", [event(2)], snapshot=b"{}", status="completed", lease=LEASE)
 
 
 async def test_read_after_cursor_and_limit(store: Store) -> None:
     await store.create_response(new_response("resp_e", events=1))
-    await store.append_events("resp_e", [event(i) for i in range(1, 10)], snapshot=b"{}", status="in_progress")
+    await store.append_events(
+        "resp_e", [event(i) for i in range(1, 10)], snapshot=b"{}", status="in_progress", lease=LEASE
+    )
     assert [e.sequence_number for e in await store.read_events("resp_e", 4, limit=3)] == [5, 6, 7]
     assert await store.read_events("resp_e", 9) == []
     assert await store.read_events("resp_e", 100) == []
@@ -135,7 +147,7 @@ async def test_blocking_read_wakes_on_append(store: Store) -> None:
     reader = asyncio.create_task(store.read_events("resp_f", 0, wait_ms=5000))
     await asyncio.sleep(0.05)
     assert not reader.done()
-    await store.append_events("resp_f", [event(1)], snapshot=b"{}", status="in_progress")
+    await store.append_events("resp_f", [event(1)], snapshot=b"{}", status="in_progress", lease=LEASE)
     events = await asyncio.wait_for(reader, 2)
     assert [e.sequence_number for e in events] == [1]
 
@@ -152,7 +164,10 @@ async def test_concurrent_writers_one_wins(store: Store) -> None:
         return StoredEvent(1, "response.output_text.delta", b'{"writer":%d}' % writer)
 
     results = await asyncio.gather(
-        *(store.append_events("resp_h", [writer_event(w)], snapshot=b"{}", status="in_progress") for w in range(10)),
+        *(
+            store.append_events("resp_h", [writer_event(w)], snapshot=b"{}", status="in_progress", lease=LEASE)
+            for w in range(10)
+        ),
         return_exceptions=True,
     )
     winners = [w for w, result in enumerate(results) if result is False]
@@ -167,28 +182,32 @@ async def test_repeating_an_append_is_idempotent(store: Store) -> None:
     """A retry after a lost reply must not fail (nor store twice): the events are already there."""
     await store.create_response(new_response("resp_retry", events=1))
     batch = [event(1), event(2)]
-    await store.append_events("resp_retry", batch, snapshot=b"{}", status="in_progress")
-    await store.append_events("resp_retry", batch, snapshot=b"{}", status="in_progress")
+    await store.append_events("resp_retry", batch, snapshot=b"{}", status="in_progress", lease=LEASE)
+    await store.append_events("resp_retry", batch, snapshot=b"{}", status="in_progress", lease=LEASE)
     assert [e.sequence_number for e in await store.read_events("resp_retry", -1)] == [0, 1, 2]
     with pytest.raises(SequenceConflict):  # same numbers, other content: a different writer
-        await store.append_events("resp_retry", [event(1, "response.other")], snapshot=b"{}", status="in_progress")
+        await store.append_events(
+            "resp_retry", [event(1, "response.other")], snapshot=b"{}", status="in_progress", lease=LEASE
+        )
     closing = [event(3, "response.completed")]
-    await store.append_events("resp_retry", closing, snapshot=b"{}", status="completed")
-    await store.append_events("resp_retry", closing, snapshot=b"{}", status="completed")
+    await store.append_events("resp_retry", closing, snapshot=b"{}", status="completed", lease=LEASE)
+    await store.append_events("resp_retry", closing, snapshot=b"{}", status="completed", lease=LEASE)
 
 
 async def test_append_reports_a_requested_cancel(store: Store) -> None:
     await store.create_response(new_response("resp_cx", events=1))
-    assert await store.append_events("resp_cx", [event(1)], snapshot=b"{}", status="in_progress") is False
+    assert await store.append_events("resp_cx", [event(1)], snapshot=b"{}", status="in_progress", lease=LEASE) is False
     await store.request_cancel("resp_cx")
-    assert await store.append_events("resp_cx", [event(2)], snapshot=b"{}", status="in_progress") is True
+    assert await store.append_events("resp_cx", [event(2)], snapshot=b"{}", status="in_progress", lease=LEASE) is True
 
 
 async def test_delete_removes_everything_once_finished(store: Store) -> None:
     await store.create_response(new_response("resp_i", events=3))
     assert await store.delete_response("resp_i") is DeleteOutcome.ACTIVE
     assert await store.get_response("resp_i") is not None
-    await store.append_events("resp_i", [event(3, "response.completed")], snapshot=b"{}", status="completed")
+    await store.append_events(
+        "resp_i", [event(3, "response.completed")], snapshot=b"{}", status="completed", lease=LEASE
+    )
     assert await store.delete_response("resp_i") is DeleteOutcome.DELETED
     assert await store.get_response("resp_i") is None
     assert await store.read_events("resp_i", -1) == []
@@ -205,7 +224,9 @@ async def test_delete_of_a_running_response_when_forced(store: Store) -> None:
 async def test_cancel_request_reaches_listeners_and_reports_status(store: Store) -> None:
     await store.create_response(new_response("resp_run", events=1))
     await store.create_response(new_response("resp_done", events=1))
-    await store.append_events("resp_done", [event(1, "response.completed")], snapshot=b"{}", status="completed")
+    await store.append_events(
+        "resp_done", [event(1, "response.completed")], snapshot=b"{}", status="completed", lease=LEASE
+    )
     assert await store.request_cancel("resp_done") == "completed"
     assert await store.request_cancel("resp_missing") is None
     requests = store.cancel_requests()
@@ -229,8 +250,8 @@ async def test_event_feed_reads_many_responses_at_once(store: Store) -> None:
     feed = store.open_event_feed()
     try:
         assert await feed.read({"resp_x": 0, "resp_y": 0}, wait_ms=50) == {}
-        await store.append_events("resp_y", [event(1), event(2)], snapshot=b"{}", status="in_progress")
-        await store.append_events("resp_z", [event(1)], snapshot=b"{}", status="in_progress")
+        await store.append_events("resp_y", [event(1), event(2)], snapshot=b"{}", status="in_progress", lease=LEASE)
+        await store.append_events("resp_z", [event(1)], snapshot=b"{}", status="in_progress", lease=LEASE)
         found = await feed.read({"resp_x": 0, "resp_y": 0, "resp_z": 0}, wait_ms=1000)
         assert {rid: [e.sequence_number for e in events] for rid, events in found.items()} == {
             "resp_y": [1, 2],
@@ -238,7 +259,7 @@ async def test_event_feed_reads_many_responses_at_once(store: Store) -> None:
         }
         waiting = asyncio.ensure_future(feed.read({"resp_x": 0}, wait_ms=5000))
         await asyncio.sleep(0.05)
-        await store.append_events("resp_x", [event(1)], snapshot=b"{}", status="in_progress")
+        await store.append_events("resp_x", [event(1)], snapshot=b"{}", status="in_progress", lease=LEASE)
         assert [e.sequence_number for e in (await asyncio.wait_for(waiting, 2))["resp_x"]] == [1]
     finally:
         await feed.close()
@@ -416,12 +437,92 @@ async def test_redis_conversation_keys_have_the_ttl(
         await store.close()
 
 
+async def test_only_the_lease_holder_may_append(store: Store) -> None:
+    await store.create_response(new_response("resp_lease", events=1))
+    for stranger in (Lease("instance-b", 1, 0), Lease(OWNER, 2, 0)):
+        with pytest.raises(LeaseLost):
+            await store.append_events("resp_lease", [event(1)], snapshot=b"{}", status="in_progress", lease=stranger)
+    await store.append_events("resp_lease", [event(1)], snapshot=b"{}", status="in_progress", lease=LEASE)
+
+
+async def test_an_expired_lease_is_fenced_and_claimed_with_a_new_epoch(store: Store) -> None:
+    created = new_response("resp_exp_lease", events=1)
+    lease = await store.create_response(
+        NewResponse(
+            response_id=created.response_id,
+            snapshot=created.snapshot,
+            status=created.status,
+            background=True,
+            stored=True,
+            input_items=b"[]",
+            events=created.events,
+            owner=OWNER,
+            lease_ms=150,
+        )
+    )
+    assert lease is not None
+    assert await store.claim_response("resp_exp_lease", "instance-b", lease_ms=60_000) is None  # still held
+    renewed = await store.renew_lease("resp_exp_lease", lease, lease_ms=150)
+    assert renewed.until_ms >= lease.until_ms
+    await asyncio.sleep(0.25)
+    with pytest.raises(LeaseLost):  # expired: even the old owner may not write, nor renew
+        await store.append_events("resp_exp_lease", [event(1)], snapshot=b"{}", status="in_progress", lease=lease)
+    with pytest.raises(LeaseLost):
+        await store.renew_lease("resp_exp_lease", lease, lease_ms=150)
+    claimed = await store.claim_response("resp_exp_lease", "instance-b", lease_ms=60_000)
+    assert claimed is not None
+    new_lease, recoveries = claimed
+    assert (new_lease.owner, new_lease.epoch, recoveries) == ("instance-b", 2, 1)
+    with pytest.raises(LeaseLost):
+        await store.append_events("resp_exp_lease", [event(1)], snapshot=b"{}", status="in_progress", lease=lease)
+    await store.append_events("resp_exp_lease", [event(1)], snapshot=b"{}", status="in_progress", lease=new_lease)
+    record = await store.get_response("resp_exp_lease")
+    assert record is not None
+    assert (record.owner, record.recovery_count) == ("instance-b", 1)
+
+
+async def test_released_and_queued_responses_are_claimable_at_once(store: Store) -> None:
+    lease = await store.create_response(new_response("resp_rel", events=1))
+    assert lease is not None
+    await store.release_lease("resp_rel", lease)
+    assert await store.claim_response("resp_rel", "instance-b", lease_ms=60_000) is not None
+    queued = new_response("resp_queued", events=1)
+    assert (
+        await store.create_response(
+            NewResponse(**{field: getattr(queued, field) for field in queued.__dataclass_fields__} | {"owner": ""})
+        )
+        is None
+    )
+    claimed = await store.claim_response("resp_queued", "instance-c", lease_ms=60_000)
+    assert claimed is not None
+    assert claimed[1] == 0  # starting a queued response is not a recovery
+    await store.append_events(
+        "resp_queued", [event(1, "response.completed")], snapshot=b"{}", status="completed", lease=claimed[0]
+    )
+    assert await store.claim_response("resp_queued", "instance-d", lease_ms=60_000) is None  # finished
+
+
+async def test_run_index_and_locks(store: Store) -> None:
+    await store.index_run("resp_late", 10**15)
+    await store.index_run("resp_b", 2)
+    await store.index_run("resp_a", 1)
+    assert await store.due_runs(10) == ["resp_a", "resp_b"]
+    await store.unindex_run("resp_a")
+    assert await store.due_runs(10) == ["resp_b"]
+    assert await store.try_lock("sweep", "me", ttl_ms=5000) is True
+    assert await store.try_lock("sweep", "you", ttl_ms=5000) is False
+    await store.unlock("sweep", "you")
+    assert await store.try_lock("sweep", "you", ttl_ms=5000) is False
+    await store.unlock("sweep", "me")
+    assert await store.try_lock("sweep", "you", ttl_ms=5000) is True
+
+
 async def test_redis_every_key_has_the_retention_ttl(redis_server: str, key_prefix: str) -> None:
     store = RedisStore.from_url(redis_server, key_prefix=key_prefix, retention_seconds=60)
     client = aioredis.Redis.from_url(redis_server)
     try:
         await store.create_response(new_response("resp_ttl", events=2))
-        await store.append_events("resp_ttl", [event(2)], snapshot=b"{}", status="in_progress")
+        await store.append_events("resp_ttl", [event(2)], snapshot=b"{}", status="in_progress", lease=LEASE)
         keys = [key async for key in client.scan_iter(match=f"{key_prefix}:*")]
         assert len(keys) == 3
         for key in keys:
@@ -450,7 +551,7 @@ async def test_memory_retention_expires_everything() -> None:
     store = MemoryStore(retention_seconds=10, clock=clock)
     await store.create_response(new_response("resp_m", events=1))
     clock.now += 5
-    await store.append_events("resp_m", [event(1)], snapshot=b"{}", status="in_progress")
+    await store.append_events("resp_m", [event(1)], snapshot=b"{}", status="in_progress", lease=LEASE)
     clock.now += 9  # 14 s after creation, 9 s after the last write: still kept
     assert await store.get_response("resp_m") is not None
     clock.now += 2

@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 
 from gateway.errors import json_response
-from gateway.state import STORE
+from gateway.state import RUN_MANAGER, STORE
 
 # A store slower than this to answer a ping counts as unreachable.
 READY_TIMEOUT_SECONDS = 2.0
@@ -19,7 +19,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """The store answers, so this instance can take requests."""
+    """The store answers and the instance is not shutting down, so it can take requests."""
+    if request.app[RUN_MANAGER].draining:
+        return json_response({"status": "draining"}, status=503)
     try:
         await asyncio.wait_for(request.app[STORE].ping(), READY_TIMEOUT_SECONDS)
     except Exception as error:

@@ -106,8 +106,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         key = idempotency.IdempotencyKey.for_request(key_header, create, ttl_seconds=ttl_seconds)
     manager = request.app[RUN_MANAGER]
     admission = await manager.admit(create, idempotency=key)
-    if admission.run is None:
-        return await _serve_replay(request, admission.response_id, create)
+    if admission.run is None:  # replayed, or queued for whichever instance has room first
+        return await _serve_by_id(request, admission.response_id, create, replayed=admission.replayed)
     run = admission.run
     store = request.app[STORE]
     if not create.is_stored:
@@ -119,10 +119,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     return await _serve_created(request, store, run, create)
 
 
-async def _serve_replay(request: web.Request, response_id: str, create: CreateResponseRequest) -> web.StreamResponse:
-    """A retry with a used Idempotency-Key gets exactly what the first request gets: the same stream from its
-    first event, or the same Response."""
-    headers = {REPLAYED_HEADER: "true"}
+async def _serve_by_id(
+    request: web.Request, response_id: str, create: CreateResponseRequest, *, replayed: bool
+) -> web.StreamResponse:
+    """Serve a response this request did not start here: a retry with a used Idempotency-Key gets exactly what
+    the first request gets (the same stream from its first event, or the same Response), and a queued one is
+    followed like any other."""
+    headers = {REPLAYED_HEADER: "true"} if replayed else {}
     if create.is_streaming:
         return await stream_response(request, response_id, -1, headers)
     store = request.app[STORE]
