@@ -59,6 +59,7 @@ class UpstreamConfig(_Section):
     read_timeout_seconds: float = Field(600.0, gt=0)
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     reasoning_effort: bool = False
+    send_metadata: bool = False
 
     def to_spec(self) -> UpstreamSpec:
         """The runtime description; the API key is read from the environment now and never stored."""
@@ -76,6 +77,7 @@ class UpstreamConfig(_Section):
             read_timeout_seconds=self.read_timeout_seconds,
             max_tokens_field=self.max_tokens_field,
             reasoning_effort=self.reasoning_effort,
+            send_metadata=self.send_metadata,
         )
 
 

@@ -147,9 +147,14 @@ def busy_error(active_response_id: str) -> Conflict:
 
 
 async def begin_turn(store: Store, conversation_id: str, response_id: str) -> None:
-    """Make `response_id` the conversation's one active response (atomically, across instances), or 409. A holder
-    that has already ended or vanished (its instance died before releasing the turn) is cleared first."""
-    stale = ""
+    """Make `response_id` the conversation's one active response (atomically, across instances), or 409.
+
+    A holder that has already ended but whose instance did not release the turn (it died in between, or has not
+    got there yet) is finished on its behalf first: a completed one's items join the conversation, exactly once,
+    because releasing and appending is one step that only the current holder's release can take. A holder
+    whose response no longer exists at all (expired, deleted) is simply cleared. Admission creates a response
+    before it takes a turn, so a holder that exists is never mistaken for a missing one.
+    """
     for _ in range(3):
         try:
             holder = await store.begin_conversation_turn(conversation_id, response_id)
@@ -160,9 +165,15 @@ async def begin_turn(store: Store, conversation_id: str, response_id: str) -> No
         record = await store.get_response(holder)
         if record is not None and ResponseStatus(record.status) not in TERMINAL:
             raise busy_error(holder)
-        stale = holder
-        await store.clear_conversation_turn(conversation_id, holder)
-    raise busy_error(stale)
+        if record is None:
+            await store.clear_conversation_turn(conversation_id, holder)
+            continue
+        inputs = orjson.loads(await store.get_input_items(holder) or b"[]")
+        snapshot = orjson.loads(record.snapshot)
+        await end_turn(
+            store, conversation_id, holder, status=record.status, input_items=inputs, output=snapshot["output"]
+        )
+    raise busy_error(response_id)
 
 
 async def end_turn(

@@ -142,8 +142,7 @@ class RunManager:
     async def _admit(self, request: CreateResponseRequest, idempotency: IdempotencyKey | None) -> Admission:
         check_admissible(request)
         upstream = self._router.route(request.model)
-        history = await history_for(self._store, request)
-        provider_body = upstream.prepare(upstream_body(request, history))  # 400 for what it cannot honour
+        upstream.prepare(upstream_body(request))  # the request's own parameters: a 400 before anything is stored
         queued = self.free_capacity == 0
         if queued and not request.is_background:
             raise TooManyRequests(
@@ -163,25 +162,22 @@ class RunManager:
                 return Admission(holder, run=None, replayed=True)
         # store=false responses never touch conversation state: they only read it as context.
         turn = conversation_id if conversation_id is not None and request.is_stored else None
+        created = took_turn = False
         try:
+            # The response exists before it takes the conversation's turn, so a racing instance that finds this
+            # response holding the turn never mistakes it for a dead holder. Indexed before it is created: a
+            # response stored but never indexed could be orphaned without anyone noticing.
+            due_ms = 0 if queued else int(time.time() * 1000) + self.settings.lease_ms
+            await self._store.index_run(record.response_id, due_ms)
+            lease = await self._store.create_response(record)
+            created = True
             if turn is not None:
                 await begin_turn(self._store, turn, record.response_id)
-            try:
-                # Indexed first: a response stored but never indexed could be orphaned without anyone noticing.
-                due_ms = 0 if queued else int(time.time() * 1000) + self.settings.lease_ms
-                await self._store.index_run(record.response_id, due_ms)
-                lease = await self._store.create_response(record)
-            except BaseException:
-                if turn is not None:
-                    with contextlib.suppress(Exception):
-                        await self._store.clear_conversation_turn(turn, record.response_id)
-                raise
+                took_turn = True
+            # History is read once the turn is ours: the previous turn's items are in by then.
+            provider_body = upstream.prepare(upstream_body(request, await history_for(self._store, request)))
         except BaseException:
-            if idempotency is not None:
-                with contextlib.suppress(Exception):
-                    await self._store.release_idempotency_key(
-                        idempotency.scope, idempotency.key, response_id=record.response_id
-                    )
+            await self._undo_admission(record.response_id, created, turn if took_turn else None, idempotency)
             raise
         if lease is None:
             log.info("%s queued: this instance is at capacity", record.response_id)
@@ -190,6 +186,19 @@ class RunManager:
         finish = _Finish(idempotency, turn, orjson.loads(record.input_items))
         run = self._start(request, upstream, provider_body, snapshot, len(record.events), lease, finish)
         return Admission(run.response_id, run=run)
+
+    async def _undo_admission(
+        self, response_id: str, created: bool, turn: str | None, idempotency: IdempotencyKey | None
+    ) -> None:
+        """A request refused half-way leaves nothing behind: no response, no turn, no claim on its key."""
+        with contextlib.suppress(Exception):
+            if turn is not None:
+                await self._store.clear_conversation_turn(turn, response_id)
+            if created:
+                await self._store.delete_response(response_id, only_if_finished=False)
+            await self._store.unindex_run(response_id)
+            if idempotency is not None:
+                await self._store.release_idempotency_key(idempotency.scope, idempotency.key, response_id=response_id)
 
     def _start(
         self,

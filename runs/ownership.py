@@ -25,6 +25,7 @@ def _stop_if_cancelled() -> None:
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
 
+
 SWEEP_LOCK = "sweep"
 SWEEP_BATCH = 100
 ORPHAN_MESSAGE = (

@@ -130,6 +130,7 @@ def test_request_translation_of_a_conversation_with_tools() -> None:
                 "role": "user",
                 "content": [{"type": "input_text", "text": "Weather in "}, {"type": "input_text", "text": "Oslo?"}],
             },
+            {"role": "assistant", "content": "Let me look."},
             {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city":"Oslo"}'},
             {"type": "function_call", "call_id": "c2", "name": "get_time", "arguments": "{}"},
             {"type": "function_call_output", "call_id": "c1", "output": "3 C"},
@@ -157,7 +158,7 @@ def test_request_translation_of_a_conversation_with_tools() -> None:
         {"role": "user", "content": "Weather in Oslo?"},
         {
             "role": "assistant",
-            "content": None,
+            "content": "Let me look.",
             "tool_calls": [
                 {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}},
                 {"id": "c2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}},
@@ -178,6 +179,9 @@ def test_request_translation_of_a_conversation_with_tools() -> None:
         "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": True},
     }
     assert (chat["max_tokens"], chat["temperature"], chat["top_p"], chat["top_k"]) == (100, 0.2, 0.9, 40)
+    assert "metadata" not in chat_request({**body, "metadata": {"a": "1"}}, model="m", dialect=DIALECT)
+    with_metadata = chat_request({**body, "metadata": {"a": "1"}}, model="m", dialect=ChatDialect(send_metadata=True))
+    assert with_metadata["metadata"] == {"a": "1"}
 
 
 def test_request_translation_options() -> None:
@@ -228,13 +232,18 @@ def test_what_chat_cannot_honour_is_a_400_naming_it(extra: dict[str, Any], param
 
 
 async def recorded_provider(request: web.Request) -> web.StreamResponse:
-    """A provider that answers with the recorded stream named by the request's model."""
-    body = await request.json()
+    """A provider that answers with the recorded stream named by the request's model. `cut:NAME` stops the
+    stream before its finish reason (no `[DONE]`), as a proxy timing out would."""
+    model = (await request.json())["model"]
+    chunks = recorded(model.removeprefix("cut:"))
+    if model.startswith("cut:"):
+        chunks = [chunk for chunk in chunks if not any(c.get("finish_reason") for c in chunk.get("choices", []))][:-1]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
-    for chunk in recorded(body["model"]):
+    for chunk in chunks:
         await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-    await response.write(b"data: [DONE]\n\n")
+    if not model.startswith("cut:"):
+        await response.write(b"data: [DONE]\n\n")
     return response
 
 
@@ -270,3 +279,14 @@ async def test_recorded_streams_accumulate_in_the_sdk(provider_url: str, name: s
         assert [item.model_dump(exclude={"parsed_arguments"}) for item in final.output if item.type != "message"] == [
             item.model_dump() for item in stored.output if item.type != "message"
         ]
+
+
+async def test_a_stream_that_stops_without_a_finish_reason_is_a_failure(provider_url: str) -> None:
+    settings = load_settings(
+        upstreams=[{"name": "recorded", "kind": "chat", "base_url": provider_url, "max_retries": 0}]
+    )
+    async with serve_gateway(settings) as gateway:
+        stream = await gateway.client.responses.create(model="cut:text", input="replay", stream=True)
+        events = [event async for event in stream]
+    assert events[-1].type == "response.failed"
+    assert events[-1].response.status == "failed"  # type: ignore[union-attr]

@@ -53,7 +53,15 @@ async def gateway_of_kind(
 ) -> AsyncIterator[Gateway]:
     settings = load_settings(
         storage={"url": storage_url, "key_prefix": key_prefix},
-        upstreams=[{"name": "sim", "kind": request.param, "base_url": f"{simulator_url}/v1", "max_retries": 0}],
+        upstreams=[
+            {
+                "name": "sim",
+                "kind": request.param,
+                "base_url": f"{simulator_url}/v1",
+                "max_retries": 0,
+                "send_metadata": True,  # the simulator reads its knobs from metadata
+            }
+        ],
     )
     async with serve_gateway(settings) as gateway:
         yield gateway

@@ -387,6 +387,16 @@ async def test_conversation_item_get_and_delete(store: Store) -> None:
     assert await store.delete_conversation("conv_i") is False
 
 
+async def test_an_item_id_already_in_the_conversation_is_updated_in_place(store: Store) -> None:
+    await store.create_conversation("conv_dup", created_at=1, metadata=b"{}", items=items("a", "b"))
+    assert await store.append_conversation_items("conv_dup", [("a", b'{"id":"a","v":2}'), ("c", b'{"id":"c"}')]) is None
+    page, _ = await store.list_conversation_items("conv_dup", after=None, limit=10, order="asc")
+    assert page == [b'{"id":"a","v":2}', b'{"id":"b"}', b'{"id":"c"}']
+    assert await store.delete_conversation_item("conv_dup", "a") is True
+    page, _ = await store.list_conversation_items("conv_dup", after=None, limit=10, order="asc")
+    assert page == [b'{"id":"b"}', b'{"id":"c"}']
+
+
 async def test_conversation_turns_have_one_holder(store: Store) -> None:
     await store.create_conversation("conv_t", created_at=1, metadata=b"{}", items=items("u0"))
     holders = await asyncio.gather(*(store.begin_conversation_turn("conv_t", f"resp_{n}") for n in range(10)))

@@ -37,6 +37,7 @@ async def routed(simulator_url: str, storage_url: str, key_prefix: str) -> Async
             {
                 "name": "local",
                 "kind": "chat",
+                "send_metadata": True,  # the simulator reads its knobs from metadata
                 "base_url": f"{simulator_url}/v1",
                 "models": ["local-*", "sim-*"],
                 "model_map": {"fast": "local-fast-v2"},
@@ -143,6 +144,7 @@ def resilient_settings(simulator_url: str, storage_url: str, key_prefix: str, ki
             {
                 "name": "sim",
                 "kind": kind,
+                "send_metadata": True,
                 "base_url": f"{simulator_url}/v1",
                 "max_retries": 2,
                 "retry_backoff_seconds": 0.01,

@@ -26,6 +26,7 @@ class UpstreamSpec:
     model_map: dict[str, str] = field(default_factory=dict)
     max_tokens_field: str = "max_tokens"
     reasoning_effort: bool = False
+    send_metadata: bool = False
 
     def upstream_model(self, model: str) -> str:
         """The provider's name for a model the client asked for."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from runs.upstream.base import UpstreamSpec
+from runs.upstream.base import UpstreamFailure, UpstreamSpec
 from runs.upstream.chat_request import ChatDialect, chat_request
 from runs.upstream.chat_stream import ChatStreamTranslator
 from runs.upstream.client import make_client, provider_models, stream_json
@@ -18,7 +18,11 @@ class ChatUpstream:
     def __init__(self, spec: UpstreamSpec) -> None:
         self.spec = spec
         self._client = make_client(spec)
-        self._dialect = ChatDialect(max_tokens_field=spec.max_tokens_field, reasoning_effort=spec.reasoning_effort)
+        self._dialect = ChatDialect(
+            max_tokens_field=spec.max_tokens_field,
+            reasoning_effort=spec.reasoning_effort,
+            send_metadata=spec.send_metadata,
+        )
 
     def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
         """The Chat Completions body; raises InvalidRequest (400) for what Chat cannot express."""
@@ -29,6 +33,11 @@ class ChatUpstream:
         async for chunk in stream_json(self._client, self.spec.name, "/chat/completions", body):
             for event in translator.feed(chunk):
                 yield event
+        if not translator.finished:
+            # A stream that just stops (a proxy's idle timeout, a crashed server) is not an answer.
+            raise UpstreamFailure(
+                f"upstream {self.spec.name!r} ended the stream without a finish reason.", retryable=True
+            )
         for event in translator.finish():
             yield event
 

@@ -16,7 +16,6 @@ _SAME_NAME = (
     "user",
     "service_tier",
     "parallel_tool_calls",
-    "metadata",
     "prompt_cache_key",
     "safety_identifier",
 )
@@ -28,6 +27,9 @@ class ChatDialect:
 
     max_tokens_field: str = "max_tokens"  # OpenAI's reasoning models want "max_completion_tokens"
     reasoning_effort: bool = False  # whether `reasoning_effort` may be sent
+    # The Response's metadata belongs to the gateway; OpenAI's Chat refuses `metadata` without `store: true`, so it
+    # is only sent to providers known to take it (the simulator reads its knobs from it).
+    send_metadata: bool = False
 
 
 def _text_of(content: Any, param: str) -> str:
@@ -110,8 +112,10 @@ def _messages(instructions: str | None, input_value: Any) -> list[dict[str, Any]
                 "function": {"name": item.get("name"), "arguments": item.get("arguments", "")},
             }
             previous = messages[-1] if messages else None
-            if previous is not None and previous["role"] == "assistant" and previous.get("tool_calls"):
-                previous["tool_calls"].append(call)  # parallel calls of one turn stay in one message
+            if previous is not None and previous["role"] == "assistant":
+                # Text and the calls of one turn, and parallel calls, stay in one assistant message: strict chat
+                # templates (Mistral, Gemma under vLLM / llama.cpp) refuse two assistant messages in a row.
+                previous.setdefault("tool_calls", []).append(call)
             else:
                 messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
         elif kind == "function_call_output":
@@ -179,6 +183,8 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
     for name in _SAME_NAME:
         if body.get(name) is not None:
             chat[name] = body[name]
+    if dialect.send_metadata and body.get("metadata"):
+        chat["metadata"] = body["metadata"]
     if body.get("tools"):
         chat["tools"] = _tools(body["tools"])
     elif "parallel_tool_calls" in chat:
@@ -216,6 +222,7 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
         if body.get(name) is not None:
             raise InvalidRequest(f"{name} is not supported by this model's API.", param=name)
     known = _HANDLED_ELSEWHERE | set(_SAME_NAME) | {
+        "metadata",
         "tools", "tool_choice", "max_output_tokens", "text", "reasoning", "include", "top_logprobs",
         "truncation", "max_tool_calls", "prompt",
     }  # fmt: skip

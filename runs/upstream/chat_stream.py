@@ -92,6 +92,11 @@ class ChatStreamTranslator:
                 self._finish_reason = choice["finish_reason"]
         return events
 
+    @property
+    def finished(self) -> bool:
+        """Whether the provider said why it stopped (a finish reason), i.e. the answer is whole."""
+        return self._finish_reason is not None
+
     def finish(self) -> list[Event]:
         events = self._close_reasoning() + self._close_message() + self._close_calls()
         incomplete = _INCOMPLETE_REASONS.get(self._finish_reason or "")

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from runs.upstream.base import UpstreamSpec
+from runs.upstream.base import UpstreamFailure, UpstreamSpec
 from runs.upstream.client import make_client, provider_models, stream_json
+
+_TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 class ResponsesUpstream:
@@ -24,6 +26,12 @@ class ResponsesUpstream:
     async def stream_turn(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
         async for event in stream_json(self._client, self.spec.name, "/responses", body):
             yield event
+            if event.get("type") in _TERMINAL_EVENTS:
+                return
+        # A stream that just stops before the terminal event is a broken turn, retried if nothing was emitted.
+        raise UpstreamFailure(
+            f"upstream {self.spec.name!r} ended the stream before the response finished.", retryable=True
+        )
 
     async def list_models(self) -> list[str]:
         return await provider_models(self._client, self.spec.name)

@@ -15,8 +15,10 @@ local action = ARGV[2]
 local active = redis.call('HGET', KEYS[1], 'active')
 local function append(from)
   for i = from, #ARGV, 2 do
-    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-    redis.call('RPUSH', KEYS[3], ARGV[i])
+    -- An id the conversation already has is updated in place, not listed twice.
+    if redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
+      redis.call('RPUSH', KEYS[3], ARGV[i])
+    end
   end
 end
 if action == 'begin' then

@@ -6,8 +6,9 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
 end
 redis.call('HSET', KEYS[1], 'created_at', ARGV[2], 'metadata', ARGV[3], 'active', '', 'latest', '')
 for i = 4, #ARGV, 2 do
-  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
-  redis.call('RPUSH', KEYS[3], ARGV[i])
+  if redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) == 1 then
+    redis.call('RPUSH', KEYS[3], ARGV[i])
+  end
 end
 for _, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ARGV[1])
