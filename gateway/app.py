@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from gateway.auth import Authenticator, auth_middleware
 from gateway.config import Settings
-from gateway.errors import error_middleware
+from gateway.errors import MAX_BODY_BYTES, error_middleware
 from gateway.routes import conversations, health, models, responses
 from gateway.state import LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE
 from runs.live import LiveEvents
@@ -22,6 +23,7 @@ from storage.factory import open_store
 log = logging.getLogger("gateway")
 
 SIMULATOR_UPSTREAM = "simulator"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -105,8 +107,20 @@ async def drain(app: web.Application) -> None:
 
 def create_app(settings: Settings) -> web.Application:
     """A gateway application. Resources are opened on startup and closed on cleanup, in dependency order."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=4 * 1024 * 1024)
+    authenticator = Authenticator(settings.auth)
+    # aiohttp stops reading at client_max_size (Content-Length or chunked alike) and raises 413: a body is never
+    # buffered beyond the limit.
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware(authenticator)], client_max_size=settings.server.max_body_bytes
+    )
     app[SETTINGS] = settings
+    app[MAX_BODY_BYTES] = settings.server.max_body_bytes
+    if not settings.auth.enabled and settings.server.host not in LOOPBACK_HOSTS:
+        log.warning(
+            "!!! auth is disabled and the gateway listens on %s: anyone who can reach it can use your upstream "
+            "credentials and read every response. Set auth.enabled: true with auth.keys. !!!",
+            settings.server.host,
+        )
     app.cleanup_ctx.extend([_store_ctx, _upstreams_ctx, _live_events_ctx, _runs_ctx])
     health.add_routes(app)
     responses.add_routes(app)

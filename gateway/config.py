@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ class _Section(BaseModel):
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
 
 
 class StorageConfig(_Section):
@@ -60,6 +62,7 @@ class UpstreamConfig(_Section):
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
     reasoning_effort: bool = False
     send_metadata: bool = False
+    forward_client_key: bool = False
 
     def to_spec(self) -> UpstreamSpec:
         """The runtime description; the API key is read from the environment now and never stored."""
@@ -78,6 +81,7 @@ class UpstreamConfig(_Section):
             max_tokens_field=self.max_tokens_field,
             reasoning_effort=self.reasoning_effort,
             send_metadata=self.send_metadata,
+            forward_client_key=self.forward_client_key,
         )
 
 
@@ -110,6 +114,36 @@ class ShutdownConfig(_Section):
     grace_seconds: float = Field(30.0, ge=0)
 
 
+class ApiKeyConfig(_Section):
+    """One gateway API key and the tenant it belongs to. The key itself comes from an environment variable, or
+    only its SHA-256 is written here; the raw key is never stored or logged."""
+
+    tenant: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    key_env: str | None = None
+    key_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$")
+    max_concurrent_runs: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiKeyConfig:
+        if (self.key_env is None) == (self.key_sha256 is None):
+            raise ValueError("give exactly one of key_env or key_sha256")
+        return self
+
+    def key_hash(self) -> str:
+        """The SHA-256 (hex) of the key; raises ConfigError when key_env names an unset variable."""
+        if self.key_sha256 is not None:
+            return self.key_sha256.lower()
+        raw = os.environ.get(self.key_env or "")
+        if not raw:
+            raise ConfigError(f"auth.keys: environment variable {self.key_env!r} (tenant {self.tenant!r}) is not set")
+        return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class AuthConfig(_Section):
+    enabled: bool = False
+    keys: list[ApiKeyConfig] = Field(default_factory=list)
+
+
 class IdempotencyConfig(_Section):
     """Idempotency-Key on creating POSTs."""
 
@@ -135,6 +169,7 @@ class Settings(BaseSettings):
     sse: SseConfig = Field(default_factory=lambda: SseConfig())
     idempotency: IdempotencyConfig = Field(default_factory=lambda: IdempotencyConfig())
     runs: RunsConfig = Field(default_factory=lambda: RunsConfig())
+    auth: AuthConfig = Field(default_factory=lambda: AuthConfig())
     shutdown: ShutdownConfig = Field(default_factory=lambda: ShutdownConfig())
     simulator: SimulatorConfig = Field(default_factory=lambda: SimulatorConfig())
 

@@ -10,11 +10,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
-from runs.errors import ApiError, InvalidRequest, NotFound, Unavailable, UpstreamError
+from runs.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge, Unavailable, UpstreamError
 from runs.upstream.base import UpstreamFailure
 from storage.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
+
+# The body size limit, for the 413 message (the app sets it from server.max_body_bytes).
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 
 def json_response(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -107,6 +110,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             Unavailable("The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"})
         )
     except web.HTTPException as error:
+        if error.status == 413:
+            limit = request.app[MAX_BODY_BYTES]
+            return error_response(PayloadTooLarge(f"The request body is larger than the {limit}-byte limit."))
         if error.status == 404:
             return error_response(NotFound(f"Unknown route: {request.method} {request.path}"))
         if error.status < 400:

@@ -61,6 +61,7 @@ def new_response(
     conversation_id: str | None = None,
     owner: str = "",
     lease_ms: int = 15_000,
+    tenant: str = "default",
 ) -> tuple[NewResponse, Json]:
     """The record admission creates (owned by `owner`, or queued for any instance when it is ""), and the
     snapshot the run starts from."""
@@ -82,5 +83,6 @@ def new_response(
         request=request.model_dump_json(exclude_none=True).encode(),
         owner=owner,
         lease_ms=lease_ms,
+        tenant=tenant,
     )
     return record, snapshot

@@ -71,13 +71,15 @@ def _pairs(items: list[Json]) -> list[tuple[str, bytes]]:
     return [(item["id"], orjson.dumps(item)) for item in items]
 
 
-async def create_conversation(store: Store, request: CreateConversationRequest) -> Json:
+async def create_conversation(store: Store, request: CreateConversationRequest, *, tenant: str) -> Json:
     items = stored_in_conversation(normalise_items(request.items or []))
     _check_items(items)
     conversation_id = new_id("conv")
     created_at = int(time.time())
     metadata = orjson.dumps(request.metadata or {})
-    await store.create_conversation(conversation_id, created_at=created_at, metadata=metadata, items=_pairs(items))
+    await store.create_conversation(
+        conversation_id, created_at=created_at, metadata=metadata, items=_pairs(items), tenant=tenant
+    )
     return {
         "id": conversation_id,
         "object": "conversation",
@@ -86,15 +88,19 @@ async def create_conversation(store: Store, request: CreateConversationRequest) 
     }
 
 
-async def get_conversation(store: Store, conversation_id: str, *, param: str | None = None) -> ConversationRecord:
+async def get_conversation(
+    store: Store, conversation_id: str, *, tenant: str, param: str | None = None
+) -> ConversationRecord:
+    """The tenant's conversation. Another tenant's is answered exactly like one that does not exist."""
     record = await store.get_conversation(conversation_id)
-    if record is None:
+    if record is None or record.tenant != tenant:
         raise conversation_not_found(conversation_id, param)
     return record
 
 
-async def add_items(store: Store, conversation_id: str, request: AddItemsRequest) -> list[Json]:
+async def add_items(store: Store, conversation_id: str, request: AddItemsRequest, *, tenant: str) -> list[Json]:
     """Append items; refused (409) while a response is running in the conversation."""
+    await get_conversation(store, conversation_id, tenant=tenant)
     items = stored_in_conversation(normalise_items(request.items))
     _check_items(items)
     try:
@@ -106,8 +112,10 @@ async def add_items(store: Store, conversation_id: str, request: AddItemsRequest
     return items
 
 
-async def list_items(store: Store, conversation_id: str, *, after: str | None, limit: int, order: str) -> Json:
-    await get_conversation(store, conversation_id)
+async def list_items(
+    store: Store, conversation_id: str, *, tenant: str, after: str | None, limit: int, order: str
+) -> Json:
+    await get_conversation(store, conversation_id, tenant=tenant)
     try:
         page, has_more = await store.list_conversation_items(conversation_id, after=after, limit=limit, order=order)
     except CursorNotFound:

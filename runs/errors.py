@@ -45,6 +45,14 @@ class InvalidRequest(ApiError):
     type = "invalid_request_error"
 
 
+class Unauthorized(ApiError):
+    """401: no API key, or one the gateway does not know."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
 class NotFound(ApiError):
     """404: the object does not exist (or is not visible to the caller)."""
 

@@ -26,7 +26,7 @@ def conversation_id_of(request: CreateResponseRequest) -> str | None:
     return request.conversation if isinstance(request.conversation, str) else request.conversation.id
 
 
-async def previous_response_history(store: Store, previous_response_id: str) -> list[Json]:
+async def previous_response_history(store: Store, previous_response_id: str, *, tenant: str) -> list[Json]:
     """Inputs and outputs of every response in the chain ending at `previous_response_id`, oldest first.
 
     Only a `completed` response can be continued: one still running has no final output yet (409, and the SDK is
@@ -34,7 +34,7 @@ async def previous_response_history(store: Store, previous_response_id: str) -> 
     Instructions are not carried over, as in the OpenAI API.
     """
     record = await store.get_response(previous_response_id)
-    if record is None or not record.stored:
+    if record is None or not record.stored or record.tenant != tenant:
         raise NotFound(
             f"Previous response with id '{previous_response_id}' not found.",
             param="previous_response_id",
@@ -69,12 +69,12 @@ async def previous_response_history(store: Store, previous_response_id: str) -> 
     return [item for segment in reversed(segments) for item in segment]
 
 
-async def history_for(store: Store, request: CreateResponseRequest) -> list[Json]:
+async def history_for(store: Store, request: CreateResponseRequest, *, tenant: str) -> list[Json]:
     """The items before the request's own input: a conversation's, or a previous_response_id chain's."""
     conversation_id = conversation_id_of(request)
     if conversation_id is not None:
-        await get_conversation(store, conversation_id, param="conversation")
+        await get_conversation(store, conversation_id, tenant=tenant, param="conversation")
         return await all_items(store, conversation_id)
     if request.previous_response_id is not None:
-        return await previous_response_history(store, request.previous_response_id)
+        return await previous_response_history(store, request.previous_response_id, tenant=tenant)
     return []

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from runs.admission import check_admissible, new_response, upstream_body
-from runs.conversations import begin_turn, end_turn
+from runs.conversations import begin_turn, end_turn, get_conversation
 from runs.errors import InvalidRequest, TooManyRequests, Unavailable, response_not_found
 from runs.event_log import EventLog
 from runs.history import conversation_id_of, history_for
@@ -56,6 +56,14 @@ class _Finish:
     idempotency: IdempotencyKey | None
     conversation_id: str | None
     input_items: list[Json]
+
+
+@dataclass(frozen=True, slots=True)
+class _Caller:
+    """Who asked: the tenant that will own the response, and the key a pass-through upstream is called with."""
+
+    tenant: str
+    api_key: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +123,15 @@ class RunManager:
         """The run for `response_id` if this instance executes it."""
         return self._runs.get(response_id)
 
-    async def admit(self, request: CreateResponseRequest, *, idempotency: IdempotencyKey | None = None) -> Admission:
+    async def admit(
+        self,
+        request: CreateResponseRequest,
+        *,
+        tenant: str = "default",
+        idempotency: IdempotencyKey | None = None,
+        api_key: str | None = None,
+        max_tenant_runs: int | None = None,
+    ) -> Admission:
         """Validate, store the response with its first events, and start its run (or queue it when this
         instance is full); or, for a request whose Idempotency-Key already started one, name that response
         instead. Nothing is stored on error.
@@ -125,7 +141,12 @@ class RunManager:
         released at once."""
         if self._draining:
             raise Unavailable("This gateway instance is shutting down; retry on another.", headers={"Retry-After": "1"})
-        admission = asyncio.ensure_future(self._admit(request, idempotency))
+        if max_tenant_runs is not None and sum(run.tenant == tenant for run in self._runs.values()) >= max_tenant_runs:
+            raise TooManyRequests(
+                "Too many responses running for this API key; retry when one has finished.",
+                headers={"Retry-After": "1"},
+            )
+        admission = asyncio.ensure_future(self._admit(request, _Caller(tenant, api_key), idempotency))
         try:
             return await asyncio.shield(admission)
         except asyncio.CancelledError:
@@ -139,7 +160,9 @@ class RunManager:
         if run is not None and not run.request.is_stored:
             self.release_connection_owned(run)
 
-    async def _admit(self, request: CreateResponseRequest, idempotency: IdempotencyKey | None) -> Admission:
+    async def _admit(
+        self, request: CreateResponseRequest, caller: _Caller, idempotency: IdempotencyKey | None
+    ) -> Admission:
         check_admissible(request)
         upstream = self._router.route(request.model)
         upstream.prepare(upstream_body(request))  # the request's own parameters: a 400 before anything is stored
@@ -152,18 +175,20 @@ class RunManager:
         conversation_id = conversation_id_of(request)
         owner = "" if queued else self.settings.instance_id
         record, snapshot = new_response(
-            request, conversation_id=conversation_id, owner=owner, lease_ms=self.settings.lease_ms
+            request, conversation_id=conversation_id, owner=owner, lease_ms=self.settings.lease_ms, tenant=caller.tenant
         )
         if idempotency is not None:
             holder = await self._claim(idempotency, record.response_id)
             if holder == _RETRY_ADMISSION:
-                return await self._admit(request, idempotency)
+                return await self._admit(request, caller, idempotency)
             if holder is not None:
                 return Admission(holder, run=None, replayed=True)
         # store=false responses never touch conversation state: they only read it as context.
         turn = conversation_id if conversation_id is not None and request.is_stored else None
         created = took_turn = False
         try:
+            if turn is not None:  # another tenant's conversation is a 404 before anything happens to it
+                await get_conversation(self._store, turn, tenant=caller.tenant, param="conversation")
             # The response exists before it takes the conversation's turn, so a racing instance that finds this
             # response holding the turn never mistakes it for a dead holder. Indexed before it is created: a
             # response stored but never indexed could be orphaned without anyone noticing.
@@ -175,7 +200,8 @@ class RunManager:
                 await begin_turn(self._store, turn, record.response_id)
                 took_turn = True
             # History is read once the turn is ours: the previous turn's items are in by then.
-            provider_body = upstream.prepare(upstream_body(request, await history_for(self._store, request)))
+            history = await history_for(self._store, request, tenant=caller.tenant)
+            provider_body = upstream.prepare(upstream_body(request, history))
         except BaseException:
             await self._undo_admission(record.response_id, created, turn if took_turn else None, idempotency)
             raise
@@ -184,7 +210,7 @@ class RunManager:
             self.capacity_freed.set()  # another instance, or this one later, starts it
             return Admission(record.response_id, run=None)
         finish = _Finish(idempotency, turn, orjson.loads(record.input_items))
-        run = self._start(request, upstream, provider_body, snapshot, len(record.events), lease, finish)
+        run = self._start(request, upstream, provider_body, snapshot, len(record.events), lease, finish, caller)
         return Admission(run.response_id, run=run)
 
     async def _undo_admission(
@@ -209,11 +235,19 @@ class RunManager:
         next_sequence_number: int,
         lease: Lease,
         finish: _Finish,
+        caller: _Caller,
     ) -> ResponseRun:
         event_log = EventLog(
             self._store, snapshot["id"], snapshot, next_sequence_number=next_sequence_number, lease=lease
         )
-        run = ResponseRun(request=request, upstream=upstream, upstream_body=provider_body, log=event_log)
+        run = ResponseRun(
+            request=request,
+            upstream=upstream,
+            upstream_body=provider_body,
+            log=event_log,
+            tenant=caller.tenant,
+            api_key=caller.api_key,
+        )
         self._runs[run.response_id] = run
         task = asyncio.create_task(self._execute(run, finish), name=f"run:{run.response_id}")
         self._tasks.add(task)
@@ -225,14 +259,18 @@ class RunManager:
         it emitted any output, restarting (its stream simply goes on from its last event)."""
         request = CreateResponseRequest.model_validate_json(record.request)
         upstream = self._router.route(request.model)
-        history = await history_for(self._store, request)
+        history = await history_for(self._store, request, tenant=record.tenant)
         provider_body = upstream.prepare(upstream_body(request, history))
         conversation_id = conversation_id_of(request)
         turn = conversation_id if conversation_id is not None and request.is_stored else None
         input_items = orjson.loads(await self._store.get_input_items(record.response_id) or b"[]")
         snapshot = orjson.loads(record.snapshot)
         finish = _Finish(None, turn, input_items)
-        return self._start(request, upstream, provider_body, snapshot, record.last_sequence_number + 1, lease, finish)
+        # A pass-through upstream cannot get the client's key back after a restart: it was never stored.
+        caller = _Caller(record.tenant, None)
+        return self._start(
+            request, upstream, provider_body, snapshot, record.last_sequence_number + 1, lease, finish, caller
+        )
 
     async def _claim(self, idempotency: IdempotencyKey, response_id: str) -> str | None:
         """Claim the key for `response_id`: None when this request may go on and create it; else the response
@@ -281,14 +319,14 @@ class RunManager:
         self._tasks.discard(task)
         self.capacity_freed.set()
 
-    async def cancel(self, response_id: str) -> ResponseRecord:
+    async def cancel(self, response_id: str, *, tenant: str = "default") -> ResponseRecord:
         """Cancel a background response, wherever it runs, and return it once it has ended.
 
         Follows OpenAI's rules: cancelling a cancelled response returns it again; a finished one or a synchronous
         one cannot be cancelled (400); an unknown one is 404.
         """
         record = await self._store.get_response(response_id)
-        if record is None or not record.stored:
+        if record is None or not record.stored or record.tenant != tenant:
             raise response_not_found(response_id)
         if not record.background:
             raise InvalidRequest("Cannot cancel a synchronous response.", code="response_not_cancellable")

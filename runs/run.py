@@ -40,8 +40,13 @@ class ResponseRun:
         upstream: Upstream,
         upstream_body: dict[str, Any],
         log: EventLog,
+        tenant: str = "default",
+        api_key: str | None = None,
     ) -> None:
         self.request = request
+        self.tenant = tenant
+        # The client's own key, for a pass-through upstream: in memory only, never stored or logged.
+        self._api_key = api_key
         self.response_id: str = log.snapshot["id"]
         self._upstream = upstream
         self._upstream_body = upstream_body
@@ -148,7 +153,8 @@ class ResponseRun:
     async def _consume_upstream(self) -> None:
         # aclosing: whatever ends this loop (a failure, a cancel) closes the provider's stream at once, so it
         # stops generating (and billing) instead of waiting for garbage collection.
-        async with contextlib.aclosing(stream_with_retries(self._upstream, self._upstream_body)) as events:
+        api_key = self._api_key if self._upstream.spec.forward_client_key else None
+        async with contextlib.aclosing(stream_with_retries(self._upstream, self._upstream_body, api_key)) as events:
             async for event in events:
                 if await self._take_upstream_event(event):
                     return

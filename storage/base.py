@@ -72,6 +72,7 @@ class ResponseRecord:
     owner: str = ""
     lease_until_ms: int = 0
     recovery_count: int = 0
+    tenant: str = "default"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ class NewResponse:
     request: bytes = b"{}"  # the validated create request, so any instance can restart the run
     owner: str = ""  # the instance that runs it; "" queues it for whichever instance has room first
     lease_ms: int = 15_000
+    tenant: str = "default"
 
 
 class DeleteOutcome(Enum):
@@ -141,6 +143,7 @@ class ConversationRecord:
     metadata: bytes
     active_response_id: str | None
     latest_completed_response_id: str | None
+    tenant: str = "default"
 
 
 class Store(Protocol):
@@ -237,9 +240,16 @@ class Store(Protocol):
         """Restart the key's TTL (when its response ends, so the key outlives it)."""
 
     async def create_conversation(
-        self, conversation_id: str, *, created_at: int, metadata: bytes, items: Sequence[tuple[str, bytes]]
+        self,
+        conversation_id: str,
+        *,
+        created_at: int,
+        metadata: bytes,
+        items: Sequence[tuple[str, bytes]],
+        tenant: str = "default",
     ) -> None:
-        """Create a conversation with its first items (id, JSON). Raises ResponseAlreadyExists on a clash."""
+        """Create a conversation with its first items (id, JSON), owned by `tenant`. Raises ResponseAlreadyExists
+        on a clash."""
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         """The conversation, or None."""

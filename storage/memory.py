@@ -35,6 +35,7 @@ class _Conversation:
     expires_at: float
     active: str | None = None
     latest: str | None = None
+    tenant: str = "default"
 
 
 @dataclass(slots=True)
@@ -51,6 +52,7 @@ class _Entry:
     epoch: int = 1
     lease_until_ms: int = 0
     recovery_count: int = 0
+    tenant: str = "default"
     cancel_requested: bool = False
     appended: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -115,6 +117,7 @@ class MemoryStore:
             request=new.request,
             owner=new.owner,
             lease_until_ms=lease_until,
+            tenant=new.tenant,
         )
         self._entries[new.response_id] = entry
         self._touch(new.response_id, entry)
@@ -209,6 +212,7 @@ class MemoryStore:
             owner=entry.owner,
             lease_until_ms=entry.lease_until_ms,
             recovery_count=entry.recovery_count,
+            tenant=entry.tenant,
         )
 
     async def get_input_items(self, response_id: str) -> bytes | None:
@@ -315,7 +319,13 @@ class MemoryStore:
         return conversation
 
     async def create_conversation(
-        self, conversation_id: str, *, created_at: int, metadata: bytes, items: Sequence[tuple[str, bytes]]
+        self,
+        conversation_id: str,
+        *,
+        created_at: int,
+        metadata: bytes,
+        items: Sequence[tuple[str, bytes]],
+        tenant: str = "default",
     ) -> None:
         if self._conversation(conversation_id) is not None:
             raise ResponseAlreadyExists(conversation_id)
@@ -323,7 +333,7 @@ class MemoryStore:
             now = self._clock()  # drop expired conversations nobody asked about again, amortised
             self._conversations = {cid: c for cid, c in self._conversations.items() if c.expires_at > now}
         self._conversations[conversation_id] = _Conversation(
-            created_at, metadata, dict(items), self._clock() + self._retention
+            created_at, metadata, dict(items), self._clock() + self._retention, tenant=tenant
         )
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
@@ -331,7 +341,12 @@ class MemoryStore:
         if conversation is None:
             return None
         return ConversationRecord(
-            conversation_id, conversation.created_at, conversation.metadata, conversation.active, conversation.latest
+            conversation_id,
+            conversation.created_at,
+            conversation.metadata,
+            conversation.active,
+            conversation.latest,
+            conversation.tenant,
         )
 
     async def set_conversation_metadata(self, conversation_id: str, metadata: bytes) -> None:

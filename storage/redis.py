@@ -189,6 +189,7 @@ class RedisStore:
             new.request,
             new.owner,
             new.lease_ms,
+            new.tenant,
         ]
         args += _event_args(new.events)
         result = await self._create_script(keys=list(keys), args=args)
@@ -288,6 +289,7 @@ class RedisStore:
             owner=fields.get(b"owner", b"").decode(),
             lease_until_ms=int(fields.get(b"lease_until", b"0")),
             recovery_count=int(fields.get(b"recovery_count", b"0")),
+            tenant=fields.get(b"tenant", b"default").decode(),
         )
 
     @_unavailable_on_connection_error
@@ -370,9 +372,15 @@ class RedisStore:
 
     @_unavailable_on_connection_error
     async def create_conversation(
-        self, conversation_id: str, *, created_at: int, metadata: bytes, items: Sequence[tuple[str, bytes]]
+        self,
+        conversation_id: str,
+        *,
+        created_at: int,
+        metadata: bytes,
+        items: Sequence[tuple[str, bytes]],
+        tenant: str = "default",
     ) -> None:
-        args: list[bytes | str | int] = [self._ttl_ms, created_at, metadata, *_pairs(items)]
+        args: list[bytes | str | int] = [self._ttl_ms, created_at, metadata, tenant, *_pairs(items)]
         keys = list(self._keys.conversation_keys(conversation_id))
         if await self._create_conversation_script(keys=keys, args=args) == b"EXISTS":
             raise ResponseAlreadyExists(conversation_id)
@@ -389,6 +397,7 @@ class RedisStore:
             metadata=fields[b"metadata"],
             active_response_id=fields[b"active"].decode() or None,
             latest_completed_response_id=fields[b"latest"].decode() or None,
+            tenant=fields.get(b"tenant", b"default").decode(),
         )
 
     async def _change_conversation(self, conversation_id: str, action: str, *args: bytes | str) -> bytes:

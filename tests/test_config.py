@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_settings
+from gateway.config import ApiKeyConfig, ConfigError, UpstreamConfig, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,11 +42,16 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
         ("server", settings.server),
         ("storage", settings.storage),
         ("simulator", settings.simulator),
+        ("auth", settings.auth),
+        ("sse", settings.sse),
+        ("runs", settings.runs),
+        ("shutdown", settings.shutdown),
+        ("idempotency", settings.idempotency),
     ):
         assert f"{section}:" in text
         for key in type(model).model_fields:
             assert f"{key}:" in text, f"{section}.{key} is not documented in config.example.yaml"
-    for key in ("name", "kind", "base_url", "api_key_env", "models", "max_retries"):
+    for key in (*UpstreamConfig.model_fields, *ApiKeyConfig.model_fields):
         assert f"{key}:" in text
 
 

@@ -257,7 +257,9 @@ class FlakyUpstream:
     def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
         return body
 
-    async def stream_turn(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def stream_turn(
+        self, body: dict[str, Any], *, api_key: str | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
         self.attempts += 1
         yield {"type": "response.created"}
         if self._failures:

@@ -8,6 +8,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from gateway.auth import PRINCIPAL
 from gateway.errors import invalid_body, json_response, raw_json_response
 from gateway.pagination import PageQuery
 from gateway.routes.responses import query_flag, read_json_object, resume_cursor, stream_response
@@ -26,6 +27,17 @@ from storage.base import ConversationMissing
 _Body = TypeVar("_Body", bound=BaseModel)
 
 
+def _tenant(request: web.Request) -> str:
+    return request[PRINCIPAL].tenant
+
+
+async def _owned(request: web.Request) -> str:
+    """The conversation id of the path, once it is known to be the caller's (else the same 404 as a missing one)."""
+    conversation_id = request.match_info["conversation_id"]
+    await conversations.get_conversation(request.app[STORE], conversation_id, tenant=_tenant(request))
+    return conversation_id
+
+
 async def _body(request: web.Request, model: type[_Body]) -> _Body:
     try:
         return model.model_validate(await read_json_object(request))
@@ -36,29 +48,33 @@ async def _body(request: web.Request, model: type[_Body]) -> _Body:
 async def create_conversation(request: web.Request) -> web.Response:
     """POST /v1/conversations (up to 20 initial items, metadata)."""
     body = await _body(request, CreateConversationRequest)
-    return json_response(await conversations.create_conversation(request.app[STORE], body))
+    return json_response(await conversations.create_conversation(request.app[STORE], body, tenant=_tenant(request)))
 
 
 async def retrieve_conversation(request: web.Request) -> web.Response:
-    record = await conversations.get_conversation(request.app[STORE], request.match_info["conversation_id"])
+    record = await conversations.get_conversation(
+        request.app[STORE], request.match_info["conversation_id"], tenant=_tenant(request)
+    )
     return json_response(conversation_object(record))
 
 
 async def update_conversation(request: web.Request) -> web.Response:
     """POST /v1/conversations/{id}: replace the metadata."""
-    conversation_id = request.match_info["conversation_id"]
+    conversation_id = await _owned(request)
     body = await _body(request, UpdateConversationRequest)
     store = request.app[STORE]
     try:
         await store.set_conversation_metadata(conversation_id, orjson.dumps(body.metadata))
     except ConversationMissing:
         raise conversation_not_found(conversation_id) from None
-    return json_response(conversation_object(await conversations.get_conversation(store, conversation_id)))
+    return json_response(
+        conversation_object(await conversations.get_conversation(store, conversation_id, tenant=_tenant(request)))
+    )
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
     """DELETE /v1/conversations/{id}: the conversation and every item of it."""
-    conversation_id = request.match_info["conversation_id"]
+    conversation_id = await _owned(request)
     if not await request.app[STORE].delete_conversation(conversation_id):
         raise conversation_not_found(conversation_id)
     return json_response({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
@@ -70,6 +86,7 @@ async def list_items(request: web.Request) -> web.Response:
     page = await conversations.list_items(
         request.app[STORE],
         request.match_info["conversation_id"],
+        tenant=_tenant(request),
         after=query.after,
         limit=query.limit,
         order=query.order,
@@ -80,16 +97,17 @@ async def list_items(request: web.Request) -> web.Response:
 async def add_items(request: web.Request) -> web.Response:
     """POST /v1/conversations/{id}/items (up to 20)."""
     body = await _body(request, AddItemsRequest)
-    items = await conversations.add_items(request.app[STORE], request.match_info["conversation_id"], body)
+    items = await conversations.add_items(
+        request.app[STORE], request.match_info["conversation_id"], body, tenant=_tenant(request)
+    )
     return json_response(
         {"object": "list", "data": items, "first_id": items[0]["id"], "last_id": items[-1]["id"], "has_more": False}
     )
 
 
 async def retrieve_item(request: web.Request) -> web.Response:
-    conversation_id, item_id = request.match_info["conversation_id"], request.match_info["item_id"]
+    conversation_id, item_id = await _owned(request), request.match_info["item_id"]
     store = request.app[STORE]
-    await conversations.get_conversation(store, conversation_id)
     item = await store.get_conversation_item(conversation_id, item_id)
     if item is None:
         raise NotFound(f"Item with id '{item_id}' not found.", param="item_id")
@@ -98,7 +116,7 @@ async def retrieve_item(request: web.Request) -> web.Response:
 
 async def delete_item(request: web.Request) -> web.Response:
     """DELETE /v1/conversations/{id}/items/{item_id}: answers with the conversation, as the API does."""
-    conversation_id, item_id = request.match_info["conversation_id"], request.match_info["item_id"]
+    conversation_id, item_id = await _owned(request), request.match_info["item_id"]
     store = request.app[STORE]
     try:
         deleted = await store.delete_conversation_item(conversation_id, item_id)
@@ -106,7 +124,8 @@ async def delete_item(request: web.Request) -> web.Response:
         raise conversation_not_found(conversation_id) from None
     if not deleted:
         raise NotFound(f"Item with id '{item_id}' not found.", param="item_id")
-    return json_response(conversation_object(await conversations.get_conversation(store, conversation_id)))
+    record = await conversations.get_conversation(store, conversation_id, tenant=_tenant(request))
+    return json_response(conversation_object(record))
 
 
 async def active_response(request: web.Request) -> web.StreamResponse:
@@ -116,7 +135,7 @@ async def active_response(request: web.Request) -> web.StreamResponse:
     stream = query_flag(request, "stream")
     cursor = resume_cursor(request)
     store = request.app[STORE]
-    record = await conversations.get_conversation(store, conversation_id)
+    record = await conversations.get_conversation(store, conversation_id, tenant=_tenant(request))
     response_id = record.active_response_id
     response = None if response_id is None else await store.get_response(response_id)
     if response_id is None or response is None:

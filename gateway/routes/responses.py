@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from gateway.auth import PRINCIPAL
 from gateway.errors import invalid_body, json_response, raw_json_response, upstream_refusal
 from gateway.pagination import PageQuery
 from gateway.sse import StreamSettings, open_stream, write_events
@@ -58,10 +59,11 @@ def _query_int(request: web.Request, name: str) -> int | None:
         raise InvalidRequest(f"Invalid value for '{name}': expected an integer.", param=name) from None
 
 
-async def _visible_record(store: Store, response_id: str) -> ResponseRecord:
-    """The stored response, or the 404 OpenAI gives for an unknown id (store=false responses are never visible)."""
-    record = await store.get_response(response_id)
-    if record is None or not record.stored:
+async def _visible_record(request: web.Request, response_id: str) -> ResponseRecord:
+    """The caller's stored response, or the 404 OpenAI gives for an unknown id: a `store=false` response, and
+    another tenant's, are answered exactly like one that does not exist."""
+    record = await request.app[STORE].get_response(response_id)
+    if record is None or not record.stored or record.tenant != request[PRINCIPAL].tenant:
         raise response_not_found(response_id)
     return record
 
@@ -100,12 +102,21 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         create = CreateResponseRequest.model_validate(body)
     except ValidationError as error:
         raise invalid_body(error) from None
+    principal = request[PRINCIPAL]
     key = None
     if key_header is not None:
         ttl_seconds = request.app[SETTINGS].idempotency.ttl_seconds
-        key = idempotency.IdempotencyKey.for_request(key_header, create, ttl_seconds=ttl_seconds)
+        key = idempotency.IdempotencyKey.for_request(
+            key_header, create, ttl_seconds=ttl_seconds, scope=principal.tenant
+        )
     manager = request.app[RUN_MANAGER]
-    admission = await manager.admit(create, idempotency=key)
+    admission = await manager.admit(
+        create,
+        tenant=principal.tenant,
+        idempotency=key,
+        api_key=principal.api_key,
+        max_tenant_runs=principal.max_concurrent_runs,
+    )
     if admission.run is None:  # replayed, or queued for whichever instance has room first
         return await _serve_by_id(request, admission.response_id, create, replayed=admission.replayed)
     run = admission.run
@@ -134,7 +145,7 @@ async def _serve_by_id(
         async with contextlib.aclosing(events):
             async for _ in events:
                 pass  # until the terminal event
-    record = await _visible_record(store, response_id)
+    record = await _visible_record(request, response_id)
     return raw_json_response(record.snapshot, headers=headers)
 
 
@@ -184,7 +195,7 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
     stream = query_flag(request, "stream")
     _validate_include(request)
     cursor = resume_cursor(request)
-    record = await _visible_record(request.app[STORE], response_id)
+    record = await _visible_record(request, response_id)
     if stream:
         return await stream_response(request, response_id, cursor)
     return raw_json_response(record.snapshot)
@@ -192,7 +203,7 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
 
 async def cancel_response(request: web.Request) -> web.Response:
     """POST /v1/responses/{response_id}/cancel, from any instance."""
-    record = await request.app[RUN_MANAGER].cancel(request.match_info["response_id"])
+    record = await request.app[RUN_MANAGER].cancel(request.match_info["response_id"], tenant=request[PRINCIPAL].tenant)
     return raw_json_response(record.snapshot)
 
 
@@ -200,7 +211,7 @@ async def delete_response(request: web.Request) -> web.Response:
     """DELETE /v1/responses/{response_id}: every key of it gone; refused while it runs."""
     response_id = request.match_info["response_id"]
     store = request.app[STORE]
-    await _visible_record(store, response_id)
+    await _visible_record(request, response_id)
     outcome = await store.delete_response(response_id)
     if outcome is DeleteOutcome.ACTIVE:
         raise InvalidRequest(
@@ -218,7 +229,7 @@ async def list_input_items(request: web.Request) -> web.Response:
     store = request.app[STORE]
     _validate_include(request)
     query = PageQuery.from_query(request.query)
-    await _visible_record(store, response_id)
+    await _visible_record(request, response_id)
     raw = await store.get_input_items(response_id)
     if raw is None:
         raise response_not_found(response_id)

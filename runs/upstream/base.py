@@ -27,6 +27,7 @@ class UpstreamSpec:
     max_tokens_field: str = "max_tokens"
     reasoning_effort: bool = False
     send_metadata: bool = False
+    forward_client_key: bool = False  # send the client's own API key instead of the configured one
 
     def upstream_model(self, model: str) -> str:
         """The provider's name for a model the client asked for."""
@@ -72,8 +73,8 @@ class Upstream(Protocol):
         """The provider's request body for a Responses body."""
         ...
 
-    def stream_turn(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        """Stream one model turn for a Responses-shaped request body."""
+    def stream_turn(self, body: dict[str, Any], *, api_key: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
+        """Stream one model turn for the prepared body; `api_key` replaces the configured key (pass-through)."""
         ...
 
     async def list_models(self) -> list[str]:

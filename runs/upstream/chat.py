@@ -28,9 +28,11 @@ class ChatUpstream:
         """The Chat Completions body; raises InvalidRequest (400) for what Chat cannot express."""
         return chat_request(body, model=self.spec.upstream_model(body["model"]), dialect=self._dialect)
 
-    async def stream_turn(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    async def stream_turn(
+        self, body: dict[str, Any], *, api_key: str | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
         translator = ChatStreamTranslator()
-        async for chunk in stream_json(self._client, self.spec.name, "/chat/completions", body):
+        async for chunk in stream_json(self._client, self.spec.name, "/chat/completions", body, api_key):
             for event in translator.feed(chunk):
                 yield event
         if not translator.finished:

@@ -81,12 +81,16 @@ def failure_from(error: openai.APIError, upstream: str) -> UpstreamFailure:
 
 
 async def stream_json(
-    client: AsyncOpenAI, upstream: str, path: str, body: dict[str, Any]
+    client: AsyncOpenAI, upstream: str, path: str, body: dict[str, Any], api_key: str | None = None
 ) -> AsyncGenerator[dict[str, Any], None]:
     """POST `body` to `path` and yield each streamed JSON object as a plain dict. Plain dicts rather than SDK
-    models: the run only re-numbers and stores events, so parsing each into a model would be wasted work."""
+    models: the run only re-numbers and stores events, so parsing each into a model would be wasted work.
+    `api_key` (a client's own key, for pass-through upstreams) replaces the configured one for this call."""
+    options: Any = {"headers": {"Authorization": f"Bearer {api_key}"}} if api_key else {}
     try:
-        stream = await client.post(path, body=body, cast_to=object, stream=True, stream_cls=AsyncStream[object])
+        stream = await client.post(
+            path, body=body, cast_to=object, stream=True, stream_cls=AsyncStream[object], options=options
+        )
     except openai.APIError as error:
         raise failure_from(error, upstream) from error
     try:

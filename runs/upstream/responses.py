@@ -23,8 +23,10 @@ class ResponsesUpstream:
         """The provider's request body; nothing to refuse, the provider speaks the same API."""
         return {**body, "model": self.spec.upstream_model(body["model"]), "stream": True, "store": False}
 
-    async def stream_turn(self, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
-        async for event in stream_json(self._client, self.spec.name, "/responses", body):
+    async def stream_turn(
+        self, body: dict[str, Any], *, api_key: str | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        async for event in stream_json(self._client, self.spec.name, "/responses", body, api_key):
             yield event
             if event.get("type") in _TERMINAL_EVENTS:
                 return

@@ -23,7 +23,9 @@ def backoff_seconds(attempt: int, base: float) -> float:
     return random.uniform(0, min(base * 2**attempt, MAX_BACKOFF_SECONDS))
 
 
-async def stream_with_retries(upstream: Upstream, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+async def stream_with_retries(
+    upstream: Upstream, body: dict[str, Any], api_key: str | None = None
+) -> AsyncGenerator[dict[str, Any], None]:
     """The upstream's events. A retryable failure (connection error, 408, 409, 429, 5xx, a stream cut short)
     before the first output event is retried up to `max_retries` times, honouring the provider's Retry-After;
     once output has been emitted a failure is final: re-running the model would bill twice and change the text."""
@@ -32,7 +34,7 @@ async def stream_with_retries(upstream: Upstream, body: dict[str, Any]) -> Async
     while True:
         emitted_output = False
         try:
-            async for event in upstream.stream_turn(body):
+            async for event in upstream.stream_turn(body, api_key=api_key):
                 if event.get("type") not in _NOT_OUTPUT:
                     emitted_output = True
                 yield event
