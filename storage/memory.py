@@ -10,9 +10,6 @@ from dataclasses import dataclass, field
 
 from storage.base import (
     TERMINAL_STATUSES,
-    ConversationMissing,
-    ConversationRecord,
-    CursorNotFound,
     DeleteOutcome,
     IdempotencyClaim,
     Lease,
@@ -25,17 +22,7 @@ from storage.base import (
     SequenceConflict,
     StoredEvent,
 )
-
-
-@dataclass(slots=True)
-class _Conversation:
-    created_at: int
-    metadata: bytes
-    items: dict[str, bytes]  # insertion order is the conversation's order
-    expires_at: float
-    active: str | None = None
-    latest: str | None = None
-    tenant: str = "default"
+from storage.memory_conversations import Conversation, MemoryConversations
 
 
 @dataclass(slots=True)
@@ -57,7 +44,7 @@ class _Entry:
     appended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class MemoryStore:
+class MemoryStore(MemoryConversations):
     """Store kept in this process. Same semantics as the Redis backend, including retention expiry."""
 
     def __init__(self, *, retention_seconds: int, clock: Callable[[], float] = time.monotonic) -> None:
@@ -72,7 +59,7 @@ class MemoryStore:
         # (scope, key) -> (claim, expires_at)
         self._claims: dict[tuple[str, str], tuple[IdempotencyClaim, float]] = {}
         self._claims_sweep_at = 1024
-        self._conversations: dict[str, _Conversation] = {}
+        self._conversations: dict[str, Conversation] = {}
         self._run_index: dict[str, int] = {}
         self._locks: dict[str, tuple[str, float]] = {}
 
@@ -303,114 +290,6 @@ class MemoryStore:
         existing = self._live_claim(scope, key)
         if existing is not None:
             self._claims[(scope, key)] = (existing, self._clock() + ttl_seconds)
-
-    def _conversation(self, conversation_id: str) -> _Conversation | None:
-        conversation = self._conversations.get(conversation_id)
-        if conversation is not None and conversation.expires_at <= self._clock():
-            del self._conversations[conversation_id]
-            return None
-        return conversation
-
-    def _changed_conversation(self, conversation_id: str) -> _Conversation:
-        conversation = self._conversation(conversation_id)
-        if conversation is None:
-            raise ConversationMissing(conversation_id)
-        conversation.expires_at = self._clock() + self._retention
-        return conversation
-
-    async def create_conversation(
-        self,
-        conversation_id: str,
-        *,
-        created_at: int,
-        metadata: bytes,
-        items: Sequence[tuple[str, bytes]],
-        tenant: str = "default",
-    ) -> None:
-        if self._conversation(conversation_id) is not None:
-            raise ResponseAlreadyExists(conversation_id)
-        if len(self._conversations) >= 1024 and len(self._conversations) % 1024 == 0:
-            now = self._clock()  # drop expired conversations nobody asked about again, amortised
-            self._conversations = {cid: c for cid, c in self._conversations.items() if c.expires_at > now}
-        self._conversations[conversation_id] = _Conversation(
-            created_at, metadata, dict(items), self._clock() + self._retention, tenant=tenant
-        )
-
-    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
-        conversation = self._conversation(conversation_id)
-        if conversation is None:
-            return None
-        return ConversationRecord(
-            conversation_id,
-            conversation.created_at,
-            conversation.metadata,
-            conversation.active,
-            conversation.latest,
-            conversation.tenant,
-        )
-
-    async def set_conversation_metadata(self, conversation_id: str, metadata: bytes) -> None:
-        self._changed_conversation(conversation_id).metadata = metadata
-
-    async def delete_conversation(self, conversation_id: str) -> bool:
-        return self._conversations.pop(conversation_id, None) is not None
-
-    async def append_conversation_items(self, conversation_id: str, items: Sequence[tuple[str, bytes]]) -> str | None:
-        conversation = self._changed_conversation(conversation_id)
-        if conversation.active is not None:
-            return conversation.active
-        conversation.items.update(items)
-        return None
-
-    async def begin_conversation_turn(self, conversation_id: str, response_id: str) -> str | None:
-        conversation = self._changed_conversation(conversation_id)
-        if conversation.active is not None:
-            return conversation.active
-        conversation.active = response_id
-        return None
-
-    async def end_conversation_turn(
-        self, conversation_id: str, response_id: str, *, completed: bool, items: Sequence[tuple[str, bytes]]
-    ) -> bool:
-        conversation = self._changed_conversation(conversation_id)
-        if conversation.active != response_id:
-            return False
-        conversation.active = None
-        if completed:
-            conversation.items.update(items)
-            conversation.latest = response_id
-        return True
-
-    async def clear_conversation_turn(self, conversation_id: str, response_id: str) -> bool:
-        conversation = self._conversation(conversation_id)
-        if conversation is None or conversation.active != response_id:
-            return False
-        conversation.active = None
-        return True
-
-    async def list_conversation_items(
-        self, conversation_id: str, *, after: str | None, limit: int, order: str
-    ) -> tuple[list[bytes], bool]:
-        conversation = self._conversation(conversation_id)
-        if conversation is None:
-            return [], False
-        ids = list(conversation.items)
-        if order != "asc":
-            ids.reverse()
-        start = 0
-        if after is not None:
-            if after not in ids:
-                raise CursorNotFound(after)
-            start = ids.index(after) + 1
-        page = ids[start : start + limit]
-        return [conversation.items[item_id] for item_id in page], start + limit < len(ids)
-
-    async def get_conversation_item(self, conversation_id: str, item_id: str) -> bytes | None:
-        conversation = self._conversation(conversation_id)
-        return None if conversation is None else conversation.items.get(item_id)
-
-    async def delete_conversation_item(self, conversation_id: str, item_id: str) -> bool:
-        return self._changed_conversation(conversation_id).items.pop(item_id, None) is not None
 
     async def wait_for_any_append(self) -> None:
         """Return at the next append to any response."""

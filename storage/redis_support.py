@@ -1,0 +1,121 @@
+"""What the Redis modules share: error translation, Lua loading, argument packing, cancellation safety."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from importlib import resources
+from typing import Any, ParamSpec, TypeVar
+
+import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from storage.base import (
+    IdempotencyClaim,
+    StoredEvent,
+    StoreUnavailable,
+)
+from storage.keys import event_entry_id
+
+log = logging.getLogger(__name__)
+
+# How long to wait before re-subscribing after the pub/sub connection failed.
+RESUBSCRIBE_DELAY_SECONDS = 1.0
+
+
+# How often the pub/sub loop wakes up without a message (to notice a cancellation redis-py swallowed).
+PUBSUB_POLL_SECONDS = 1.0
+
+
+def raise_if_cancelling() -> None:
+    """redis-py can swallow a CancelledError that lands while it connects (the task's cancel request stays
+    pending); loops that wait on Redis check this so that cancelling them always ends them."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+# Commands answer in milliseconds; a Redis that does not answer within this is treated as unavailable.
+COMMAND_TIMEOUT_SECONDS = 10.0
+CONNECT_TIMEOUT_SECONDS = 5.0
+# Appends and reads wait this long for a free pooled connection before giving up.
+POOL_WAIT_SECONDS = 10.0
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def unavailable_on_connection_error(
+    method: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """Turn redis-py's connection and timeout errors into the storage contract's StoreUnavailable."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+            raise StoreUnavailable(f"redis: {error}") from error
+
+    return wrapper
+
+
+# Run index members due now (Redis's clock, the one leases are measured by), oldest first.
+DUE_RUNS_LUA = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, ARGV[1])
+"""
+
+# Delete a lock only if its owner still holds it.
+UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def item_pairs(items: Sequence[tuple[str, bytes]]) -> list[bytes | str]:
+    flat: list[bytes | str] = []
+    for item_id, item in items:
+        flat += (item_id, item)
+    return flat
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def claim_json(claim: IdempotencyClaim) -> bytes:
+    return orjson.dumps(
+        {"fingerprint": claim.fingerprint, "response_id": claim.response_id, "claimed_at_ms": claim.claimed_at_ms}
+    )
+
+
+def parse_claim(raw: bytes) -> IdempotencyClaim:
+    data = orjson.loads(raw)
+    return IdempotencyClaim(data["fingerprint"], data["response_id"], int(data["claimed_at_ms"]))
+
+
+def load_lua(name: str) -> str:
+    return (resources.files("storage") / "lua" / name).read_text(encoding="utf-8")
+
+
+def event_args(events: Sequence[StoredEvent]) -> list[bytes | str]:
+    args: list[bytes | str] = []
+    for event in events:
+        args += (event_entry_id(event.sequence_number), event.type, event.data)
+    return args
+
+
+def parse_entries(entries: list[Any]) -> list[StoredEvent]:
+    events = []
+    for entry_id, fields in entries:
+        sequence_number = int(entry_id.split(b"-", 1)[1])
+        events.append(StoredEvent(sequence_number, fields[b"t"].decode(), fields[b"d"]))
+    return events
