@@ -19,8 +19,9 @@ MAX_KEY_LENGTH = 255
 # The scope of keys until tenants exist: a key is unique per scope, never across scopes.
 DEFAULT_SCOPE = "default"
 # A claim whose response still does not exist after this long was abandoned (its admitter died or failed
-# between claiming and creating): a retry may take it over.
-ABANDONED_CLAIM_MS = 10_000
+# between claiming and creating): a retry may take it over. Longer than the slowest admission that can still
+# succeed (a pool wait plus a command timeout, 10 s each), so a live admitter is never overtaken.
+ABANDONED_CLAIM_MS = 60_000
 # How long a concurrent retry waits for the winner to finish creating the response before answering 409.
 CLAIM_WAIT_SECONDS = 5.0
 CLAIM_POLL_SECONDS = 0.02
