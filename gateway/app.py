@@ -28,7 +28,12 @@ LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     storage = app[SETTINGS].storage
-    store = open_store(storage.url, key_prefix=storage.key_prefix, retention_seconds=storage.retention_seconds)
+    store = open_store(
+        storage.url,
+        key_prefix=storage.key_prefix,
+        retention_seconds=storage.retention_seconds,
+        max_connections=storage.max_connections,
+    )
     if storage.url.startswith("memory://"):
         log.info("storage: embedded in-process store (memory://); responses live as long as this process")
     else:

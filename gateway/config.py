@@ -39,6 +39,7 @@ class StorageConfig(_Section):
     url: str = "memory://"
     key_prefix: str = Field("rgw", min_length=1)
     retention_seconds: int = Field(86400, ge=1)
+    max_connections: int = Field(512, ge=4)
 
     @field_validator("url")
     @classmethod

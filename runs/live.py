@@ -51,6 +51,14 @@ class LiveSubscription:
         self.buffer.append(event)
         self.arrived.set()
 
+    def take_ready(self) -> list[StoredEvent]:
+        """Every event buffered right now (after `next` returned one), without waiting."""
+        if self.lagged or self.closed:
+            return []
+        ready = list(self.buffer)
+        self.buffer.clear()
+        return ready
+
     async def next(self, idle_seconds: float) -> StoredEvent | None:
         """The next buffered event, or None after `idle_seconds` without one. Raises SubscriberLagged (once)
         when the buffer overflowed since the last call."""

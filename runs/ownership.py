@@ -11,7 +11,7 @@ import orjson
 from runs.event_log import EventLog
 from runs.manager import RunManager, settle
 from runs.request import CreateResponseRequest
-from runs.run import fail_orphaned
+from runs.run import ResponseRun, fail_orphaned
 from runs.status import TERMINAL, ResponseStatus
 from storage.base import LeaseLost, Store
 
@@ -63,21 +63,21 @@ class Ownership:
         while True:
             _stop_if_cancelled()
             await asyncio.sleep(self._settings.renew_seconds)
-            for run in self._manager.local_runs():
-                if run.finished or run.abandoned:
-                    continue
-                try:
-                    run.lease = await self._store.renew_lease(
-                        run.response_id, run.lease, lease_ms=self._settings.lease_ms
-                    )
-                    await self._store.index_run(run.response_id, run.lease.until_ms)
-                except LeaseLost:
-                    log.warning("lease of %s lost; stopping it here", run.response_id)
-                    run.abandon()
-                except Exception as error:
-                    # The store is unreachable: keep going; if the lease runs out meanwhile, the run's next write is
-                    # refused and it stops, and whoever sweeps first finishes it.
-                    log.warning("could not renew the lease of %s: %s", run.response_id, error)
+            # All at once: renewing a thousand leases one round trip after another would outlast the lease.
+            runs = [run for run in self._manager.local_runs() if not run.finished and not run.abandoned]
+            await asyncio.gather(*(self._renew(run) for run in runs))
+
+    async def _renew(self, run: ResponseRun) -> None:
+        try:
+            run.lease = await self._store.renew_lease(run.response_id, run.lease, lease_ms=self._settings.lease_ms)
+            await self._store.index_run(run.response_id, run.lease.until_ms)
+        except LeaseLost:
+            log.warning("lease of %s lost; stopping it here", run.response_id)
+            run.abandon()
+        except Exception as error:
+            # The store is unreachable: keep going; if the lease runs out meanwhile, the run's next write is
+            # refused and it stops, and whoever sweeps first finishes it.
+            log.warning("could not renew the lease of %s: %s", run.response_id, error)
 
     async def _sweep_loop(self) -> None:
         freed = self._manager.capacity_freed

@@ -18,10 +18,11 @@ async def follow_events(
     after: int,
     *,
     idle_seconds: float,
-) -> AsyncGenerator[StoredEvent | None, None]:
-    """Yield stored events with sequence_number > after, in order, without gaps or duplicates, and stop after the
-    terminal event. Yields None after `idle_seconds` without an event (the caller sends a heartbeat). Ends early
-    when the response disappears. A follower slower than the live buffer reads the rest from the store.
+) -> AsyncGenerator[list[StoredEvent] | None, None]:
+    """Yield stored events with sequence_number > after, in order, without gaps or duplicates, in batches (all
+    that is at hand at once, so a writer can send them in one write), and stop after the terminal event. Yields
+    None after `idle_seconds` without an event (the caller sends a heartbeat). Ends early when the response
+    disappears. A follower slower than the live buffer reads the rest from the store.
 
     The subscription is taken before the first store read, so an event stored after that read is always handed
     over live; anything the live buffer skipped (a gap) is read back from the store.
@@ -32,11 +33,12 @@ async def follow_events(
         while True:
             while True:
                 events = await store.read_events(response_id, cursor, limit=CATCH_UP_PAGE)
-                for event in events:
-                    yield event
-                    cursor = event.sequence_number
-                    if event.type in TERMINAL_EVENT_TYPES:
-                        return
+                batch, finished = _until_terminal(events)
+                if batch:
+                    yield batch
+                    cursor = batch[-1].sequence_number
+                if finished:
+                    return
                 if len(events) < CATCH_UP_PAGE:
                     break
             record = await store.get_response(response_id)
@@ -59,13 +61,31 @@ async def follow_events(
                     if record.status in TERMINAL_STATUSES:
                         return
                     continue
-                if live_event.sequence_number <= cursor:
-                    continue
-                if live_event.sequence_number > cursor + 1:
-                    break  # a gap: read it back from the store
-                yield live_event
-                cursor = live_event.sequence_number
-                if live_event.type in TERMINAL_EVENT_TYPES:
-                    return
+                batch = []
+                gap = False
+                for event in [live_event, *subscription.take_ready()]:
+                    if event.sequence_number <= cursor:
+                        continue
+                    if event.sequence_number > cursor + 1:
+                        gap = True  # read it back from the store
+                        break
+                    batch.append(event)
+                    cursor = event.sequence_number
+                    if event.type in TERMINAL_EVENT_TYPES:
+                        break
+                if batch:
+                    yield batch
+                    if batch[-1].type in TERMINAL_EVENT_TYPES:
+                        return
+                if gap:
+                    break
     finally:
         live.unsubscribe(subscription)
+
+
+def _until_terminal(events: list[StoredEvent]) -> tuple[list[StoredEvent], bool]:
+    """The events up to and including a terminal one, and whether there was one."""
+    for index, event in enumerate(events):
+        if event.type in TERMINAL_EVENT_TYPES:
+            return events[: index + 1], True
+    return events, False

@@ -9,10 +9,12 @@ from storage.redis import RedisStore
 MEMORY_URL = "memory://"
 
 
-def open_store(url: str, *, key_prefix: str, retention_seconds: int) -> Store:
+def open_store(url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 512) -> Store:
     """`memory://` gives the embedded store; `redis://…` and `rediss://…` the Redis backend."""
     if url == MEMORY_URL or url.startswith(MEMORY_URL):
         return MemoryStore(retention_seconds=retention_seconds)
     if url.startswith(("redis://", "rediss://", "unix://")):
-        return RedisStore.from_url(url, key_prefix=key_prefix, retention_seconds=retention_seconds)
+        return RedisStore.from_url(
+            url, key_prefix=key_prefix, retention_seconds=retention_seconds, max_connections=max_connections
+        )
     raise ValueError(f"unsupported storage URL scheme: {url.split(':', 1)[0]!r}")

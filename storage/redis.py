@@ -63,7 +63,7 @@ class RedisStore(RedisConversations):
         self._unlock_script = client.register_script(UNLOCK_LUA)
 
     @classmethod
-    def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 64) -> RedisStore:
+    def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 512) -> RedisStore:
         """A store on the Redis at `url` (`redis://…`, `rediss://…`, `unix://…`). Requests beyond
         `max_connections` in flight wait for a free connection instead of failing."""
         pool = aioredis.BlockingConnectionPool.from_url(
