@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test test-realmodel lint format simulate clean
+.PHONY: run test test-realmodel lint format simulate clean bench
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -66,3 +66,8 @@ test-realmodel: $(VENV)/.installed-dev $(LLAMA_VENV)/.installed
 
 clean:
 	rm -rf $(VENV) $(LLAMA_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+## bench: gateway vs the direct upstream (and LiteLLM when installed) on loopback, < 8 min; writes bench/results/<date>.md
+bench: $(VENV)/.installed
+	@.ci/ensure-redis-server
+	$(BIN)/python -m bench

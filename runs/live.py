@@ -125,12 +125,19 @@ class LiveEvents:
         if watch is None:
             self._watches[response_id] = _Watch(cursor, {subscription})
             self._changed.set()
-            interrupt = asyncio.get_running_loop().create_task(self._feed.interrupt())
+            interrupt = asyncio.get_running_loop().create_task(self._interrupt_feed())
             self._interrupts.add(interrupt)
             interrupt.add_done_callback(self._interrupts.discard)
         else:
             watch.subscribers.add(subscription)
         return subscription
+
+    async def _interrupt_feed(self) -> None:
+        try:
+            await self._feed.interrupt()
+        except Exception as error:
+            # Only a latency cost: the new response joins the read when the current one times out.
+            log.debug("could not interrupt the live read: %s", error)
 
     def unsubscribe(self, subscription: LiveSubscription) -> None:
         watch = self._watches.get(subscription.response_id)

@@ -166,7 +166,8 @@ class Store(Protocol):
         """
 
     async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Lease:
-        """Extend a held lease. Raises LeaseLost."""
+        """Extend a held lease (a finished or vanished response keeps `lease` as it is). Raises LeaseLost when
+        another instance owns it or the lease expired."""
 
     async def release_lease(self, response_id: str, lease: Lease) -> None:
         """Give the response up now (graceful shutdown), so another instance claims it without waiting."""

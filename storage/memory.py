@@ -139,7 +139,9 @@ class MemoryStore(MemoryConversations):
 
     async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Lease:
         entry = self._live(response_id)
-        if entry is None or entry.status in TERMINAL_STATUSES or not self._holds(entry, lease):
+        if entry is None or entry.status in TERMINAL_STATUSES:
+            return lease  # it ended (or expired away) meanwhile: nothing to renew, nothing lost
+        if not self._holds(entry, lease):
             raise LeaseLost(response_id)
         entry.lease_until_ms = self._now_ms() + lease_ms
         return Lease(lease.owner, lease.epoch, entry.lease_until_ms)

@@ -138,6 +138,8 @@ class RedisStore(RedisConversations):
     @unavailable_on_connection_error
     async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Lease:
         reply = await self._lease(response_id, "renew", lease.owner, lease.epoch, lease_ms)
+        if reply[0] == b"GONE":
+            return lease  # it ended (or expired away) meanwhile: nothing to renew, nothing lost
         if reply[0] != b"OK":
             raise LeaseLost(response_id)
         return Lease(lease.owner, lease.epoch, int(reply[1]))

@@ -512,6 +512,14 @@ async def test_released_and_queued_responses_are_claimable_at_once(store: Store)
     assert await store.claim_response("resp_queued", "instance-d", lease_ms=60_000) is None  # finished
 
 
+async def test_renewing_the_lease_of_a_finished_response_is_not_a_loss(store: Store) -> None:
+    lease = await store.create_response(new_response("resp_done_lease", events=1))
+    assert lease is not None
+    closing = [event(1, "response.completed")]
+    await store.append_events("resp_done_lease", closing, snapshot=b"{}", status="completed", lease=lease)
+    assert await store.renew_lease("resp_done_lease", lease, lease_ms=1000) == lease
+
+
 async def test_run_index_and_locks(store: Store) -> None:
     await store.index_run("resp_late", 10**15)
     await store.index_run("resp_b", 2)

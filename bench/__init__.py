@@ -1,0 +1,1 @@
+"""Benchmarks of the gateway against the direct upstream (and LiteLLM when installed): `python -m bench`."""
