@@ -118,6 +118,8 @@ class MemoryStore(MemoryConversations):
         entry = self._live(response_id)
         if entry is None:
             raise ResponseMissing(response_id)
+        if not self._holds(entry, lease):  # fencing first, as in the Redis script
+            raise LeaseLost(response_id)
         if events[0].sequence_number != len(entry.events):
             final = events[-1]
             if final.sequence_number < len(entry.events) and entry.events[final.sequence_number] == final:
@@ -125,8 +127,6 @@ class MemoryStore(MemoryConversations):
             raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
         if entry.status in TERMINAL_STATUSES:
             raise ResponseClosed(response_id)
-        if not self._holds(entry, lease):
-            raise LeaseLost(response_id)
         entry.events.extend(events)
         entry.snapshot = snapshot
         entry.status = status

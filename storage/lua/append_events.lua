@@ -8,6 +8,13 @@ local last = redis.call('HGET', KEYS[1], 'last_seq')
 if not last then
   return 'MISSING'
 end
+-- Fencing first: a writer that lost the response must hear exactly that, whatever else has been written since.
+local state = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until')
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+if state[1] ~= ARGV[5] or state[2] ~= ARGV[6] or tonumber(state[3]) < now_ms then
+  return 'FENCED'
+end
 local count = (#ARGV - 6) / 3
 local first = tonumber(ARGV[4])
 last = tonumber(last)
@@ -26,12 +33,6 @@ end
 local current = redis.call('HGET', KEYS[1], 'status')
 if current == 'completed' or current == 'failed' or current == 'cancelled' or current == 'incomplete' then
   return 'CLOSED'
-end
-local state = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until')
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-if state[1] ~= ARGV[5] or state[2] ~= ARGV[6] or tonumber(state[3]) < now_ms then
-  return 'FENCED'
 end
 local ttl = ARGV[1]
 for i = 0, count - 1 do
