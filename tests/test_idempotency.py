@@ -250,3 +250,19 @@ async def test_fifty_concurrent_posts_with_one_key_over_two_instances_make_one_r
         return await upstream_calls(simulator_url, key_prefix)
 
     assert await eventually(counted) == 1
+
+
+async def test_a_retry_after_an_upstream_refusal_starts_afresh(
+    gateway: Gateway, simulator_url: str, key_prefix: str
+) -> None:
+    """The first attempt gets the provider's 429; the SDK's own retry, with the same key, gets a new run that
+    succeeds, not the failed response replayed with a 200."""
+    client = gateway.client.with_options(max_retries=1)
+    response = await client.responses.create(
+        model="sim-1",
+        input="flaky provider",
+        metadata={"sim_tag": key_prefix, "sim_fault": "http_429", "sim_fail_first": "1"},
+        extra_headers={"Idempotency-Key": "after-refusal"},
+    )
+    assert response.status == "completed"
+    assert await upstream_calls(simulator_url, key_prefix) == 2

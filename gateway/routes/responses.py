@@ -124,10 +124,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     if not create.is_stored:
         # Connection-owned: the run ends with this handler (client gone → handler cancelled → run cancelled).
         try:
-            return await _serve_created(request, store, run, create)
+            return await _serve_created(request, store, run, create, key)
         finally:
             manager.release_connection_owned(run)
-    return await _serve_created(request, store, run, create)
+    return await _serve_created(request, store, run, create, key)
 
 
 async def _serve_by_id(
@@ -150,13 +150,21 @@ async def _serve_by_id(
 
 
 async def _serve_created(
-    request: web.Request, store: Store, run: ResponseRun, create: CreateResponseRequest
+    request: web.Request,
+    store: Store,
+    run: ResponseRun,
+    create: CreateResponseRequest,
+    key: idempotency.IdempotencyKey | None,
 ) -> web.StreamResponse:
     if create.is_streaming:
         return await stream_response(request, run.response_id, -1)
     if not create.is_background:
         await run.wait_finished()
         if run.failure is not None and not run.emitted_output:
+            if key is not None:
+                # The caller gets the provider's error, and its retry (the SDK retries 429 and 5xx by itself)
+                # must start afresh rather than be handed this failed response with a 200.
+                await store.release_idempotency_key(key.scope, key.key, response_id=run.response_id)
             raise upstream_refusal(run.failure)
     record = await store.get_response(run.response_id)
     if record is None:
