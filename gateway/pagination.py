@@ -12,6 +12,17 @@ DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 
 
+def list_object(data: Sequence[dict[str, Any]], *, has_more: bool) -> dict[str, Any]:
+    """The OpenAI list object around one page of items that have ids."""
+    return {
+        "object": "list",
+        "data": list(data),
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class PageQuery:
     """A validated page request."""
@@ -47,11 +58,4 @@ class PageQuery:
             if self.after not in ids:
                 raise InvalidRequest(f"No item with id '{self.after}' in this list.", param="after")
             start = ids.index(self.after) + 1
-        data = ordered[start : start + self.limit]
-        return {
-            "object": "list",
-            "data": data,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-            "has_more": start + self.limit < len(ordered),
-        }
+        return list_object(ordered[start : start + self.limit], has_more=start + self.limit < len(ordered))

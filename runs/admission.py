@@ -36,11 +36,6 @@ def upstream_body(request: CreateResponseRequest, history: list[Json] | None = N
     return body
 
 
-def input_items(request: CreateResponseRequest) -> list[Json]:
-    """The request's input as items with stable ids, the way `input_items` lists them."""
-    return normalise_items(request.input)
-
-
 def first_events(snapshot: Json, *, queued: bool = False) -> list[Json]:
     """`response.created`, and for a run that starts at once `response.in_progress`, or for one that waits for
     capacity `response.queued`, all with this snapshot."""
@@ -78,7 +73,7 @@ def new_response(
         status=status.value,
         background=request.is_background,
         stored=request.is_stored,
-        input_items=orjson.dumps(input_items(request)),
+        input_items=orjson.dumps(normalise_items(request.input)),  # with the stable ids input_items lists
         events=events,
         request=request.model_dump_json(exclude_none=True).encode(),
         owner=owner,

@@ -6,21 +6,18 @@ import time
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
 from runs.errors import Conflict, InvalidRequest, NotFound
 from runs.ids import new_id
 from runs.items import Json, normalise_items, stored_in_conversation
+from runs.request import Metadata
 from runs.status import TERMINAL, ResponseStatus
 from storage.base import ConversationMissing, ConversationRecord, CursorNotFound, Store
 
 MAX_INITIAL_ITEMS = 20
 # A long conversation is read for a turn in pages of this size.
 HISTORY_PAGE = 100
-
-MetadataKey = Annotated[str, StringConstraints(max_length=64)]
-MetadataValue = Annotated[str, StringConstraints(max_length=512)]
-Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
 
 class CreateConversationRequest(BaseModel):
@@ -114,20 +111,14 @@ async def add_items(store: Store, conversation_id: str, request: AddItemsRequest
 
 async def list_items(
     store: Store, conversation_id: str, *, tenant: str, after: str | None, limit: int, order: str
-) -> Json:
+) -> tuple[list[Json], bool]:
+    """One page of the tenant's conversation's items, and whether more follow."""
     await get_conversation(store, conversation_id, tenant=tenant)
     try:
         page, has_more = await store.list_conversation_items(conversation_id, after=after, limit=limit, order=order)
     except CursorNotFound:
         raise InvalidRequest(f"No item with id '{after}' in this conversation.", param="after") from None
-    data = [orjson.loads(item) for item in page]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return [orjson.loads(item) for item in page], has_more
 
 
 async def all_items(store: Store, conversation_id: str) -> list[Json]:

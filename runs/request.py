@@ -23,6 +23,8 @@ INCLUDABLE: frozenset[str] = frozenset(get_args(Includable))
 
 MetadataKey = Annotated[str, StringConstraints(max_length=64)]
 MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+# OpenAI's metadata rules: at most 16 pairs, keys up to 64 characters, values up to 512.
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)]
 
 
 class ConversationRef(BaseModel):
@@ -64,7 +66,7 @@ class CreateResponseRequest(BaseModel):
     text: dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None
     truncation: Literal["auto", "disabled"] | None = None
-    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
+    metadata: Metadata | None = None
     include: list[Includable] | None = None
     user: str | None = None
     safety_identifier: str | None = None

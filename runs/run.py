@@ -205,26 +205,38 @@ class ResponseRun:
         """Emit the single terminal event. The partial output is kept when the upstream gave no final one."""
         if self.status in TERMINAL:
             return
-        check_transition(self.status, status)
-        response = copy.deepcopy(self._log.snapshot)
-        response["status"] = status.value
-        if output is not None:
-            response["output"] = output
-        response["usage"] = usage
-        response["error"] = error
-        response["incomplete_details"] = incomplete_details
-        if status is ResponseStatus.COMPLETED:
-            response["completed_at"] = int(time.time())
-        await self._log.emit({"type": STATUS_EVENT_TYPE[status], "response": response})
+        await emit_terminal(
+            self._log, status, output=output, usage=usage, error=error, incomplete_details=incomplete_details
+        )
         await self._log.flush()
+
+
+async def emit_terminal(
+    event_log: EventLog,
+    status: ResponseStatus,
+    *,
+    output: list[Any] | None = None,
+    usage: Any = None,
+    error: Any = None,
+    incomplete_details: Any = None,
+) -> None:
+    """Emit the response's terminal event: the current snapshot with its final status and outcome. The partial
+    output is kept when no final one is given."""
+    check_transition(ResponseStatus(event_log.snapshot["status"]), status)
+    response = copy.deepcopy(event_log.snapshot)
+    response["status"] = status.value
+    if output is not None:
+        response["output"] = output
+    response["usage"] = usage
+    response["error"] = error
+    response["incomplete_details"] = incomplete_details
+    if status is ResponseStatus.COMPLETED:
+        response["completed_at"] = int(time.time())
+    await event_log.emit({"type": STATUS_EVENT_TYPE[status], "response": response})
 
 
 async def fail_orphaned(event_log: EventLog, message: str) -> None:
     """End a response whose owner died after it had started answering: re-running the model would bill twice and
     change the text, so it fails with the partial output kept, with exactly one terminal event."""
-    response = copy.deepcopy(event_log.snapshot)
-    check_transition(ResponseStatus(response["status"]), ResponseStatus.FAILED)
-    response["status"] = ResponseStatus.FAILED.value
-    response["error"] = {"code": "server_error", "message": message}
-    await event_log.emit({"type": STATUS_EVENT_TYPE[ResponseStatus.FAILED], "response": response})
+    await emit_terminal(event_log, ResponseStatus.FAILED, error={"code": "server_error", "message": message})
     await event_log.close()

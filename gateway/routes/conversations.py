@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.auth import PRINCIPAL
 from gateway.errors import invalid_body, json_response, raw_json_response
-from gateway.pagination import PageQuery
+from gateway.pagination import PageQuery, list_object
 from gateway.routes.responses import query_flag, read_json_object, resume_cursor, stream_response
 from gateway.state import STORE
 from runs import conversations
@@ -83,7 +83,7 @@ async def delete_conversation(request: web.Request) -> web.Response:
 async def list_items(request: web.Request) -> web.Response:
     """GET /v1/conversations/{id}/items: a cursor page (`after`, `limit` 1-100, `order`, default `desc`)."""
     query = PageQuery.from_query(request.query)
-    page = await conversations.list_items(
+    data, has_more = await conversations.list_items(
         request.app[STORE],
         request.match_info["conversation_id"],
         tenant=_tenant(request),
@@ -91,7 +91,7 @@ async def list_items(request: web.Request) -> web.Response:
         limit=query.limit,
         order=query.order,
     )
-    return json_response(page)
+    return json_response(list_object(data, has_more=has_more))
 
 
 async def add_items(request: web.Request) -> web.Response:
@@ -100,9 +100,7 @@ async def add_items(request: web.Request) -> web.Response:
     items = await conversations.add_items(
         request.app[STORE], request.match_info["conversation_id"], body, tenant=_tenant(request)
     )
-    return json_response(
-        {"object": "list", "data": items, "first_id": items[0]["id"], "last_id": items[-1]["id"], "has_more": False}
-    )
+    return json_response(list_object(items, has_more=False))
 
 
 async def retrieve_item(request: web.Request) -> web.Response:
