@@ -245,6 +245,15 @@ def start_gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProce
         stop_process(gateway_process.process)
 
 
+@pytest.fixture
+def two_gateways(
+    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
+) -> tuple[GatewayProcess, GatewayProcess]:
+    """Two gateway processes sharing one Redis."""
+    env = redis_gateway_env(redis_server, simulator_url, key_prefix)
+    return start_gateway_process(env), start_gateway_process(env)
+
+
 async def eventually(check: Callable[[], Any], *, within: float = 10.0, interval: float = 0.05) -> Any:
     """Poll an async check until it returns a truthy value."""
     deadline = time.monotonic() + within

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import openai
 import orjson
 import redis.asyncio as aioredis
 
@@ -67,3 +68,40 @@ async def read_frames(response: aiohttp.ClientResponse, limit: int | None = None
 
 async def keys_with_prefix(client: aioredis.Redis, prefix: str) -> list[bytes]:
     return [key async for key in client.scan_iter(match=f"{prefix}:*")]
+
+
+def sdk_for(url: str) -> openai.AsyncOpenAI:
+    """An SDK client for a gateway at `url` (no retries, so tests see every status)."""
+    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="test-key", max_retries=0)
+
+
+async def sim_stats(simulator_url: str) -> dict[str, Any]:
+    """The simulator's counters."""
+    async with aiohttp.ClientSession() as session, session.get(f"{simulator_url}/sim/stats") as reply:
+        stats: dict[str, Any] = await reply.json()
+        return stats
+
+
+async def upstream_calls(simulator_url: str, tag: str) -> int:
+    """How many model requests with this `sim_tag` reached the simulator."""
+    return int((await sim_stats(simulator_url))["requests_by_tag"].get(tag, 0))
+
+
+async def sim_requests(simulator_url: str, tag: str) -> list[dict[str, Any]]:
+    """The bodies of the model requests with this `sim_tag` the simulator received, oldest first."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"{simulator_url}/sim/requests", params={"tag": tag}) as reply,
+    ):
+        bodies: list[dict[str, Any]] = await reply.json()
+        return bodies
+
+
+async def stream_frames(url: str, response_id: str, **params: str) -> list[Frame]:
+    """Every frame of `GET /v1/responses/{id}?stream=true` (plus `params`), read to the end."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{url}/v1/responses/{response_id}", params={"stream": "true", **params}) as reply,
+    ):
+        assert reply.status == 200, await reply.text()
+        return await read_frames(reply)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -13,19 +13,10 @@ import redis.asyncio as aioredis
 
 from gateway.config import load_settings
 from runs.simulator import simulated_text
-from tests.conftest import Gateway, GatewayProcess, redis_gateway_env, serve_gateway
-from tests.helpers import keys_with_prefix, read_frames
+from tests.conftest import Gateway, GatewayProcess, serve_gateway
+from tests.helpers import keys_with_prefix, read_frames, sdk_for, sim_requests
 
 KINDS = ["responses", "chat"]
-
-
-async def received(simulator_url: str, tag: str) -> list[dict[str, Any]]:
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{simulator_url}/sim/requests", params={"tag": tag}) as reply,
-    ):
-        bodies: list[dict[str, Any]] = await reply.json()
-        return bodies
 
 
 def texts_sent(body: dict[str, Any]) -> list[tuple[str, str]]:
@@ -79,7 +70,7 @@ async def test_three_turns_with_previous_response_id(
     third = await client.responses.create(
         model="sim-1", input=[{"role": "user", "content": "Thanks."}], previous_response_id=second.id, metadata=meta
     )
-    bodies = await received(simulator_url, key_prefix)
+    bodies = await sim_requests(simulator_url, key_prefix)
     assert len(bodies) == 3
     assert texts_sent(bodies[0]) == [("system", "Be kind."), ("user", "Hi, I am Ada.")]
     # Instructions are not carried over; the chain's inputs and outputs are, in order.
@@ -117,7 +108,7 @@ async def test_three_turns_in_a_conversation(gateway_of_kind: Gateway, simulator
         assert response.conversation is not None
         assert response.conversation.id == conversation.id
         answers.append(response.output_text)
-    bodies = await received(simulator_url, key_prefix)
+    bodies = await sim_requests(simulator_url, key_prefix)
     assert texts_sent(bodies[2]) == [
         ("user", "My name is Ada."),
         ("user", "Hello?"),
@@ -189,7 +180,7 @@ async def test_only_completed_turns_join_the_conversation(
         model="sim-1", input="works", conversation=conversation.id, metadata={"sim_tag": key_prefix}
     )
     assert done.status == "completed"
-    assert texts_sent((await received(simulator_url, key_prefix))[-1]) == [("user", "start"), ("user", "works")]
+    assert texts_sent((await sim_requests(simulator_url, key_prefix))[-1]) == [("user", "start"), ("user", "works")]
 
 
 async def test_conversation_crud_and_pagination(gateway: Gateway) -> None:
@@ -243,23 +234,11 @@ async def test_deleting_a_conversation_removes_all_its_keys(
     assert not any(conversation.id.encode() in key for key in await keys_with_prefix(redis_client, key_prefix))
 
 
-@pytest.fixture
-def two_gateways(
-    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
-) -> tuple[GatewayProcess, GatewayProcess]:
-    env = redis_gateway_env(redis_server, simulator_url, key_prefix)
-    return start_gateway_process(env), start_gateway_process(env)
-
-
-def sdk(gateway: GatewayProcess) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="test-key", max_retries=0)
-
-
 async def test_two_instances_racing_a_turn_start_exactly_one(
     two_gateways: tuple[GatewayProcess, GatewayProcess], simulator_url: str, key_prefix: str
 ) -> None:
     """Done-when: two instances racing a turn on one conversation: exactly one starts, the other gets 409."""
-    clients = [sdk(gateway) for gateway in two_gateways]
+    clients = [sdk_for(gateway.url) for gateway in two_gateways]
     try:
         conversation = await clients[0].conversations.create()
         results = await asyncio.gather(
@@ -288,7 +267,7 @@ async def test_two_instances_racing_a_turn_start_exactly_one(
         assert error.code == "conversation_busy"
         assert started[0].id in error.message
         assert error.response.headers["x-should-retry"] == "false"
-    assert len(await received(simulator_url, key_prefix)) <= 1
+    assert len(await sim_requests(simulator_url, key_prefix)) <= 1
 
 
 async def test_reattach_by_conversation_from_the_other_instance(
@@ -296,7 +275,7 @@ async def test_reattach_by_conversation_from_the_other_instance(
 ) -> None:
     """Done-when: reattach by conversation mid-run from the other instance yields the full stream."""
     a, b = two_gateways
-    client_a = sdk(a)
+    client_a = sdk_for(a.url)
     try:
         conversation = await client_a.conversations.create()
         created = await client_a.responses.create(

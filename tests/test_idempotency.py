@@ -6,24 +6,13 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 
 from runs.idempotency import check_key, fingerprint
 from runs.request import CreateResponseRequest
 from tests.conftest import Gateway, GatewayProcess, eventually, gateway_settings, redis_gateway_env, serve_gateway
-from tests.helpers import expected_text, read_frames
-
-
-async def sim_stats(simulator_url: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.get(f"{simulator_url}/sim/stats") as response:
-        stats: dict[str, Any] = await response.json()
-        return stats
-
-
-async def upstream_calls(simulator_url: str, tag: str) -> int:
-    return int((await sim_stats(simulator_url))["requests_by_tag"].get(tag, 0))
+from tests.helpers import expected_text, read_frames, upstream_calls
 
 
 def build(**fields: Any) -> CreateResponseRequest:

@@ -8,15 +8,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import openai
 from openai.types.responses import Response
 
 from tests.conftest import ROOT, GatewayProcess, eventually, redis_gateway_env
-from tests.helpers import expected_text
-
-
-def sdk(gateway: GatewayProcess) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="test-key", max_retries=0)
+from tests.helpers import expected_text, sdk_for
 
 
 async def test_background_response_created_on_one_instance_is_retrievable_on_another(
@@ -24,7 +19,7 @@ async def test_background_response_created_on_one_instance_is_retrievable_on_ano
 ) -> None:
     env = redis_gateway_env(redis_server, simulator_url, key_prefix)
     first, second = start_gateway_process(env), start_gateway_process(env)
-    client_a, client_b = sdk(first), sdk(second)
+    client_a, client_b = sdk_for(first.url), sdk_for(second.url)
     try:
         created = await client_a.responses.create(
             model="sim-1", input="cross instance", background=True, metadata={"sim_token_delay_ms": "60"}
@@ -54,7 +49,7 @@ async def test_zero_config_serve_uses_the_embedded_store_and_the_built_in_model(
     start_gateway_process: Callable[..., GatewayProcess],
 ) -> None:
     gateway = start_gateway_process()
-    client = sdk(gateway)
+    client = sdk_for(gateway.url)
     try:
         response = await client.responses.create(model="any-model", input="hello")
         assert response.status == "completed"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -18,29 +18,9 @@ from tests.conftest import (
     GatewayProcess,
     eventually,
     gateway_settings,
-    redis_gateway_env,
     serve_gateway,
 )
-from tests.helpers import Frame, expected_text, keys_with_prefix, read_frames
-
-
-def sdk(gateway: GatewayProcess) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="test-key", max_retries=0)
-
-
-async def sim_stats(simulator_url: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.get(f"{simulator_url}/sim/stats") as response:
-        stats: dict[str, Any] = await response.json()
-        return stats
-
-
-@pytest.fixture
-def two_gateways(
-    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
-) -> tuple[GatewayProcess, GatewayProcess]:
-    """Two gateway processes sharing one Redis."""
-    env = redis_gateway_env(redis_server, simulator_url, key_prefix)
-    return start_gateway_process(env), start_gateway_process(env)
+from tests.helpers import Frame, expected_text, keys_with_prefix, read_frames, sdk_for, sim_stats
 
 
 @pytest.fixture
@@ -125,7 +105,7 @@ async def test_sdk_stream_by_id_on_a_finished_and_a_running_response(
     """Done-when: `client.responses.stream(response_id=id)` gives the same final response as the original
     stream, for a finished response and for one still running (attached on the other instance)."""
     a, b = two_gateways
-    client_a, client_b = sdk(a), sdk(b)
+    client_a, client_b = sdk_for(a.url), sdk_for(b.url)
     try:
         async with client_a.responses.stream(model="sim-1", input="finished first", background=True) as original:
             finished = await original.get_final_response()
@@ -235,7 +215,7 @@ async def test_cancel_on_one_instance_stops_the_run_on_the_other(
     """Done-when: cancel sent to instance B stops a run owned by instance A; the simulator sees its connection
     closed; the response ends `cancelled` with exactly one terminal event, which every subscriber gets."""
     a, b = two_gateways
-    client_a, client_b = sdk(a), sdk(b)
+    client_a, client_b = sdk_for(a.url), sdk_for(b.url)
     try:
         created = await client_a.responses.create(
             model="sim-1",

@@ -25,7 +25,7 @@ from tests.conftest import (
     stop_process,
     wait_for_port,
 )
-from tests.helpers import Frame, expected_text, read_frames
+from tests.helpers import Frame, expected_text, sdk_for, stream_frames
 
 FAST_LEASES = {
     "GATEWAY_RUNS__LEASE_SECONDS": "2",
@@ -33,18 +33,6 @@ FAST_LEASES = {
     "GATEWAY_RUNS__SWEEP_SECONDS": "0.3",
 }
 TERMINAL = {"response.completed", "response.failed", "response.incomplete"}
-
-
-def sdk(gateway: GatewayProcess) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key="test-key", max_retries=0)
-
-
-async def full_log(url: str, response_id: str) -> list[Frame]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.get(f"{url}/v1/responses/{response_id}", params={"stream": "true"}) as reply,
-    ):
-        return await read_frames(reply)
 
 
 def assert_clean_log(frames: list[Frame]) -> None:
@@ -77,7 +65,7 @@ async def test_sigkill_after_output_ends_the_run_failed_on_another_instance(
     fleet: Callable[..., GatewayProcess],
 ) -> None:
     a, b = fleet(), fleet()
-    client_a, client_b = sdk(a), sdk(b)
+    client_a, client_b = sdk_for(a.url), sdk_for(b.url)
     try:
         created = await client_a.responses.create(
             model="sim-1",
@@ -86,7 +74,7 @@ async def test_sigkill_after_output_ends_the_run_failed_on_another_instance(
             metadata={"sim_token_delay_ms": "100", "sim_tokens": "60"},
         )
         await wait_for_output(client_b, created.id)
-        subscriber = asyncio.create_task(full_log(b.url, created.id))  # attached on B while A still runs
+        subscriber = asyncio.create_task(stream_frames(b.url, created.id))  # attached on B while A still runs
         a.process.send_signal(signal.SIGKILL)
         frames = await asyncio.wait_for(subscriber, 15)  # lease (2 s) + sweep (0.3 s), with room to spare
         assert_clean_log(frames)
@@ -107,7 +95,7 @@ async def test_sigkill_before_output_restarts_the_run_elsewhere(
     fleet: Callable[..., GatewayProcess], redis_client: aioredis.Redis, key_prefix: str
 ) -> None:
     a, b = fleet(), fleet()
-    client_a, client_b = sdk(a), sdk(b)
+    client_a, client_b = sdk_for(a.url), sdk_for(b.url)
     try:
         created = await client_a.responses.create(
             model="sim-1", input="restart me", background=True, metadata={"sim_ttft_ms": "60000"}
@@ -127,7 +115,7 @@ async def test_sigkill_before_output_restarts_the_run_elsewhere(
 
         await eventually(taken_over, within=15)
         await client_b.responses.cancel(created.id)
-        frames = await full_log(b.url, created.id)
+        frames = await stream_frames(b.url, created.id)
         assert_clean_log(frames)
         assert [f.event for f in frames[:3]] == ["response.created", "response.in_progress", "response.failed"]
     finally:
@@ -141,13 +129,13 @@ async def test_restarted_run_completes_with_the_same_text(
     """With no output emitted yet, the instance that takes over restarts the run and it completes."""
     a = fleet(GATEWAY_SHUTDOWN__GRACE_SECONDS="0")
     b = fleet()
-    client_b = sdk(b)
+    client_b = sdk_for(b.url)
     try:
         created = await client_b.responses.create(
             model="sim-1", input="first attempt dies", background=True, metadata={"sim_tokens": "5"}
         )
         # Make A the owner of a fresh run that is still waiting for its first token, then kill A.
-        client_a = sdk(a)
+        client_a = sdk_for(a.url)
         try:
             slow = await client_a.responses.create(
                 model="sim-1",
@@ -166,7 +154,7 @@ async def test_restarted_run_completes_with_the_same_text(
         final = await client_b.responses.retrieve(slow.id)
         assert final.output_text == expected_text("restart and finish", tokens=5)
         assert await redis_client.hget(f"{key_prefix}:{{{slow.id}}}:state", "recovery_count") == b"1"
-        assert_clean_log(await full_log(b.url, slow.id))
+        assert_clean_log(await stream_frames(b.url, slow.id))
         assert (await client_b.responses.retrieve(created.id)).status == "completed"
     finally:
         await client_b.close()
@@ -175,7 +163,7 @@ async def test_restarted_run_completes_with_the_same_text(
 async def test_a_paused_owner_is_fenced_out_after_takeover(fleet: Callable[..., GatewayProcess]) -> None:
     """SIGSTOP of the owner past its lease, takeover, SIGCONT: every write of the old owner is rejected."""
     a, b = fleet(), fleet()
-    client_a, client_b = sdk(a), sdk(b)
+    client_a, client_b = sdk_for(a.url), sdk_for(b.url)
     try:
         created = await client_a.responses.create(
             model="sim-1",
@@ -191,11 +179,11 @@ async def test_a_paused_owner_is_fenced_out_after_takeover(fleet: Callable[..., 
                 return (await client_b.responses.retrieve(created.id)).status == "failed"
 
             await eventually(taken_over, within=15)
-            before = await full_log(b.url, created.id)
+            before = await stream_frames(b.url, created.id)
         finally:
             a.process.send_signal(signal.SIGCONT)
         await asyncio.sleep(1.5)  # the old owner wakes up with buffered model output and tries to write it
-        after = await full_log(b.url, created.id)
+        after = await stream_frames(b.url, created.id)
         assert_clean_log(after)
         assert [frame.raw for frame in after] == [frame.raw for frame in before]
         assert "lease" in a.log() or "another instance" in a.log()
@@ -206,7 +194,7 @@ async def test_a_paused_owner_is_fenced_out_after_takeover(fleet: Callable[..., 
 
 async def test_sigterm_lets_a_short_run_finish(fleet: Callable[..., GatewayProcess]) -> None:
     a = fleet(GATEWAY_SHUTDOWN__GRACE_SECONDS="10")
-    client = sdk(a)
+    client = sdk_for(a.url)
     try:
         created = await client.responses.create(
             model="sim-1", input="short run", background=True, metadata={"sim_token_delay_ms": "50", "sim_tokens": "20"}
@@ -226,7 +214,7 @@ async def test_sigterm_lets_a_short_run_finish(fleet: Callable[..., GatewayProce
     finally:
         await client.close()
     b = fleet()
-    client_b = sdk(b)
+    client_b = sdk_for(b.url)
     try:
         final = await client_b.responses.retrieve(created.id)
         assert final.status == "completed"  # finished before the process exited
@@ -238,7 +226,7 @@ async def test_sigterm_lets_a_short_run_finish(fleet: Callable[..., GatewayProce
 async def test_sigterm_hands_a_long_run_over_at_the_grace_deadline(fleet: Callable[..., GatewayProcess]) -> None:
     a = fleet(GATEWAY_SHUTDOWN__GRACE_SECONDS="1")
     b = fleet()
-    client_a, client_b = sdk(a), sdk(b)
+    client_a, client_b = sdk_for(a.url), sdk_for(b.url)
     try:
         created = await client_a.responses.create(
             model="sim-1", input="long run", background=True, metadata={"sim_ttft_ms": "3000", "sim_tokens": "5"}
@@ -278,7 +266,7 @@ async def test_capacity_queues_background_runs_and_refuses_synchronous_ones(
         with pytest.raises(openai.RateLimitError) as refused:
             await gateway.client.responses.create(model="sim-1", input="sync while full")
         assert refused.value.response.headers["Retry-After"] == "1"
-        first_events = await full_log(gateway.url, created[4].id)
+        first_events = await stream_frames(gateway.url, created[4].id)
         assert [f.event for f in first_events[:3]] == ["response.created", "response.queued", "response.in_progress"]
 
         async def all_completed() -> bool:
@@ -316,7 +304,7 @@ async def test_redis_killed_and_restarted_mid_run(
     own_redis: dict[str, Any], start_gateway_process: Callable[..., GatewayProcess], simulator_url: str
 ) -> None:
     gateway = start_gateway_process(redis_gateway_env(own_redis["url"], simulator_url, "outage"))
-    client = sdk(gateway)
+    client = sdk_for(gateway.url)
     try:
         created = await client.responses.create(
             model="sim-1",
@@ -349,7 +337,7 @@ async def test_redis_killed_and_restarted_mid_run(
             return status if status in ("completed", "failed") else None
 
         status = await eventually(ended, within=40)
-        frames = await full_log(gateway.url, created.id)
+        frames = await stream_frames(gateway.url, created.id)
         assert_clean_log(frames)
         if status == "completed":
             text = "".join(f.data["delta"] for f in frames if f.event == "response.output_text.delta")  # type: ignore[index]

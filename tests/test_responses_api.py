@@ -16,15 +16,9 @@ from pydantic import TypeAdapter
 from gateway.state import STORE
 from runs.snapshot import apply_event
 from tests.conftest import Gateway, eventually
-from tests.helpers import expected_text, keys_with_prefix, read_frames
+from tests.helpers import expected_text, keys_with_prefix, read_frames, sim_stats
 
 EVENT_MODEL: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
-
-
-async def sim_stats(simulator_url: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as session, session.get(f"{simulator_url}/sim/stats") as response:
-        stats: dict[str, Any] = await response.json()
-        return stats
 
 
 async def stored_snapshot_and_replay(gateway: Gateway, response_id: str) -> tuple[dict[str, Any], dict[str, Any]]:

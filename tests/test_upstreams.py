@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import aiohttp
 import openai
 import pytest
 
@@ -14,18 +13,9 @@ from runs.upstream import retry
 from runs.upstream.base import UpstreamFailure, UpstreamSpec
 from runs.upstream.retry import stream_with_retries
 from tests.conftest import Gateway, serve_gateway
-from tests.helpers import expected_text
+from tests.helpers import expected_text, sim_requests, sim_stats, upstream_calls
 
 KINDS = ["responses", "chat"]
-
-
-async def sim_get(simulator_url: str, path: str, **params: str) -> Any:
-    async with aiohttp.ClientSession() as session, session.get(f"{simulator_url}{path}", params=params) as reply:
-        return await reply.json()
-
-
-async def calls(simulator_url: str, tag: str) -> int:
-    return int((await sim_get(simulator_url, "/sim/stats"))["requests_by_tag"].get(tag, 0))
 
 
 @pytest.fixture
@@ -51,7 +41,7 @@ async def routed(simulator_url: str, storage_url: str, key_prefix: str) -> Async
 
 
 async def last_request(simulator_url: str, tag: str) -> dict[str, Any]:
-    received: list[dict[str, Any]] = await sim_get(simulator_url, "/sim/requests", tag=tag)
+    received = await sim_requests(simulator_url, tag)
     return received[-1]
 
 
@@ -69,12 +59,12 @@ async def test_models_route_by_glob_and_alias(routed: Gateway, simulator_url: st
 
 
 async def test_an_unroutable_model_is_a_404_and_stores_nothing(routed: Gateway, simulator_url: str) -> None:
-    before = (await sim_get(simulator_url, "/sim/stats"))["requests"]
+    before = (await sim_stats(simulator_url))["requests"]
     with pytest.raises(openai.NotFoundError) as caught:
         await routed.client.responses.create(model="claude-3", input="x")
     assert caught.value.code == "model_not_found"
     assert caught.value.param == "model"
-    assert (await sim_get(simulator_url, "/sim/stats"))["requests"] == before
+    assert (await sim_stats(simulator_url))["requests"] == before
 
 
 async def test_models_lists_what_is_routable(routed: Gateway) -> None:
@@ -94,7 +84,7 @@ async def test_a_parameter_chat_cannot_honour_is_a_400_before_anything_is_stored
             model="local-llama", input="x", tools=[{"type": "web_search"}], metadata={"sim_tag": key_prefix}
         )
     assert caught.value.param == "tools[0]"
-    assert await calls(simulator_url, key_prefix) == 0
+    assert await upstream_calls(simulator_url, key_prefix) == 0
 
 
 async def test_function_calls_over_chat(routed: Gateway, simulator_url: str, key_prefix: str) -> None:
@@ -166,7 +156,7 @@ async def test_retryable_failures_before_output_are_retried(
         )
     assert response.status == "completed"
     assert response.output_text == expected_text("retry me")
-    assert await calls(simulator_url, key_prefix) == 3
+    assert await upstream_calls(simulator_url, key_prefix) == 3
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -180,7 +170,7 @@ async def test_a_stream_cut_before_output_is_retried(
             metadata={"sim_tag": key_prefix, "sim_fail_after": "1", "sim_fail_first": "1"},
         )
     assert response.status == "completed"
-    assert await calls(simulator_url, key_prefix) == 2
+    assert await upstream_calls(simulator_url, key_prefix) == 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -191,7 +181,7 @@ async def test_retries_run_out(simulator_url: str, storage_url: str, key_prefix:
                 model="sim-1", input="always down", metadata={"sim_tag": key_prefix, "sim_fault": "http_500"}
             )
     assert caught.value.status_code == 502
-    assert await calls(simulator_url, key_prefix) == 3
+    assert await upstream_calls(simulator_url, key_prefix) == 3
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -205,7 +195,7 @@ async def test_client_and_credential_errors_are_not_retried(
                 model="sim-1", input="refused", metadata={"sim_tag": key_prefix, "sim_fault": fault}
             )
     assert caught.value.status_code == status
-    assert await calls(simulator_url, key_prefix) == 1
+    assert await upstream_calls(simulator_url, key_prefix) == 1
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -224,7 +214,7 @@ async def test_a_failure_after_output_is_final_and_keeps_the_partial_output(
     assert expected_text("crash later").startswith(deltas)
     assert stored.status == "failed"
     assert stored.output_text == deltas
-    assert await calls(simulator_url, key_prefix) == 1
+    assert await upstream_calls(simulator_url, key_prefix) == 1
 
 
 @pytest.mark.parametrize("kind", KINDS)
