@@ -47,7 +47,6 @@ import math
 import random
 import time
 import uuid
-from collections import Counter, deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -55,19 +54,44 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from runs.simulator_plan import (
+    CHAT_COMPLETIONS_PATH,
+    FAILURE_MESSAGE,
+    FAULT_ERROR_EVENT,
+    FAULT_HANG,
+    RESPONSES_PATH,
+    SIM_SETTINGS_KEY,
+    SIM_STATS_KEY,
+    SimulatorSettings,
+    SimulatorStats,
+    _ClientGone,
+    _Crash,
+    _json,
+    _knob,
+    _metadata,
+    _Plan,
+    _plan,
+    _RequestError,
+)
+
+# The simulator's public face; settings and stats live in simulator_plan and are re-exported here.
+__all__ = [
+    "SIM_SETTINGS_KEY",
+    "SIM_STATS_KEY",
+    "SimulatorSettings",
+    "SimulatorStats",
+    "chat_input_text_of",
+    "create_simulator_app",
+    "input_text_of",
+    "run_simulator",
+    "simulated_text",
+]
+
 SIM_MODEL_ID = "sim-1"
-RESPONSES_PATH = "/v1/responses"
-CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
-REQUEST_LOG_SIZE = 200
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # Disconnects are noticed by polling the transport, so this bounds how late one is seen while sleeping.
 DISCONNECT_POLL_S = 0.02
 
-FAULT_HANG = "hang"
-FAULT_ERROR_EVENT = "error_event"
-FAULT_HTTP_PREFIX = "http_"
-FAILURE_MESSAGE = "simulated failure"
-_ERROR_CODES = {429: "rate_limit_exceeded"}
 # Body fields a Response reports back as sent (null when absent).
 _ECHOED_FIELDS = (
     "instructions",
@@ -87,64 +111,6 @@ _VOCABULARY = (
 )  # fmt: skip
 
 Event = dict[str, Any]
-
-
-@dataclass(slots=True)
-class SimulatorSettings:
-    """Server-wide defaults; each request may override them with knobs (see the module docstring)."""
-
-    tokens: int = 20  # output tokens per response by default
-    token_delay_ms: float = 20  # delay between tokens
-    ttft_ms: float = 50  # delay before the first output event (after response.created/in_progress)
-
-
-@dataclass(slots=True)
-class SimulatorStats:
-    """What the simulator has seen, for tests and benchmarks to assert on."""
-
-    requests: int = 0
-    active: int = 0
-    completed: int = 0
-    disconnects: int = 0
-    requests_by_tag: Counter[str] = field(default_factory=Counter)
-    requests_by_path: Counter[str] = field(default_factory=Counter)
-    disconnects_by_tag: Counter[str] = field(default_factory=Counter)
-    recent: deque[tuple[str | None, Any]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE))
-
-    def record(self, tag: str | None, body: Any, path: str) -> None:
-        self.requests += 1
-        self.requests_by_path[path] += 1
-        if tag is not None:
-            self.requests_by_tag[tag] += 1
-        self.recent.append((tag, body))
-
-    def disconnected(self, tag: str | None) -> None:
-        self.disconnects += 1
-        if tag is not None:
-            self.disconnects_by_tag[tag] += 1
-
-    def reset(self) -> None:
-        self.requests = self.completed = self.disconnects = 0
-        self.requests_by_tag.clear()
-        self.requests_by_path.clear()
-        self.disconnects_by_tag.clear()
-        self.recent.clear()
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "requests": self.requests,
-            "active": self.active,
-            "completed": self.completed,
-            "disconnects": self.disconnects,
-            "requests_by_tag": dict(self.requests_by_tag),
-            # Both endpoints always appear, so a test can compare the whole dict without knowing which ran.
-            "requests_by_path": {path: self.requests_by_path[path] for path in (RESPONSES_PATH, CHAT_COMPLETIONS_PATH)},
-            "disconnects_by_tag": dict(self.disconnects_by_tag),
-        }
-
-
-SIM_SETTINGS_KEY = web.AppKey("sim_settings", SimulatorSettings)
-SIM_STATS_KEY = web.AppKey("sim_stats", SimulatorStats)
 
 
 def simulated_text(input_text: str, tokens: int) -> list[str]:
@@ -209,125 +175,6 @@ def chat_input_text_of(body: Mapping[str, Any]) -> str:
                 if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
             )
     return "\n".join(pieces)
-
-
-class _RequestError(Exception):
-    """A problem answered with an OpenAI error envelope before any streaming starts."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def response(self) -> web.Response:
-        error_type = "server_error" if self.status >= 500 else "invalid_request_error"
-        envelope = {"error": {"message": self.message, "type": error_type, "param": self.param, "code": self.code}}
-        # A short retry hint keeps SDK retries of simulated rate limits fast in tests.
-        headers = {"retry-after-ms": "10"} if self.status == 429 else None
-        return _json(envelope, status=self.status, headers=headers)
-
-
-class _ClientGone(Exception):
-    """The client closed the connection; stop producing."""
-
-
-class _Crash(Exception):
-    """``sim_fail_after`` was reached; the connection must be dropped."""
-
-
-@dataclass(slots=True)
-class _Plan:
-    """The knobs of one request, resolved against the settings."""
-
-    tokens: int
-    cap: int | None
-    token_delay_s: float
-    ttft_s: float
-    fault: str | None
-    fail_after: int | None
-
-
-def _knob(request: web.Request, metadata: Mapping[str, Any], name: str) -> str | None:
-    header = request.headers.get("x-" + name.replace("_", "-"))
-    if header is not None:
-        return header
-    value = metadata.get(name)
-    return None if value is None else str(value)
-
-
-def _number(request: web.Request, metadata: Mapping[str, Any], name: str, default: float) -> float:
-    raw = _knob(request, metadata, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise _RequestError(400, f"{name} must be a number >= 0, got {raw!r}", param=f"metadata.{name}")
-    return value
-
-
-def _metadata(body: Any) -> Mapping[str, Any]:
-    metadata = body.get("metadata") if isinstance(body, Mapping) else None
-    return metadata if isinstance(metadata, Mapping) else {}
-
-
-def _faults_spent(request: web.Request, metadata: Mapping[str, Any]) -> bool:
-    """With ``sim_fail_first=N`` the faults hit only the first N requests of the tag (a flaky provider that
-    recovers), so retries can be tested end to end."""
-    if _knob(request, metadata, "sim_fail_first") is None:
-        return False
-    tag = _knob(request, metadata, "sim_tag")
-    if tag is None:
-        raise _RequestError(400, "sim_fail_first needs sim_tag", param="metadata.sim_fail_first")
-    limit = int(_number(request, metadata, "sim_fail_first", 0))
-    return request.app[SIM_STATS_KEY].requests_by_tag[tag] > limit
-
-
-def _plan(
-    request: web.Request,
-    body: Mapping[str, Any],
-    settings: SimulatorSettings,
-    cap_fields: tuple[str, ...] = ("max_output_tokens",),
-) -> _Plan:
-    """Resolve the knobs; ``cap_fields`` name the body's output-token limits, the first one given wins."""
-    metadata = _metadata(body)
-    tokens = int(_number(request, metadata, "sim_tokens", settings.tokens))
-    for name in cap_fields:
-        limit = body.get(name)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise _RequestError(400, f"{name} must be an integer >= 1", param=name)
-    cap = next((body[name] for name in cap_fields if body.get(name) is not None), None)
-    if _faults_spent(request, metadata):
-        return _Plan(
-            tokens=tokens,
-            cap=cap if cap is not None and cap < tokens else None,
-            token_delay_s=_number(request, metadata, "sim_token_delay_ms", settings.token_delay_ms) / 1000,
-            ttft_s=_number(request, metadata, "sim_ttft_ms", settings.ttft_ms) / 1000,
-            fault=None,
-            fail_after=None,
-        )
-    fault = _knob(request, metadata, "sim_fault")
-    if fault is not None and fault not in (FAULT_HANG, FAULT_ERROR_EVENT):
-        status = fault.removeprefix(FAULT_HTTP_PREFIX)
-        if not (fault.startswith(FAULT_HTTP_PREFIX) and status.isdigit() and 400 <= int(status) <= 599):
-            raise _RequestError(400, f"unknown sim_fault {fault!r}", param="metadata.sim_fault")
-        # The injected HTTP error travels the same path as a genuine one, answered before any streaming.
-        code = "server_error" if int(status) >= 500 else "simulated_error"
-        raise _RequestError(int(status), f"simulated HTTP {status}", code=_ERROR_CODES.get(int(status), code))
-    fail_after = None
-    if _knob(request, metadata, "sim_fail_after") is not None:
-        fail_after = int(_number(request, metadata, "sim_fail_after", 0))
-        if fail_after < 1:
-            raise _RequestError(400, "sim_fail_after must be >= 1", param="metadata.sim_fail_after")
-    return _Plan(
-        tokens=tokens,
-        cap=cap if cap is not None and cap < tokens else None,
-        token_delay_s=_number(request, metadata, "sim_token_delay_ms", settings.token_delay_ms) / 1000,
-        ttft_s=_number(request, metadata, "sim_ttft_ms", settings.ttft_ms) / 1000,
-        fault=fault,
-        fail_after=fail_after,
-    )
 
 
 @dataclass(slots=True)
@@ -523,10 +370,6 @@ async def _create_response(request: web.Request) -> web.StreamResponse:
         return _SimulatedResponse(body=body, plan=_plan(request, body, request.app[SIM_SETTINGS_KEY]))
 
     return await _serve(request, prepare)
-
-
-def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.Response(body=orjson.dumps(data), status=status, headers=headers, content_type="application/json")
 
 
 async def _list_models(request: web.Request) -> web.Response:

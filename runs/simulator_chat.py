@@ -43,21 +43,23 @@ from aiohttp import web
 
 from runs.simulator import (
     _VOCABULARY,
+    SIM_MODEL_ID,
+    Event,
+    _serve,
+    chat_input_text_of,
+    simulated_text,
+)
+from runs.simulator_plan import (
     FAILURE_MESSAGE,
     FAULT_ERROR_EVENT,
     FAULT_HANG,
-    SIM_MODEL_ID,
     SIM_SETTINGS_KEY,
-    Event,
     _json,
     _metadata,
     _number,
     _Plan,
     _plan,
     _RequestError,
-    _serve,
-    chat_input_text_of,
-    simulated_text,
 )
 
 # Small enough that every call's arguments arrive in several chunks, which is what clients must reassemble.
