@@ -15,9 +15,9 @@ from gateway.state import LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS,
 from runs.live import LiveEvents
 from runs.manager import RunManager, RunSettings
 from runs.ownership import Ownership
-from runs.simulator import SimulatorSettings, create_simulator_app
 from runs.upstream.base import UpstreamSpec
 from runs.upstream.router import UpstreamRouter
+from simulator import SimulatorSettings, create_simulator_app
 from storage.factory import open_store
 
 log = logging.getLogger("gateway")

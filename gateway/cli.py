@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.app import create_app, drain
 from gateway.config import ConfigError, Settings, load_settings
-from runs.simulator import SimulatorSettings, run_simulator
+from simulator import SimulatorSettings, run_simulator
 
 log = logging.getLogger("gateway")
 

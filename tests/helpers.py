@@ -10,7 +10,7 @@ import openai
 import orjson
 import redis.asyncio as aioredis
 
-from runs.simulator import SimulatorSettings, input_text_of, simulated_text
+from simulator import SimulatorSettings, input_text_of, simulated_text
 
 DEFAULT_SIM_TOKENS = SimulatorSettings().tokens
 

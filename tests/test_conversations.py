@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.config import load_settings
-from runs.simulator import simulated_text
+from simulator import simulated_text
 from tests.conftest import Gateway, GatewayProcess, serve_gateway
 from tests.helpers import keys_with_prefix, read_frames, sdk_for, sim_requests
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -24,7 +26,8 @@ from openai.types.chat import (
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from runs.simulator import (
+import simulator
+from simulator import (
     SimulatorSettings,
     chat_input_text_of,
     create_simulator_app,
@@ -32,7 +35,7 @@ from runs.simulator import (
     run_simulator,
     simulated_text,
 )
-from runs.simulator_chat import simulated_reasoning, simulated_tool_arguments
+from simulator.chat import simulated_reasoning, simulated_tool_arguments
 
 EVENT_ADAPTER: TypeAdapter[ResponseStreamEvent] = TypeAdapter(ResponseStreamEvent)
 HAPPY_PATH_TYPES = [
@@ -96,6 +99,19 @@ async def wait_for_stats(http: ClientSession, **expected: int) -> dict[str, Any]
         if all(current[key] == value for key, value in expected.items()) or time.monotonic() > deadline:
             return current
         await asyncio.sleep(0.01)
+
+
+def test_simulator_imports_nothing_of_the_gateway() -> None:
+    # It is a separate program reached over HTTP like any provider, so it must stand without the gateway's packages.
+    imported: set[str] = set()
+    for source in Path(simulator.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module is not None and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    assert "simulator" in imported
+    assert imported.isdisjoint({"gateway", "runs", "storage"})
 
 
 def test_simulated_text_is_deterministic_words_ending_in_a_period() -> None:

@@ -1,7 +1,7 @@
 """An OpenAI-compatible simulated model server: deterministic text at a set pace, with injectable faults.
 
 The gateway reaches it over HTTP exactly like a real provider: ``POST /v1/responses`` or, for providers
-that only speak Chat Completions, ``POST /v1/chat/completions`` (see ``runs.simulator_chat``), streaming or
+that only speak Chat Completions, ``POST /v1/chat/completions`` (see ``simulator.chat``), streaming or
 not. The text is a pure function of the input (``simulated_text(input_text_of(body), tokens)``, or
 ``chat_input_text_of`` for chat, which flattens equivalent requests to the same string), so tests can predict
 it. Side routes let tests look inside: ``GET /sim/stats``, ``POST /sim/reset`` and
@@ -30,7 +30,7 @@ Per-request knobs, read from the request's ``metadata`` (string values) or, over
     A label: counted in ``requests_by_tag`` and usable as ``/sim/requests?tag=``.
 
 The chat endpoint honours all of these, in its own wire format, and adds ``sim_tool_calls`` and
-``sim_reasoning``; ``runs.simulator_chat`` describes how.
+``sim_reasoning``; ``simulator.chat`` describes how.
 
 Stats: ``requests`` counts every generation request (faulted and malformed ones too), on either endpoint
 (by endpoint: ``requests_by_path``); ``active`` the ones generating right now (streaming or not);
@@ -54,7 +54,7 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
-from runs.simulator_plan import (
+from simulator.plan import (
     CHAT_COMPLETIONS_PATH,
     FAILURE_MESSAGE,
     FAULT_ERROR_EVENT,
@@ -73,19 +73,6 @@ from runs.simulator_plan import (
     _plan,
     _RequestError,
 )
-
-# The simulator's public face; settings and stats live in simulator_plan and are re-exported here.
-__all__ = [
-    "SIM_SETTINGS_KEY",
-    "SIM_STATS_KEY",
-    "SimulatorSettings",
-    "SimulatorStats",
-    "chat_input_text_of",
-    "create_simulator_app",
-    "input_text_of",
-    "run_simulator",
-    "simulated_text",
-]
 
 SIM_MODEL_ID = "sim-1"
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -396,7 +383,7 @@ async def _requests(request: web.Request) -> web.Response:
 def create_simulator_app(settings: SimulatorSettings) -> web.Application:
     """The simulator as an aiohttp application, with fresh stats."""
     # The chat endpoint is built on this module's machinery, so it can only be imported once that exists.
-    from runs.simulator_chat import create_chat_completion
+    from simulator.chat import create_chat_completion
 
     # Long conversations make big bodies; aiohttp's 1 MiB default would turn them into 413s.
     app = web.Application(client_max_size=MAX_BODY_BYTES)

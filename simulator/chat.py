@@ -1,5 +1,5 @@
 """The simulator's ``POST /v1/chat/completions``: the same deterministic answers and knobs as ``/v1/responses``
-(see ``runs.simulator``), spoken in the Chat Completions wire format, for testing providers that only have it.
+(see ``simulator.server``), spoken in the Chat Completions wire format, for testing providers that only have it.
 
 The text is ``simulated_text(chat_input_text_of(body), tokens)``, which equals the Responses answer to the
 same conversation. A stream is ``data: <chat.completion.chunk>`` frames (no ``event:`` lines, as OpenAI sends
@@ -41,15 +41,7 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
-from runs.simulator import (
-    _VOCABULARY,
-    SIM_MODEL_ID,
-    Event,
-    _serve,
-    chat_input_text_of,
-    simulated_text,
-)
-from runs.simulator_plan import (
+from simulator.plan import (
     FAILURE_MESSAGE,
     FAULT_ERROR_EVENT,
     FAULT_HANG,
@@ -60,6 +52,14 @@ from runs.simulator_plan import (
     _Plan,
     _plan,
     _RequestError,
+)
+from simulator.server import (
+    _VOCABULARY,
+    SIM_MODEL_ID,
+    Event,
+    _serve,
+    chat_input_text_of,
+    simulated_text,
 )
 
 # Small enough that every call's arguments arrive in several chunks, which is what clients must reassemble.
@@ -253,5 +253,5 @@ def _prepare(request: web.Request, body: dict[str, Any]) -> _SimulatedChat:
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/chat/completions``; registered by ``runs.simulator.create_simulator_app``."""
+    """``POST /v1/chat/completions``; registered by ``simulator.server.create_simulator_app``."""
     return await _serve(request, _prepare)
