@@ -11,9 +11,11 @@ from gateway.auth import Authenticator, auth_middleware
 from gateway.config import Settings
 from gateway.errors import MAX_BODY_BYTES, error_middleware
 from gateway.routes import conversations, health, models, responses
-from gateway.state import LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE
+from gateway.state import FAULTS, LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE
+from runs.faults import FaultPoints
+from runs.lifecycle import Lifecycle, RunSettings
 from runs.live import LiveEvents
-from runs.manager import RunManager, RunSettings
+from runs.manager import RunManager
 from runs.ownership import Ownership
 from runs.upstream.base import UpstreamSpec
 from runs.upstream.router import UpstreamRouter
@@ -89,8 +91,10 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
         renew_seconds=runs.renew_seconds,
         sweep_seconds=runs.sweep_seconds,
         handover=not settings.storage.url.startswith("memory://"),
+        idempotency_ttl_seconds=settings.idempotency.ttl_seconds,
     )
-    manager = RunManager(app[STORE], app[ROUTER], run_settings)
+    lifecycle = Lifecycle(app[STORE], run_settings, app.get(FAULTS) or FaultPoints.from_environment())
+    manager = RunManager(app[STORE], app[ROUTER], run_settings, lifecycle=lifecycle)
     manager.start()
     ownership = Ownership(manager, app[STORE])
     ownership.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from gateway.config import Settings
+from runs.faults import FaultPoints
 from runs.live import LiveEvents
 from runs.manager import RunManager
 from runs.ownership import Ownership
@@ -17,3 +18,5 @@ ROUTER = web.AppKey("router", UpstreamRouter)
 RUN_MANAGER = web.AppKey("run_manager", RunManager)
 LIVE_EVENTS = web.AppKey("live_events", LiveEvents)
 OWNERSHIP = web.AppKey("ownership", Ownership)
+# Set before start-up by tests that stop or kill a run between two store steps; absent in production.
+FAULTS = web.AppKey("faults", FaultPoints)

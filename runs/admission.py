@@ -57,9 +57,12 @@ def new_response(
     owner: str = "",
     lease_ms: int = 15_000,
     tenant: str = "default",
+    idempotency: tuple[str, str] | None = None,
+    turn: str | None = None,
 ) -> tuple[NewResponse, Json]:
     """The record admission creates (owned by `owner`, or queued for any instance when it is ""), and the
-    snapshot the run starts from."""
+    snapshot the run starts from. `turn` is the conversation whose turn it takes; `idempotency` the (scope, key)
+    that names it."""
     status = ResponseStatus.QUEUED if request.is_background else ResponseStatus.IN_PROGRESS
     snapshot = initial_snapshot(request, response_id=new_response_id(), created_at=int(time.time()), status=status)
     if conversation_id is not None:
@@ -79,5 +82,7 @@ def new_response(
         owner=owner,
         lease_ms=lease_ms,
         tenant=tenant,
+        idempotency=idempotency,
+        conversation_id=turn,
     )
     return record, snapshot

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,8 @@ import orjson
 from runs.errors import Conflict, InvalidRequest, UnprocessableEntity
 from runs.request import CreateResponseRequest
 from storage.base import IdempotencyClaim, Store
+
+log = logging.getLogger(__name__)
 
 HEADER = "Idempotency-Key"
 MAX_KEY_LENGTH = 255
@@ -110,3 +113,32 @@ async def holder_response_id(store: Store, idempotency: IdempotencyKey, existing
                 headers={"retry-after-ms": "500"},
             )
         await asyncio.sleep(CLAIM_POLL_SECONDS)
+
+
+async def claim_key(store: Store, idempotency: IdempotencyKey, response_id: str) -> str | None:
+    """Claim the key for `response_id`: None when this request may go on and create it; else the response an
+    earlier request with the same key created, to replay. An abandoned claim (its response never appeared) is
+    taken over; when another retry takes it over first, the claim is tried again."""
+    while True:
+        existing = await store.claim_idempotency_key(
+            idempotency.scope,
+            idempotency.key,
+            fingerprint=idempotency.fingerprint,
+            response_id=response_id,
+            ttl_seconds=idempotency.ttl_seconds,
+        )
+        if existing is None:
+            return None
+        holder = await holder_response_id(store, idempotency, existing)
+        if holder is not None:
+            return holder
+        claim = IdempotencyClaim(idempotency.fingerprint, response_id, int(time.time() * 1000))
+        if await store.replace_idempotency_claim(
+            idempotency.scope,
+            idempotency.key,
+            expected_response_id=existing.response_id,
+            claim=claim,
+            ttl_seconds=idempotency.ttl_seconds,
+        ):
+            log.warning("took over an abandoned idempotency claim for %s", existing.response_id)
+            return None

@@ -1,61 +1,44 @@
-"""The run manager: admits requests as ResponseRuns, owns their tasks, resumes orphans, and hands over at shutdown."""
+"""The run manager: this instance's run slots and run tasks. It admits requests, starts queued or orphaned runs the
+lifecycle hands it, and hands its runs over at shutdown; every store step goes through `runs.lifecycle`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 
 import orjson
 
 from runs.admission import check_admissible, new_response, upstream_body
-from runs.conversations import begin_turn, end_turn, get_conversation
-from runs.errors import InvalidRequest, TooManyRequests, Unavailable, response_not_found
+from runs.conversations import busy_error, get_conversation
+from runs.errors import ApiError, InvalidRequest, TooManyRequests, Unavailable, response_not_found
 from runs.event_log import EventLog
 from runs.history import conversation_id_of, history_for
-from runs.idempotency import IdempotencyKey, holder_response_id
-from runs.ids import new_id
+from runs.idempotency import IdempotencyKey, claim_key
 from runs.items import Json
+from runs.lifecycle import Lifecycle, RunSettings, TakeOver
 from runs.request import CreateResponseRequest
 from runs.run import ResponseRun
 from runs.status import TERMINAL, ResponseStatus
 from runs.upstream.base import Upstream
 from runs.upstream.router import UpstreamRouter
-from storage.base import IdempotencyClaim, Lease, ResponseRecord, Store
+from storage.base import ConversationMissing, Lease, ResponseRecord, Store
+
+__all__ = ["Admission", "RunManager", "RunSettings"]
 
 # How long a cancel request waits for the owning instance to write the terminal event.
 CANCEL_WAIT_SECONDS = 10.0
 CANCEL_POLL_SECONDS = 0.02
+# While it waits, how often it tries to claim the response (its owner may have died after the request).
+CANCEL_CLAIM_SECONDS = 0.5
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True, slots=True)
-class RunSettings:
-    """How runs are owned and how many run here."""
-
-    instance_id: str = field(default_factory=lambda: new_id("gw"))
-    max_concurrent: int = 64
-    lease_ms: int = 15_000
-    renew_seconds: float = 5.0
-    sweep_seconds: float = 2.0
-    # With a shared store another instance can take a run over; with the embedded one nobody can.
-    handover: bool = True
-
-
-# _claim's answer when another retry took over an abandoned claim first: admit again, and follow that one.
-_RETRY_ADMISSION = "\0retry"
-
-
-@dataclass(frozen=True, slots=True)
-class _Finish:
-    """What to settle once a run has ended, beyond its own events."""
-
-    idempotency: IdempotencyKey | None
-    conversation_id: str | None
-    input_items: list[Json]
+# The slot account of runs this instance claimed from the queue or from a dead owner (not admitted here): counted
+# against the instance's capacity, not against any API key's limit.
+SWEPT = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +59,49 @@ class Admission:
     replayed: bool = False
 
 
+class _Slots:
+    """Run slots of this instance, per instance and per tenant. Taken synchronously, before the first await of an
+    admission or a start, so concurrent requests can never overbook them; given back when the run ends or the
+    admission does not start one."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.taken = 0
+        self.by_tenant: Counter[str] = Counter()
+
+    @property
+    def free(self) -> int:
+        return max(self.capacity - self.taken, 0)
+
+    def take(self, tenant: str) -> None:
+        self.taken += 1
+        self.by_tenant[tenant] += 1
+
+    def give_back(self, tenant: str) -> None:
+        self.taken -= 1
+        self.by_tenant[tenant] -= 1
+        if not self.by_tenant[tenant]:
+            del self.by_tenant[tenant]
+
+
 class RunManager:
     """Runs live here, not in HTTP handlers, so a client's disconnect never ends a stored response."""
 
-    def __init__(self, store: Store, router: UpstreamRouter, settings: RunSettings | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        router: UpstreamRouter,
+        settings: RunSettings | None = None,
+        *,
+        lifecycle: Lifecycle | None = None,
+    ) -> None:
         self._store = store
         self._router = router
         self.settings = settings or RunSettings()
+        self.lifecycle = lifecycle or Lifecycle(store, self.settings)
+        self._slots = _Slots(self.settings.max_concurrent)
         self._runs: dict[str, ResponseRun] = {}
+        self._slot_tenant: dict[str, str] = {}  # response id -> the tenant its run slot counts against
         self._tasks: set[asyncio.Task[None]] = set()
         self._cancel_listener: asyncio.Task[None] | None = None
         self._draining = False
@@ -114,7 +132,7 @@ class RunManager:
 
     @property
     def free_capacity(self) -> int:
-        return 0 if self._draining else max(self.settings.max_concurrent - len(self._runs), 0)
+        return 0 if self._draining else self._slots.free
 
     def local_runs(self) -> list[ResponseRun]:
         return list(self._runs.values())
@@ -122,6 +140,8 @@ class RunManager:
     def local_run(self, response_id: str) -> ResponseRun | None:
         """The run for `response_id` if this instance executes it."""
         return self._runs.get(response_id)
+
+    # -- admission -----------------------------------------------------------------------------------------
 
     async def admit(
         self,
@@ -141,17 +161,33 @@ class RunManager:
         released at once."""
         if self._draining:
             raise Unavailable("This gateway instance is shutting down; retry on another.", headers={"Retry-After": "1"})
-        if max_tenant_runs is not None and sum(run.tenant == tenant for run in self._runs.values()) >= max_tenant_runs:
+        if max_tenant_runs is not None and self._slots.by_tenant[tenant] >= max_tenant_runs:
             raise TooManyRequests(
                 "Too many responses running for this API key; retry when one has finished.",
                 headers={"Retry-After": "1"},
             )
-        admission = asyncio.ensure_future(self._admit(request, _Caller(tenant, api_key), idempotency))
+        # The slot is taken here, before any await: concurrent admissions see each other's at once.
+        queued = self.free_capacity == 0
+        if queued and not request.is_background:
+            raise TooManyRequests(
+                "This gateway instance is running as many responses as it may; retry shortly.",
+                headers={"Retry-After": "1"},
+            )
+        if not queued:
+            self._slots.take(tenant)
+        admission = asyncio.ensure_future(self._admit(request, _Caller(tenant, api_key), idempotency, queued=queued))
+        admission.add_done_callback(lambda done: self._after_admission(done, tenant, holds_slot=not queued))
         try:
             return await asyncio.shield(admission)
         except asyncio.CancelledError:
             admission.add_done_callback(self._after_abandoned_admission)
             raise
+
+    def _after_admission(self, admission: asyncio.Future[Admission], tenant: str, *, holds_slot: bool) -> None:
+        started = not admission.cancelled() and admission.exception() is None and admission.result().run is not None
+        if holds_slot and not started:
+            self._slots.give_back(tenant)  # a started run gives it back when it ends
+            self.capacity_freed.set()
 
     def _after_abandoned_admission(self, admission: asyncio.Future[Admission]) -> None:
         if admission.cancelled() or admission.exception() is not None:
@@ -161,70 +197,84 @@ class RunManager:
             self.release_connection_owned(run)
 
     async def _admit(
-        self, request: CreateResponseRequest, caller: _Caller, idempotency: IdempotencyKey | None
+        self, request: CreateResponseRequest, caller: _Caller, idempotency: IdempotencyKey | None, *, queued: bool
     ) -> Admission:
         check_admissible(request)
         upstream = self._router.route(request.model)
         upstream.prepare(upstream_body(request))  # the request's own parameters: a 400 before anything is stored
-        queued = self.free_capacity == 0
-        if queued and not request.is_background:
-            raise TooManyRequests(
-                "This gateway instance is running as many responses as it may; retry shortly.",
-                headers={"Retry-After": "1"},
-            )
         conversation_id = conversation_id_of(request)
-        owner = "" if queued else self.settings.instance_id
-        record, snapshot = new_response(
-            request, conversation_id=conversation_id, owner=owner, lease_ms=self.settings.lease_ms, tenant=caller.tenant
-        )
-        if idempotency is not None:
-            holder = await self._claim(idempotency, record.response_id)
-            if holder == _RETRY_ADMISSION:
-                return await self._admit(request, caller, idempotency)
-            if holder is not None:
-                return Admission(holder, run=None, replayed=True)
         # store=false responses never touch conversation state: they only read it as context.
         turn = conversation_id if conversation_id is not None and request.is_stored else None
-        created = took_turn = False
+        if turn is not None:  # another tenant's conversation is a 404 before anything happens to it
+            await get_conversation(self._store, turn, tenant=caller.tenant, param="conversation")
+        history: list[Json] | None = None
+        if turn is None:
+            # A previous_response_id chain (or a read-only conversation) does not change: read it before anything
+            # is stored, so that a refusal leaves nothing to undo.
+            history = await history_for(self._store, request, tenant=caller.tenant)
+            upstream.prepare(upstream_body(request, history))
+        owner = "" if queued else self.settings.instance_id
+        record, snapshot = new_response(
+            request,
+            conversation_id=conversation_id,
+            owner=owner,
+            lease_ms=self.settings.lease_ms,
+            tenant=caller.tenant,
+            idempotency=(idempotency.scope, idempotency.key) if idempotency is not None else None,
+            turn=turn,
+        )
+        if idempotency is not None:
+            holder = await claim_key(self._store, idempotency, record.response_id)
+            if holder is not None:
+                return Admission(holder, run=None, replayed=True)
+            await self.lifecycle.faults.reach("admit.key_claimed", record.response_id)
+        created = False
         try:
-            if turn is not None:  # another tenant's conversation is a 404 before anything happens to it
-                await get_conversation(self._store, turn, tenant=caller.tenant, param="conversation")
-            # The response exists before it takes the conversation's turn, so a racing instance that finds this
-            # response holding the turn never mistakes it for a dead holder. Indexed before it is created: a
-            # response stored but never indexed could be orphaned without anyone noticing.
-            due_ms = 0 if queued else int(time.time() * 1000) + self.settings.lease_ms
-            await self._store.index_run(record.response_id, due_ms)
-            lease = await self._store.create_response(record)
+            lease = await self.lifecycle.admit(record)
             created = True
             if turn is not None:
-                await begin_turn(self._store, turn, record.response_id)
-                took_turn = True
-            # History is read once the turn is ours: the previous turn's items are in by then.
-            history = await history_for(self._store, request, tenant=caller.tenant)
+                # The response exists before it takes the turn, so a racing instance that finds it holding the
+                # turn never mistakes it for a dead holder. History is read once the turn is ours: the previous
+                # turn's items are in by then.
+                holder = await self.lifecycle.take_turn(turn, record.response_id)
+                if holder is not None:
+                    holder = await self._settle_ended_holder(turn, holder, record.response_id)
+                if holder is not None:
+                    raise busy_error(holder)
+                history = await history_for(self._store, request, tenant=caller.tenant)
             provider_body = upstream.prepare(upstream_body(request, history))
         except BaseException:
-            await self._undo_admission(record.response_id, created, turn if took_turn else None, idempotency)
+            if created or idempotency is not None:
+                await self.lifecycle.undo_admission(
+                    record.response_id,
+                    idempotency=(idempotency.scope, idempotency.key) if idempotency is not None else None,
+                    conversation_id=turn,
+                )
             raise
         if lease is None:
             log.info("%s queued: this instance is at capacity", record.response_id)
             self.capacity_freed.set()  # another instance, or this one later, starts it
             return Admission(record.response_id, run=None)
-        finish = _Finish(idempotency, turn, orjson.loads(record.input_items))
-        run = self._start(request, upstream, provider_body, snapshot, len(record.events), lease, finish, caller)
+        run = self._start(request, upstream, provider_body, snapshot, len(record.events), lease, caller, caller.tenant)
         return Admission(run.response_id, run=run)
 
-    async def _undo_admission(
-        self, response_id: str, created: bool, turn: str | None, idempotency: IdempotencyKey | None
-    ) -> None:
-        """A request refused half-way leaves nothing behind: no response, no turn, no claim on its key."""
-        with contextlib.suppress(Exception):
-            if turn is not None:
-                await self._store.clear_conversation_turn(turn, response_id)
-            if created:
-                await self._store.delete_response(response_id, only_if_finished=False)
-            await self._store.unindex_run(response_id)
-            if idempotency is not None:
-                await self._store.release_idempotency_key(idempotency.scope, idempotency.key, response_id=response_id)
+    async def _settle_ended_holder(self, conversation_id: str, holder: str, response_id: str) -> str | None:
+        """The turn is held by `holder`. If that response has ended (its instance died before its follow-ups, or
+        has not got there yet) or is gone, finish its follow-ups on its behalf and try again. Returns whoever still
+        holds the turn (None: it is ours now)."""
+        for _ in range(3):
+            record = await self._store.get_response(holder)
+            if record is not None and ResponseStatus(record.status) not in TERMINAL:
+                return holder
+            if record is None:
+                await self._store.clear_conversation_turn(conversation_id, holder)
+            else:
+                await self.lifecycle.settle(holder)
+            next_holder = await self.lifecycle.take_turn(conversation_id, response_id)
+            if next_holder is None:
+                return None
+            holder = next_holder
+        return holder
 
     def _start(
         self,
@@ -234,9 +284,10 @@ class RunManager:
         snapshot: Json,
         next_sequence_number: int,
         lease: Lease,
-        finish: _Finish,
         caller: _Caller,
+        slot_tenant: str,
     ) -> ResponseRun:
+        """Start a run in a slot the caller has taken (counted against `slot_tenant`)."""
         event_log = EventLog(
             self._store, snapshot["id"], snapshot, next_sequence_number=next_sequence_number, lease=lease
         )
@@ -247,80 +298,85 @@ class RunManager:
             log=event_log,
             tenant=caller.tenant,
             api_key=caller.api_key,
+            faults=self.lifecycle.faults,
         )
         self._runs[run.response_id] = run
-        task = asyncio.create_task(self._execute(run, finish), name=f"run:{run.response_id}")
+        self._slot_tenant[run.response_id] = slot_tenant
+        task = asyncio.create_task(self._execute(run), name=f"run:{run.response_id}")
         self._tasks.add(task)
-        task.add_done_callback(lambda done: self._forget(run.response_id, done))
+        task.add_done_callback(lambda done: self._forget(run, done))
         return run
 
-    async def resume(self, record: ResponseRecord, lease: Lease) -> ResponseRun:
-        """Run a response this instance has just claimed: a queued one starting, or one whose owner died before
-        it emitted any output, restarting (its stream simply goes on from its last event)."""
-        request = CreateResponseRequest.model_validate_json(record.request)
-        upstream = self._router.route(request.model)
-        history = await history_for(self._store, request, tenant=record.tenant)
-        provider_body = upstream.prepare(upstream_body(request, history))
-        conversation_id = conversation_id_of(request)
-        turn = conversation_id if conversation_id is not None and request.is_stored else None
-        input_items = orjson.loads(await self._store.get_input_items(record.response_id) or b"[]")
-        snapshot = orjson.loads(record.snapshot)
-        finish = _Finish(None, turn, input_items)
-        # A pass-through upstream cannot get the client's key back after a restart: it was never stored.
-        caller = _Caller(record.tenant, None)
-        return self._start(
-            request, upstream, provider_body, snapshot, record.last_sequence_number + 1, lease, finish, caller
-        )
+    # -- starting and resuming runs the sweeper claims ----------------------------------------------------
 
-    async def _claim(self, idempotency: IdempotencyKey, response_id: str) -> str | None:
-        """Claim the key for `response_id`: None when this request may go on and create it; else the response
-        to replay (or _RETRY_ADMISSION when another retry took over an abandoned claim first)."""
-        existing = await self._store.claim_idempotency_key(
-            idempotency.scope,
-            idempotency.key,
-            fingerprint=idempotency.fingerprint,
-            response_id=response_id,
-            ttl_seconds=idempotency.ttl_seconds,
-        )
-        if existing is None:
-            return None
-        holder = await holder_response_id(self._store, idempotency, existing)
-        if holder is not None:
-            return holder
-        claim = IdempotencyClaim(idempotency.fingerprint, response_id, int(time.time() * 1000))
-        taken_over = await self._store.replace_idempotency_claim(
-            idempotency.scope,
-            idempotency.key,
-            expected_response_id=existing.response_id,
-            claim=claim,
-            ttl_seconds=idempotency.ttl_seconds,
-        )
-        if not taken_over:
-            return _RETRY_ADMISSION
-        log.warning("took over an abandoned idempotency claim for %s", existing.response_id)
-        return None
+    def try_take_slot(self) -> bool:
+        """Take a run slot for a response about to be claimed, if there is one free."""
+        if self.free_capacity == 0:
+            return False
+        self._slots.take(SWEPT)
+        return True
 
-    async def _execute(self, run: ResponseRun, finish: _Finish) -> None:
-        await run.execute()
-        if run.abandoned:
-            return  # another instance owns it now and settles it
-        await settle(self._store, run.response_id, run.snapshot, finish.conversation_id, finish.input_items)
-        if finish.idempotency is not None:
-            try:
-                # The key must outlive its response, whose retention restarts with each write.
-                await self._store.refresh_idempotency_key(
-                    finish.idempotency.scope, finish.idempotency.key, ttl_seconds=finish.idempotency.ttl_seconds
-                )
-            except Exception:
-                log.warning("could not refresh the idempotency key of %s", run.response_id)
-
-    def _forget(self, response_id: str, task: asyncio.Task[None]) -> None:
-        self._runs.pop(response_id, None)
-        self._tasks.discard(task)
+    def give_back_slot(self, tenant: str = SWEPT) -> None:
+        self._slots.give_back(tenant)
         self.capacity_freed.set()
 
+    async def take_over(self, response_id: str, *, needs_slot: bool) -> None:
+        """Claim `response_id` (queued, or orphaned) and end it or run it, as its stored state says. With
+        `needs_slot`, a slot was taken for it by the caller (and is given back unless a run starts)."""
+        started = False
+        try:
+            claimed = await self.lifecycle.claim(response_id)
+            if claimed is None:
+                return
+            record, lease = claimed
+            if await self.lifecycle.take_over(record, lease) == TakeOver.RESUME:
+                started = await self._resume(record, lease)
+        finally:
+            if needs_slot and not started:
+                self.give_back_slot()
+
+    async def _resume(self, record: ResponseRecord, lease: Lease) -> bool:
+        """Run a response this instance has just claimed: a queued one starting, or one whose owner died before
+        it emitted any output, restarting (its stream simply goes on from its last event). One that can no longer
+        run ends `failed`. True when a run started."""
+        try:
+            request = CreateResponseRequest.model_validate_json(record.request)
+            upstream = self._router.route(request.model)
+            conversation_id = conversation_id_of(request)
+            turn = conversation_id if conversation_id is not None and request.is_stored else None
+            if turn is not None:
+                holder = await self.lifecycle.take_turn(turn, record.response_id)
+                if holder is not None:
+                    raise InvalidRequest(f"its conversation has moved on to another response ({holder})")
+            history = await history_for(self._store, request, tenant=record.tenant)
+            provider_body = upstream.prepare(upstream_body(request, history))
+        except (ApiError, ValueError, ConversationMissing) as error:
+            await self.lifecycle.fail_unresumable(record, lease, _reason(error))
+            return False
+        snapshot = orjson.loads(record.snapshot)
+        # A pass-through upstream cannot get the client's key back after a restart: it was never stored.
+        caller = _Caller(record.tenant, None)
+        self._start(request, upstream, provider_body, snapshot, record.last_sequence_number + 1, lease, caller, SWEPT)
+        return True
+
+    # -- the run task --------------------------------------------------------------------------------------
+
+    async def _execute(self, run: ResponseRun) -> None:
+        await run.execute()
+        if run.abandoned:
+            return  # another instance owns it now and finishes it
+        await self.lifecycle.finish(run.response_id, run.lease)
+
+    def _forget(self, run: ResponseRun, task: asyncio.Task[None]) -> None:
+        self._runs.pop(run.response_id, None)
+        self._tasks.discard(task)
+        self.give_back_slot(self._slot_tenant.pop(run.response_id))
+
+    # -- cancel --------------------------------------------------------------------------------------------
+
     async def cancel(self, response_id: str, *, tenant: str = "default") -> ResponseRecord:
-        """Cancel a background response, wherever it runs, and return it once it has ended.
+        """Cancel a background response, wherever it runs and whatever its state, and return it once it has
+        ended. A queued (or orphaned) one is ended right here, never sent upstream.
 
         Follows OpenAI's rules: cancelling a cancelled response returns it again; a finished one or a synchronous
         one cannot be cancelled (400); an unknown one is 404.
@@ -331,13 +387,17 @@ class RunManager:
         if not record.background:
             raise InvalidRequest("Cannot cancel a synchronous response.", code="response_not_cancellable")
         self._refuse_if_finished(record)
+        if ResponseStatus(record.status) in TERMINAL:
+            return record
+        if await self.lifecycle.request_cancel(response_id) is None:
+            raise response_not_found(response_id)
         run = self._runs.get(response_id)
         if run is not None:
             run.cancel()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(run.wait_finished(), CANCEL_WAIT_SECONDS)
-        elif await self._store.request_cancel(response_id) is None:
-            raise response_not_found(response_id)
+        elif record.status == ResponseStatus.QUEUED or record.lease_until_ms == 0:
+            await self.lifecycle.cancel_unowned(response_id)
         return await self._wait_until_finished(response_id)
 
     @staticmethod
@@ -349,13 +409,20 @@ class RunManager:
     async def _wait_until_finished(self, response_id: str) -> ResponseRecord:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CANCEL_WAIT_SECONDS
+        next_claim = loop.time() + CANCEL_CLAIM_SECONDS
         while True:
             record = await self._store.get_response(response_id)
             if record is None:
                 raise response_not_found(response_id)
             if ResponseStatus(record.status) in TERMINAL or loop.time() > deadline:
                 return record
+            if loop.time() >= next_claim and response_id not in self._runs:
+                # An owner that died after the request: once its lease lapses the response is ours to end.
+                next_claim = loop.time() + CANCEL_CLAIM_SECONDS
+                await self.lifecycle.cancel_unowned(response_id)
             await asyncio.sleep(CANCEL_POLL_SECONDS)
+
+    # -- shutdown --------------------------------------------------------------------------------------------
 
     async def drain(self, grace_seconds: float) -> None:
         """Graceful shutdown: take no new runs, give the running ones `grace_seconds` to finish, then hand the
@@ -369,10 +436,8 @@ class RunManager:
             return  # nobody to hand over to: close() ends what is left
         for run in list(self._runs.values()):
             log.info("handing %s over to another instance", run.response_id)
-            run.abandon()
             with contextlib.suppress(Exception):
-                await self._store.release_lease(run.response_id, run.lease)
-                await self._store.index_run(run.response_id, 0)
+                await self.lifecycle.abandon(run)
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
@@ -404,21 +469,5 @@ class RunManager:
             log.warning("could not delete unstored response %s; its TTL will", run.response_id)
 
 
-async def settle(
-    store: Store, response_id: str, snapshot: Json, conversation_id: str | None, input_items: list[Json]
-) -> None:
-    """Bookkeeping once a response has ended, wherever it ran: its conversation turn, and the run index."""
-    try:
-        if conversation_id is not None:
-            await end_turn(
-                store,
-                conversation_id,
-                response_id,
-                status=snapshot["status"],
-                input_items=input_items,
-                output=snapshot.get("output", []),
-            )
-        if ResponseStatus(snapshot["status"]) in TERMINAL:
-            await store.unindex_run(response_id)
-    except Exception:
-        log.exception("could not finish the bookkeeping of %s", response_id)
+def _reason(error: Exception) -> str:
+    return error.message if isinstance(error, ApiError) else str(error)

@@ -1,4 +1,5 @@
-"""Run ownership across the fleet: renewing this instance's leases, and sweeping up runs nobody owns any more."""
+"""Run ownership across the fleet: the keeper renews this instance's leases; the sweeper finishes what nobody owns
+any more and starts queued runs where there is room."""
 
 from __future__ import annotations
 
@@ -8,14 +9,15 @@ import logging
 
 import orjson
 
-from runs.event_log import EventLog
-from runs.manager import RunManager, settle
-from runs.request import CreateResponseRequest
-from runs.run import ResponseRun, fail_orphaned
+from runs.manager import RunManager
+from runs.run import ResponseRun
 from runs.status import TERMINAL, ResponseStatus
-from storage.base import LeaseLost, Store
+from storage.base import Store
 
 log = logging.getLogger(__name__)
+
+# Orphans looked at per sweep (more wait for the next one, a sweep period later).
+SWEEP_BATCH = 100
 
 
 def _stop_if_cancelled() -> None:
@@ -26,24 +28,18 @@ def _stop_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
-SWEEP_LOCK = "sweep"
-SWEEP_BATCH = 100
-ORPHAN_MESSAGE = (
-    "The gateway instance running this response stopped after it had started answering; the partial output is "
-    "kept. Retry the request to get a complete answer."
-)
-
-
 class Ownership:
-    """Two loops per instance. The keeper renews the lease of every local run (a run whose lease is lost stops
-    at once: the store would refuse its writes anyway). The sweeper, one instance at a time through a short
-    lock, looks at runs whose lease expired or that were queued: it starts queued ones and restarts orphans that
-    had not emitted output yet (when this instance has room), and ends orphans that had with one `failed` event."""
+    """Two loops per instance. The keeper renews the lease of every local run (a run whose lease is lost stops at
+    once: the store would refuse its writes anyway). The sweeper, on every instance (claims are atomic, so
+    sweepers never need a lock that could outlive its holder), looks at the run index for responses whose lease
+    expired — ending, restarting or settling each as its stored state says, one at a time so that one that fails
+    never holds up the rest — and then starts queued responses in admission order while this instance has room."""
 
     def __init__(self, manager: RunManager, store: Store) -> None:
         self._manager = manager
         self._store = store
         self._settings = manager.settings
+        self._lifecycle = manager.lifecycle
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -69,11 +65,7 @@ class Ownership:
 
     async def _renew(self, run: ResponseRun) -> None:
         try:
-            run.lease = await self._store.renew_lease(run.response_id, run.lease, lease_ms=self._settings.lease_ms)
-            await self._store.index_run(run.response_id, run.lease.until_ms)
-        except LeaseLost:
-            log.warning("lease of %s lost; stopping it here", run.response_id)
-            run.abandon()
+            await self._lifecycle.renew(run)
         except Exception as error:
             # The store is unreachable: keep going; if the lease runs out meanwhile, the run's next write is
             # refused and it stops, and whoever sweeps first finishes it.
@@ -92,53 +84,42 @@ class Ownership:
                 log.warning("sweep failed: %s", error)
 
     async def sweep_once(self) -> None:
-        owner = self._settings.instance_id
-        lock_ms = int(max(self._settings.sweep_seconds * 5, 10) * 1000)
-        if not await self._store.try_lock(SWEEP_LOCK, owner, ttl_ms=lock_ms):
-            return
-        try:
-            for response_id in await self._store.due_runs(SWEEP_BATCH):
+        """One look at everything due: orphans first (found however long the queue is), then the queue's head."""
+        for response_id in await self._store.due_runs(SWEEP_BATCH):
+            try:
                 await self._look_at(response_id)
-        finally:
-            await self._store.unlock(SWEEP_LOCK, owner)
+            except Exception:
+                log.exception("sweep: could not deal with %s now; it stays due", response_id)
+        await self.start_queued()
+
+    async def start_queued(self) -> None:
+        """Claim queued responses in admission order while this instance has a free run slot."""
+        if self._manager.draining:
+            return
+        while self._manager.free_capacity > 0:
+            head = await self._store.queued_runs(self._manager.free_capacity)
+            if not head:
+                return
+            for response_id in head:
+                if not self._manager.try_take_slot():
+                    return
+                try:
+                    await self._manager.take_over(response_id, needs_slot=True)
+                except Exception:
+                    log.exception("could not start queued %s now", response_id)
+                    return
 
     async def _look_at(self, response_id: str) -> None:
         record = await self._store.get_response(response_id)
         if record is None or ResponseStatus(record.status) in TERMINAL:
-            await self._store.unindex_run(response_id)
+            await self._lifecycle.settle(response_id)  # ended (or gone): only its follow-ups are left
             return
         if self._manager.local_run(response_id) is not None:
-            return
+            return  # ours, and its renewal is late (the store was slow): the keeper deals with it
+        # Only a response that will be run again needs a slot; ending one (cancelled, orphaned after output,
+        # discarded) does not, so orphans are ended even on a full instance.
         started_output = bool(orjson.loads(record.snapshot).get("output"))
-        if not started_output and self._manager.free_capacity == 0:
-            return  # it needs a run slot; an instance with room will take it
-        claimed = await self._store.claim_response(
-            response_id, self._settings.instance_id, lease_ms=self._settings.lease_ms
-        )
-        if claimed is None:
-            return  # its owner is alive after all, or it just ended
-        lease, recoveries = claimed
-        record = await self._store.get_response(response_id)  # fresh: the old owner is fenced out from here on
-        if record is None:
-            return
-        await self._store.index_run(response_id, lease.until_ms)
-        snapshot = orjson.loads(record.snapshot)
-        if snapshot.get("output"):
-            log.warning("%s lost its owner after output began: ending it failed", response_id)
-            event_log = EventLog(
-                self._store, response_id, snapshot, next_sequence_number=record.last_sequence_number + 1, lease=lease
-            )
-            await fail_orphaned(event_log, ORPHAN_MESSAGE)
-            request = CreateResponseRequest.model_validate_json(record.request)
-            conversation_id = None
-            if request.conversation is not None and request.is_stored:
-                conversation_id = (
-                    request.conversation if isinstance(request.conversation, str) else request.conversation.id
-                )
-            await settle(self._store, response_id, event_log.snapshot, conversation_id, [])
-            return
-        if recoveries:
-            log.warning(
-                "%s lost its owner before any output: restarting it here (recovery %d)", response_id, recoveries
-            )
-        await self._manager.resume(record, lease)
+        needs_slot = not record.cancel_requested and record.stored and not started_output
+        if needs_slot and not self._manager.try_take_slot():
+            return  # it may need a run slot; an instance with room will take it
+        await self._manager.take_over(response_id, needs_slot=needs_slot)

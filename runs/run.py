@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from runs.event_log import EventLog
+from runs.faults import FaultPoints
 from runs.request import CreateResponseRequest
 from runs.snapshot import LIFECYCLE_EVENT_TYPES
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
@@ -42,6 +43,7 @@ class ResponseRun:
         log: EventLog,
         tenant: str = "default",
         api_key: str | None = None,
+        faults: FaultPoints | None = None,
     ) -> None:
         self.request = request
         self.tenant = tenant
@@ -59,6 +61,7 @@ class ResponseRun:
         self._finished = asyncio.Event()
         self.failure: UpstreamFailure | None = None
         self.emitted_output = False
+        self._faults = faults or FaultPoints()
 
     @property
     def snapshot(self) -> dict[str, Any]:
@@ -171,6 +174,9 @@ class ResponseRun:
         if not isinstance(kind, str) or kind in LIFECYCLE_EVENT_TYPES:
             return False  # our own created / in_progress were already emitted with our id
         await self._log.emit(dict(event))
+        if not self.emitted_output and "run.output" in self._faults.hooks:
+            await self._log.flush()
+            await self._faults.reach("run.output", self.response_id)
         self.emitted_output = True
         return False
 
@@ -233,10 +239,3 @@ async def emit_terminal(
     if status is ResponseStatus.COMPLETED:
         response["completed_at"] = int(time.time())
     await event_log.emit({"type": STATUS_EVENT_TYPE[status], "response": response})
-
-
-async def fail_orphaned(event_log: EventLog, message: str) -> None:
-    """End a response whose owner died after it had started answering: re-running the model would bill twice and
-    change the text, so it fails with the partial output kept, with exactly one terminal event."""
-    await emit_terminal(event_log, ResponseStatus.FAILED, error={"code": "server_error", "message": message})
-    await event_log.close()

@@ -1,25 +1,19 @@
-"""Response status: the enum, its terminal and active sets, and the one place transitions are checked."""
+"""Response status: the enum and its sets (defined once, in storage.status), the status events, and the one place
+transitions are checked."""
 
 from __future__ import annotations
 
-from enum import StrEnum
+from storage.status import ACTIVE, TERMINAL, ResponseStatus
 
-
-class ResponseStatus(StrEnum):
-    """The `status` of a Response, as the OpenAI API names it."""
-
-    QUEUED = "queued"
-    IN_PROGRESS = "in_progress"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    INCOMPLETE = "incomplete"
-
-
-TERMINAL = frozenset(
-    {ResponseStatus.COMPLETED, ResponseStatus.FAILED, ResponseStatus.CANCELLED, ResponseStatus.INCOMPLETE}
-)
-ACTIVE = frozenset({ResponseStatus.QUEUED, ResponseStatus.IN_PROGRESS})
+__all__ = [
+    "ACTIVE",
+    "STATUS_EVENT_TYPE",
+    "TERMINAL",
+    "TERMINAL_EVENT_TYPES",
+    "InvalidTransition",
+    "ResponseStatus",
+    "check_transition",
+]
 
 _ALLOWED: dict[ResponseStatus, frozenset[ResponseStatus]] = {
     ResponseStatus.QUEUED: frozenset({ResponseStatus.IN_PROGRESS}) | TERMINAL,
@@ -38,7 +32,7 @@ STATUS_EVENT_TYPE: dict[ResponseStatus, str] = {
     ResponseStatus.INCOMPLETE: "response.incomplete",
 }
 
-TERMINAL_EVENT_TYPES = frozenset({"response.completed", "response.failed", "response.incomplete"})
+TERMINAL_EVENT_TYPES = frozenset(STATUS_EVENT_TYPE[status] for status in TERMINAL)
 
 
 class InvalidTransition(Exception):

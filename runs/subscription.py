@@ -6,7 +6,8 @@ from collections.abc import AsyncGenerator
 
 from runs.live import LiveEvents, LiveEventsClosed, SubscriberLagged
 from runs.status import TERMINAL_EVENT_TYPES
-from storage.base import TERMINAL_STATUSES, Store, StoredEvent
+from storage.base import Store, StoredEvent
+from storage.status import TERMINAL_STATUSES
 
 CATCH_UP_PAGE = 512
 

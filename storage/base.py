@@ -1,4 +1,5 @@
-"""The storage contract, in the domain's words: create a response, append its events, read them after a cursor."""
+"""The storage contract, in the domain's words and split by role: the event log, the run queue and leases,
+idempotency keys, conversations. `Store` is all of them."""
 
 from __future__ import annotations
 
@@ -6,10 +7,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
-
-# Statuses after which a response's event log is closed. Kept here (not imported from runs) because storage must not
-# depend on runs; runs.status defines the same set and a test checks they agree.
-TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "incomplete"})
 
 
 class StoreError(Exception):
@@ -73,6 +70,8 @@ class ResponseRecord:
     lease_until_ms: int = 0
     recovery_count: int = 0
     tenant: str = "default"
+    cancel_requested: bool = False
+    conversation_id: str | None = None  # the conversation whose turn it holds
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +98,16 @@ class NewResponse:
     owner: str = ""  # the instance that runs it; "" queues it for whichever instance has room first
     lease_ms: int = 15_000
     tenant: str = "default"
+    idempotency: tuple[str, str] | None = None  # (scope, key) of the Idempotency-Key that created it
+    conversation_id: str | None = None  # the conversation whose turn it takes
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """A renewed (or released) lease, and whether a cancel of the response has been requested meanwhile."""
+
+    lease: Lease
+    cancel_requested: bool
 
 
 class DeleteOutcome(Enum):
@@ -146,12 +155,13 @@ class ConversationRecord:
     tenant: str = "default"
 
 
-class Store(Protocol):
-    """Persistence of responses and their event logs. Every write sets the retention TTL of what it touches."""
+class EventLogStore(Protocol):
+    """Responses and their event logs: the one place events are numbered into, and read back from."""
 
     async def create_response(self, new: NewResponse) -> Lease | None:
-        """Create the response with its first events (sequence numbers from 0), owned by `new.owner` under a
-        lease (returned), or unowned (None) for any instance to claim. Raises ResponseAlreadyExists."""
+        """Admit the response in one step: its first events (sequence numbers from 0), snapshot, input items and
+        request, and its place in the run index (owned by `new.owner` under the returned lease) or at the tail of
+        the queue (unowned, None). Raises ResponseAlreadyExists."""
 
     async def append_events(
         self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str, lease: Lease
@@ -165,50 +175,56 @@ class Store(Protocol):
         LeaseLost.
         """
 
-    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Lease:
-        """Extend a held lease (a finished or vanished response keeps `lease` as it is). Raises LeaseLost when
-        another instance owns it or the lease expired."""
-
-    async def release_lease(self, response_id: str, lease: Lease) -> None:
-        """Give the response up now (graceful shutdown), so another instance claims it without waiting."""
-
-    async def claim_response(self, response_id: str, owner: str, *, lease_ms: int) -> tuple[Lease, int] | None:
-        """Take over a response whose lease has expired, or that was queued unowned: a new epoch fences the old
-        owner out. Returns the lease and how many times the response has been recovered; None when it is held
-        by a live owner, finished, or gone."""
-
-    async def index_run(self, response_id: str, due_ms: int) -> None:
-        """Note a running or queued response in the run index, due for a look at `due_ms` (0: at once)."""
-
-    async def unindex_run(self, response_id: str) -> None:
-        """Drop a finished response from the run index."""
-
-    async def due_runs(self, limit: int) -> list[str]:
-        """Responses in the run index whose time has come (lease expired, or queued), oldest first."""
-
-    async def try_lock(self, name: str, owner: str, *, ttl_ms: int) -> bool:
-        """A short fleet-wide lock (e.g. one sweeper at a time). True when taken."""
-
-    async def unlock(self, name: str, owner: str) -> None:
-        """Release the lock if `owner` still holds it."""
-
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         """The response's snapshot and state, or None when it does not exist."""
 
     async def get_input_items(self, response_id: str) -> bytes | None:
         """The response's input items as a JSON array, or None when it does not exist."""
 
-    async def read_events(
-        self, response_id: str, after: int, *, limit: int = 512, wait_ms: int = 0
-    ) -> list[StoredEvent]:
-        """Events with sequence_number > after, oldest first, at most `limit`.
-
-        With wait_ms > 0 and nothing to return yet, wait up to that long for the next append.
-        """
+    async def read_events(self, response_id: str, after: int, *, limit: int = 512) -> list[StoredEvent]:
+        """Events with sequence_number > after, oldest first, at most `limit`."""
 
     async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
-        """Remove every key of the response, atomically refusing (ACTIVE) while it is still queued or in progress
-        unless only_if_finished is False."""
+        """Remove every key of the response and its place in the run index and queue, atomically refusing
+        (ACTIVE) while it is still queued or in progress unless only_if_finished is False."""
+
+    def open_event_feed(self) -> EventFeed:
+        """A feed for following many responses' live events with one blocking read."""
+        ...
+
+
+class RunQueueStore(Protocol):
+    """Who runs what: the FIFO queue of unowned responses, the run index of owned ones, leases with fencing epochs,
+    cancel requests, and the follow-ups of a durable end."""
+
+    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Renewal:
+        """Extend a held lease, and move the response's run index entry to the new expiry (a finished or vanished
+        response keeps `lease` as it is). Raises LeaseLost when another instance owns it or the lease expired."""
+
+    async def release_lease(self, response_id: str, lease: Lease) -> None:
+        """Give the response up now (it is due at once), so another instance claims it without waiting."""
+
+    async def claim_response(self, response_id: str, owner: str, *, lease_ms: int) -> tuple[Lease, int] | None:
+        """Take over a response whose lease has expired, or take one waiting in the queue (it leaves the queue
+        for the run index): a new epoch fences the old owner out. Returns the lease and how many times the
+        response has been recovered; None when it is held by a live owner, finished, or gone."""
+
+    async def due_runs(self, limit: int) -> list[str]:
+        """Responses in the run index whose lease has expired (orphans, and ended ones whose follow-ups are not
+        done yet), oldest first."""
+
+    async def queued_runs(self, limit: int) -> list[str]:
+        """The head of the queue: unowned responses waiting for a run slot, in admission order."""
+
+    async def settle_response(self, response_id: str, *, idempotency_ttl_seconds: int) -> bool:
+        """Once the terminal event is stored: drop the response from the run index and queue, and restart the TTL
+        of the idempotency key that names it. False (and nothing changes) while the stored status is active."""
+
+    async def abandon_admission(
+        self, response_id: str, *, idempotency: tuple[str, str] | None, conversation_id: str | None
+    ) -> None:
+        """Undo an admission refused after its response was created, in one step: the response's keys, its index
+        or queue entry, its idempotency claim and its conversation turn (each only if it still names it)."""
 
     async def request_cancel(self, response_id: str) -> str | None:
         """Mark the response as to be cancelled and notify every instance; returns its status at that moment (None
@@ -218,9 +234,9 @@ class Store(Protocol):
         """Response ids whose cancellation was requested from any instance, as the requests happen."""
         ...
 
-    def open_event_feed(self) -> EventFeed:
-        """A feed for following many responses' live events with one blocking read."""
-        ...
+
+class IdempotencyStore(Protocol):
+    """Idempotency-Key claims: one winner per key, across instances."""
 
     async def claim_idempotency_key(
         self, scope: str, key: str, *, fingerprint: str, response_id: str, ttl_seconds: int
@@ -237,8 +253,9 @@ class Store(Protocol):
     async def release_idempotency_key(self, scope: str, key: str, *, response_id: str) -> None:
         """Drop the claim if it still names `response_id` (its admission failed, so a retry may start afresh)."""
 
-    async def refresh_idempotency_key(self, scope: str, key: str, *, ttl_seconds: int) -> None:
-        """Restart the key's TTL (when its response ends, so the key outlives it)."""
+
+class ConversationStore(Protocol):
+    """Conversations: items in order, and the one-turn-at-a-time lock."""
 
     async def create_conversation(
         self,
@@ -266,8 +283,9 @@ class Store(Protocol):
         Raises ConversationMissing."""
 
     async def begin_conversation_turn(self, conversation_id: str, response_id: str) -> str | None:
-        """Make `response_id` the conversation's active response, atomically, unless one already is: then that
-        one's id is returned and nothing changes. Raises ConversationMissing."""
+        """Make `response_id` the conversation's active response, atomically, unless another one already is: then
+        that one's id is returned and nothing changes. Taking its own turn again is a no-op. Raises
+        ConversationMissing."""
 
     async def end_conversation_turn(
         self, conversation_id: str, response_id: str, *, completed: bool, items: Sequence[tuple[str, bytes]]
@@ -276,7 +294,7 @@ class Store(Protocol):
         it the latest completed response, in the same step. False when it no longer held the turn."""
 
     async def clear_conversation_turn(self, conversation_id: str, response_id: str) -> bool:
-        """Release the turn if `response_id` (found dead or finished) still holds it."""
+        """Release the turn if `response_id` (found gone) still holds it."""
 
     async def list_conversation_items(
         self, conversation_id: str, *, after: str | None, limit: int, order: str
@@ -289,6 +307,11 @@ class Store(Protocol):
 
     async def delete_conversation_item(self, conversation_id: str, item_id: str) -> bool:
         """Remove one item. False when there was no such item. Raises ConversationMissing."""
+
+
+class Store(EventLogStore, RunQueueStore, IdempotencyStore, ConversationStore, Protocol):
+    """Persistence of responses, runs, keys and conversations. Every write sets the retention TTL of what it
+    touches."""
 
     async def ping(self) -> None:
         """Raise if the backend cannot be reached."""

@@ -59,13 +59,14 @@ class KeySpace:
         return f"{self.prefix}:{{idem:{digest}}}"
 
     def run_index(self) -> str:
-        """Sorted set: running or queued response ids, scored by when they are due for a look (lease expiry, or 0
-        when queued). An index only: the truth is each response's state hash."""
+        """Sorted set: owned responses, scored by when their lease expires (due for a look then: an orphan, or an
+        ended one whose follow-ups are not done). An index only: the truth is each response's state hash."""
         return f"{self.prefix}:runs"
 
-    def lock(self, name: str) -> str:
-        """String: a short fleet-wide lock."""
-        return f"{self.prefix}:lock:{name}"
+    def run_queue(self) -> str:
+        """Sorted set: unowned responses waiting for a run slot, scored by admission time (Redis microseconds), so
+        they start in admission order."""
+        return f"{self.prefix}:queue"
 
     def cancel_channel(self) -> str:
         """Pub/sub channel (not a key: nothing stored, no TTL) on which cancel requests reach the owning instance."""

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from storage.base import (
-    TERMINAL_STATUSES,
     DeleteOutcome,
     IdempotencyClaim,
     Lease,
     LeaseLost,
     NewResponse,
+    Renewal,
     ResponseAlreadyExists,
     ResponseClosed,
     ResponseMissing,
@@ -23,6 +23,7 @@ from storage.base import (
     StoredEvent,
 )
 from storage.memory_conversations import Conversation, MemoryConversations
+from storage.status import TERMINAL_STATUSES
 
 
 @dataclass(slots=True)
@@ -41,6 +42,8 @@ class _Entry:
     recovery_count: int = 0
     tenant: str = "default"
     cancel_requested: bool = False
+    idempotency: tuple[str, str] | None = None
+    conversation_id: str | None = None
     appended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -60,8 +63,9 @@ class MemoryStore(MemoryConversations):
         self._claims: dict[tuple[str, str], tuple[IdempotencyClaim, float]] = {}
         self._claims_sweep_at = 1024
         self._conversations: dict[str, Conversation] = {}
+        # Owned responses -> lease expiry (ms); unowned ones waiting, in admission order (dicts keep it).
         self._run_index: dict[str, int] = {}
-        self._locks: dict[str, tuple[str, float]] = {}
+        self._queue: dict[str, None] = {}
 
     def _expire_due(self) -> None:
         now = self._clock()
@@ -105,9 +109,15 @@ class MemoryStore(MemoryConversations):
             owner=new.owner,
             lease_until_ms=lease_until,
             tenant=new.tenant,
+            idempotency=new.idempotency,
+            conversation_id=new.conversation_id,
         )
         self._entries[new.response_id] = entry
         self._touch(new.response_id, entry)
+        if new.owner:
+            self._run_index[new.response_id] = lease_until
+        else:
+            self._queue[new.response_id] = None
         return Lease(new.owner, 1, lease_until) if new.owner else None
 
     async def append_events(
@@ -137,19 +147,21 @@ class MemoryStore(MemoryConversations):
     def _holds(self, entry: _Entry, lease: Lease) -> bool:
         return entry.owner == lease.owner and entry.epoch == lease.epoch and entry.lease_until_ms >= self._now_ms()
 
-    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Lease:
+    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Renewal:
         entry = self._live(response_id)
         if entry is None or entry.status in TERMINAL_STATUSES:
-            return lease  # it ended (or expired away) meanwhile: nothing to renew, nothing lost
+            return Renewal(lease, False)  # it ended (or expired away) meanwhile: nothing to renew, nothing lost
         if not self._holds(entry, lease):
             raise LeaseLost(response_id)
         entry.lease_until_ms = self._now_ms() + lease_ms
-        return Lease(lease.owner, lease.epoch, entry.lease_until_ms)
+        self._run_index[response_id] = entry.lease_until_ms
+        return Renewal(Lease(lease.owner, lease.epoch, entry.lease_until_ms), entry.cancel_requested)
 
     async def release_lease(self, response_id: str, lease: Lease) -> None:
         entry = self._live(response_id)
-        if entry is not None and self._holds(entry, lease):
+        if entry is not None and entry.status not in TERMINAL_STATUSES and self._holds(entry, lease):
             entry.lease_until_ms = 0
+            self._run_index[response_id] = 0
 
     async def claim_response(self, response_id: str, owner: str, *, lease_ms: int) -> tuple[Lease, int] | None:
         entry = self._live(response_id)
@@ -161,30 +173,51 @@ class MemoryStore(MemoryConversations):
             entry.recovery_count += 1
         entry.owner, entry.epoch = owner, entry.epoch + 1
         entry.lease_until_ms = self._now_ms() + lease_ms
+        self._queue.pop(response_id, None)
+        self._run_index[response_id] = entry.lease_until_ms
         return Lease(owner, entry.epoch, entry.lease_until_ms), entry.recovery_count
-
-    async def index_run(self, response_id: str, due_ms: int) -> None:
-        self._run_index[response_id] = due_ms
-
-    async def unindex_run(self, response_id: str) -> None:
-        self._run_index.pop(response_id, None)
 
     async def due_runs(self, limit: int) -> list[str]:
         now = self._now_ms()
         due = sorted((due_ms, response_id) for response_id, due_ms in self._run_index.items() if due_ms <= now)
         return [response_id for _, response_id in due[:limit]]
 
-    async def try_lock(self, name: str, owner: str, *, ttl_ms: int) -> bool:
-        held = self._locks.get(name)
-        if held is not None and held[1] > self._clock():
+    async def queued_runs(self, limit: int) -> list[str]:
+        head: list[str] = []
+        for response_id in self._queue:
+            if len(head) == limit:
+                break
+            head.append(response_id)
+        return head
+
+    async def settle_response(self, response_id: str, *, idempotency_ttl_seconds: int) -> bool:
+        entry = self._live(response_id)
+        if entry is not None and entry.status not in TERMINAL_STATUSES:
             return False
-        self._locks[name] = (owner, self._clock() + ttl_ms / 1000)
+        self._run_index.pop(response_id, None)
+        self._queue.pop(response_id, None)
+        if entry is not None and entry.idempotency is not None:
+            claim = self._live_claim(*entry.idempotency)
+            if claim is not None and claim.response_id == response_id:
+                self._claims[entry.idempotency] = (claim, self._clock() + idempotency_ttl_seconds)
         return True
 
-    async def unlock(self, name: str, owner: str) -> None:
-        held = self._locks.get(name)
-        if held is not None and held[0] == owner:
-            del self._locks[name]
+    async def abandon_admission(
+        self, response_id: str, *, idempotency: tuple[str, str] | None, conversation_id: str | None
+    ) -> None:
+        entry = self._entries.pop(response_id, None)
+        if entry is not None:
+            self._wake_readers(entry)
+        self._run_index.pop(response_id, None)
+        self._queue.pop(response_id, None)
+        if idempotency is not None:
+            claim = self._live_claim(*idempotency)
+            if claim is not None and claim.response_id == response_id:
+                del self._claims[idempotency]
+        if conversation_id is not None:
+            conversation = self._conversation(conversation_id)
+            if conversation is not None and conversation.active == response_id:
+                conversation.active = None
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         entry = self._live(response_id)
@@ -202,23 +235,15 @@ class MemoryStore(MemoryConversations):
             lease_until_ms=entry.lease_until_ms,
             recovery_count=entry.recovery_count,
             tenant=entry.tenant,
+            cancel_requested=entry.cancel_requested,
+            conversation_id=entry.conversation_id,
         )
 
     async def get_input_items(self, response_id: str) -> bytes | None:
         entry = self._live(response_id)
         return None if entry is None else entry.input_items
 
-    async def read_events(
-        self, response_id: str, after: int, *, limit: int = 512, wait_ms: int = 0
-    ) -> list[StoredEvent]:
-        events = self.events_after(response_id, after, limit)
-        entry = self._entries.get(response_id)
-        if events or wait_ms <= 0 or entry is None:
-            return events
-        try:
-            await asyncio.wait_for(entry.appended.wait(), wait_ms / 1000)
-        except TimeoutError:
-            return []
+    async def read_events(self, response_id: str, after: int, *, limit: int = 512) -> list[StoredEvent]:
         return self.events_after(response_id, after, limit)
 
     async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
@@ -228,6 +253,8 @@ class MemoryStore(MemoryConversations):
         if only_if_finished and entry.status not in TERMINAL_STATUSES:
             return DeleteOutcome.ACTIVE
         del self._entries[response_id]
+        self._run_index.pop(response_id, None)
+        self._queue.pop(response_id, None)
         self._wake_readers(entry)
         return DeleteOutcome.DELETED
 
@@ -287,11 +314,6 @@ class MemoryStore(MemoryConversations):
         existing = self._live_claim(scope, key)
         if existing is not None and existing.response_id == response_id:
             del self._claims[(scope, key)]
-
-    async def refresh_idempotency_key(self, scope: str, key: str, *, ttl_seconds: int) -> None:
-        existing = self._live_claim(scope, key)
-        if existing is not None:
-            self._claims[(scope, key)] = (existing, self._clock() + ttl_seconds)
 
     async def wait_for_any_append(self) -> None:
         """Return at the next append to any response."""

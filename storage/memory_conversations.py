@@ -86,7 +86,7 @@ class MemoryConversations:
 
     async def begin_conversation_turn(self, conversation_id: str, response_id: str) -> str | None:
         conversation = self._changed_conversation(conversation_id)
-        if conversation.active is not None:
+        if conversation.active is not None and conversation.active != response_id:
             return conversation.active
         conversation.active = response_id
         return None

@@ -14,6 +14,7 @@ from storage.base import (
     Lease,
     LeaseLost,
     NewResponse,
+    Renewal,
     ResponseAlreadyExists,
     ResponseClosed,
     ResponseMissing,
@@ -27,11 +28,9 @@ from storage.redis_feed import RedisEventFeed
 from storage.redis_support import (
     COMMAND_TIMEOUT_SECONDS,
     CONNECT_TIMEOUT_SECONDS,
-    DUE_RUNS_LUA,
     POOL_WAIT_SECONDS,
     PUBSUB_POLL_SECONDS,
     RESUBSCRIBE_DELAY_SECONDS,
-    UNLOCK_LUA,
     claim_json,
     event_args,
     load_lua,
@@ -59,8 +58,9 @@ class RedisStore(RedisConversations):
         self._release_script = client.register_script(load_lua("release_idempotency_key.lua"))
         self._register_conversation_scripts(client)
         self._lease_script = client.register_script(load_lua("lease.lua"))
-        self._due_script = client.register_script(DUE_RUNS_LUA)
-        self._unlock_script = client.register_script(UNLOCK_LUA)
+        self._due_script = client.register_script(load_lua("due_runs.lua"))
+        self._settle_script = client.register_script(load_lua("settle_response.lua"))
+        self._abandon_script = client.register_script(load_lua("abandon_admission.lua"))
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 512) -> RedisStore:
@@ -84,9 +84,11 @@ class RedisStore(RedisConversations):
 
     @unavailable_on_connection_error
     async def create_response(self, new: NewResponse) -> Lease | None:
-        keys = self._keys.response_keys(new.response_id)
+        keys = [*self._keys.response_keys(new.response_id), self._keys.run_index(), self._keys.run_queue()]
+        idempotency_key = self._keys.idempotency(*new.idempotency) if new.idempotency is not None else ""
         args: list[bytes | str | int] = [
             self._ttl_ms,
+            new.response_id,
             new.snapshot,
             new.status,
             int(new.background),
@@ -96,9 +98,11 @@ class RedisStore(RedisConversations):
             new.owner,
             new.lease_ms,
             new.tenant,
+            idempotency_key,
+            new.conversation_id or "",
         ]
         args += event_args(new.events)
-        result = await self._create_script(keys=list(keys), args=args)
+        result = await self._create_script(keys=keys, args=args)
         if result == b"EXISTS":
             raise ResponseAlreadyExists(new.response_id)
         _, epoch, until = result
@@ -131,18 +135,20 @@ class RedisStore(RedisConversations):
             raise LeaseLost(response_id)
         raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
 
-    async def _lease(self, response_id: str, *args: str | int) -> list[Any]:
-        reply: list[Any] = await self._lease_script(keys=[self._keys.response_state(response_id)], args=list(args))
+    async def _lease(self, response_id: str, action: str, owner: str, epoch: int | str, lease_ms: int) -> list[Any]:
+        keys = [self._keys.response_state(response_id), self._keys.run_index(), self._keys.run_queue()]
+        args = [action, response_id, owner, epoch, lease_ms, self._ttl_ms]
+        reply: list[Any] = await self._lease_script(keys=keys, args=args)
         return reply
 
     @unavailable_on_connection_error
-    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Lease:
+    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Renewal:
         reply = await self._lease(response_id, "renew", lease.owner, lease.epoch, lease_ms)
         if reply[0] == b"GONE":
-            return lease  # it ended (or expired away) meanwhile: nothing to renew, nothing lost
+            return Renewal(lease, False)  # it ended (or expired away) meanwhile: nothing to renew, nothing lost
         if reply[0] != b"OK":
             raise LeaseLost(response_id)
-        return Lease(lease.owner, lease.epoch, int(reply[1]))
+        return Renewal(Lease(lease.owner, lease.epoch, int(reply[1])), reply[2] == b"1")
 
     @unavailable_on_connection_error
     async def release_lease(self, response_id: str, lease: Lease) -> None:
@@ -156,29 +162,36 @@ class RedisStore(RedisConversations):
         return Lease(owner, int(reply[1]), int(reply[2])), int(reply[3])
 
     @unavailable_on_connection_error
-    async def index_run(self, response_id: str, due_ms: int) -> None:
-        index = self._keys.run_index()
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.zadd(index, {response_id: due_ms})
-            pipe.pexpire(index, self._ttl_ms)
-            await pipe.execute()
-
-    @unavailable_on_connection_error
-    async def unindex_run(self, response_id: str) -> None:
-        await self._client.zrem(self._keys.run_index(), response_id)
-
-    @unavailable_on_connection_error
     async def due_runs(self, limit: int) -> list[str]:
         reply: list[bytes] = await self._due_script(keys=[self._keys.run_index()], args=[limit])
         return [member.decode() for member in reply]
 
     @unavailable_on_connection_error
-    async def try_lock(self, name: str, owner: str, *, ttl_ms: int) -> bool:
-        return bool(await self._client.set(self._keys.lock(name), owner, nx=True, px=ttl_ms))
+    async def queued_runs(self, limit: int) -> list[str]:
+        reply: list[bytes] = await self._client.zrange(self._keys.run_queue(), 0, limit - 1)  # type: ignore[assignment]
+        return [member.decode() for member in reply]
 
     @unavailable_on_connection_error
-    async def unlock(self, name: str, owner: str) -> None:
-        await self._unlock_script(keys=[self._keys.lock(name)], args=[owner])
+    async def settle_response(self, response_id: str, *, idempotency_ttl_seconds: int) -> bool:
+        state = self._keys.response_state(response_id)
+        keys = [state, self._keys.run_index(), self._keys.run_queue()]
+        idempotency_key: bytes | None = await self._client.hget(state, "idem")  # type: ignore[assignment]
+        if idempotency_key:
+            keys.append(idempotency_key.decode())
+        result = await self._settle_script(keys=keys, args=[response_id, idempotency_ttl_seconds * 1000])
+        return bool(result == b"OK")
+
+    @unavailable_on_connection_error
+    async def abandon_admission(
+        self, response_id: str, *, idempotency: tuple[str, str] | None, conversation_id: str | None
+    ) -> None:
+        keys = [*self._keys.response_keys(response_id), self._keys.run_index(), self._keys.run_queue()]
+        if idempotency is not None:
+            keys.append(self._keys.idempotency(*idempotency))
+        if conversation_id is not None:
+            keys.append(self._keys.conversation_keys(conversation_id)[0])
+        flags = [int(idempotency is not None), int(conversation_id is not None)]
+        await self._abandon_script(keys=keys, args=[response_id, *flags])
 
     @unavailable_on_connection_error
     async def get_response(self, response_id: str) -> ResponseRecord | None:
@@ -198,6 +211,8 @@ class RedisStore(RedisConversations):
             lease_until_ms=int(fields.get(b"lease_until", b"0")),
             recovery_count=int(fields.get(b"recovery_count", b"0")),
             tenant=fields.get(b"tenant", b"default").decode(),
+            cancel_requested=fields.get(b"cancel_requested") == b"1",
+            conversation_id=fields.get(b"conv", b"").decode() or None,
         )
 
     @unavailable_on_connection_error
@@ -206,25 +221,16 @@ class RedisStore(RedisConversations):
         return value
 
     @unavailable_on_connection_error
-    async def read_events(
-        self, response_id: str, after: int, *, limit: int = 512, wait_ms: int = 0
-    ) -> list[StoredEvent]:
+    async def read_events(self, response_id: str, after: int, *, limit: int = 512) -> list[StoredEvent]:
         key = self._keys.response_events(response_id)
-        if wait_ms <= 0:
-            low = f"({after_entry_id(after)}"
-            entries: list[Any] = await self._client.xrange(key, min=low, max="+", count=limit)  # type: ignore[assignment]
-            return parse_entries(entries)
-        reply = await self._client.xread({key: after_entry_id(after)}, count=limit, block=wait_ms)
-        if not reply:
-            return []
-        # RESP2 answers a list of [stream, entries]; RESP3 a mapping of stream -> entries.
-        streams = reply.values() if isinstance(reply, dict) else (entries for _, entries in reply)
-        return [event for entries in streams for event in parse_entries(list(entries))]
+        low = f"({after_entry_id(after)}"
+        entries: list[Any] = await self._client.xrange(key, min=low, max="+", count=limit)  # type: ignore[assignment]
+        return parse_entries(entries)
 
     @unavailable_on_connection_error
     async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
-        keys = self._keys.response_keys(response_id)
-        result = await self._delete_script(keys=list(keys), args=[int(only_if_finished)])
+        keys = [*self._keys.response_keys(response_id), self._keys.run_index(), self._keys.run_queue()]
+        result = await self._delete_script(keys=keys, args=[int(only_if_finished), response_id])
         return DeleteOutcome(result.decode().lower())
 
     @unavailable_on_connection_error
@@ -273,10 +279,6 @@ class RedisStore(RedisConversations):
     @unavailable_on_connection_error
     async def release_idempotency_key(self, scope: str, key: str, *, response_id: str) -> None:
         await self._release_script(keys=[self._keys.idempotency(scope, key)], args=[response_id])
-
-    @unavailable_on_connection_error
-    async def refresh_idempotency_key(self, scope: str, key: str, *, ttl_seconds: int) -> None:
-        await self._client.pexpire(self._keys.idempotency(scope, key), ttl_seconds * 1000)
 
     def open_event_feed(self) -> RedisEventFeed:
         return RedisEventFeed(self._client, self._keys)

@@ -20,6 +20,7 @@ from storage.base import (
     StoreUnavailable,
 )
 from storage.keys import event_entry_id
+from storage.status import lua_preamble
 
 log = logging.getLogger(__name__)
 
@@ -64,22 +65,6 @@ def unavailable_on_connection_error(
     return wrapper
 
 
-# Run index members due now (Redis's clock, the one leases are measured by), oldest first.
-DUE_RUNS_LUA = """
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, ARGV[1])
-"""
-
-# Delete a lock only if its owner still holds it.
-UNLOCK_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
 def item_pairs(items: Sequence[tuple[str, bytes]]) -> list[bytes | str]:
     flat: list[bytes | str] = []
     for item_id, item in items:
@@ -103,7 +88,8 @@ def parse_claim(raw: bytes) -> IdempotencyClaim:
 
 
 def load_lua(name: str) -> str:
-    return (resources.files("storage") / "lua" / name).read_text(encoding="utf-8")
+    """A script with the status vocabulary prepended (no script spells a status itself)."""
+    return lua_preamble() + (resources.files("storage") / "lua" / name).read_text(encoding="utf-8")
 
 
 def event_args(events: Sequence[StoredEvent]) -> list[bytes | str]:

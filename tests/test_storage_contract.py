@@ -142,21 +142,6 @@ async def test_read_after_cursor_and_limit(store: Store) -> None:
     assert await store.read_events("resp_missing", -1) == []
 
 
-async def test_blocking_read_wakes_on_append(store: Store) -> None:
-    await store.create_response(new_response("resp_f", events=1))
-    reader = asyncio.create_task(store.read_events("resp_f", 0, wait_ms=5000))
-    await asyncio.sleep(0.05)
-    assert not reader.done()
-    await store.append_events("resp_f", [event(1)], snapshot=b"{}", status="in_progress", lease=LEASE)
-    events = await asyncio.wait_for(reader, 2)
-    assert [e.sequence_number for e in events] == [1]
-
-
-async def test_blocking_read_times_out_empty(store: Store) -> None:
-    await store.create_response(new_response("resp_g", events=1))
-    assert await store.read_events("resp_g", 0, wait_ms=50) == []
-
-
 async def test_concurrent_writers_one_wins(store: Store) -> None:
     await store.create_response(new_response("resp_h", events=1))
 
@@ -329,8 +314,20 @@ async def test_redis_idempotency_key_has_its_ttl_and_hides_the_client_key(
         assert len(keys) == 1
         assert b"my-secret-key" not in keys[0]
         assert 0 < await redis_client.pttl(keys[0]) <= 30_000
-        await store.refresh_idempotency_key("t", "my-secret-key", ttl_seconds=50)
+        await store.create_response(
+            NewResponse(**vars_of(new_response("r", events=1)) | {"idempotency": ("t", "my-secret-key")})
+        )
+        assert await store.settle_response("r", idempotency_ttl_seconds=50) is False  # not ended: untouched
+        assert 0 < await redis_client.pttl(keys[0]) <= 30_000
+        await store.append_events(
+            "r", [event(1, "response.completed")], snapshot=b"{}", status="completed", lease=LEASE
+        )
+        assert await store.settle_response("r", idempotency_ttl_seconds=50) is True
         assert 30_000 < await redis_client.pttl(keys[0]) <= 50_000
+        names = [key async for key in redis_client.scan_iter(match=f"{key_prefix}:*")]
+        assert all(b"my-secret-key" not in name for name in names)
+        for state in await _hashes(redis_client, key_prefix):
+            assert b"my-secret-key" not in b"".join(await redis_client.hvals(state))
     finally:
         await store.close()
 
@@ -473,7 +470,8 @@ async def test_an_expired_lease_is_fenced_and_claimed_with_a_new_epoch(store: St
     assert lease is not None
     assert await store.claim_response("resp_exp_lease", "instance-b", lease_ms=60_000) is None  # still held
     renewed = await store.renew_lease("resp_exp_lease", lease, lease_ms=150)
-    assert renewed.until_ms >= lease.until_ms
+    assert renewed.lease.until_ms >= lease.until_ms
+    assert renewed.cancel_requested is False
     await asyncio.sleep(0.25)
     with pytest.raises(LeaseLost):  # expired: even the old owner may not write, nor renew
         await store.append_events("resp_exp_lease", [event(1)], snapshot=b"{}", status="in_progress", lease=lease)
@@ -496,11 +494,8 @@ async def test_released_and_queued_responses_are_claimable_at_once(store: Store)
     assert lease is not None
     await store.release_lease("resp_rel", lease)
     assert await store.claim_response("resp_rel", "instance-b", lease_ms=60_000) is not None
-    queued = new_response("resp_queued", events=1)
     assert (
-        await store.create_response(
-            NewResponse(**{field: getattr(queued, field) for field in queued.__dataclass_fields__} | {"owner": ""})
-        )
+        await store.create_response(NewResponse(**vars_of(new_response("resp_queued", events=1)) | {"owner": ""}))
         is None
     )
     claimed = await store.claim_response("resp_queued", "instance-c", lease_ms=60_000)
@@ -517,22 +512,102 @@ async def test_renewing_the_lease_of_a_finished_response_is_not_a_loss(store: St
     assert lease is not None
     closing = [event(1, "response.completed")]
     await store.append_events("resp_done_lease", closing, snapshot=b"{}", status="completed", lease=lease)
-    assert await store.renew_lease("resp_done_lease", lease, lease_ms=1000) == lease
+    assert (await store.renew_lease("resp_done_lease", lease, lease_ms=1000)).lease == lease
 
 
-async def test_run_index_and_locks(store: Store) -> None:
-    await store.index_run("resp_late", 10**15)
-    await store.index_run("resp_b", 2)
-    await store.index_run("resp_a", 1)
-    assert await store.due_runs(10) == ["resp_a", "resp_b"]
-    await store.unindex_run("resp_a")
-    assert await store.due_runs(10) == ["resp_b"]
-    assert await store.try_lock("sweep", "me", ttl_ms=5000) is True
-    assert await store.try_lock("sweep", "you", ttl_ms=5000) is False
-    await store.unlock("sweep", "you")
-    assert await store.try_lock("sweep", "you", ttl_ms=5000) is False
-    await store.unlock("sweep", "me")
-    assert await store.try_lock("sweep", "you", ttl_ms=5000) is True
+def vars_of(new: NewResponse) -> dict[str, object]:
+    return {name: getattr(new, name) for name in new.__dataclass_fields__}
+
+
+def queued_response(response_id: str) -> NewResponse:
+    return NewResponse(**vars_of(new_response(response_id, events=2, status="queued")) | {"owner": ""})
+
+
+async def _hashes(client: aioredis.Redis, key_prefix: str) -> list[bytes]:
+    return [key async for key in client.scan_iter(match=f"{key_prefix}:*:state")]
+
+
+async def test_admission_indexes_or_queues_in_the_same_step(store: Store) -> None:
+    lease = await store.create_response(new_response("resp_owned", events=1))
+    assert lease is not None
+    for name in ("resp_q1", "resp_q2", "resp_q3"):
+        assert await store.create_response(queued_response(name)) is None
+    assert await store.queued_runs(10) == ["resp_q1", "resp_q2", "resp_q3"]  # admission order, not id order
+    assert await store.queued_runs(2) == ["resp_q1", "resp_q2"]
+    assert await store.due_runs(10) == []  # the owned one is due when its lease expires, not before
+    await store.release_lease("resp_owned", lease)
+    assert await store.due_runs(10) == ["resp_owned"]  # released: due at once
+
+
+async def test_claiming_a_queued_response_moves_it_from_the_queue_to_the_run_index(store: Store) -> None:
+    await store.create_response(queued_response("resp_qa"))
+    await store.create_response(queued_response("resp_qb"))
+    claimed = await store.claim_response("resp_qb", "instance-b", lease_ms=100)
+    assert claimed is not None
+    assert await store.queued_runs(10) == ["resp_qa"]
+    assert await store.claim_response("resp_qb", "instance-c", lease_ms=100) is None  # held now
+    await asyncio.sleep(0.2)
+    assert await store.due_runs(10) == ["resp_qb"]  # its new owner's lease lapsed: an orphan
+
+
+async def test_renewal_reports_a_cancel_request(store: Store) -> None:
+    lease = await store.create_response(new_response("resp_rc", events=1))
+    assert lease is not None
+    assert await store.request_cancel("resp_rc") == "in_progress"
+    renewal = await store.renew_lease("resp_rc", lease, lease_ms=60_000)
+    assert renewal.cancel_requested is True
+    record = await store.get_response("resp_rc")
+    assert record is not None
+    assert record.cancel_requested is True
+
+
+async def test_settling_needs_a_stored_end_and_drops_the_index_entry(store: Store) -> None:
+    lease = await store.create_response(new_response("resp_settle", events=1))
+    assert lease is not None
+    await store.release_lease("resp_settle", lease)
+    assert await store.settle_response("resp_settle", idempotency_ttl_seconds=60) is False
+    assert await store.due_runs(10) == ["resp_settle"]  # still indexed: its end is not stored
+    claimed = await store.claim_response("resp_settle", "instance-b", lease_ms=60_000)
+    assert claimed is not None
+    await store.append_events(
+        "resp_settle", [event(1, "response.failed")], snapshot=b"{}", status="failed", lease=claimed[0]
+    )
+    await store.release_lease("resp_settle", claimed[0])  # a finished response's lease is not released
+    assert await store.settle_response("resp_settle", idempotency_ttl_seconds=60) is True
+    assert await store.due_runs(10) == []
+    assert await store.settle_response("resp_never_was", idempotency_ttl_seconds=60) is True  # gone: nothing left
+
+
+async def test_an_abandoned_admission_leaves_nothing(store: Store) -> None:
+    await store.create_conversation("conv_ab", created_at=1, metadata=b"{}", items=[])
+    assert await store.claim_idempotency_key("t", "k", fingerprint="f", response_id="resp_ab", ttl_seconds=60) is None
+    await store.create_response(
+        NewResponse(**vars_of(queued_response("resp_ab")) | {"idempotency": ("t", "k"), "conversation_id": "conv_ab"})
+    )
+    assert await store.begin_conversation_turn("conv_ab", "resp_ab") is None
+    assert await store.begin_conversation_turn("conv_ab", "resp_ab") is None  # its own turn again: a no-op
+    await store.abandon_admission("resp_ab", idempotency=("t", "k"), conversation_id="conv_ab")
+    assert await store.get_response("resp_ab") is None
+    assert await store.queued_runs(10) == []
+    conversation = await store.get_conversation("conv_ab")
+    assert conversation is not None
+    assert conversation.active_response_id is None
+    assert await store.claim_idempotency_key("t", "k", fingerprint="f", response_id="resp_2", ttl_seconds=60) is None
+    # An undo never takes what another response holds.
+    assert await store.begin_conversation_turn("conv_ab", "resp_other") is None
+    await store.abandon_admission("resp_ab", idempotency=("t", "k"), conversation_id="conv_ab")
+    held = await store.claim_idempotency_key("t", "k", fingerprint="f", response_id="resp_3", ttl_seconds=60)
+    assert held is not None
+    assert held.response_id == "resp_2"
+    conversation = await store.get_conversation("conv_ab")
+    assert conversation is not None
+    assert conversation.active_response_id == "resp_other"
+
+
+async def test_deleting_a_response_drops_its_queue_entry(store: Store) -> None:
+    await store.create_response(queued_response("resp_del_q"))
+    assert await store.delete_response("resp_del_q", only_if_finished=False) is DeleteOutcome.DELETED
+    assert await store.queued_runs(10) == []
 
 
 async def test_redis_every_key_has_the_retention_ttl(redis_server: str, key_prefix: str) -> None:
@@ -541,11 +616,13 @@ async def test_redis_every_key_has_the_retention_ttl(redis_server: str, key_pref
     try:
         await store.create_response(new_response("resp_ttl", events=2))
         await store.append_events("resp_ttl", [event(2)], snapshot=b"{}", status="in_progress", lease=LEASE)
+        await store.create_response(queued_response("resp_ttl_q"))
         keys = [key async for key in client.scan_iter(match=f"{key_prefix}:*")]
-        assert len(keys) == 3
+        assert len(keys) == 8  # two responses' three keys, the run index and the queue
         for key in keys:
             assert 0 < await client.pttl(key) <= 60_000, key
-            assert b"{resp_ttl}" in key  # one hash tag: one Cluster slot
+        response_keys = [key for key in keys if b"{resp_ttl}" in key]
+        assert len(response_keys) == 3  # one hash tag: one Cluster slot
     finally:
         await client.aclose()
         await store.close()

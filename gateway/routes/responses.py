@@ -20,7 +20,8 @@ from runs.errors import ApiError, InvalidRequest, Unavailable, response_not_foun
 from runs.request import INCLUDABLE, CreateResponseRequest
 from runs.run import ResponseRun
 from runs.subscription import follow_events
-from storage.base import TERMINAL_STATUSES, DeleteOutcome, ResponseRecord, Store
+from storage.base import DeleteOutcome, ResponseRecord, Store
+from storage.status import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,7 @@ if not last then
 end
 -- Fencing first: a writer that lost the response must hear exactly that, whatever else has been written since.
 local state = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until')
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-if state[1] ~= ARGV[5] or state[2] ~= ARGV[6] or tonumber(state[3]) < now_ms then
+if state[1] ~= ARGV[5] or state[2] ~= ARGV[6] or tonumber(state[3]) < now_ms() then
   return 'FENCED'
 end
 local count = (#ARGV - 6) / 3
@@ -30,8 +28,7 @@ if last + 1 ~= first then
   end
   return 'CONFLICT'
 end
-local current = redis.call('HGET', KEYS[1], 'status')
-if current == 'completed' or current == 'failed' or current == 'cancelled' or current == 'incomplete' then
+if TERMINAL[redis.call('HGET', KEYS[1], 'status')] then
   return 'CLOSED'
 end
 local ttl = ARGV[1]

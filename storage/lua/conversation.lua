@@ -22,6 +22,9 @@ local function append(from)
   end
 end
 if action == 'begin' then
+  if active == ARGV[3] then
+    return 'OK'  -- its own turn already (a resumed run taking it again)
+  end
   if active ~= '' then
     return active
   end

@@ -1,29 +1,37 @@
--- Create a response with its first events, its snapshot and its input items, all with the retention TTL.
--- KEYS: state hash, events stream, input string (one hash tag: one Cluster slot)
--- ARGV: ttl_ms, snapshot, status, background, stored, input_json, request_json, owner ('' when queued for any
---       instance), lease_ms, tenant, then (entry_id, type, data) per event, from seq 0
+-- Admit a response in one step: its first events, snapshot, input items and stored request, and its place in
+-- the run index (owned, due when its lease expires) or at the tail of the queue (unowned, FIFO by Redis time).
+-- A response is never stored without being indexed or queued, so no sweeper can miss it.
+-- KEYS: state hash, events stream, input string (one hash tag), run index, queue
+-- ARGV: ttl_ms, response_id, snapshot, status, background, stored, input_json, request_json, owner ('' to queue),
+--       lease_ms, tenant, idempotency key name ('' for none), conversation id of its turn ('' for none),
+--       then (entry_id, type, data) per event, from seq 0
 -- Returns {'OK', epoch, lease_until_ms} or 'EXISTS'.
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 'EXISTS'
 end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local ttl = ARGV[1]
-local count = (#ARGV - 10) / 3
+local first_event = 14
+local count = (#ARGV - first_event + 1) / 3
 for i = 0, count - 1 do
-  local base = 11 + 3 * i
+  local base = first_event + 3 * i
   redis.call('XADD', KEYS[2], ARGV[base], 't', ARGV[base + 1], 'd', ARGV[base + 2])
 end
 local lease_until = 0
-if ARGV[8] ~= '' then
-  lease_until = now_ms + tonumber(ARGV[9])
+if ARGV[9] ~= '' then
+  lease_until = now_ms() + tonumber(ARGV[10])
+  redis.call('ZADD', KEYS[4], lease_until, ARGV[2])
+  redis.call('PEXPIRE', KEYS[4], ttl)
+else
+  redis.call('ZADD', KEYS[5], now_us(), ARGV[2])
+  redis.call('PEXPIRE', KEYS[5], ttl)
 end
-redis.call('HSET', KEYS[1], 'snapshot', ARGV[2], 'status', ARGV[3], 'last_seq', count - 1,
-  'background', ARGV[4], 'stored', ARGV[5], 'request', ARGV[7], 'owner', ARGV[8], 'epoch', 1,
-  'lease_until', lease_until, 'recovery_count', 0, 'tenant', ARGV[10])
+redis.call('HSET', KEYS[1], 'snapshot', ARGV[3], 'status', ARGV[4], 'last_seq', count - 1,
+  'background', ARGV[5], 'stored', ARGV[6], 'request', ARGV[8], 'owner', ARGV[9], 'epoch', 1,
+  'lease_until', lease_until, 'recovery_count', 0, 'tenant', ARGV[11], 'idem', ARGV[12], 'conv', ARGV[13],
+  'cancel_requested', '0')
 redis.call('PEXPIRE', KEYS[1], ttl)
 if count > 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
 end
-redis.call('SET', KEYS[3], ARGV[6], 'PX', ttl)
+redis.call('SET', KEYS[3], ARGV[7], 'PX', ttl)
 return {'OK', 1, lease_until}

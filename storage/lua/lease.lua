@@ -1,43 +1,46 @@
--- Leases of running responses. The owner renews or releases its lease; another instance claims a response whose
--- lease has expired (or that was queued for anyone), which bumps the epoch and so fences the old owner out.
--- KEYS: state hash
--- ARGV: action ('renew' | 'release' | 'claim'), owner, epoch (renew/release) or '' (claim), lease_ms
--- renew   -> {'OK', lease_until} | {'LOST'}
--- release -> {'OK'} | {'LOST'}            (the lease expires now: someone else may claim it at once)
--- claim   -> {'OK', epoch, lease_until, recovery_count} | {'BUSY'} | {'GONE'}
-local state = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until', 'status')
-if not state[4] then
+-- Leases of running responses, and their place in the run index (scored by lease expiry, so an orphan is due the
+-- moment its lease runs out). The owner renews or releases its lease; another instance claims a response whose
+-- lease has expired, or that waits unowned in the queue, which bumps the epoch and so fences the old owner out.
+-- KEYS: state hash, run index, queue
+-- ARGV: action ('renew' | 'release' | 'claim'), response_id, owner, epoch (renew/release) or '' (claim), lease_ms,
+--       ttl_ms
+-- renew   -> {'OK', lease_until, cancel_requested} | {'LOST'} | {'GONE'}
+-- release -> {'OK', 0, cancel_requested} | {'LOST'} | {'GONE'}   (due now: someone else may claim it at once)
+-- claim   -> {'OK', epoch, lease_until, recovery_count, cancel_requested} | {'BUSY'} | {'GONE'}
+local state = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until', 'status', 'cancel_requested')
+if not state[4] or TERMINAL[state[4]] then
   return {'GONE'}
 end
-local status = state[4]
-if status == 'completed' or status == 'failed' or status == 'cancelled' or status == 'incomplete' then
-  return {'GONE'}
-end
-local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local now = now_ms()
 local action = ARGV[1]
+local cancel = state[5] or '0'
 if action == 'renew' or action == 'release' then
-  if state[1] ~= ARGV[2] or state[2] ~= ARGV[3] or tonumber(state[3]) < now_ms then
+  if state[1] ~= ARGV[3] or state[2] ~= ARGV[4] or tonumber(state[3]) < now then
     return {'LOST'}
   end
-  local lease_until = now_ms + tonumber(ARGV[4])
+  local lease_until = now + tonumber(ARGV[5])
   if action == 'release' then
     lease_until = 0
   end
   redis.call('HSET', KEYS[1], 'lease_until', lease_until)
-  return {'OK', lease_until}
+  redis.call('ZADD', KEYS[2], lease_until, ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  return {'OK', lease_until, cancel}
 end
 -- claim
-if state[1] ~= '' and tonumber(state[3]) >= now_ms then
+if state[1] ~= '' and tonumber(state[3]) >= now then
   return {'BUSY'}
 end
 local epoch = tonumber(state[2]) + 1
-local lease_until = now_ms + tonumber(ARGV[4])
+local lease_until = now + tonumber(ARGV[5])
 local recovery = 0
 if state[1] ~= '' then
   recovery = redis.call('HINCRBY', KEYS[1], 'recovery_count', 1)
 else
   recovery = tonumber(redis.call('HGET', KEYS[1], 'recovery_count') or '0')
 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[2], 'epoch', epoch, 'lease_until', lease_until)
-return {'OK', epoch, lease_until, recovery}
+redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'epoch', epoch, 'lease_until', lease_until)
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('ZADD', KEYS[2], lease_until, ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[6])
+return {'OK', epoch, lease_until, recovery, cancel}

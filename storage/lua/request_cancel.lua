@@ -1,11 +1,12 @@
--- Record a cancel request on a running response and tell every instance; report the status it had.
+-- Record a cancel request on an active response and tell every instance; report the status it had. The flag is
+-- what counts (the owner also reads it on every append and lease renewal); the message only makes it quick.
 -- KEYS: state hash
 -- ARGV: channel, response id
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   return false
 end
-if status == 'queued' or status == 'in_progress' then
+if not TERMINAL[status] then
   -- HSET on an existing hash keeps its TTL.
   redis.call('HSET', KEYS[1], 'cancel_requested', '1')
   redis.call('PUBLISH', ARGV[1], ARGV[2])
