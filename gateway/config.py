@@ -103,6 +103,7 @@ class RunsConfig(_Section):
     lease_seconds: float = Field(15.0, gt=0)
     renew_seconds: float = Field(5.0, gt=0)
     sweep_seconds: float = Field(2.0, gt=0)
+    sync_wait_seconds: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
     def _renew_well_within_the_lease(self) -> RunsConfig:

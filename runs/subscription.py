@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 
+from runs.errors import Unavailable, response_not_found
 from runs.live import LiveEvents, LiveEventsClosed, SubscriberLagged
 from runs.status import TERMINAL_EVENT_TYPES
-from storage.base import Store, StoredEvent
+from storage.base import ResponseRecord, Store, StoredEvent
 from storage.status import TERMINAL_STATUSES
 
 CATCH_UP_PAGE = 512
+# Names the response an error is about, when the body alone would not let a client find it.
+RESPONSE_ID_HEADER = "x-response-id"
 
 
 async def follow_events(
@@ -90,3 +95,26 @@ def _until_terminal(events: list[StoredEvent]) -> tuple[list[StoredEvent], bool]
         if event.type in TERMINAL_EVENT_TYPES:
             return events[: index + 1], True
     return events, False
+
+
+async def wait_for_end(store: Store, live: LiveEvents, response_id: str, timeout_seconds: float) -> ResponseRecord:
+    """The response once its terminal event is stored, wherever it runs (a synchronous caller whose instance lost
+    the run follows the store, never re-runs it). Past `timeout_seconds` a 503 that names the response, marked not
+    to be retried (a retry would run the model again): the client can fetch the response by its id."""
+    record = await store.get_response(response_id)
+    if record is not None and record.status not in TERMINAL_STATUSES:
+        events = follow_events(store, live, response_id, record.last_sequence_number, idle_seconds=1.0)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_seconds), contextlib.aclosing(events):
+                async for _ in events:
+                    pass  # until the terminal event
+        record = await store.get_response(response_id)
+    if record is None:
+        raise response_not_found(response_id)
+    if record.status not in TERMINAL_STATUSES:
+        raise Unavailable(
+            f"Response '{response_id}' is still running on another gateway instance; fetch it with "
+            f"GET /v1/responses/{response_id}.",
+            headers={"x-should-retry": "false", RESPONSE_ID_HEADER: response_id},
+        )
+    return record

@@ -16,12 +16,11 @@ from gateway.pagination import PageQuery
 from gateway.sse import StreamSettings, open_stream, write_events
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
 from runs import idempotency
-from runs.errors import ApiError, InvalidRequest, Unavailable, response_not_found
+from runs.errors import ApiError, InvalidRequest, response_not_found
 from runs.request import INCLUDABLE, CreateResponseRequest
 from runs.run import ResponseRun
-from runs.subscription import follow_events
+from runs.subscription import follow_events, wait_for_end
 from storage.base import DeleteOutcome, ResponseRecord, Store
-from storage.status import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +166,20 @@ async def _serve_created(
                 # must start afresh rather than be handed this failed response with a 200.
                 await store.release_idempotency_key(key.scope, key.key, response_id=run.response_id)
             raise upstream_refusal(run.failure)
-    record = await store.get_response(run.response_id)
+        # What this instance ran is not the outcome: the store is. If the run was taken over (its lease lost) or
+        # its end could not be written here, the response is finished elsewhere; follow it there.
+        record: ResponseRecord | None = await wait_for_end(
+            store, request.app[LIVE_EVENTS], run.response_id, _sync_wait_seconds(request)
+        )
+    else:
+        record = await store.get_response(run.response_id)
     if record is None:
         raise ApiError("The response was lost before it could be returned.")
-    if not create.is_background and record.status not in TERMINAL_STATUSES:
-        raise Unavailable("The response could not be stored to its end; retry.")
     return raw_json_response(record.snapshot)
+
+
+def _sync_wait_seconds(request: web.Request) -> float:
+    return request.app[SETTINGS].runs.sync_wait_seconds
 
 
 def _validate_include(request: web.Request) -> None:
