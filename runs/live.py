@@ -150,6 +150,7 @@ class LiveEvents:
 
     async def _read_loop(self) -> None:
         delay = RETRY_DELAY_SECONDS
+        failures = 0
         while True:
             if not self._watches:
                 self._changed.clear()
@@ -161,11 +162,18 @@ class LiveEvents:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
-                # Subscribers keep their own timeout and re-read the store, so an outage delays, never loses.
-                log.warning("live event read failed (%s); retrying in %.1fs", error, delay)
+                # Subscribers keep their own timeout and re-read the store, so an outage delays, never loses. The
+                # feed reconnects on the next read (a read on a dead connection fails within the feed's bound), so
+                # the first retry comes soon; later ones back off. One warning per outage, not one per retry.
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "live event read failed (%s); retrying in %.1fs", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_DELAY_CAP_SECONDS)
                 continue
+            if failures:
+                log.info("live event read recovered after %d failed attempt(s)", failures)
+                failures = 0
             delay = RETRY_DELAY_SECONDS
             for response_id, events in found.items():
                 watch = self._watches.get(response_id)

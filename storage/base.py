@@ -124,7 +124,7 @@ class EventFeed(Protocol):
 
     async def read(self, cursors: Mapping[str, int], *, wait_ms: int) -> dict[str, list[StoredEvent]]:
         """Events after each response's cursor; waits up to wait_ms when there are none. May return early (empty)
-        after `interrupt`."""
+        after `interrupt`, or when the backend bounds a single wait (to notice a dead connection in time)."""
         ...
 
     async def interrupt(self) -> None:

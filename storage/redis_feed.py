@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,17 +19,45 @@ from storage.base import (
 from storage.keys import KeySpace, after_entry_id
 from storage.redis_support import parse_entries, raise_if_cancelling, unavailable_on_connection_error
 
+# The longest one read blocks in Redis; a longer wait returns early (empty), which the contract allows. With the
+# margin below it bounds how long a connection that silently stopped delivering (a failover without a reset) goes
+# unnoticed.
+READ_BLOCK_CAP_MS = 1_000
+# A read that has not answered this long after its block time is over is on a dead connection: it is dropped.
+READ_REPLY_MARGIN_SECONDS = 1.0
+# TCP keepalive on the reader, so the kernel also gives up on a peer that vanished while the connection was idle.
+KEEPALIVE_IDLE_SECONDS = 5
+KEEPALIVE_INTERVAL_SECONDS = 1
+KEEPALIVE_PROBES = 3
+
+
+def _keepalive_options() -> dict[int, int]:
+    if sys.platform == "linux":
+        return {
+            socket.TCP_KEEPIDLE: KEEPALIVE_IDLE_SECONDS,
+            socket.TCP_KEEPINTVL: KEEPALIVE_INTERVAL_SECONDS,
+            socket.TCP_KEEPCNT: KEEPALIVE_PROBES,
+        }
+    return {}  # the platform's defaults; the read deadline still applies
+
 
 class RedisEventFeed:
     """XREAD BLOCK over every watched stream on one dedicated connection; `interrupt` wakes it with CLIENT UNBLOCK
-    from another connection, so a new subscriber's response joins the read at once."""
+    from another connection, so a new subscriber's response joins the read at once. A read that does not answer
+    within its block time plus a margin fails (StoreUnavailable) and the next read starts on a fresh connection."""
 
     def __init__(self, client: aioredis.Redis, keys: KeySpace) -> None:
         self._control = client
-        # A connection of its own: no socket timeout (it blocks on purpose) and no silent reconnect-and-retry,
-        # so a new connection (with a new CLIENT ID) is always noticed.
+        # A connection of its own: a socket timeout just past the longest block, keepalive, and no silent
+        # reconnect-and-retry, so a new connection (with a new CLIENT ID) is always noticed.
         pool = client.connection_pool
-        kwargs = {**pool.connection_kwargs, "socket_timeout": None, "retry": Retry(NoBackoff(), 0)}
+        kwargs = {
+            **pool.connection_kwargs,
+            "socket_timeout": READ_BLOCK_CAP_MS / 1000 + READ_REPLY_MARGIN_SECONDS,
+            "socket_keepalive": True,
+            "socket_keepalive_options": _keepalive_options(),
+            "retry": Retry(NoBackoff(), 0),
+        }
         self._reader = aioredis.Redis(
             connection_pool=aioredis.ConnectionPool(connection_class=pool.connection_class, max_connections=1, **kwargs)
         )
@@ -44,10 +75,15 @@ class RedisEventFeed:
             if self._reader_id is None:
                 self._reader_id = int(await self._reader.client_id())
             self._reading = True
-            reply = await self._reader.xread(streams, count=512, block=max(wait_ms, 1))  # type: ignore[arg-type]
+            block_ms = min(max(wait_ms, 1), READ_BLOCK_CAP_MS)
+            reply = await self._reader.xread(streams, count=512, block=block_ms)  # type: ignore[arg-type]
             raise_if_cancelling()
         except BaseException:
-            self._reader_id = None  # the connection may have been replaced
+            # Drop the connection, whatever state it is in: a reply may still be on its way, or never come. The
+            # next read connects afresh and reads its new CLIENT ID.
+            self._reader_id = None
+            with contextlib.suppress(Exception):  # the read's own error is the one to report
+                await self._reader.connection_pool.disconnect()
             raise
         finally:
             self._reading = False
