@@ -36,6 +36,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         retention_seconds=storage.retention_seconds,
         max_connections=storage.max_connections,
     )
+    faults = app.get(FAULTS)
+    if faults is not None and faults.wrap_store is not None:
+        store = faults.wrap_store(store)
     if storage.url.startswith("memory://"):
         log.info("storage: embedded in-process store (memory://); responses live as long as this process")
     else:

@@ -8,6 +8,8 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Iterable
 
+from storage.base import Store
+
 log = logging.getLogger(__name__)
 
 # Every boundary the lifecycle announces, in the order a run meets them. A test hook (in-process) or the
@@ -33,8 +35,12 @@ Hook = Callable[[str, str], Awaitable[None]]
 class FaultPoints:
     """What happens at each boundary: nothing, unless a test installed a hook for it."""
 
-    def __init__(self, hooks: dict[str, Hook] | None = None) -> None:
+    def __init__(
+        self, hooks: dict[str, Hook] | None = None, wrap_store: Callable[[Store], Store] | None = None
+    ) -> None:
         self.hooks: dict[str, Hook] = dict(hooks or {})
+        # A test may put a store that fails chosen steps in front of the real one.
+        self.wrap_store = wrap_store
         unknown = set(self.hooks) - set(BOUNDARIES)
         if unknown:
             raise ValueError(f"unknown fault boundaries: {sorted(unknown)}")
