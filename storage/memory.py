@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -51,25 +51,28 @@ class MemoryStore(MemoryConversations):
         self._retention = float(retention_seconds)
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
-        # (expires_at, response_id) pushed on every write; stale pairs are skipped when popped.
-        self._expiry_heap: list[tuple[float, str]] = []
+        # Response ids, least recently written first. Retention is one constant, so this is also expiry order:
+        # one slot per response, moved to the end on write and dropped on delete, expired from the front.
+        self._expiry: OrderedDict[str, None] = OrderedDict()
         # Set (and replaced) on every append, for event feeds waiting on any response.
         self._any_append = asyncio.Event()
         self._cancel_listeners: set[asyncio.Queue[str]] = set()
         # (scope, key) -> (claim, expires_at)
         self._claims: dict[tuple[str, str], tuple[IdempotencyClaim, float]] = {}
         self._claims_sweep_at = 1024
-        self._conversations: dict[str, Conversation] = {}
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._run_index: dict[str, int] = {}
         self._locks: dict[str, tuple[str, float]] = {}
 
     def _expire_due(self) -> None:
         now = self._clock()
-        while self._expiry_heap and self._expiry_heap[0][0] <= now:
-            _, response_id = heapq.heappop(self._expiry_heap)
+        while self._expiry:
+            response_id = next(iter(self._expiry))
             entry = self._entries.get(response_id)
-            if entry is not None and entry.expires_at <= now:
-                del self._entries[response_id]
+            if entry is not None and entry.expires_at > now:
+                return
+            self._forget(response_id)
+            if entry is not None:
                 entry.appended.set()
 
     def _live(self, response_id: str) -> _Entry | None:
@@ -78,7 +81,12 @@ class MemoryStore(MemoryConversations):
 
     def _touch(self, response_id: str, entry: _Entry) -> None:
         entry.expires_at = self._clock() + self._retention
-        heapq.heappush(self._expiry_heap, (entry.expires_at, response_id))
+        self._expiry[response_id] = None
+        self._expiry.move_to_end(response_id)
+
+    def _forget(self, response_id: str) -> None:
+        self._entries.pop(response_id, None)
+        self._expiry.pop(response_id, None)
 
     def _wake_readers(self, entry: _Entry) -> None:
         entry.appended.set()
@@ -227,7 +235,7 @@ class MemoryStore(MemoryConversations):
             return DeleteOutcome.MISSING
         if only_if_finished and entry.status not in TERMINAL_STATUSES:
             return DeleteOutcome.ACTIVE
-        del self._entries[response_id]
+        self._forget(response_id)
         self._wake_readers(entry)
         return DeleteOutcome.DELETED
 
@@ -315,7 +323,7 @@ class MemoryStore(MemoryConversations):
         self._entries.clear()
         self._claims.clear()
         self._conversations.clear()
-        self._expiry_heap.clear()
+        self._expiry.clear()
 
 
 class MemoryEventFeed:
