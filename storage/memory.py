@@ -54,7 +54,7 @@ class MemoryStore(MemoryConversations):
         # Response ids, least recently written first. Retention is one constant, so this is also expiry order:
         # one slot per response, moved to the end on write and dropped on delete, expired from the front.
         self._expiry: OrderedDict[str, None] = OrderedDict()
-        # Set (and replaced) on every append, for event feeds waiting on any response.
+        # Set (and replaced) on every append, for event feeds waiting on any response: see next_append.
         self._any_append = asyncio.Event()
         self._cancel_listeners: set[asyncio.Queue[str]] = set()
         # (scope, key) -> (claim, expires_at)
@@ -301,9 +301,10 @@ class MemoryStore(MemoryConversations):
         if existing is not None:
             self._claims[(scope, key)] = (existing, self._clock() + ttl_seconds)
 
-    async def wait_for_any_append(self) -> None:
-        """Return at the next append to any response."""
-        await self._any_append.wait()
+    def next_append(self) -> asyncio.Event:
+        """The event set at the next append to any response. Take it in the same step as looking at the events
+        (no await in between), then wait on it: an append in between has then set it, not a later one."""
+        return self._any_append
 
     def open_event_feed(self) -> MemoryEventFeed:
         return MemoryEventFeed(self)
@@ -334,17 +335,20 @@ class MemoryEventFeed:
         self._interrupted = asyncio.Event()
 
     async def read(self, cursors: Mapping[str, int], *, wait_ms: int) -> dict[str, list[StoredEvent]]:
+        # Both wake-ups are taken in the same step as the look at the events. A waiter that fetched them only once
+        # it first ran missed an append landing in between (the append sets and replaces the event), and the read
+        # slept out its whole wait_ms with the event already stored.
+        appended = self._store.next_append()
+        interrupted = self._interrupted
         found = self._collect(cursors)
         if found or wait_ms <= 0:
             return found
-        appended = asyncio.ensure_future(self._store.wait_for_any_append())
-        interrupted = asyncio.ensure_future(self._interrupted.wait())
+        waiters = {asyncio.ensure_future(appended.wait()), asyncio.ensure_future(interrupted.wait())}
         try:
-            await asyncio.wait({appended, interrupted}, timeout=wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            appended.cancel()
-            interrupted.cancel()
-            self._interrupted.clear()
+            for waiter in waiters:
+                waiter.cancel()
         return self._collect(cursors)
 
     def _collect(self, cursors: Mapping[str, int]) -> dict[str, list[StoredEvent]]:
@@ -356,7 +360,11 @@ class MemoryEventFeed:
         return found
 
     async def interrupt(self) -> None:
+        # Wakes the read in progress only, as CLIENT UNBLOCK does for the Redis feed: a read that starts later is
+        # given cursors that already include the change. Set and replaced rather than cleared by the read, so an
+        # interrupt landing while a read is returning is never wiped out by it.
         self._interrupted.set()
+        self._interrupted = asyncio.Event()
 
     async def close(self) -> None:
         return None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from storage.base import DeleteOutcome
 from storage.memory import MemoryStore
 from tests.test_storage_contract import LEASE, FakeClock, event, new_response
@@ -53,4 +57,41 @@ async def test_conversations_expire_in_last_write_order() -> None:
     assert list(store._conversations) == ["conv_a"]
     clock.now += 5
     assert await store.get_conversation("conv_a") is None
+    await store.close()
+
+
+@pytest.mark.parametrize("wake", ["append", "interrupt"])
+async def test_feed_wakes_for_what_lands_just_after_it_looked(wake: str) -> None:
+    store = MemoryStore(retention_seconds=60)
+    await store.create_response(new_response("resp_f", events=1))
+    feed = store.open_event_feed()
+    # Tasks run in the order they are made: the read looks (nothing yet) and starts its waiters, then the append
+    # (or interrupt) runs to the end (it never awaits), before either waiter has run once. That is the window the
+    # read's wake-up used to fall through, sleeping out its wait_ms; wait_ms is long so a miss cannot pass as a
+    # slow wake-up.
+    reading = asyncio.ensure_future(feed.read({"resp_f": 0}, wait_ms=10_000))
+    waking = asyncio.ensure_future(
+        store.append_events("resp_f", [event(1)], snapshot=b"{}", status="in_progress", lease=LEASE)
+        if wake == "append"
+        else feed.interrupt()
+    )
+    found = await asyncio.wait_for(reading, 1)
+    await waking
+    assert {rid: [e.sequence_number for e in events] for rid, events in found.items()} == (
+        {"resp_f": [1]} if wake == "append" else {}
+    )
+    await store.close()
+
+
+async def test_feed_interrupt_wakes_only_the_read_in_progress() -> None:
+    # As the Redis feed: a read that starts after an interrupt was given cursors that already include the change,
+    # so the interrupt does not cut it short.
+    store = MemoryStore(retention_seconds=60)
+    await store.create_response(new_response("resp_j", events=1))
+    feed = store.open_event_feed()
+    await feed.interrupt()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await feed.read({"resp_j": 0}, wait_ms=200) == {}
+    assert loop.time() - started >= 0.15
     await store.close()
