@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -109,12 +110,30 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
     await manager.close()
 
 
-async def drain(app: web.Application) -> None:
+async def drain(app: web.Application, hurry: asyncio.Event | None = None) -> None:
     """Graceful shutdown, before the server stops listening: /readyz turns 503 and new runs are refused while the
-    running ones get `shutdown.grace_seconds`; what is left is handed over; then event streams end cleanly (their
-    clients reconnect elsewhere with their cursor)."""
-    await app[RUN_MANAGER].drain(app[SETTINGS].shutdown.grace_seconds)
-    await app[LIVE_EVENTS].close()
+    running ones get `shutdown.grace_seconds` (cut short when `hurry` is set); what is left is handed over; then
+    event streams end cleanly (their clients reconnect elsewhere with their cursor). With the embedded store there
+    is nobody to hand over to: what is left is ended here, and its streams get the terminal event first."""
+    manager = app[RUN_MANAGER]
+    draining = asyncio.ensure_future(manager.drain(app[SETTINGS].shutdown.grace_seconds))
+    if hurry is not None:
+        hurried = asyncio.ensure_future(hurry.wait())
+        await asyncio.wait({draining, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        if not draining.done():
+            # Almost always caught waiting out the grace period; if it was caught handing over, doing that again
+            # finds the leases already released.
+            draining.cancel()
+            await asyncio.wait({draining})
+            draining = asyncio.ensure_future(manager.drain(0))
+    await draining
+    if manager.settings.handover:
+        await app[LIVE_EVENTS].close()
+    else:
+        # Streams stay open to send the terminal event; the server's shutdown waits for them (bounded by its
+        # shutdown_timeout) before the live events close.
+        await manager.close()
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import faulthandler
 import logging
+import os
 import signal
 import sys
+import threading
 from typing import Any
 
 from aiohttp import web
@@ -17,6 +20,15 @@ from gateway.config import ConfigError, Settings, load_settings
 from simulator import SimulatorSettings, run_simulator
 
 log = logging.getLogger("gateway")
+
+# After the first signal the process exits within grace + this, whatever is stuck: handing runs over, ending
+# streams and closing connections take well under it. It once stopped listening and never exited.
+SHUTDOWN_MARGIN_SECONDS = 5.0
+# Connections still open once the drain is done (it ended or handed over their runs) get this long, not
+# aiohttp's default minute, so the rest of the margin is left for closing the store and the upstreams.
+OPEN_CONNECTIONS_SECONDS = 2.0
+# The exit code when that deadline (or a third signal) cuts the shutdown short; a clean shutdown exits 0.
+FORCED_EXIT_CODE = 70  # EX_SOFTWARE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,24 +74,53 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _run_server(settings: Settings) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully: keep listening (so /readyz can say 503) while
-    the running responses finish or are handed over, and only then stop."""
+    the running responses finish or are handed over, and only then stop. A second signal skips the rest of the
+    grace period (runs are handed over, or ended, at once); a third, or grace + SHUTDOWN_MARGIN_SECONDS after the
+    first, exits at once with FORCED_EXIT_CODE."""
     app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    grace = settings.shutdown.grace_seconds
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=OPEN_CONNECTIONS_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()
     log.info("responses-gateway listening on http://%s:%d", settings.server.host, settings.server.port)
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()
+            _exit_if_still_running_after(grace + SHUTDOWN_MARGIN_SECONDS)
+        elif not hurry.is_set():
+            log.info("second signal: ending the grace period now")
+            hurry.set()
+        else:
+            _exit_now("third signal")
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
         await stop.wait()
-        log.info("shutting down: draining (grace %.0fs)", settings.shutdown.grace_seconds)
-        await drain(app)
+        log.info("shutting down: draining (grace %.0fs; signal again to skip it)", grace)
+        await drain(app, hurry)
     finally:
         await runner.cleanup()
     log.info("stopped")
+
+
+def _exit_if_still_running_after(seconds: float) -> None:
+    # A thread, not a loop timer: it fires even if the loop is blocked, or after asyncio.run has returned and the
+    # interpreter waits on a thread at exit.
+    timer = threading.Timer(seconds, _exit_now, args=(f"still shutting down {seconds:.0f}s after the signal",))
+    timer.daemon = True
+    timer.start()
+
+
+def _exit_now(reason: str) -> None:
+    log.error("%s: exiting now, with code %d; the stacks follow", reason, FORCED_EXIT_CODE)
+    faulthandler.dump_traceback(all_threads=True)  # what it was stuck on, for the next fix
+    logging.shutdown()
+    os._exit(FORCED_EXIT_CODE)
 
 
 def _simulate(args: argparse.Namespace) -> int:

@@ -48,9 +48,16 @@ def retry_preamble(retry_ms: int) -> bytes:
     return b"retry: %d\n" % retry_ms
 
 
-def error_frame(code: str, message: str, sequence_number: int) -> bytes:
-    """A flat `error` event, the shape the SDK raises APIError for."""
-    payload = {"type": "error", "code": code, "message": message, "param": None, "sequence_number": sequence_number}
+def error_frame(code: str, message: str) -> bytes:
+    """A flat `error` event for this connection only. It is not in the response's log, so it takes none of the
+    log's numbers: no `id:` line (Last-Event-ID stays on the last real event, where a reconnect resumes) and no
+    `sequence_number` (it once carried `last + 1`, the number the store then gives the next real event)."""
+    # Omitting the field is what the openai SDK copes with best (checked with 3.57): `responses.create(stream=True)`
+    # and `responses.stream()` yield an ErrorEvent with sequence_number None. Only `responses.stream(response_id=…,
+    # starting_after=N)` then raises (a TypeError comparing None with N), which still ends that stream with an
+    # exception. A repeated or negative number is a log number or gets the error dropped silently by that helper;
+    # a truthy top-level `error` key would make every SDK path raise APIError instead of yielding the flat event.
+    payload = {"type": "error", "code": code, "message": message, "param": None}
     return b"event: error\ndata: %s\n\n" % orjson.dumps(payload)
 
 
@@ -137,7 +144,7 @@ async def write_events(
     except Exception:
         log.exception("event stream broke after %d", last)
         try:
-            await response.write(error_frame("server_error", "The event stream was interrupted; reconnect.", last + 1))
+            await response.write(error_frame("server_error", "The event stream was interrupted; reconnect."))
         except ConnectionResetError:
             return
     finally:

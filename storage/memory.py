@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import heapq
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from storage.base import (
     DeleteOutcome,
@@ -44,7 +44,6 @@ class _Entry:
     cancel_requested: bool = False
     idempotency: tuple[str, str] | None = None
     conversation_id: str | None = None
-    appended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class MemoryStore(MemoryConversations):
@@ -54,27 +53,28 @@ class MemoryStore(MemoryConversations):
         self._retention = float(retention_seconds)
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
-        # (expires_at, response_id) pushed on every write; stale pairs are skipped when popped.
-        self._expiry_heap: list[tuple[float, str]] = []
-        # Set (and replaced) on every append, for event feeds waiting on any response.
+        # Response ids, least recently written first. Retention is one constant, so this is also expiry order:
+        # one slot per response, moved to the end on write and dropped on delete, expired from the front.
+        self._expiry: OrderedDict[str, None] = OrderedDict()
+        # Set (and replaced) on every append, for event feeds waiting on any response: see next_append.
         self._any_append = asyncio.Event()
         self._cancel_listeners: set[asyncio.Queue[str]] = set()
         # (scope, key) -> (claim, expires_at)
         self._claims: dict[tuple[str, str], tuple[IdempotencyClaim, float]] = {}
         self._claims_sweep_at = 1024
-        self._conversations: dict[str, Conversation] = {}
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         # Owned responses -> lease expiry (ms); unowned ones waiting, in admission order (dicts keep it).
         self._run_index: dict[str, int] = {}
         self._queue: dict[str, None] = {}
 
     def _expire_due(self) -> None:
         now = self._clock()
-        while self._expiry_heap and self._expiry_heap[0][0] <= now:
-            _, response_id = heapq.heappop(self._expiry_heap)
+        while self._expiry:
+            response_id = next(iter(self._expiry))
             entry = self._entries.get(response_id)
-            if entry is not None and entry.expires_at <= now:
-                del self._entries[response_id]
-                entry.appended.set()
+            if entry is not None and entry.expires_at > now:
+                return
+            self._forget(response_id)
 
     def _live(self, response_id: str) -> _Entry | None:
         self._expire_due()
@@ -82,11 +82,14 @@ class MemoryStore(MemoryConversations):
 
     def _touch(self, response_id: str, entry: _Entry) -> None:
         entry.expires_at = self._clock() + self._retention
-        heapq.heappush(self._expiry_heap, (entry.expires_at, response_id))
+        self._expiry[response_id] = None
+        self._expiry.move_to_end(response_id)
 
-    def _wake_readers(self, entry: _Entry) -> None:
-        entry.appended.set()
-        entry.appended = asyncio.Event()
+    def _forget(self, response_id: str) -> None:
+        self._entries.pop(response_id, None)
+        self._expiry.pop(response_id, None)
+
+    def _wake_readers(self) -> None:
         self._any_append.set()
         self._any_append = asyncio.Event()
 
@@ -141,7 +144,7 @@ class MemoryStore(MemoryConversations):
         entry.snapshot = snapshot
         entry.status = status
         self._touch(response_id, entry)
-        self._wake_readers(entry)
+        self._wake_readers()
         return entry.cancel_requested
 
     def _holds(self, entry: _Entry, lease: Lease) -> bool:
@@ -205,9 +208,9 @@ class MemoryStore(MemoryConversations):
     async def abandon_admission(
         self, response_id: str, *, idempotency: tuple[str, str] | None, conversation_id: str | None
     ) -> None:
-        entry = self._entries.pop(response_id, None)
-        if entry is not None:
-            self._wake_readers(entry)
+        if self._entries.get(response_id) is not None:
+            self._forget(response_id)
+            self._wake_readers()
         self._run_index.pop(response_id, None)
         self._queue.pop(response_id, None)
         if idempotency is not None:
@@ -252,10 +255,10 @@ class MemoryStore(MemoryConversations):
             return DeleteOutcome.MISSING
         if only_if_finished and entry.status not in TERMINAL_STATUSES:
             return DeleteOutcome.ACTIVE
-        del self._entries[response_id]
+        self._forget(response_id)
         self._run_index.pop(response_id, None)
         self._queue.pop(response_id, None)
-        self._wake_readers(entry)
+        self._wake_readers()
         return DeleteOutcome.DELETED
 
     async def request_cancel(self, response_id: str) -> str | None:
@@ -315,9 +318,10 @@ class MemoryStore(MemoryConversations):
         if existing is not None and existing.response_id == response_id:
             del self._claims[(scope, key)]
 
-    async def wait_for_any_append(self) -> None:
-        """Return at the next append to any response."""
-        await self._any_append.wait()
+    def next_append(self) -> asyncio.Event:
+        """The event set at the next append to any response. Take it in the same step as looking at the events
+        (no await in between), then wait on it: an append in between has then set it, not a later one."""
+        return self._any_append
 
     def open_event_feed(self) -> MemoryEventFeed:
         return MemoryEventFeed(self)
@@ -337,7 +341,7 @@ class MemoryStore(MemoryConversations):
         self._entries.clear()
         self._claims.clear()
         self._conversations.clear()
-        self._expiry_heap.clear()
+        self._expiry.clear()
 
 
 class MemoryEventFeed:
@@ -348,17 +352,20 @@ class MemoryEventFeed:
         self._interrupted = asyncio.Event()
 
     async def read(self, cursors: Mapping[str, int], *, wait_ms: int) -> dict[str, list[StoredEvent]]:
+        # Both wake-ups are taken in the same step as the look at the events. A waiter that fetched them only once
+        # it first ran missed an append landing in between (the append sets and replaces the event), and the read
+        # slept out its whole wait_ms with the event already stored.
+        appended = self._store.next_append()
+        interrupted = self._interrupted
         found = self._collect(cursors)
         if found or wait_ms <= 0:
             return found
-        appended = asyncio.ensure_future(self._store.wait_for_any_append())
-        interrupted = asyncio.ensure_future(self._interrupted.wait())
+        waiters = {asyncio.ensure_future(appended.wait()), asyncio.ensure_future(interrupted.wait())}
         try:
-            await asyncio.wait({appended, interrupted}, timeout=wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(waiters, timeout=wait_ms / 1000, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            appended.cancel()
-            interrupted.cancel()
-            self._interrupted.clear()
+            for waiter in waiters:
+                waiter.cancel()
         return self._collect(cursors)
 
     def _collect(self, cursors: Mapping[str, int]) -> dict[str, list[StoredEvent]]:
@@ -370,7 +377,11 @@ class MemoryEventFeed:
         return found
 
     async def interrupt(self) -> None:
+        # Wakes the read in progress only, as CLIENT UNBLOCK does for the Redis feed: a read that starts later is
+        # given cursors that already include the change. Set and replaced rather than cleared by the read, so an
+        # interrupt landing while a read is returning is never wiped out by it.
         self._interrupted.set()
+        self._interrupted = asyncio.Event()
 
     async def close(self) -> None:
         return None

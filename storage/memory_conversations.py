@@ -1,7 +1,8 @@
-"""Conversations in the embedded store: items in insertion order, the turn lock, expiry on access."""
+"""Conversations in the embedded store: items in insertion order, the turn lock, expiry in last-write order."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,20 +25,24 @@ class MemoryConversations:
 
     _clock: Callable[[], float]
     _retention: float
-    _conversations: dict[str, Conversation]
+    # Least recently written first, as the store's responses: with one retention that is expiry order.
+    _conversations: OrderedDict[str, Conversation]
 
     def _conversation(self, conversation_id: str) -> Conversation | None:
-        conversation = self._conversations.get(conversation_id)
-        if conversation is not None and conversation.expires_at <= self._clock():
-            del self._conversations[conversation_id]
-            return None
-        return conversation
+        now = self._clock()
+        while self._conversations:
+            oldest_id, oldest = next(iter(self._conversations.items()))
+            if oldest.expires_at > now:
+                break
+            del self._conversations[oldest_id]
+        return self._conversations.get(conversation_id)
 
     def _changed_conversation(self, conversation_id: str) -> Conversation:
         conversation = self._conversation(conversation_id)
         if conversation is None:
             raise ConversationMissing(conversation_id)
         conversation.expires_at = self._clock() + self._retention
+        self._conversations.move_to_end(conversation_id)
         return conversation
 
     async def create_conversation(
@@ -51,9 +56,6 @@ class MemoryConversations:
     ) -> None:
         if self._conversation(conversation_id) is not None:
             raise ResponseAlreadyExists(conversation_id)
-        if len(self._conversations) >= 1024 and len(self._conversations) % 1024 == 0:
-            now = self._clock()  # drop expired conversations nobody asked about again, amortised
-            self._conversations = {cid: c for cid, c in self._conversations.items() if c.expires_at > now}
         self._conversations[conversation_id] = Conversation(
             created_at, metadata, dict(items), self._clock() + self._retention, tenant=tenant
         )

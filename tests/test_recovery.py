@@ -25,7 +25,7 @@ from tests.conftest import (
     stop_process,
     wait_for_port,
 )
-from tests.helpers import Frame, expected_text, sdk_for, stream_frames
+from tests.helpers import Frame, expected_text, read_frames, sdk_for, stream_frames
 
 FAST_LEASES = {
     "GATEWAY_RUNS__LEASE_SECONDS": "2",
@@ -192,6 +192,16 @@ async def test_a_paused_owner_is_fenced_out_after_takeover(fleet: Callable[..., 
         await client_b.close()
 
 
+async def until_draining(gateway: GatewayProcess) -> None:
+    async with aiohttp.ClientSession() as http:
+
+        async def draining() -> bool:
+            async with http.get(f"{gateway.url}/readyz") as reply:
+                return reply.status == 503
+
+        await eventually(draining, within=5)
+
+
 async def test_sigterm_lets_a_short_run_finish(fleet: Callable[..., GatewayProcess]) -> None:
     a = fleet(GATEWAY_SHUTDOWN__GRACE_SECONDS="10")
     client = sdk_for(a.url)
@@ -200,15 +210,9 @@ async def test_sigterm_lets_a_short_run_finish(fleet: Callable[..., GatewayProce
             model="sim-1", input="short run", background=True, metadata={"sim_token_delay_ms": "50", "sim_tokens": "20"}
         )
         a.process.send_signal(signal.SIGTERM)
-        async with aiohttp.ClientSession() as http:
-
-            async def draining() -> bool:
-                async with http.get(f"{a.url}/readyz") as reply:
-                    return reply.status == 503
-
-            await eventually(draining, within=5)
-            with pytest.raises(openai.InternalServerError):  # 503: new runs are refused while draining
-                await client.responses.create(model="sim-1", input="too late")
+        await until_draining(a)
+        with pytest.raises(openai.InternalServerError):  # 503: new runs are refused while draining
+            await client.responses.create(model="sim-1", input="too late")
         returncode = await asyncio.to_thread(a.process.wait, 20)
         assert returncode == 0
     finally:
@@ -239,6 +243,62 @@ async def test_sigterm_hands_a_long_run_over_at_the_grace_deadline(fleet: Callab
 
         await eventually(completed, within=20)  # released at the deadline: B restarts it (no output yet)
         assert (await client_b.responses.retrieve(created.id)).output_text == expected_text("long run", tokens=5)
+        assert "handing" in a.log()
+    finally:
+        await client_a.close()
+        await client_b.close()
+
+
+async def signal_twice(gateway: GatewayProcess) -> float:
+    """SIGTERM, then (once it is draining, so the two are not one pending signal) SIGTERM again; returns the
+    seconds from the second signal to the exit."""
+    gateway.process.send_signal(signal.SIGTERM)
+    await until_draining(gateway)
+    loop = asyncio.get_running_loop()
+    second = loop.time()
+    gateway.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(gateway.process.wait, 20) == 0
+    return loop.time() - second
+
+
+async def test_a_second_sigterm_ends_local_runs_at_once_on_the_embedded_store(
+    start_gateway_process: Callable[..., GatewayProcess],
+) -> None:
+    gateway = start_gateway_process({"GATEWAY_SHUTDOWN__GRACE_SECONDS": "60"})
+    slow = {"sim_token_delay_ms": "100", "sim_tokens": "600"}  # a minute of output
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{gateway.url}/v1/responses",
+            json={"model": "sim-1", "input": "long", "stream": True, "background": True, "metadata": slow},
+        ) as reply,
+    ):
+        assert reply.status == 200
+        frames = await read_frames(reply, limit=5)  # output has started
+        exit_seconds = await signal_twice(gateway)
+        frames += await read_frames(reply)
+    assert exit_seconds < 5  # not the 60 s grace
+    # Nobody to hand it over to: the run ends here, and its stream says so before the process goes.
+    assert_clean_log(frames)
+    assert frames[-1].data is not None
+    assert frames[-1].event == "response.failed"
+    assert frames[-1].data["response"]["error"]["message"] == "The gateway shut down before the response finished."
+
+
+async def test_a_second_sigterm_hands_runs_over_at_once_on_redis(fleet: Callable[..., GatewayProcess]) -> None:
+    a = fleet(GATEWAY_SHUTDOWN__GRACE_SECONDS="60")
+    b = fleet()
+    client_a, client_b = sdk_for(a.url), sdk_for(b.url)
+    try:
+        created = await client_a.responses.create(
+            model="sim-1", input="handed over", background=True, metadata={"sim_ttft_ms": "8000", "sim_tokens": "5"}
+        )
+        assert await signal_twice(a) < 5  # neither the 60 s grace nor the 8 s the run takes
+
+        async def completed() -> bool:
+            return (await client_b.responses.retrieve(created.id)).status == "completed"
+
+        await eventually(completed, within=30)  # no output yet when handed over: B runs it again from the start
         assert "handing" in a.log()
     finally:
         await client_a.close()
