@@ -39,7 +39,7 @@ class EventLog:
         next_sequence_number: int,
         lease: Lease,
         on_cancel_requested: Callable[[], None] | None = None,
-        write_retry_seconds: float = WRITE_RETRY_SECONDS,
+        write_retry_seconds: float | None = None,
     ) -> None:
         self._store = store
         self.lease = lease
@@ -47,7 +47,7 @@ class EventLog:
         self.on_lease_lost: Callable[[], None] | None = None
         # Called when the store reports that a cancel was requested (e.g. the pub/sub notice was missed).
         self.on_cancel_requested = on_cancel_requested
-        self._write_retry_seconds = write_retry_seconds
+        self._write_retry_seconds = WRITE_RETRY_SECONDS if write_retry_seconds is None else write_retry_seconds
         self._response_id = response_id
         self._snapshot = snapshot
         self._next_sequence_number = next_sequence_number

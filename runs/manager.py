@@ -243,7 +243,7 @@ class RunManager:
                     raise busy_error(holder)
                 history = await history_for(self._store, request, tenant=caller.tenant)
             provider_body = upstream.prepare(upstream_body(request, history))
-        except BaseException:
+        except (Exception, asyncio.CancelledError):
             if created or idempotency is not None:
                 await self.lifecycle.undo_admission(
                     record.response_id,
@@ -470,4 +470,6 @@ class RunManager:
 
 
 def _reason(error: Exception) -> str:
+    if isinstance(error, ConversationMissing):
+        return f"its conversation ({error}) was not found: it was deleted or expired."
     return error.message if isinstance(error, ApiError) else str(error)

@@ -27,6 +27,8 @@ from aiohttp.test_utils import TestServer
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
+from gateway.state import FAULTS
+from runs.faults import FaultPoints
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_TOKEN_DELAY_MS = 5
@@ -160,9 +162,12 @@ def storage_url(request: pytest.FixtureRequest) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serve_gateway(settings: Settings) -> AsyncIterator[Gateway]:
-    """An in-process gateway (a real aiohttp server on loopback) and clients for it."""
+async def serve_gateway(settings: Settings, faults: FaultPoints | None = None) -> AsyncIterator[Gateway]:
+    """An in-process gateway (a real aiohttp server on loopback) and clients for it; `faults` act at the run
+    lifecycle's boundaries."""
     app = create_app(settings)
+    if faults is not None:
+        app[FAULTS] = faults
     server = TestServer(app, host="127.0.0.1", handler_cancellation=True)
     await server.start_server()
     url = str(server.make_url("")).rstrip("/")
