@@ -320,17 +320,19 @@ class RunManager:
         self._slots.give_back(tenant)
         self.capacity_freed.set()
 
-    async def take_over(self, response_id: str, *, needs_slot: bool) -> None:
+    async def take_over(self, response_id: str, *, needs_slot: bool) -> bool:
         """Claim `response_id` (queued, or orphaned) and end it or run it, as its stored state says. With
-        `needs_slot`, a slot was taken for it by the caller (and is given back unless a run starts)."""
+        `needs_slot`, a slot was taken for it by the caller (and is given back unless a run starts). False when
+        it could not be claimed (someone else holds it, or it has ended or gone)."""
         started = False
         try:
             claimed = await self.lifecycle.claim(response_id)
             if claimed is None:
-                return
+                return False
             record, lease = claimed
             if await self.lifecycle.take_over(record, lease) == TakeOver.RESUME:
                 started = await self._resume(record, lease)
+            return True
         finally:
             if needs_slot and not started:
                 self.give_back_slot()

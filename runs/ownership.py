@@ -98,16 +98,17 @@ class Ownership:
             return
         while self._manager.free_capacity > 0:
             head = await self._store.queued_runs(self._manager.free_capacity)
-            if not head:
-                return
+            claimed_any = False
             for response_id in head:
                 if not self._manager.try_take_slot():
                     return
                 try:
-                    await self._manager.take_over(response_id, needs_slot=True)
+                    claimed_any |= await self._manager.take_over(response_id, needs_slot=True)
                 except Exception:
                     log.exception("could not start queued %s now", response_id)
                     return
+            if not claimed_any:
+                return  # all taken by other instances meanwhile: the next sweep looks again
 
     async def _look_at(self, response_id: str) -> None:
         record = await self._store.get_response(response_id)

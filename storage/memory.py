@@ -169,6 +169,9 @@ class MemoryStore(MemoryConversations):
     async def claim_response(self, response_id: str, owner: str, *, lease_ms: int) -> tuple[Lease, int] | None:
         entry = self._live(response_id)
         if entry is None or entry.status in TERMINAL_STATUSES:
+            self._queue.pop(response_id, None)  # as in lease.lua: nothing to run never blocks the queue's head
+            if entry is None:
+                self._run_index.pop(response_id, None)
             return None
         if entry.owner and entry.lease_until_ms >= self._now_ms():
             return None

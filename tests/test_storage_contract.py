@@ -653,3 +653,22 @@ async def test_memory_retention_expires_everything() -> None:
     clock.now += 2
     assert await store.get_response("resp_m") is None
     assert await store.read_events("resp_m", -1) == []
+
+
+async def test_an_expired_queued_response_never_blocks_the_queue(redis_server: str, key_prefix: str) -> None:
+    """The queue is an index, not the truth: a member whose response expired is dropped when claimed."""
+    clock = FakeClock()
+    memory = MemoryStore(retention_seconds=10, clock=clock)
+    redis_store = RedisStore.from_url(redis_server, key_prefix=key_prefix, retention_seconds=60)
+    try:
+        for store in (memory, redis_store):
+            await store.create_response(queued_response("resp_expired"))
+            await store.create_response(queued_response("resp_next"))
+        clock.now += 11
+        await memory.create_response(queued_response("resp_next"))  # the first one expired meanwhile
+        await redis_store._client.delete(redis_store.keys.response_state("resp_expired"))
+        for store in (memory, redis_store):
+            assert await store.claim_response("resp_expired", "instance-b", lease_ms=1000) is None
+            assert await store.queued_runs(10) == ["resp_next"]
+    finally:
+        await redis_store.close()

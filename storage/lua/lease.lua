@@ -9,6 +9,12 @@
 -- claim   -> {'OK', epoch, lease_until, recovery_count, cancel_requested} | {'BUSY'} | {'GONE'}
 local state = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until', 'status', 'cancel_requested')
 if not state[4] or TERMINAL[state[4]] then
+  -- Nothing to run: it never waits in the queue (an expired or ended one would block its head), and one that is
+  -- gone has no follow-ups left either. An ended one stays indexed until its follow-ups are settled.
+  redis.call('ZREM', KEYS[3], ARGV[2])
+  if not state[4] then
+    redis.call('ZREM', KEYS[2], ARGV[2])
+  end
   return {'GONE'}
 end
 local now = now_ms()
