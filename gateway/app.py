@@ -18,10 +18,10 @@ from runs.lifecycle import Lifecycle, RunSettings
 from runs.live import LiveEvents
 from runs.manager import RunManager
 from runs.ownership import Ownership
+from runs.store import open_store
 from runs.upstream.base import UpstreamSpec
 from runs.upstream.router import UpstreamRouter
 from simulator import SimulatorSettings, create_simulator_app
-from storage.factory import open_store
 
 log = logging.getLogger("gateway")
 

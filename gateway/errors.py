@@ -11,8 +11,8 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from runs.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge, Unavailable, UpstreamError
+from runs.store import StoreUnavailable
 from runs.upstream.base import UpstreamFailure
-from storage.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from storage.base import StoredEvent
+from runs.store import StoredEvent
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from runs.faults import FaultPoints
 from runs.live import LiveEvents
 from runs.manager import RunManager
 from runs.ownership import Ownership
+from runs.store import Store
 from runs.upstream.router import UpstreamRouter
-from storage.base import Store
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)

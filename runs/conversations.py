@@ -13,7 +13,7 @@ from runs.ids import new_id
 from runs.items import Json, normalise_items, stored_in_conversation
 from runs.request import Metadata
 from runs.status import TERMINAL, ResponseStatus
-from storage.base import ConversationMissing, ConversationRecord, CursorNotFound, Store
+from storage.base import ConversationMissing, ConversationRecord, CursorNotFound, ResponseRecord, Store
 
 MAX_INITIAL_ITEMS = 20
 # A long conversation is read for a turn in pages of this size.
@@ -93,6 +93,58 @@ async def get_conversation(
     if record is None or record.tenant != tenant:
         raise conversation_not_found(conversation_id, param)
     return record
+
+
+async def update_metadata(store: Store, conversation_id: str, metadata: Metadata, *, tenant: str) -> ConversationRecord:
+    """Replace the metadata of the tenant's conversation; the conversation as it now is."""
+    await get_conversation(store, conversation_id, tenant=tenant)
+    try:
+        await store.set_conversation_metadata(conversation_id, orjson.dumps(metadata))
+    except ConversationMissing:
+        raise conversation_not_found(conversation_id) from None
+    return await get_conversation(store, conversation_id, tenant=tenant)
+
+
+async def delete_conversation(store: Store, conversation_id: str, *, tenant: str) -> None:
+    """Delete the tenant's conversation and every item of it."""
+    await get_conversation(store, conversation_id, tenant=tenant)
+    if not await store.delete_conversation(conversation_id):
+        raise conversation_not_found(conversation_id)
+
+
+def item_not_found(item_id: str) -> NotFound:
+    return NotFound(f"Item with id '{item_id}' not found.", param="item_id")
+
+
+async def get_item(store: Store, conversation_id: str, item_id: str, *, tenant: str) -> bytes:
+    """One item of the tenant's conversation, as stored (JSON)."""
+    await get_conversation(store, conversation_id, tenant=tenant)
+    item = await store.get_conversation_item(conversation_id, item_id)
+    if item is None:
+        raise item_not_found(item_id)
+    return item
+
+
+async def delete_item(store: Store, conversation_id: str, item_id: str, *, tenant: str) -> ConversationRecord:
+    """Delete one item of the tenant's conversation; the conversation, which the API answers with."""
+    await get_conversation(store, conversation_id, tenant=tenant)
+    try:
+        deleted = await store.delete_conversation_item(conversation_id, item_id)
+    except ConversationMissing:
+        raise conversation_not_found(conversation_id) from None
+    if not deleted:
+        raise item_not_found(item_id)
+    return await get_conversation(store, conversation_id, tenant=tenant)
+
+
+async def active_response(store: Store, conversation_id: str, *, tenant: str) -> ResponseRecord:
+    """The response running in the tenant's conversation, or 404 `no_active_response`."""
+    record = await get_conversation(store, conversation_id, tenant=tenant)
+    response_id = record.active_response_id
+    response = None if response_id is None else await store.get_response(response_id)
+    if response is None:
+        raise NotFound(f"No response is running in conversation '{conversation_id}'.", code="no_active_response")
+    return response
 
 
 async def add_items(store: Store, conversation_id: str, request: AddItemsRequest, *, tenant: str) -> list[Json]:

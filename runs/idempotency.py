@@ -142,3 +142,10 @@ async def claim_key(store: Store, idempotency: IdempotencyKey, response_id: str)
         ):
             log.warning("took over an abandoned idempotency claim for %s", existing.response_id)
             return None
+
+
+async def release_after_refusal(store: Store, idempotency: IdempotencyKey, response_id: str) -> None:
+    """Free the key of a response the provider refused before any output: the caller gets the provider's error,
+    and its retry (the SDK retries 429 and 5xx by itself) must start afresh rather than be handed this failed
+    response with a 200."""
+    await store.release_idempotency_key(idempotency.scope, idempotency.key, response_id=response_id)

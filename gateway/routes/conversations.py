@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-import orjson
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
@@ -18,24 +17,14 @@ from runs.conversations import (
     AddItemsRequest,
     CreateConversationRequest,
     UpdateConversationRequest,
-    conversation_not_found,
     conversation_object,
 )
-from runs.errors import NotFound
-from storage.base import ConversationMissing
 
 _Body = TypeVar("_Body", bound=BaseModel)
 
 
 def _tenant(request: web.Request) -> str:
     return request[PRINCIPAL].tenant
-
-
-async def _owned(request: web.Request) -> str:
-    """The conversation id of the path, once it is known to be the caller's (else the same 404 as a missing one)."""
-    conversation_id = request.match_info["conversation_id"]
-    await conversations.get_conversation(request.app[STORE], conversation_id, tenant=_tenant(request))
-    return conversation_id
 
 
 async def _body(request: web.Request, model: type[_Body]) -> _Body:
@@ -60,23 +49,18 @@ async def retrieve_conversation(request: web.Request) -> web.Response:
 
 async def update_conversation(request: web.Request) -> web.Response:
     """POST /v1/conversations/{id}: replace the metadata."""
-    conversation_id = await _owned(request)
+    conversation_id, store, tenant = request.match_info["conversation_id"], request.app[STORE], _tenant(request)
+    # An unknown conversation is a 404 even when the body is bad too.
+    await conversations.get_conversation(store, conversation_id, tenant=tenant)
     body = await _body(request, UpdateConversationRequest)
-    store = request.app[STORE]
-    try:
-        await store.set_conversation_metadata(conversation_id, orjson.dumps(body.metadata))
-    except ConversationMissing:
-        raise conversation_not_found(conversation_id) from None
-    return json_response(
-        conversation_object(await conversations.get_conversation(store, conversation_id, tenant=_tenant(request)))
-    )
+    record = await conversations.update_metadata(store, conversation_id, body.metadata, tenant=tenant)
+    return json_response(conversation_object(record))
 
 
 async def delete_conversation(request: web.Request) -> web.Response:
     """DELETE /v1/conversations/{id}: the conversation and every item of it."""
-    conversation_id = await _owned(request)
-    if not await request.app[STORE].delete_conversation(conversation_id):
-        raise conversation_not_found(conversation_id)
+    conversation_id = request.match_info["conversation_id"]
+    await conversations.delete_conversation(request.app[STORE], conversation_id, tenant=_tenant(request))
     return json_response({"id": conversation_id, "object": "conversation.deleted", "deleted": True})
 
 
@@ -104,25 +88,15 @@ async def add_items(request: web.Request) -> web.Response:
 
 
 async def retrieve_item(request: web.Request) -> web.Response:
-    conversation_id, item_id = await _owned(request), request.match_info["item_id"]
-    store = request.app[STORE]
-    item = await store.get_conversation_item(conversation_id, item_id)
-    if item is None:
-        raise NotFound(f"Item with id '{item_id}' not found.", param="item_id")
+    conversation_id, item_id = request.match_info["conversation_id"], request.match_info["item_id"]
+    item = await conversations.get_item(request.app[STORE], conversation_id, item_id, tenant=_tenant(request))
     return raw_json_response(item)
 
 
 async def delete_item(request: web.Request) -> web.Response:
     """DELETE /v1/conversations/{id}/items/{item_id}: answers with the conversation, as the API does."""
-    conversation_id, item_id = await _owned(request), request.match_info["item_id"]
-    store = request.app[STORE]
-    try:
-        deleted = await store.delete_conversation_item(conversation_id, item_id)
-    except ConversationMissing:
-        raise conversation_not_found(conversation_id) from None
-    if not deleted:
-        raise NotFound(f"Item with id '{item_id}' not found.", param="item_id")
-    record = await conversations.get_conversation(store, conversation_id, tenant=_tenant(request))
+    conversation_id, item_id = request.match_info["conversation_id"], request.match_info["item_id"]
+    record = await conversations.delete_item(request.app[STORE], conversation_id, item_id, tenant=_tenant(request))
     return json_response(conversation_object(record))
 
 
@@ -132,14 +106,9 @@ async def active_response(request: web.Request) -> web.StreamResponse:
     conversation_id = request.match_info["conversation_id"]
     stream = query_flag(request, "stream")
     cursor = resume_cursor(request)
-    store = request.app[STORE]
-    record = await conversations.get_conversation(store, conversation_id, tenant=_tenant(request))
-    response_id = record.active_response_id
-    response = None if response_id is None else await store.get_response(response_id)
-    if response_id is None or response is None:
-        raise NotFound(f"No response is running in conversation '{conversation_id}'.", code="no_active_response")
+    response = await conversations.active_response(request.app[STORE], conversation_id, tenant=_tenant(request))
     if stream:
-        return await stream_response(request, response_id, cursor)
+        return await stream_response(request, response.response_id, cursor)
     return raw_json_response(response.snapshot)
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from gateway.errors import json_response
 from gateway.state import RUN_MANAGER, STORE
+from runs.store import check_reachable
 
 # A store slower than this to answer a ping counts as unreachable.
 READY_TIMEOUT_SECONDS = 2.0
@@ -23,7 +22,7 @@ async def readyz(request: web.Request) -> web.Response:
     if request.app[RUN_MANAGER].draining:
         return json_response({"status": "draining"}, status=503)
     try:
-        await asyncio.wait_for(request.app[STORE].ping(), READY_TIMEOUT_SECONDS)
+        await check_reachable(request.app[STORE], timeout_seconds=READY_TIMEOUT_SECONDS)
     except Exception as error:
         return json_response({"status": "unavailable", "reason": type(error).__name__}, status=503)
     return json_response({"status": "ready"})

@@ -15,12 +15,12 @@ from gateway.errors import invalid_body, json_response, raw_json_response, upstr
 from gateway.pagination import PageQuery
 from gateway.sse import StreamSettings, open_stream, write_events
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
-from runs import idempotency
-from runs.errors import ApiError, InvalidRequest, response_not_found
+from runs import idempotency, responses
+from runs.errors import InvalidRequest
 from runs.request import INCLUDABLE, CreateResponseRequest
 from runs.run import ResponseRun
+from runs.store import Store
 from runs.subscription import follow_events, wait_for_end
-from storage.base import DeleteOutcome, ResponseRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +57,6 @@ def _query_int(request: web.Request, name: str) -> int | None:
         return int(value)
     except ValueError:
         raise InvalidRequest(f"Invalid value for '{name}': expected an integer.", param=name) from None
-
-
-async def _visible_record(request: web.Request, response_id: str) -> ResponseRecord:
-    """The caller's stored response, or the 404 OpenAI gives for an unknown id: a `store=false` response, and
-    another tenant's, are answered exactly like one that does not exist."""
-    record = await request.app[STORE].get_response(response_id)
-    if record is None or not record.stored or record.tenant != request[PRINCIPAL].tenant:
-        raise response_not_found(response_id)
-    return record
 
 
 def _stream_settings(request: web.Request) -> StreamSettings:
@@ -145,7 +136,7 @@ async def _serve_by_id(
         async with contextlib.aclosing(events):
             async for _ in events:
                 pass  # until the terminal event
-    record = await _visible_record(request, response_id)
+    record = await responses.visible_response(store, response_id, tenant=request[PRINCIPAL].tenant)
     return raw_json_response(record.snapshot, headers=headers)
 
 
@@ -162,19 +153,13 @@ async def _serve_created(
         await run.wait_finished()
         if run.failure is not None and not run.emitted_output:
             if key is not None:
-                # The caller gets the provider's error, and its retry (the SDK retries 429 and 5xx by itself)
-                # must start afresh rather than be handed this failed response with a 200.
-                await store.release_idempotency_key(key.scope, key.key, response_id=run.response_id)
+                await idempotency.release_after_refusal(store, key, run.response_id)
             raise upstream_refusal(run.failure)
         # What this instance ran is not the outcome: the store is. If the run was taken over (its lease lost) or
         # its end could not be written here, the response is finished elsewhere; follow it there.
-        record: ResponseRecord | None = await wait_for_end(
-            store, request.app[LIVE_EVENTS], run.response_id, _sync_wait_seconds(request)
-        )
+        record = await wait_for_end(store, request.app[LIVE_EVENTS], run.response_id, _sync_wait_seconds(request))
     else:
-        record = await store.get_response(run.response_id)
-    if record is None:
-        raise ApiError("The response was lost before it could be returned.")
+        record = await responses.created_response(store, run.response_id)
     return raw_json_response(record.snapshot)
 
 
@@ -211,7 +196,7 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
     stream = query_flag(request, "stream")
     _validate_include(request)
     cursor = resume_cursor(request)
-    record = await _visible_record(request, response_id)
+    record = await responses.visible_response(request.app[STORE], response_id, tenant=request[PRINCIPAL].tenant)
     if stream:
         return await stream_response(request, response_id, cursor)
     return raw_json_response(record.snapshot)
@@ -226,30 +211,17 @@ async def cancel_response(request: web.Request) -> web.Response:
 async def delete_response(request: web.Request) -> web.Response:
     """DELETE /v1/responses/{response_id}: every key of it gone; refused while it runs."""
     response_id = request.match_info["response_id"]
-    store = request.app[STORE]
-    await _visible_record(request, response_id)
-    outcome = await store.delete_response(response_id)
-    if outcome is DeleteOutcome.ACTIVE:
-        raise InvalidRequest(
-            "Cannot delete an in-flight response; cancel it first or wait for it to finish.",
-            code="response_in_progress",
-        )
-    if outcome is DeleteOutcome.MISSING:
-        raise response_not_found(response_id)
+    await responses.delete_response(request.app[STORE], response_id, tenant=request[PRINCIPAL].tenant)
     return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
 
 async def list_input_items(request: web.Request) -> web.Response:
     """GET /v1/responses/{response_id}/input_items: a cursor page of the input items, newest first by default."""
     response_id = request.match_info["response_id"]
-    store = request.app[STORE]
     _validate_include(request)
     query = PageQuery.from_query(request.query)
-    await _visible_record(request, response_id)
-    raw = await store.get_input_items(response_id)
-    if raw is None:
-        raise response_not_found(response_id)
-    return json_response(query.page(orjson.loads(raw)))
+    items = await responses.input_items(request.app[STORE], response_id, tenant=request[PRINCIPAL].tenant)
+    return json_response(query.page(items))
 
 
 def add_routes(app: web.Application) -> None:
