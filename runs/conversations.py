@@ -12,7 +12,7 @@ from runs.errors import Conflict, InvalidRequest, NotFound
 from runs.ids import new_id
 from runs.items import Json, normalise_items, stored_in_conversation
 from runs.request import Metadata
-from runs.status import TERMINAL, ResponseStatus
+from runs.status import ResponseStatus
 from storage.base import ConversationMissing, ConversationRecord, CursorNotFound, ResponseRecord, Store
 
 MAX_INITIAL_ITEMS = 20
@@ -195,36 +195,6 @@ def busy_error(active_response_id: str) -> Conflict:
         code="conversation_busy",
         headers={"x-should-retry": "false"},
     )
-
-
-async def begin_turn(store: Store, conversation_id: str, response_id: str) -> None:
-    """Make `response_id` the conversation's one active response (atomically, across instances), or 409.
-
-    A holder that has already ended but whose instance did not release the turn (it died in between, or has not
-    got there yet) is finished on its behalf first: a completed one's items join the conversation, exactly once,
-    because releasing and appending is one step that only the current holder's release can take. A holder
-    whose response no longer exists at all (expired, deleted) is simply cleared. Admission creates a response
-    before it takes a turn, so a holder that exists is never mistaken for a missing one.
-    """
-    for _ in range(3):
-        try:
-            holder = await store.begin_conversation_turn(conversation_id, response_id)
-        except ConversationMissing:
-            raise conversation_not_found(conversation_id, "conversation") from None
-        if holder is None:
-            return
-        record = await store.get_response(holder)
-        if record is not None and ResponseStatus(record.status) not in TERMINAL:
-            raise busy_error(holder)
-        if record is None:
-            await store.clear_conversation_turn(conversation_id, holder)
-            continue
-        inputs = orjson.loads(await store.get_input_items(holder) or b"[]")
-        snapshot = orjson.loads(record.snapshot)
-        await end_turn(
-            store, conversation_id, holder, status=record.status, input_items=inputs, output=snapshot["output"]
-        )
-    raise busy_error(response_id)
 
 
 async def end_turn(

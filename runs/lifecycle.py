@@ -11,14 +11,14 @@ from typing import Any
 
 import orjson
 
-from runs.conversations import end_turn
+from runs.conversations import busy_error, conversation_not_found, end_turn
 from runs.event_log import EventLog
 from runs.faults import FaultPoints
 from runs.ids import new_id
 from runs.items import Json
 from runs.run import ResponseRun, emit_terminal
 from runs.status import TERMINAL, ResponseStatus
-from storage.base import Lease, LeaseLost, NewResponse, ResponseRecord, Store, StoreUnavailable
+from storage.base import ConversationMissing, Lease, LeaseLost, NewResponse, ResponseRecord, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,31 @@ class Lifecycle:
         await self.faults.reach("admit.created", new.response_id)
         return lease
 
-    async def take_turn(self, conversation_id: str, response_id: str) -> str | None:
-        """Take the conversation's turn for `response_id` (again, for a resumed run: a no-op then). Returns the
-        other response holding it, if any."""
-        holder = await self._store.begin_conversation_turn(conversation_id, response_id)
-        if holder is None:
-            await self.faults.reach("admit.turn_taken", response_id)
-        return holder
+    async def take_turn(self, conversation_id: str, response_id: str) -> None:
+        """Make `response_id` the conversation's one active response (atomically, across instances; again, for a
+        resumed run: a no-op then), or 409 while another response runs in it (404 when the conversation is gone).
+
+        A holder that has ended but whose follow-ups are not done (its instance died in between, or has not got
+        there yet) is settled on its behalf first: a completed one's items join the conversation exactly once,
+        because releasing and appending is one step only the holder's release can take. A holder whose response no
+        longer exists (expired, deleted) is cleared. Admission creates a response before it takes the turn, so a
+        holder that exists is never mistaken for a missing one."""
+        for _ in range(3):
+            try:
+                holder = await self._store.begin_conversation_turn(conversation_id, response_id)
+            except ConversationMissing:
+                raise conversation_not_found(conversation_id, "conversation") from None
+            if holder is None:
+                await self.faults.reach("admit.turn_taken", response_id)
+                return
+            record = await self._store.get_response(holder)
+            if record is not None and ResponseStatus(record.status) not in TERMINAL:
+                raise busy_error(holder)
+            if record is None:
+                await self._store.clear_conversation_turn(conversation_id, holder)
+            else:
+                await self.settle(holder)
+        raise busy_error(response_id)
 
     async def undo_admission(
         self, response_id: str, *, idempotency: tuple[str, str] | None, conversation_id: str | None

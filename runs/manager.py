@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import orjson
 
 from runs.admission import check_admissible, new_response, upstream_body
-from runs.conversations import busy_error, get_conversation
+from runs.conversations import get_conversation
 from runs.errors import ApiError, InvalidRequest, TooManyRequests, Unavailable, response_not_found
 from runs.event_log import EventLog
 from runs.history import conversation_id_of, history_for
@@ -24,7 +24,7 @@ from runs.run import ResponseRun
 from runs.status import TERMINAL, ResponseStatus
 from runs.upstream.base import Upstream
 from runs.upstream.router import UpstreamRouter
-from storage.base import ConversationMissing, Lease, ResponseRecord, Store
+from storage.base import Lease, ResponseRecord, Store
 
 __all__ = ["Admission", "RunManager", "RunSettings"]
 
@@ -236,11 +236,7 @@ class RunManager:
                 # The response exists before it takes the turn, so a racing instance that finds it holding the
                 # turn never mistakes it for a dead holder. History is read once the turn is ours: the previous
                 # turn's items are in by then.
-                holder = await self.lifecycle.take_turn(turn, record.response_id)
-                if holder is not None:
-                    holder = await self._settle_ended_holder(turn, holder, record.response_id)
-                if holder is not None:
-                    raise busy_error(holder)
+                await self.lifecycle.take_turn(turn, record.response_id)
                 history = await history_for(self._store, request, tenant=caller.tenant)
             provider_body = upstream.prepare(upstream_body(request, history))
         except (Exception, asyncio.CancelledError):
@@ -257,24 +253,6 @@ class RunManager:
             return Admission(record.response_id, run=None)
         run = self._start(request, upstream, provider_body, snapshot, len(record.events), lease, caller, caller.tenant)
         return Admission(run.response_id, run=run)
-
-    async def _settle_ended_holder(self, conversation_id: str, holder: str, response_id: str) -> str | None:
-        """The turn is held by `holder`. If that response has ended (its instance died before its follow-ups, or
-        has not got there yet) or is gone, finish its follow-ups on its behalf and try again. Returns whoever still
-        holds the turn (None: it is ours now)."""
-        for _ in range(3):
-            record = await self._store.get_response(holder)
-            if record is not None and ResponseStatus(record.status) not in TERMINAL:
-                return holder
-            if record is None:
-                await self._store.clear_conversation_turn(conversation_id, holder)
-            else:
-                await self.lifecycle.settle(holder)
-            next_holder = await self.lifecycle.take_turn(conversation_id, response_id)
-            if next_holder is None:
-                return None
-            holder = next_holder
-        return holder
 
     def _start(
         self,
@@ -347,12 +325,10 @@ class RunManager:
             conversation_id = conversation_id_of(request)
             turn = conversation_id if conversation_id is not None and request.is_stored else None
             if turn is not None:
-                holder = await self.lifecycle.take_turn(turn, record.response_id)
-                if holder is not None:
-                    raise InvalidRequest(f"its conversation has moved on to another response ({holder})")
+                await self.lifecycle.take_turn(turn, record.response_id)
             history = await history_for(self._store, request, tenant=record.tenant)
             provider_body = upstream.prepare(upstream_body(request, history))
-        except (ApiError, ValueError, ConversationMissing) as error:
+        except (ApiError, ValueError) as error:
             await self.lifecycle.fail_unresumable(record, lease, _reason(error))
             return False
         snapshot = orjson.loads(record.snapshot)
@@ -472,6 +448,4 @@ class RunManager:
 
 
 def _reason(error: Exception) -> str:
-    if isinstance(error, ConversationMissing):
-        return f"its conversation ({error}) was not found: it was deleted or expired."
     return error.message if isinstance(error, ApiError) else str(error)
