@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
+CHAOS_SECONDS ?= 150
 
-.PHONY: run test test-realmodel lint format simulate clean bench
+.PHONY: run test test-chaos test-realmodel lint format simulate clean bench
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -48,6 +49,11 @@ format: $(VENV)/.installed-dev
 test: lint
 	@.ci/ensure-redis-server
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+## test-chaos: the chaos test alone, longer (CHAOS_SECONDS, default 150; CHAOS_SEED=N replays a fault schedule)
+test-chaos: $(VENV)/.installed-dev
+	@.ci/ensure-redis-server
+	CHAOS_SECONDS=$(CHAOS_SECONDS) $(BIN)/pytest -s tests/test_chaos.py $(PYTEST_ARGS)
 
 # llama.cpp's server lives in a venv of its own: building it takes minutes, and the suite does not need it.
 LLAMA_VENV ?= .venv-llama

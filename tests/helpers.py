@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,9 +50,9 @@ def parse_frame(raw: bytes) -> Frame:
     return Frame(raw, fields.get("event"), fields.get("id"), data)
 
 
-async def read_frames(response: aiohttp.ClientResponse, limit: int | None = None) -> list[Frame]:
-    """Read SSE frames until the stream ends or `limit` frames were read. Comment-only frames are skipped."""
-    frames: list[Frame] = []
+async def iter_frames(response: aiohttp.ClientResponse) -> AsyncIterator[Frame]:
+    """SSE frames as they arrive, so a reader keeps what came before a broken connection. Comment-only frames are
+    skipped."""
     buffer = b""
     async for chunk in response.content.iter_any():
         buffer += chunk
@@ -58,11 +60,18 @@ async def read_frames(response: aiohttp.ClientResponse, limit: int | None = None
             raw, buffer = buffer.split(b"\n\n", 1)
             frame = parse_frame(raw + b"\n\n")
             frame.retry_seen = b"retry:" in raw
-            if frame.data is None:
-                continue
+            if frame.data is not None:
+                yield frame
+
+
+async def read_frames(response: aiohttp.ClientResponse, limit: int | None = None) -> list[Frame]:
+    """Read SSE frames until the stream ends or `limit` frames were read. Comment-only frames are skipped."""
+    frames: list[Frame] = []
+    async with contextlib.aclosing(iter_frames(response)) as arriving:
+        async for frame in arriving:
             frames.append(frame)
             if limit is not None and len(frames) >= limit:
-                return frames
+                break
     return frames
 
 
