@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 UNDO_RETRY_SECONDS = 10.0
 UNDO_RETRY_FIRST_DELAY_SECONDS = 0.05
 
+UNANSWERABLE_MESSAGE = (
+    "The gateway instance serving this synchronous request stopped before it answered. Its client's connection "
+    "ended with it and the client cannot know this response's id, so it was not run again: retry the request."
+)
 ORPHAN_MESSAGE = (
     "The gateway instance running this response stopped after it had started answering; the partial output is "
     "kept. Retry the request to get a complete answer."
@@ -144,8 +148,10 @@ class Lifecycle:
     async def take_over(self, record: ResponseRecord, lease: Lease) -> str:
         """Decide, from the stored record, the fate of a response this instance has just claimed: a cancel that was
         requested ends it `cancelled`; a connection-owned (`store=false`) one is discarded (its client left with
-        its instance); one that had started answering ends `failed` with its partial output (re-running the model
-        would bill twice and change the text); anything else is to be run."""
+        its instance); a synchronous, non-streaming one without an Idempotency-Key ends `failed` (its client lost
+        the connection with the instance and never learnt the response's id: a re-run would be billed for nobody,
+        and its retry would be a second run); one that had started answering ends `failed` with its partial
+        output (re-running the model would bill twice and change the text); anything else is to be run."""
         response_id = record.response_id
         if record.cancel_requested:
             log.info("%s was cancelled while nobody ran it: ending it cancelled", response_id)
@@ -154,6 +160,10 @@ class Lifecycle:
         if not record.stored:
             log.warning("%s (store=false) lost its instance and its client: discarding it", response_id)
             await self._store.delete_response(response_id, only_if_finished=False)
+            return TakeOver.ENDED
+        if _nobody_can_receive(record):
+            log.warning("%s (synchronous, unkeyed) lost its instance and its client: ending it failed", response_id)
+            await self.end_claimed(record, lease, ResponseStatus.FAILED, error=_server_error(UNANSWERABLE_MESSAGE))
             return TakeOver.ENDED
         if orjson.loads(record.snapshot).get("output"):
             log.warning("%s lost its owner after output began: ending it failed", response_id)
@@ -272,3 +282,12 @@ class Lifecycle:
 
 def _server_error(message: str) -> dict[str, Any]:
     return {"code": "server_error", "message": message}
+
+
+def _nobody_can_receive(record: ResponseRecord) -> bool:
+    """Whether nobody could ever read a re-run of this response: a synchronous, non-streaming request learns its
+    response's id only from the final answer, so once its connection is gone only an Idempotency-Key retry (which
+    replays the response) can reach it."""
+    if record.background or record.keyed:
+        return False
+    return not orjson.loads(record.request).get("stream")

@@ -84,7 +84,10 @@ class Ownership:
                 log.warning("sweep failed: %s", error)
 
     async def sweep_once(self) -> None:
-        """One look at everything due: orphans first (found however long the queue is), then the queue's head."""
+        """One look at everything due: orphans first (found however long the queue is), then the queue's head.
+        A draining instance sweeps nothing: what it hands over is for the others to take."""
+        if self._manager.draining:
+            return
         for response_id in await self._store.due_runs(SWEEP_BATCH):
             try:
                 await self._look_at(response_id)

@@ -72,6 +72,7 @@ class ResponseRecord:
     tenant: str = "default"
     cancel_requested: bool = False
     conversation_id: str | None = None  # the conversation whose turn it holds
+    keyed: bool = False  # created under an Idempotency-Key
 
 
 @dataclass(frozen=True, slots=True)

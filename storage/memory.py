@@ -243,6 +243,7 @@ class MemoryStore(MemoryConversations):
             tenant=entry.tenant,
             cancel_requested=entry.cancel_requested,
             conversation_id=entry.conversation_id,
+            keyed=entry.idempotency is not None,
         )
 
     async def get_input_items(self, response_id: str) -> bytes | None:

@@ -213,6 +213,7 @@ class RedisStore(RedisConversations):
             tenant=fields.get(b"tenant", b"default").decode(),
             cancel_requested=fields.get(b"cancel_requested") == b"1",
             conversation_id=fields.get(b"conv", b"").decode() or None,
+            keyed=bool(fields.get(b"idem")),
         )
 
     @unavailable_on_connection_error

@@ -588,3 +588,32 @@ async def test_11_a_synchronous_caller_gets_the_real_outcome_after_a_lost_lease(
             assert record is not None
             assert body["status"] == record.status == "failed"  # output had begun: ended by B, not re-run
             assert await upstream_calls(simulator_url, sim_tag) == 1
+
+
+@pytest.mark.parametrize("kind", ["sync", "sync_keyed", "sync_stream"])
+async def test_11_a_dead_instances_synchronous_response_runs_again_only_if_someone_can_read_it(
+    kind: str, redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    """A synchronous non-streaming client learns its response's id only from the answer: once its instance dies,
+    nobody can read a re-run, and its own retry would be a second run. So the orphan ends failed without an
+    upstream call — unless an Idempotency-Key retry can replay it, or a streaming client can reattach by the id it
+    already has: those are restarted."""
+    faults = frozen_at("admit.created")
+    sim_tag = tag()
+    body: dict[str, Any] = {"model": "sim-1", "input": "hi", "metadata": slow(sim_tag)}
+    if kind == "sync_stream":
+        body["stream"] = True
+    headers = {"Idempotency-Key": sim_tag} if kind == "sync_keyed" else {}
+    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+        creating = asyncio.ensure_future(a.http.post("/v1/responses", json=body, headers=headers))
+        response_id = await asyncio.wait_for(faults.freezer.reached, 20)
+        async with instance(redis_server, simulator_url, key_prefix) as b:
+            expected = "failed" if kind == "sync" else "completed"
+            events = await eventually_settled(store_of(b), response_id, within=TAKEOVER_SECONDS, status=expected)
+            assert await upstream_calls(simulator_url, sim_tag) == (0 if kind == "sync" else 1)
+            if kind == "sync":
+                assert "not run again" in events[-1]["response"]["error"]["message"]
+            if kind == "sync_keyed":
+                replayed = await b.client.responses.create(**body, extra_headers=headers)
+                assert (replayed.id, replayed.status) == (response_id, "completed")
+        await _abandon(creating)
