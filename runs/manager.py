@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import Counter
 from dataclasses import dataclass
 
 import orjson
@@ -21,6 +20,7 @@ from runs.items import Json
 from runs.lifecycle import Lifecycle, RunSettings, TakeOver
 from runs.request import CreateResponseRequest
 from runs.run import ResponseRun
+from runs.slots import RunSlots
 from runs.status import TERMINAL, ResponseStatus
 from runs.upstream.base import Upstream
 from runs.upstream.router import UpstreamRouter
@@ -59,31 +59,6 @@ class Admission:
     replayed: bool = False
 
 
-class _Slots:
-    """Run slots of this instance, per instance and per tenant. Taken synchronously, before the first await of an
-    admission or a start, so concurrent requests can never overbook them; given back when the run ends or the
-    admission does not start one."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.taken = 0
-        self.by_tenant: Counter[str] = Counter()
-
-    @property
-    def free(self) -> int:
-        return max(self.capacity - self.taken, 0)
-
-    def take(self, tenant: str) -> None:
-        self.taken += 1
-        self.by_tenant[tenant] += 1
-
-    def give_back(self, tenant: str) -> None:
-        self.taken -= 1
-        self.by_tenant[tenant] -= 1
-        if not self.by_tenant[tenant]:
-            del self.by_tenant[tenant]
-
-
 class RunManager:
     """Runs live here, not in HTTP handlers, so a client's disconnect never ends a stored response."""
 
@@ -99,7 +74,7 @@ class RunManager:
         self._router = router
         self.settings = settings or RunSettings()
         self.lifecycle = lifecycle or Lifecycle(store, self.settings)
-        self._slots = _Slots(self.settings.max_concurrent)
+        self._slots = RunSlots(self.settings.max_concurrent)
         self._runs: dict[str, ResponseRun] = {}
         self._slot_tenant: dict[str, str] = {}  # response id -> the tenant its run slot counts against
         self._tasks: set[asyncio.Task[None]] = set()
