@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,10 +19,11 @@ import pytest
 import runs.event_log
 import runs.idempotency
 from gateway.state import OWNERSHIP, RUN_MANAGER, STORE
-from runs.faults import BOUNDARIES, FaultPoints
+from runs.faults import BOUNDARIES, KILL_AT_ENV, FaultPoints
 from storage.base import SequenceConflict, Store, StoreUnavailable
-from tests.conftest import Gateway, gateway_settings, serve_gateway
-from tests.helpers import sim_requests, upstream_calls
+from storage.redis import RedisStore
+from tests.conftest import Gateway, GatewayProcess, gateway_settings, redis_gateway_env, serve_gateway
+from tests.helpers import sdk_for, sim_requests, upstream_calls
 from tests.lifecycle_checks import (
     FaultyStore,
     Freezer,
@@ -617,3 +619,36 @@ async def test_11_a_dead_instances_synchronous_response_runs_again_only_if_someo
                 replayed = await b.client.responses.create(**body, extra_headers=headers)
                 assert (replayed.id, replayed.status) == (response_id, "completed")
         await _abandon(creating)
+
+
+async def test_a_real_process_killed_between_the_end_and_its_follow_ups(
+    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    """A real gateway process SIGKILLs itself (GATEWAY_FAULT_KILL_AT) right after a conversation turn's terminal
+    event is stored, before its follow-ups: another process settles it from what is stored — the turn released,
+    its items appended once, the response out of the run index — and the conversation goes on."""
+    fast = {f"GATEWAY_RUNS__{name.upper()}": str(value) for name, value in FAST_RUNS.items()}
+    env = redis_gateway_env(redis_server, simulator_url, key_prefix, **fast)
+    a = start_gateway_process({**env, KILL_AT_ENV: "finish.terminal_stored"})
+    b = start_gateway_process(env)
+    client_a, client_b = sdk_for(a.url), sdk_for(b.url)
+    conversation = await client_a.conversations.create()
+    created = await client_a.responses.create(
+        model="sim-1", input="hi", background=True, conversation=conversation.id, metadata=slow(tag(), 5, 5)
+    )
+    a.process.wait(timeout=20)
+    assert a.process.returncode == -signal.SIGKILL
+    assert "fault injection: killing this process at finish.terminal_stored" in a.log()
+    store = RedisStore.from_url(redis_server, key_prefix=key_prefix, retention_seconds=600)
+    try:
+        await eventually_settled(
+            store, created.id, within=TAKEOVER_SECONDS, conversation_id=conversation.id, status="completed"
+        )
+    finally:
+        await store.close()
+    items = [item async for item in client_b.conversations.items.list(conversation.id, order="asc")]
+    assert len(items) == 2
+    follow_up = await client_b.responses.create(model="sim-1", input="again", conversation=conversation.id)
+    assert follow_up.status == "completed"
+    await client_a.close()
+    await client_b.close()
