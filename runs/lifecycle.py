@@ -171,6 +171,16 @@ class Lifecycle:
             return TakeOver.ENDED
         return TakeOver.RESUME
 
+    @staticmethod
+    def will_run(record: ResponseRecord) -> bool:
+        """Whether take_over would run this response again (and so needs a run slot), rather than end it."""
+        return (
+            not record.cancel_requested
+            and record.stored
+            and not _nobody_can_receive(record)
+            and not orjson.loads(record.snapshot).get("output")
+        )
+
     async def fail_unresumable(self, record: ResponseRecord, lease: Lease, reason: str) -> None:
         """A claimed response that cannot run any more (its conversation or previous response is gone, its model
         is no longer routed, its stored request no longer valid) ends `failed` with a clear error, once."""

@@ -77,6 +77,8 @@ class RunManager:
         self._slots = RunSlots(self.settings.max_concurrent)
         self._runs: dict[str, ResponseRun] = {}
         self._slot_tenant: dict[str, str] = {}  # response id -> the tenant its run slot counts against
+        # Cancel notices for responses not running here (yet), oldest first, kept for a lease period.
+        self._early_cancels: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._cancel_listener: asyncio.Task[None] | None = None
         self._draining = False
@@ -92,6 +94,15 @@ class RunManager:
             if run is not None:
                 log.info("cancelling %s at another instance's request", response_id)
                 run.cancel()
+            else:
+                # It may be starting here right now (claimed, not registered yet): _start looks here.
+                self._early_cancels[response_id] = asyncio.get_running_loop().time()
+                self._forget_old_cancels()
+
+    def _forget_old_cancels(self) -> None:
+        horizon = asyncio.get_running_loop().time() - self.settings.lease_ms / 1000
+        while self._early_cancels and next(iter(self._early_cancels.values())) < horizon:
+            del self._early_cancels[next(iter(self._early_cancels))]
 
     @property
     def store(self) -> Store:
@@ -203,10 +214,10 @@ class RunManager:
             if holder is not None:
                 return Admission(holder, run=None, replayed=True)
             await self.lifecycle.faults.reach("admit.key_claimed", record.response_id)
-        created = False
+        # Undone on any failure from here on, the create included: its reply may have been lost after it ran
+        # (undoing what does not exist changes nothing).
         try:
             lease = await self.lifecycle.admit(record)
-            created = True
             if turn is not None:
                 # The response exists before it takes the turn, so a racing instance that finds it holding the
                 # turn never mistakes it for a dead holder. History is read once the turn is ours: the previous
@@ -215,12 +226,11 @@ class RunManager:
                 history = await history_for(self._store, request, tenant=caller.tenant)
             provider_body = upstream.prepare(upstream_body(request, history))
         except (Exception, asyncio.CancelledError):
-            if created or idempotency is not None:
-                await self.lifecycle.undo_admission(
-                    record.response_id,
-                    idempotency=(idempotency.scope, idempotency.key) if idempotency is not None else None,
-                    conversation_id=turn,
-                )
+            await self.lifecycle.undo_admission(
+                record.response_id,
+                idempotency=(idempotency.scope, idempotency.key) if idempotency is not None else None,
+                conversation_id=turn,
+            )
             raise
         if lease is None:
             log.info("%s queued: this instance is at capacity", record.response_id)
@@ -253,6 +263,8 @@ class RunManager:
             api_key=caller.api_key,
             faults=self.lifecycle.faults,
         )
+        if self._early_cancels.pop(run.response_id, None) is not None:
+            run.cancel()
         self._runs[run.response_id] = run
         self._slot_tenant[run.response_id] = slot_tenant
         task = asyncio.create_task(self._execute(run), name=f"run:{run.response_id}")
@@ -342,8 +354,15 @@ class RunManager:
         self._refuse_if_finished(record)
         if ResponseStatus(record.status) in TERMINAL:
             return record
-        if await self.lifecycle.request_cancel(response_id) is None:
+        status = await self.lifecycle.request_cancel(response_id)
+        if status is None:
             raise response_not_found(response_id)
+        if ResponseStatus(status) in TERMINAL:  # it ended meanwhile
+            current = await self._store.get_response(response_id)
+            if current is None:
+                raise response_not_found(response_id)
+            self._refuse_if_finished(current)
+            return current
         run = self._runs.get(response_id)
         if run is not None:
             run.cancel()

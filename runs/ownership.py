@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import logging
 
-import orjson
-
 from runs.manager import RunManager
 from runs.run import ResponseRun
 from runs.status import TERMINAL, ResponseStatus
@@ -122,8 +120,7 @@ class Ownership:
             return  # ours, and its renewal is late (the store was slow): the keeper deals with it
         # Only a response that will be run again needs a slot; ending one (cancelled, orphaned after output,
         # discarded) does not, so orphans are ended even on a full instance.
-        started_output = bool(orjson.loads(record.snapshot).get("output"))
-        needs_slot = not record.cancel_requested and record.stored and not started_output
+        needs_slot = self._lifecycle.will_run(record)
         if needs_slot and not self._manager.try_take_slot():
             return  # it may need a run slot; an instance with room will take it
         await self._manager.take_over(response_id, needs_slot=needs_slot)

@@ -110,6 +110,9 @@ class ResponseRun:
         try:
             if self.status is ResponseStatus.QUEUED and not self._cancel_requested:
                 await self._advance(ResponseStatus.IN_PROGRESS)
+                # Stored before the upstream call: its append reports a cancel requested while the run was being
+                # started, so a cancelled request is never sent upstream.
+                await self._log.flush()
             self._consumer = asyncio.create_task(self._consume_upstream(), name=f"upstream:{self.response_id}")
             if self._cancel_requested:
                 self._consumer.cancel()

@@ -225,7 +225,8 @@ class RunQueueStore(Protocol):
         self, response_id: str, *, idempotency: tuple[str, str] | None, conversation_id: str | None
     ) -> None:
         """Undo an admission refused after its response was created, in one step: the response's keys, its index
-        or queue entry, its idempotency claim and its conversation turn (each only if it still names it)."""
+        or queue entry, its idempotency claim and its conversation turn (each only if it still names it). A response
+        another instance has claimed meanwhile is not deleted under it: its cancel is requested instead."""
 
     async def request_cancel(self, response_id: str) -> str | None:
         """Mark the response as to be cancelled and notify every instance; returns its status at that moment (None

@@ -211,7 +211,11 @@ class MemoryStore(MemoryConversations):
     async def abandon_admission(
         self, response_id: str, *, idempotency: tuple[str, str] | None, conversation_id: str | None
     ) -> None:
-        if self._entries.get(response_id) is not None:
+        entry = self._entries.get(response_id)
+        if entry is not None and entry.epoch != 1:  # claimed by another owner meanwhile: as in the Lua script
+            entry.cancel_requested = True
+            return
+        if entry is not None:
             self._forget(response_id)
             self._wake_readers()
         self._run_index.pop(response_id, None)

@@ -652,3 +652,55 @@ async def test_a_real_process_killed_between_the_end_and_its_follow_ups(
     assert follow_up.status == "completed"
     await client_a.close()
     await client_b.close()
+
+
+async def test_8_a_create_whose_reply_was_lost_is_undone(storage_url: str, simulator_url: str, key_prefix: str) -> None:
+    """The create ran but its reply was lost (a timeout, a reset after the script): the client gets an error, and the
+    response it was never told about must not run later (its retry would be a second run)."""
+
+    def wrap(store: Store) -> Store:
+        faulty = FaultyStore(store)
+        inner_create = store.create_response
+
+        async def create_then_lose_the_reply(new: Any) -> Any:
+            await inner_create(new)
+            raise StoreUnavailable("injected: the reply was lost")
+
+        faulty.create_response = create_then_lose_the_reply  # type: ignore[method-assign]
+        return faulty  # type: ignore[return-value]
+
+    sim_tag = tag()
+    async with instance(
+        storage_url, simulator_url, key_prefix, faults=FaultPoints(wrap_store=wrap), max_concurrent=1
+    ) as a:
+        with pytest.raises(openai.InternalServerError):
+            await a.client.responses.create(model="sim-1", input="hi", background=True, metadata=slow(sim_tag))
+        index, queue = await index_members(store_of(a))
+        assert index | queue == set()
+        await asyncio.sleep(1.0)  # several sweeps
+        assert await upstream_calls(simulator_url, sim_tag) == 0
+
+
+async def test_deleting_an_ended_response_before_its_follow_ups_releases_its_turn(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    """A client deletes a completed turn while its instance is stopped between the stored end and the follow-ups:
+    the follow-ups happen first (its items join the conversation, the turn is released), then the delete."""
+    faults = frozen_at("finish.terminal_stored")
+    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+        conversation = await a.client.conversations.create()
+        created = await a.client.responses.create(
+            model="sim-1", input="hi", background=True, conversation=conversation.id, metadata=slow(tag(), 5, 5)
+        )
+        await asyncio.wait_for(faults.freezer.reached, 20)
+        async with instance(redis_server, simulator_url, key_prefix) as b:
+            await b.client.responses.delete(created.id)
+            record = await store_of(b).get_conversation(conversation.id)
+            assert record is not None
+            assert record.active_response_id is None
+            items = [item async for item in b.client.conversations.items.list(conversation.id)]
+            assert len(items) == 2
+            added = await b.client.conversations.items.create(
+                conversation.id, items=[{"type": "message", "role": "user", "content": "more"}]
+            )
+            assert len(added.data) == 1

@@ -211,6 +211,9 @@ async def cancel_response(request: web.Request) -> web.Response:
 async def delete_response(request: web.Request) -> web.Response:
     """DELETE /v1/responses/{response_id}: every key of it gone; refused while it runs."""
     response_id = request.match_info["response_id"]
+    # An ended response whose follow-ups are not done yet (its turn, its index entry) gets them first: deleting it
+    # before would leave its conversation locked by a response that no longer exists.
+    await request.app[RUN_MANAGER].lifecycle.settle(response_id)
     await responses.delete_response(request.app[STORE], response_id, tenant=request[PRINCIPAL].tenant)
     return json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 

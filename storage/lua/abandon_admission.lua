@@ -3,6 +3,13 @@
 -- KEYS: state hash, events stream, input string, run index, queue, then the idempotency key and the
 --       conversation hash when ARGV[2] / ARGV[3] say there are
 -- ARGV: response_id, has_idempotency ('1'/'0'), has_conversation ('1'/'0')
+-- A queued response can be claimed by another instance the moment it is created: once claimed (epoch past 1) it
+-- is not deleted under its new owner; it is marked cancelled instead, so the owner ends it without running it.
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if epoch and epoch ~= '1' then
+  redis.call('HSET', KEYS[1], 'cancel_requested', '1')
+  return 'CLAIMED'
+end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('ZREM', KEYS[5], ARGV[1])
