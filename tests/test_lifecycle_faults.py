@@ -138,8 +138,6 @@ async def test_a_gateway_stopped_at_any_boundary_leaves_nothing_stuck(
                 idempotency=("default", sim_tag),
             )
             final = events[-1]["response"]
-            if boundary in ("run.output", "finish.terminal_stored", "finish.turn_ended") or final["output"]:
-                pass  # whatever it reached, it ended once; what it ended as is checked below
             items = [item async for item in b.client.conversations.items.list(conversation.id, order="asc")]
             if final["status"] == "completed":
                 assert [item.type for item in items] == ["message", "message"]  # the turn's input and output, once
