@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -68,8 +69,19 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"responses-gateway: config error: {error}", file=sys.stderr)
         return 2
     _configure_logging(args.log_level)
-    asyncio.run(_run_server(settings))
+    with asyncio.Runner(loop_factory=_loop_factory(settings.server.event_loop)) as runner:
+        runner.run(_run_server(settings))
     return 0
+
+
+def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """`server.event_loop`: the standard loop, or uvloop's (checked to be installed when the config loaded)."""
+    if event_loop != "uvloop":
+        return None
+    import uvloop
+
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 async def _run_server(settings: Settings) -> None:
