@@ -97,7 +97,12 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
         handover=not settings.storage.url.startswith("memory://"),
         idempotency_ttl_seconds=settings.idempotency.ttl_seconds,
     )
-    lifecycle = Lifecycle(app[STORE], run_settings, app.get(FAULTS) or FaultPoints.from_environment())
+    lifecycle = Lifecycle(
+        app[STORE],
+        run_settings,
+        app.get(FAULTS) or FaultPoints.from_environment(),
+        publisher=app[LIVE_EVENTS],
+    )
     manager = RunManager(app[STORE], app[ROUTER], run_settings, lifecycle=lifecycle)
     manager.start()
     ownership = Ownership(manager, app[STORE])

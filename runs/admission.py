@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any
 
@@ -38,16 +37,13 @@ def upstream_body(request: CreateResponseRequest, history: list[Json] | None = N
 
 def first_events(snapshot: Json, *, queued: bool = False) -> list[Json]:
     """`response.created`, and for a run that starts at once `response.in_progress`, or for one that waits for
-    capacity `response.queued`, all with this snapshot."""
+    capacity `response.queued`, all with this snapshot (shared, not copied: serialise them before it changes)."""
     types = ["response.created"]
     if snapshot["status"] == ResponseStatus.IN_PROGRESS:
         types.append("response.in_progress")
     elif queued:
         types.append("response.queued")
-    return [
-        {"type": kind, "response": copy.deepcopy(snapshot), "sequence_number": number}
-        for number, kind in enumerate(types)
-    ]
+    return [{"type": kind, "response": snapshot, "sequence_number": number} for number, kind in enumerate(types)]
 
 
 def new_response(

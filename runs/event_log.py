@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import orjson
 
-from runs.snapshot import Json, apply_event
+from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, apply_event
 from storage.base import Lease, LeaseLost, Store, StoredEvent, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -21,13 +21,30 @@ MAX_PENDING_EVENTS = 2048
 WRITE_RETRY_SECONDS = 15.0
 WRITE_RETRY_FIRST_DELAY_SECONDS = 0.05
 WRITE_RETRY_MAX_DELAY_SECONDS = 2.0
+# The stored snapshot is rewritten with an append only at status changes, at output item boundaries, and once
+# the events since the last one add up to its own size (at least this much): the bytes written stay proportional
+# to the events' bytes however long the output grows, and a reader folds at most about a snapshot's worth.
+SNAPSHOT_MIN_BYTES = 32 * 1024
+_SNAPSHOT_EVENT_TYPES = LIFECYCLE_EVENT_TYPES | {"response.output_item.added", "response.output_item.done"}
+
+
+class EventPublisher(Protocol):
+    """Where a log hands its events once they are stored: this process's subscribers, without reading them back.
+    While a log is open for a response its subscribers here need no feed from the store."""
+
+    def begin_writing(self, response_id: str) -> None: ...
+
+    def publish(self, response_id: str, events: Sequence[StoredEvent]) -> None: ...
+
+    def end_writing(self, response_id: str) -> None: ...
 
 
 class EventLog:
     """Numbers events from `next_sequence_number`, keeps the snapshot they produce, and appends them to the store.
 
-    Subscribers read only from the store, so an event is visible to nobody until its append has succeeded. While
-    one append is in flight, later events queue and go out together in the next round trip.
+    An event is visible to nobody until its append has succeeded; then it is handed to this process's subscribers
+    (`publisher`) as it is, and other instances' subscribers read it from the store. While one append is in
+    flight, later events queue and go out together in the next round trip.
     """
 
     def __init__(
@@ -40,6 +57,7 @@ class EventLog:
         lease: Lease,
         on_cancel_requested: Callable[[], None] | None = None,
         write_retry_seconds: float | None = None,
+        publisher: EventPublisher | None = None,
     ) -> None:
         self._store = store
         self.lease = lease
@@ -56,6 +74,13 @@ class EventLog:
         self._drained = asyncio.Event()
         self._drained.set()
         self._failure: BaseException | None = None
+        # Whether the next append must carry the snapshot, and the bytes of events since the last one that did.
+        self._snapshot_due = False
+        self._bytes_since_snapshot = 0
+        self._last_snapshot_bytes = 0
+        self._publisher = publisher
+        if publisher is not None:
+            publisher.begin_writing(response_id)
         self._writer = asyncio.create_task(self._write_loop(), name=f"event-log:{response_id}")
 
     @property
@@ -79,8 +104,15 @@ class EventLog:
         # Apply first: an event the snapshot cannot take raises here, before it has used up a sequence number.
         self._snapshot = apply_event(self._snapshot, event)
         event["sequence_number"] = self._next_sequence_number
-        stored = StoredEvent(self._next_sequence_number, event["type"], orjson.dumps(event))
+        kind = event["type"]
+        # A copy of exactly its size: orjson's result keeps the larger buffer it was written into, and stored
+        # events live for the retention period.
+        data = memoryview(orjson.dumps(event)).tobytes()
+        stored = StoredEvent(self._next_sequence_number, kind, data, self.lease.epoch)
         self._next_sequence_number += 1
+        if kind in _SNAPSHOT_EVENT_TYPES:
+            self._snapshot_due = True
+        self._bytes_since_snapshot += len(data)
         self._pending.append(stored)
         self._drained.clear()
         self._wake.set()
@@ -100,6 +132,9 @@ class EventLog:
             self._writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
+            if self._publisher is not None:
+                self._publisher.end_writing(self._response_id)
+                self._publisher = None
 
     async def _write_loop(self) -> None:
         while True:
@@ -109,7 +144,7 @@ class EventLog:
                 # Take the batch and serialise the snapshot in one step (no await between), so the snapshot
                 # written is exactly the one these events produce.
                 batch, self._pending = self._pending, []
-                snapshot = orjson.dumps(self._snapshot)
+                snapshot = self._snapshot_to_write()
                 try:
                     cancel_requested = await self._append_with_retries(batch, snapshot, self._snapshot["status"])
                 except Exception as error:
@@ -119,11 +154,24 @@ class EventLog:
                     if isinstance(error, LeaseLost) and self.on_lease_lost is not None:
                         self.on_lease_lost()
                     return
+                if self._publisher is not None:
+                    self._publisher.publish(self._response_id, batch)
                 if cancel_requested and self.on_cancel_requested is not None:
                     self.on_cancel_requested()
             self._drained.set()
 
-    async def _append_with_retries(self, batch: list[StoredEvent], snapshot: bytes, status: str) -> bool:
+    def _snapshot_to_write(self) -> bytes | None:
+        """The snapshot to store with the batch being taken, when one is due (see SNAPSHOT_MIN_BYTES)."""
+        due = self._snapshot_due or self._bytes_since_snapshot >= max(SNAPSHOT_MIN_BYTES, self._last_snapshot_bytes)
+        if not due:
+            return None
+        snapshot = orjson.dumps(self._snapshot)
+        self._snapshot_due = False
+        self._bytes_since_snapshot = 0
+        self._last_snapshot_bytes = len(snapshot)
+        return snapshot
+
+    async def _append_with_retries(self, batch: list[StoredEvent], snapshot: bytes | None, status: str) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._write_retry_seconds
         delay = WRITE_RETRY_FIRST_DELAY_SECONDS

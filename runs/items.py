@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from runs.ids import new_item_id
@@ -17,8 +16,9 @@ def normalise_items(raw: str | list[Json] | None) -> list[Json]:
     string is one user message."""
     if raw is None:
         return []
+    # Shallow copies: only top-level fields are set or replaced below, never nested values changed.
     source: list[Json] = (
-        [{"type": "message", "role": "user", "content": raw}] if isinstance(raw, str) else copy.deepcopy(raw)
+        [{"type": "message", "role": "user", "content": raw}] if isinstance(raw, str) else [dict(item) for item in raw]
     )
     items = []
     for item in source:

@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from runs.conversations import busy_error, conversation_not_found, end_turn
-from runs.event_log import EventLog
+from runs.event_log import EventLog, EventPublisher
 from runs.faults import FaultPoints
 from runs.ids import new_id
 from runs.items import Json
@@ -62,10 +62,31 @@ class Lifecycle:
     """Every transition of a run. The store's steps are atomic; between two of them a process may die, and each
     state that leaves is one the sweeper recognises and finishes."""
 
-    def __init__(self, store: Store, settings: RunSettings, faults: FaultPoints | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: RunSettings,
+        faults: FaultPoints | None = None,
+        *,
+        publisher: EventPublisher | None = None,
+    ) -> None:
         self._store = store
         self.settings = settings
         self.faults = faults or FaultPoints()
+        # Where the event logs of this process hand their stored events (its subscribers); None: nowhere, they
+        # read everything from the store.
+        self.publisher = publisher
+
+    def open_log(self, snapshot: Json, *, next_sequence_number: int, lease: Lease) -> EventLog:
+        """The event log of a response this instance now holds."""
+        return EventLog(
+            self._store,
+            snapshot["id"],
+            snapshot,
+            next_sequence_number=next_sequence_number,
+            lease=lease,
+            publisher=self.publisher,
+        )
 
     # -- admit -------------------------------------------------------------------------------------------
 
@@ -193,12 +214,8 @@ class Lifecycle:
     ) -> None:
         """Write the single terminal event of a response this instance holds but does not run (the event log is
         the one numbering authority), then its follow-ups."""
-        event_log = EventLog(
-            self._store,
-            record.response_id,
-            orjson.loads(record.snapshot),
-            next_sequence_number=record.last_sequence_number + 1,
-            lease=lease,
+        event_log = self.open_log(
+            orjson.loads(record.snapshot), next_sequence_number=record.last_sequence_number + 1, lease=lease
         )
         try:
             await emit_terminal(event_log, status, error=error)

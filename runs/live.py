@@ -1,11 +1,13 @@
-"""Live events for local subscribers: one feed read per process, fanned out to bounded per-subscriber buffers."""
+"""Live events for local subscribers, fanned out to bounded per-subscriber buffers: handed over directly by the
+runs of this process once stored, and read with one feed read per process for responses written elsewhere."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from storage.base import EventFeed, StoredEvent
@@ -79,11 +81,25 @@ class _Watch:
     cursor: int
     subscribers: set[LiveSubscription] = field(default_factory=set)
 
+    def deliver(self, events: Sequence[StoredEvent]) -> None:
+        """Push the events past the cursor to every subscriber, and move the cursor."""
+        for event in events:
+            if event.sequence_number <= self.cursor:
+                continue
+            self.cursor = event.sequence_number
+            for subscription in list(self.subscribers):
+                subscription.push(event)
+
 
 class LiveEvents:
-    """Follows every response some local subscriber watches with a single feed read, and hands each new event to
-    each of its subscribers without waiting for any of them: a slow subscriber never slows the run or the others,
-    and one that falls a whole buffer behind costs no memory (it re-reads from the store)."""
+    """Hands each new event of a watched response to each of its local subscribers without waiting for any of
+    them: a slow subscriber never slows the run or the others, and one that falls a whole buffer behind costs no
+    memory (it re-reads from the store).
+
+    Events of responses written by this process arrive by `publish`, straight from their event log once stored;
+    only the other watched responses (written by another instance, or by nobody right now) are followed with the
+    single feed read. A response whose writer here stops without ending it (handed over, lease lost) goes back to
+    the feed from where its subscribers are."""
 
     def __init__(self, feed: EventFeed, *, buffer_events: int = 1024, wait_ms: int = 5_000) -> None:
         self._feed = feed
@@ -92,7 +108,9 @@ class LiveEvents:
         self._watches: dict[str, _Watch] = {}
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._interrupts: set[asyncio.Task[None]] = set()
+        self._interrupt: asyncio.Task[None] | None = None
+        self._interrupt_again = False
+        self._writing: Counter[str] = Counter()  # response id -> event logs open for it in this process
         self._closed = False
 
     def start(self) -> None:
@@ -107,6 +125,8 @@ class LiveEvents:
             for subscription in watch.subscribers:
                 subscription.closed = True
                 subscription.arrived.set()
+        if self._interrupt is not None:
+            self._interrupt.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -124,20 +144,53 @@ class LiveEvents:
         watch = self._watches.get(response_id)
         if watch is None:
             self._watches[response_id] = _Watch(cursor, {subscription})
-            self._changed.set()
-            interrupt = asyncio.get_running_loop().create_task(self._interrupt_feed())
-            self._interrupts.add(interrupt)
-            interrupt.add_done_callback(self._interrupts.discard)
+            if response_id not in self._writing:
+                self._follow_in_feed()
         else:
             watch.subscribers.add(subscription)
         return subscription
 
+    # -- events written here ----------------------------------------------------------------------------
+
+    def begin_writing(self, response_id: str) -> None:
+        """An event log for `response_id` is open here: its events come by `publish`."""
+        self._writing[response_id] += 1
+
+    def publish(self, response_id: str, events: Sequence[StoredEvent]) -> None:
+        """Events of `response_id` just stored by this process, in order."""
+        watch = self._watches.get(response_id)
+        if watch is not None:
+            watch.deliver(events)
+
+    def end_writing(self, response_id: str) -> None:
+        """The event log is closed: if the response goes on elsewhere, the feed follows it from here."""
+        self._writing[response_id] -= 1
+        if self._writing[response_id] <= 0:
+            del self._writing[response_id]
+            if response_id in self._watches:
+                self._follow_in_feed()
+
+    # -- the feed, for events written elsewhere ---------------------------------------------------------
+
+    def _follow_in_feed(self) -> None:
+        """A response joins the feed's read: wake the read in progress (one interrupt at a time; changes that
+        come while one is on its way are covered by one more)."""
+        self._changed.set()
+        if self._interrupt is not None and not self._interrupt.done():
+            self._interrupt_again = True
+            return
+        self._interrupt = asyncio.get_running_loop().create_task(self._interrupt_feed())
+
     async def _interrupt_feed(self) -> None:
-        try:
-            await self._feed.interrupt()
-        except Exception as error:
-            # Only a latency cost: the new response joins the read when the current one times out.
-            log.debug("could not interrupt the live read: %s", error)
+        while True:
+            self._interrupt_again = False
+            try:
+                await self._feed.interrupt()
+            except Exception as error:
+                # Only a latency cost: the new response joins the read when the current one times out.
+                log.debug("could not interrupt the live read: %s", error)
+            if not self._interrupt_again:
+                return
 
     def unsubscribe(self, subscription: LiveSubscription) -> None:
         watch = self._watches.get(subscription.response_id)
@@ -152,11 +205,15 @@ class LiveEvents:
         delay = RETRY_DELAY_SECONDS
         failures = 0
         while True:
-            if not self._watches:
+            cursors = {
+                response_id: watch.cursor
+                for response_id, watch in self._watches.items()
+                if response_id not in self._writing
+            }
+            if not cursors:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            cursors = {response_id: watch.cursor for response_id, watch in self._watches.items()}
             try:
                 found = await self._feed.read(cursors, wait_ms=self._wait_ms)
             except asyncio.CancelledError:
@@ -177,11 +234,5 @@ class LiveEvents:
             delay = RETRY_DELAY_SECONDS
             for response_id, events in found.items():
                 watch = self._watches.get(response_id)
-                if watch is None:
-                    continue
-                for event in events:
-                    if event.sequence_number <= watch.cursor:
-                        continue
-                    watch.cursor = event.sequence_number
-                    for subscription in list(watch.subscribers):
-                        subscription.push(event)
+                if watch is not None and response_id not in self._writing:  # else its log here hands them over
+                    watch.deliver(events)

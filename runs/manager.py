@@ -13,7 +13,6 @@ import orjson
 from runs.admission import check_admissible, new_response, upstream_body
 from runs.conversations import get_conversation
 from runs.errors import ApiError, InvalidRequest, TooManyRequests, Unavailable, response_not_found
-from runs.event_log import EventLog
 from runs.history import conversation_id_of, history_for
 from runs.idempotency import IdempotencyKey, claim_key
 from runs.items import Json
@@ -251,9 +250,7 @@ class RunManager:
         slot_tenant: str,
     ) -> ResponseRun:
         """Start a run in a slot the caller has taken (counted against `slot_tenant`)."""
-        event_log = EventLog(
-            self._store, snapshot["id"], snapshot, next_sequence_number=next_sequence_number, lease=lease
-        )
+        event_log = self.lifecycle.open_log(snapshot, next_sequence_number=next_sequence_number, lease=lease)
         run = ResponseRun(
             request=request,
             upstream=upstream,

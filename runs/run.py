@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import time
 from typing import Any
@@ -185,8 +184,8 @@ class ResponseRun:
 
     async def _advance(self, status: ResponseStatus) -> None:
         check_transition(self.status, status)
-        response = copy.deepcopy(self._log.snapshot)
-        response["status"] = status.value
+        # A shallow copy: the event is serialised as it is emitted, and its response becomes the log's snapshot.
+        response = {**self._log.snapshot, "status": status.value}
         await self._log.emit({"type": STATUS_EVENT_TYPE[status], "response": response})
 
     async def _end_from_upstream(self, status: ResponseStatus, upstream_response: dict[str, Any]) -> None:
@@ -232,8 +231,7 @@ async def emit_terminal(
     """Emit the response's terminal event: the current snapshot with its final status and outcome. The partial
     output is kept when no final one is given."""
     check_transition(ResponseStatus(event_log.snapshot["status"]), status)
-    response = copy.deepcopy(event_log.snapshot)
-    response["status"] = status.value
+    response = {**event_log.snapshot, "status": status.value}
     if output is not None:
         response["output"] = output
     response["usage"] = usage

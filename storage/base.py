@@ -48,16 +48,20 @@ class StoreUnavailable(StoreError):
 
 @dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """One event as clients see it: `data` is the exact JSON sent on the wire, including `sequence_number`."""
+    """One event as clients see it: `data` is the exact JSON sent on the wire, including `sequence_number`.
+    `epoch` is the lease epoch of the writer that stored it (part of its place in the Redis stream, which is how a
+    fenced-out writer's late appends are refused); it is not part of what clients see."""
 
     sequence_number: int
     type: str
     data: bytes
+    epoch: int = 1
 
 
 @dataclass(frozen=True, slots=True)
 class ResponseRecord:
-    """A response's current state: the Response JSON snapshot and the facts kept beside it."""
+    """A response's current state: the Response JSON as of its last stored event (the stored snapshot with the
+    events after it folded in) and the facts kept beside it."""
 
     response_id: str
     snapshot: bytes
@@ -165,15 +169,20 @@ class EventLogStore(Protocol):
         the queue (unowned, None). Raises ResponseAlreadyExists."""
 
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str, lease: Lease
+        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes | None, status: str, lease: Lease
     ) -> bool:
-        """Append events continuing the log and replace the snapshot, atomically, if `lease` still holds (same
-        owner and epoch, not expired). Returns True when a cancel of the response has been requested (so an
-        owner that missed the notice still learns of it).
+        """Append events continuing the log, if `lease` still holds: nobody has claimed the response since (same
+        owner and epoch) and it has not ended. The events are stored under the lease's epoch.
+
+        With `snapshot` (the Response after these events; `status` its status) the snapshot is replaced in the
+        same step, the retention TTL of the response's keys restarts, the lease must also be unexpired, and the
+        return value says whether a cancel of the response has been requested (so an owner that missed the notice
+        still learns of it). Without it (the hot path: a delta) only the events are written, as cheaply as the
+        backend allows, and the return value is False; readers fold such events onto the last snapshot.
 
         Repeating an append that already happened (a retry after a lost reply) succeeds without writing again.
-        Raises ResponseMissing, SequenceConflict (the first event's number is not last + 1), ResponseClosed or
-        LeaseLost.
+        Raises ResponseMissing, SequenceConflict (the first event's number is not last + 1; a snapshotless append
+        may be refused for it only at the next append that carries a snapshot), ResponseClosed or LeaseLost.
         """
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:

@@ -5,20 +5,37 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-# Entry ids of a response's event stream are `<EVENT_ID_EPOCH>-<sequence_number>`. Redis refuses the id `0-0`, so
-# the event with sequence_number 0 cannot live at `0-0`; a fixed first part of 1 keeps the second part equal to the
-# sequence number and lets Redis itself reject a duplicate or stale append (ids must grow).
-EVENT_ID_EPOCH = 1
+# Entry ids of a response's event stream are `<epoch>-<sequence_number>`, `epoch` being the lease epoch of the
+# writer that appended it (1 for the first owner, or for the events admission writes). Redis refuses an id not
+# above the stream's last one, so when an instance claims a response the claim moves the stream's last id to
+# `<new epoch>-<last sequence number>` (XSETID): every later append of the old owner, whose ids start with the
+# old epoch, is refused by Redis itself, with no read before the write. A terminal write moves it past every id
+# of its own epoch too. The claims are recorded in the state hash (`epochs`: `epoch:first sequence number` pairs)
+# so that a reader that knows only a sequence number can find its entry id.
 
 
-def event_entry_id(sequence_number: int) -> str:
-    """The stream entry id of the event with this sequence number."""
-    return f"{EVENT_ID_EPOCH}-{sequence_number}"
+def event_entry_id(sequence_number: int, epoch: int = 1) -> str:
+    """The stream entry id of the event with this sequence number, written under lease `epoch`."""
+    return f"{epoch}-{sequence_number}"
 
 
-def after_entry_id(sequence_number: int) -> str:
-    """The exclusive stream cursor for `events after sequence_number` (-1 means from the start)."""
-    return "0-0" if sequence_number < 0 else event_entry_id(sequence_number)
+def after_entry_id(sequence_number: int, epoch: int = 1) -> str:
+    """The exclusive stream cursor for `events after sequence_number` (-1 means from the start), when the event
+    with that number was written under lease `epoch`."""
+    return "0-0" if sequence_number < 0 else event_entry_id(sequence_number, epoch)
+
+
+def epoch_at(epochs: str, sequence_number: int) -> int:
+    """The epoch under which the event `sequence_number` was written, from the state hash's `epochs` record
+    (`"1:0,3:57"`: epoch 3 wrote from sequence number 57 on). Empty or unknown: 1."""
+    found = 1
+    for pair in epochs.split(","):
+        if not pair:
+            continue
+        epoch, first = pair.split(":")
+        if int(first) <= sequence_number:
+            found = max(found, int(epoch))
+    return found
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -22,13 +23,14 @@ from storage.base import (
     SequenceConflict,
     StoredEvent,
 )
+from storage.fold import fold_events
 from storage.memory_conversations import Conversation, MemoryConversations
 from storage.status import TERMINAL_STATUSES
 
 
 @dataclass(slots=True)
 class _Entry:
-    snapshot: bytes
+    snapshot: bytes  # as of events[snapshot_seq]; the events after it are folded in by readers
     status: str
     background: bool
     stored: bool
@@ -44,6 +46,7 @@ class _Entry:
     cancel_requested: bool = False
     idempotency: tuple[str, str] | None = None
     conversation_id: str | None = None
+    snapshot_seq: int = -1
 
 
 class MemoryStore(MemoryConversations):
@@ -114,6 +117,7 @@ class MemoryStore(MemoryConversations):
             tenant=new.tenant,
             idempotency=new.idempotency,
             conversation_id=new.conversation_id,
+            snapshot_seq=len(new.events) - 1,
         )
         self._entries[new.response_id] = entry
         self._touch(new.response_id, entry)
@@ -124,27 +128,36 @@ class MemoryStore(MemoryConversations):
         return Lease(new.owner, 1, lease_until) if new.owner else None
 
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str, lease: Lease
+        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes | None, status: str, lease: Lease
     ) -> bool:
         if not events:
             return False
         entry = self._live(response_id)
         if entry is None:
             raise ResponseMissing(response_id)
-        if not self._holds(entry, lease):  # fencing first, as in the Redis script
+        # Fencing first, as in Redis: a snapshotless append is refused once another owner has claimed the response
+        # (its entry ids would be below the stream's); one with a snapshot also once the lease has expired.
+        if entry.owner != lease.owner or entry.epoch != lease.epoch:
+            raise LeaseLost(response_id)
+        if snapshot is not None and not self._holds(entry, lease):
             raise LeaseLost(response_id)
         if events[0].sequence_number != len(entry.events):
             final = events[-1]
-            if final.sequence_number < len(entry.events) and entry.events[final.sequence_number] == final:
-                return entry.cancel_requested  # a repeated append: already stored
+            if final.sequence_number < len(entry.events) and entry.events[final.sequence_number].data == final.data:
+                return entry.cancel_requested and snapshot is not None  # a repeated append: already stored
             raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
         if entry.status in TERMINAL_STATUSES:
             raise ResponseClosed(response_id)
-        entry.events.extend(events)
+        entry.events.extend(
+            event if event.epoch == lease.epoch else dataclasses.replace(event, epoch=lease.epoch) for event in events
+        )
+        self._wake_readers()
+        if snapshot is None:
+            return False
         entry.snapshot = snapshot
+        entry.snapshot_seq = len(entry.events) - 1
         entry.status = status
         self._touch(response_id, entry)
-        self._wake_readers()
         return entry.cancel_requested
 
     def _holds(self, entry: _Entry, lease: Lease) -> bool:
@@ -233,9 +246,12 @@ class MemoryStore(MemoryConversations):
         entry = self._live(response_id)
         if entry is None:
             return None
+        snapshot = entry.snapshot
+        if entry.snapshot_seq < len(entry.events) - 1:
+            snapshot = fold_events(snapshot, (event.data for event in entry.events[entry.snapshot_seq + 1 :]))
         return ResponseRecord(
             response_id=response_id,
-            snapshot=entry.snapshot,
+            snapshot=snapshot,
             status=entry.status,
             last_sequence_number=len(entry.events) - 1,
             background=entry.background,

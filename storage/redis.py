@@ -22,7 +22,9 @@ from storage.base import (
     SequenceConflict,
     StoredEvent,
 )
-from storage.keys import KeySpace, after_entry_id
+from storage.fold import fold_events
+from storage.keys import KeySpace
+from storage.redis_appends import PlainAppends
 from storage.redis_conversations import RedisConversations
 from storage.redis_feed import RedisEventFeed
 from storage.redis_support import (
@@ -61,6 +63,9 @@ class RedisStore(RedisConversations):
         self._due_script = client.register_script(load_lua("due_runs.lua"))
         self._settle_script = client.register_script(load_lua("settle_response.lua"))
         self._abandon_script = client.register_script(load_lua("abandon_admission.lua"))
+        self._read_events_script = client.register_script(load_lua("read_events.lua"))
+        self._read_response_script = client.register_script(load_lua("read_response.lua"))
+        self._plain_appends = PlainAppends(client, self._keys)
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 512) -> RedisStore:
@@ -108,12 +113,20 @@ class RedisStore(RedisConversations):
         _, epoch, until = result
         return Lease(new.owner, int(epoch), int(until)) if new.owner else None
 
-    @unavailable_on_connection_error
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str, lease: Lease
+        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes | None, status: str, lease: Lease
     ) -> bool:
         if not events:
             return False
+        if snapshot is None:
+            await self._plain_appends.append(response_id, events, lease)
+            return False
+        return await self._append_with_snapshot(response_id, events, snapshot, status, lease)
+
+    @unavailable_on_connection_error
+    async def _append_with_snapshot(
+        self, response_id: str, events: Sequence[StoredEvent], snapshot: bytes, status: str, lease: Lease
+    ) -> bool:
         keys = self._keys.response_keys(response_id)
         args: list[bytes | str | int] = [
             self._ttl_ms,
@@ -123,7 +136,7 @@ class RedisStore(RedisConversations):
             lease.owner,
             lease.epoch,
         ]
-        args += event_args(events)
+        args += event_args(events, lease.epoch)
         result = await self._append_script(keys=list(keys), args=args)
         if result in (b"OK", b"CANCEL"):
             return bool(result == b"CANCEL")
@@ -136,7 +149,12 @@ class RedisStore(RedisConversations):
         raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
 
     async def _lease(self, response_id: str, action: str, owner: str, epoch: int | str, lease_ms: int) -> list[Any]:
-        keys = [self._keys.response_state(response_id), self._keys.run_index(), self._keys.run_queue()]
+        keys = [
+            self._keys.response_state(response_id),
+            self._keys.run_index(),
+            self._keys.run_queue(),
+            self._keys.response_events(response_id),
+        ]
         args = [action, response_id, owner, epoch, lease_ms, self._ttl_ms]
         reply: list[Any] = await self._lease_script(keys=keys, args=args)
         return reply
@@ -195,15 +213,23 @@ class RedisStore(RedisConversations):
 
     @unavailable_on_connection_error
     async def get_response(self, response_id: str) -> ResponseRecord | None:
-        key = self._keys.response_state(response_id)
-        fields: dict[bytes, bytes] = await self._client.hgetall(key)  # type: ignore[assignment]
-        if not fields:
+        keys = [self._keys.response_state(response_id), self._keys.response_events(response_id)]
+        reply: list[Any] = await self._read_response_script(keys=keys)
+        if not reply:
             return None
+        flat, after_snapshot = reply
+        fields: dict[bytes, bytes] = dict(zip(flat[::2], flat[1::2], strict=True))
+        snapshot = fields[b"snapshot"]
+        last_sequence_number = int(fields[b"snap_seq"])
+        if after_snapshot:
+            events = parse_entries(after_snapshot)
+            snapshot = fold_events(snapshot, (event.data for event in events))
+            last_sequence_number = events[-1].sequence_number
         return ResponseRecord(
             response_id=response_id,
-            snapshot=fields[b"snapshot"],
+            snapshot=snapshot,
             status=fields[b"status"].decode(),
-            last_sequence_number=int(fields[b"last_seq"]),
+            last_sequence_number=last_sequence_number,
             background=fields[b"background"] == b"1",
             stored=fields[b"stored"] == b"1",
             request=fields.get(b"request", b"{}"),
@@ -223,9 +249,8 @@ class RedisStore(RedisConversations):
 
     @unavailable_on_connection_error
     async def read_events(self, response_id: str, after: int, *, limit: int = 512) -> list[StoredEvent]:
-        key = self._keys.response_events(response_id)
-        low = f"({after_entry_id(after)}"
-        entries: list[Any] = await self._client.xrange(key, min=low, max="+", count=limit)  # type: ignore[assignment]
+        keys = [self._keys.response_state(response_id), self._keys.response_events(response_id)]
+        entries: list[Any] = await self._read_events_script(keys=keys, args=[after, limit])
         return parse_entries(entries)
 
     @unavailable_on_connection_error
@@ -289,4 +314,5 @@ class RedisStore(RedisConversations):
         await self._client.ping()
 
     async def close(self) -> None:
+        await self._plain_appends.close()
         await self._client.aclose(close_connection_pool=True)

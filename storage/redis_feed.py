@@ -16,7 +16,7 @@ from redis.backoff import NoBackoff
 from storage.base import (
     StoredEvent,
 )
-from storage.keys import KeySpace, after_entry_id
+from storage.keys import KeySpace, after_entry_id, epoch_at
 from storage.redis_support import parse_entries, raise_if_cancelling, unavailable_on_connection_error
 
 # The longest one read blocks in Redis; a longer wait returns early (empty), which the contract allows. With the
@@ -64,12 +64,15 @@ class RedisEventFeed:
         self._keys = keys
         self._reader_id: int | None = None
         self._reading = False
+        # The last entry each response's reads returned, (sequence number, epoch): its epoch makes the next read's
+        # entry id. A cursor the feed did not return itself is turned into an entry id from the claim record.
+        self._positions: dict[str, tuple[int, int]] = {}
 
     @unavailable_on_connection_error
     async def read(self, cursors: Mapping[str, int], *, wait_ms: int) -> dict[str, list[StoredEvent]]:
         if not cursors:
             return {}
-        streams = {self._keys.response_events(rid): after_entry_id(after) for rid, after in cursors.items()}
+        streams = await self._stream_ids(cursors)
         by_key = {self._keys.response_events(rid).encode(): rid for rid in cursors}
         try:
             if self._reader_id is None:
@@ -91,7 +94,31 @@ class RedisEventFeed:
             return {}
         # RESP2 answers a list of [stream, entries]; RESP3 a mapping of stream -> entries.
         pairs: list[Any] = list(reply.items()) if isinstance(reply, dict) else list(reply)
-        return {by_key[bytes(key)]: parse_entries(list(entries)) for key, entries in pairs}
+        found = {by_key[bytes(key)]: parse_entries(list(entries)) for key, entries in pairs}
+        for response_id, events in found.items():
+            if events:
+                self._positions[response_id] = (events[-1].sequence_number, events[-1].epoch)
+        return found
+
+    async def _stream_ids(self, cursors: Mapping[str, int]) -> dict[str, str]:
+        for response_id in [rid for rid in self._positions if rid not in cursors]:
+            del self._positions[response_id]
+        unknown = [
+            rid for rid, after in cursors.items() if after >= 0 and self._positions.get(rid, (None,))[0] != after
+        ]
+        if unknown:
+            pipe = self._control.pipeline(transaction=False)
+            for response_id in unknown:
+                pipe.hget(self._keys.response_state(response_id), "epochs")
+            records: list[bytes | None] = await pipe.execute()
+            for response_id, record in zip(unknown, records, strict=True):
+                after = cursors[response_id]
+                self._positions[response_id] = (after, epoch_at((record or b"").decode(), after))
+        streams = {}
+        for response_id, after in cursors.items():
+            epoch = self._positions[response_id][1] if after >= 0 else 1
+            streams[self._keys.response_events(response_id)] = after_entry_id(after, epoch)
+        return streams
 
     async def interrupt(self) -> None:
         # The XREAD may not have reached Redis yet when this runs; retry briefly rather than let the new

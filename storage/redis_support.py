@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from importlib import resources
@@ -92,16 +93,34 @@ def load_lua(name: str) -> str:
     return lua_preamble() + (resources.files("storage") / "lua" / name).read_text(encoding="utf-8")
 
 
-def event_args(events: Sequence[StoredEvent]) -> list[bytes | str]:
+def event_args(events: Sequence[StoredEvent], epoch: int = 1) -> list[bytes | str]:
+    """(entry id, type, data) of each event, written under lease `epoch`."""
     args: list[bytes | str] = []
     for event in events:
-        args += (event_entry_id(event.sequence_number), event.type, event.data)
+        args += (event_entry_id(event.sequence_number, epoch), event.type, event.data)
     return args
 
 
 def parse_entries(entries: list[Any]) -> list[StoredEvent]:
     events = []
     for entry_id, fields in entries:
-        sequence_number = int(entry_id.split(b"-", 1)[1])
-        events.append(StoredEvent(sequence_number, fields[b"t"].decode(), fields[b"d"]))
+        epoch, sequence_number = entry_id.split(b"-", 1)
+        if isinstance(fields, list):  # a script's reply: the flat field list, in the order XADD wrote it
+            kind, data = fields[1], fields[3]
+        else:
+            kind, data = fields[b"t"], fields[b"d"]
+        events.append(StoredEvent(int(sequence_number), event_type(kind), data, int(epoch)))
     return events
+
+
+_EVENT_TYPES: dict[bytes, str] = {}
+
+
+def event_type(raw: bytes) -> str:
+    """The event type as one shared string per type (a few dozen types, millions of events)."""
+    found = _EVENT_TYPES.get(raw)
+    if found is None:
+        found = sys.intern(raw.decode())
+        if len(_EVENT_TYPES) < 1024:
+            _EVENT_TYPES[raw] = found
+    return found

@@ -9,6 +9,7 @@ import orjson
 import redis
 
 from runs.status import TERMINAL_EVENT_TYPES, ResponseStatus
+from storage.fold import fold_events
 from storage.keys import KeySpace
 from storage.memory import MemoryStore
 from storage.status import TERMINAL_STATUSES
@@ -56,7 +57,7 @@ def memory_snapshot(store: MemoryStore, conversations: list[str], keys: list[str
     for response_id, entry in store._entries.items():
         snapshot.responses[response_id] = StoredResponse(
             status=entry.status,
-            snapshot=entry.snapshot,
+            snapshot=fold_events(entry.snapshot, (event.data for event in entry.events[entry.snapshot_seq + 1 :])),
             last_sequence_number=len(entry.events) - 1,
             owner=entry.owner,
             epoch=entry.epoch,
@@ -112,18 +113,20 @@ def redis_snapshot(client: redis.Redis, keys: KeySpace, conversations: list[str]
             if entries or has_input:
                 snapshot.strays.add(response_id)
             continue
+        events = [(int(entry_id.decode().split("-")[1]), data[b"t"].decode(), data[b"d"]) for entry_id, data in entries]
+        # What the store's own read gives: the stored snapshot with the events after it folded in.
+        snapshot_seq = int(state[b"snap_seq"])
+        folded = fold_events(state[b"snapshot"], (data for seq, _, data in events if seq > snapshot_seq))
         snapshot.responses[response_id] = StoredResponse(
             status=state[b"status"].decode(),
-            snapshot=state[b"snapshot"],
-            last_sequence_number=int(state[b"last_seq"]),
+            snapshot=folded,
+            last_sequence_number=events[-1][0] if events else -1,
             owner=state.get(b"owner", b"").decode(),
             epoch=int(state.get(b"epoch", b"0")),
             lease_until_ms=int(state.get(b"lease_until", b"0")),
             stored=state.get(b"stored") == b"1",
             conversation_id=state.get(b"conv", b"").decode() or None,
-            events=[
-                (int(entry_id.decode().split("-")[1]), data[b"t"].decode(), data[b"d"]) for entry_id, data in entries
-            ],
+            events=events,
         )
     for conversation_id in conversations:
         active, exists = reply[position : position + 2]

@@ -52,14 +52,17 @@ async def feed_connections(redis: aioredis.Redis, proxy: TcpProxy) -> list[Proxi
 async def test_a_half_open_feed_connection_is_replaced_and_events_keep_flowing(
     redis_proxy: TcpProxy,
     redis_client: aioredis.Redis,
+    redis_server: str,
     simulator_url: str,
     key_prefix: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Scenario "half-open Redis connection": the feed's connection stops delivering without a reset (other and
     new connections still work). Events keep arriving with gaps far under the heartbeat, the stream ends with
-    one terminal event, sequence numbers are contiguous, and the failure is logged once."""
+    one terminal event, sequence numbers are contiguous, and the failure is logged once. The response runs on
+    another instance (its own subscribers get its events handed over, with no feed): this one follows it."""
     caplog.set_level(logging.WARNING, logger="runs.live")
+    writer_settings = gateway_settings(storage_url=redis_server, simulator_url=simulator_url, key_prefix=key_prefix)
     settings = gateway_settings(
         storage_url=f"redis://127.0.0.1:{redis_proxy.port}/0",
         simulator_url=simulator_url,
@@ -78,10 +81,11 @@ async def test_a_half_open_feed_connection_is_replaced_and_events_keep_flowing(
     frozen: ProxiedConnection | None = None
     fault_at = 0.0
     async with (
+        serve_gateway(writer_settings) as writer,
         serve_gateway(settings) as gateway,
         aiohttp.ClientSession(base_url=gateway.url, timeout=aiohttp.ClientTimeout(total=50)) as http,
     ):
-        async with http.post("/v1/responses", json=body) as created:
+        async with writer.http.post("/v1/responses", json=body) as created:
             assert created.status == 200, await created.text()
             response_id = (await created.json())["id"]
         async with http.get(f"/v1/responses/{response_id}", params={"stream": "true"}) as stream:

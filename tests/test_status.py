@@ -32,7 +32,8 @@ async def test_every_lua_script_compiles_and_is_registered(script: str, redis_cl
     suite then runs each through the store's own calls, on both backends)."""
     assert await redis_client.script_load(load_lua(script))
     sources = "".join(
-        (resources.files("storage") / name).read_text() for name in ("redis.py", "redis_conversations.py")
+        (resources.files("storage") / name).read_text()
+        for name in ("redis.py", "redis_conversations.py", "redis_appends.py")
     )
     assert f'load_lua("{script}")' in sources
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 
 import orjson
@@ -672,3 +673,117 @@ async def test_an_expired_queued_response_never_blocks_the_queue(redis_server: s
             assert await store.queued_runs(10) == ["resp_next"]
     finally:
         await redis_store.close()
+
+
+# -- snapshotless appends (the hot path: a delta is one plain write, fenced by its entry id in Redis) -------
+
+
+def delta(seq: int, text: str) -> StoredEvent:
+    data = {"type": "response.output_text.delta", "sequence_number": seq, "output_index": 0, "content_index": 0}
+    return StoredEvent(seq, "response.output_text.delta", orjson.dumps({**data, "delta": text}))
+
+
+def text_response(response_id: str) -> NewResponse:
+    """A response whose snapshot has one text part, so folded deltas show in it."""
+    snapshot = {"status": "in_progress", "output": [{"type": "message", "content": [{"type": "output_text"}]}]}
+    return NewResponse(
+        response_id=response_id,
+        snapshot=orjson.dumps(snapshot),
+        status="in_progress",
+        background=True,
+        stored=True,
+        input_items=b"[]",
+        events=[event(0, "response.created")],
+        owner=OWNER,
+        lease_ms=60_000,
+    )
+
+
+def text_of(snapshot: bytes) -> str:
+    text: str = orjson.loads(snapshot)["output"][0]["content"][0].get("text", "")
+    return text
+
+
+async def test_a_response_is_its_snapshot_with_the_later_events_folded_in(store: Store) -> None:
+    lease = await store.create_response(text_response("resp_fold"))
+    assert lease is not None
+    assert (
+        await store.append_events("resp_fold", [delta(1, "a"), delta(2, "b")], snapshot=None, status="", lease=lease)
+        is False
+    )
+    record = await store.get_response("resp_fold")
+    assert record is not None
+    assert (text_of(record.snapshot), record.last_sequence_number) == ("ab", 2)
+    await store.append_events("resp_fold", [delta(3, "c")], snapshot=record.snapshot, status="in_progress", lease=lease)
+    await store.append_events("resp_fold", [delta(4, "d")], snapshot=None, status="", lease=lease)
+    record = await store.get_response("resp_fold")
+    assert record is not None
+    # The snapshot given with seq 3 is what seq 2 left ("ab"): the store trusts it, and folds only seq 4 onto it.
+    assert (text_of(record.snapshot), record.last_sequence_number) == ("abd", 4)
+    assert [e.sequence_number for e in await store.read_events("resp_fold", 2)] == [3, 4]
+
+
+async def test_a_snapshotless_append_is_fenced_once_another_instance_claims_the_response(store: Store) -> None:
+    created = text_response("resp_fence")
+    lease = await store.create_response(dataclasses.replace(created, lease_ms=100))
+    assert lease is not None
+    await store.append_events("resp_fence", [delta(1, "a")], snapshot=None, status="", lease=lease)
+    await asyncio.sleep(0.15)
+    # Expired but not claimed: nobody else can have written, so the owner's delta is still taken.
+    await store.append_events("resp_fence", [delta(2, "b")], snapshot=None, status="", lease=lease)
+    claimed = await store.claim_response("resp_fence", "instance-b", lease_ms=60_000)
+    assert claimed is not None
+    new_lease, _ = claimed
+    with pytest.raises(LeaseLost):
+        await store.append_events("resp_fence", [delta(3, "late")], snapshot=None, status="", lease=lease)
+    await store.append_events("resp_fence", [delta(3, "c"), delta(4, "d")], snapshot=None, status="", lease=new_lease)
+    # Reading after a cursor works across the epochs the events were written under.
+    assert [e.sequence_number for e in await store.read_events("resp_fence", 1)] == [2, 3, 4]
+    assert [e.sequence_number for e in await store.read_events("resp_fence", 2)] == [3, 4]
+    assert [e.sequence_number for e in await store.read_events("resp_fence", -1, limit=2)] == [0, 1]
+    record = await store.get_response("resp_fence")
+    assert record is not None
+    assert (text_of(record.snapshot), record.last_sequence_number) == ("abcd", 4)
+
+
+async def test_a_snapshotless_append_is_refused_after_the_end_and_for_a_missing_response(store: Store) -> None:
+    lease = await store.create_response(text_response("resp_plain_end"))
+    assert lease is not None
+    closing = [event(1, "response.completed")]
+    await store.append_events(
+        "resp_plain_end", closing, snapshot=b'{"status":"completed"}', status="completed", lease=lease
+    )
+    with pytest.raises(ResponseClosed):
+        await store.append_events("resp_plain_end", [delta(2, "x")], snapshot=None, status="", lease=lease)
+    with pytest.raises(ResponseMissing):
+        await store.append_events("resp_never", [delta(0, "x")], snapshot=None, status="", lease=lease)
+    assert await store.get_response("resp_never") is None
+    assert await store.read_events("resp_never", -1) == []
+
+
+async def test_repeating_a_snapshotless_append_is_idempotent(store: Store) -> None:
+    lease = await store.create_response(text_response("resp_plain_retry"))
+    assert lease is not None
+    batch = [delta(1, "a"), delta(2, "b")]
+    await store.append_events("resp_plain_retry", batch, snapshot=None, status="", lease=lease)
+    await store.append_events("resp_plain_retry", batch, snapshot=None, status="", lease=lease)
+    assert [e.sequence_number for e in await store.read_events("resp_plain_retry", -1)] == [0, 1, 2]
+    with pytest.raises(SequenceConflict):  # the same numbers with other content: another writer's
+        await store.append_events("resp_plain_retry", [delta(2, "other")], snapshot=None, status="", lease=lease)
+
+
+async def test_plain_appends_of_many_responses_at_once_each_land_in_their_own_log(store: Store) -> None:
+    leases = [await store.create_response(text_response(f"resp_many_{n}")) for n in range(20)]
+    await asyncio.gather(
+        *(
+            store.append_events(
+                f"resp_many_{n}", [delta(1, str(n)), delta(2, "!")], snapshot=None, status="", lease=lease
+            )
+            for n, lease in enumerate(leases)
+            if lease is not None
+        )
+    )
+    for n in range(20):
+        record = await store.get_response(f"resp_many_{n}")
+        assert record is not None
+        assert text_of(record.snapshot) == f"{n}!"

@@ -25,7 +25,12 @@ else
   redis.call('ZADD', KEYS[5], now_us(), ARGV[2])
   redis.call('PEXPIRE', KEYS[5], ttl)
 end
-redis.call('HSET', KEYS[1], 'snapshot', ARGV[3], 'status', ARGV[4], 'last_seq', count - 1,
+local snap_id = '0-0'
+if count > 0 then
+  snap_id = ARGV[first_event + 3 * (count - 1)]
+end
+redis.call('HSET', KEYS[1], 'snapshot', ARGV[3], 'status', ARGV[4], 'snap_seq', count - 1, 'snap_id', snap_id,
+  'epochs', '1:0',
   'background', ARGV[5], 'stored', ARGV[6], 'request', ARGV[8], 'owner', ARGV[9], 'epoch', 1,
   'lease_until', lease_until, 'recovery_count', 0, 'tenant', ARGV[11], 'idem', ARGV[12], 'conv', ARGV[13],
   'cancel_requested', '0')

@@ -1,7 +1,7 @@
 -- Leases of running responses, and their place in the run index (scored by lease expiry, so an orphan is due the
 -- moment its lease runs out). The owner renews or releases its lease; another instance claims a response whose
 -- lease has expired, or that waits unowned in the queue, which bumps the epoch and so fences the old owner out.
--- KEYS: state hash, run index, queue
+-- KEYS: state hash, run index, queue, events stream
 -- ARGV: action ('renew' | 'release' | 'claim'), response_id, owner, epoch (renew/release) or '' (claim), lease_ms,
 --       ttl_ms
 -- renew   -> {'OK', lease_until, cancel_requested} | {'LOST'} | {'GONE'}
@@ -46,6 +46,16 @@ else
   recovery = tonumber(redis.call('HGET', KEYS[1], 'recovery_count') or '0')
 end
 redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'epoch', epoch, 'lease_until', lease_until)
+-- Fence the old owner out of the event stream too: its appends' ids start with its own, older epoch, so once the
+-- stream's last id is `<epoch>-<last>` Redis refuses them. Record where this epoch starts writing, for readers
+-- that turn a sequence number into an entry id.
+local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
+if #top == 1 then
+  local last = tonumber(string.match(top[1][1], '-(%d+)$'))
+  redis.call('XSETID', KEYS[4], epoch .. '-' .. last)
+  local epochs = redis.call('HGET', KEYS[1], 'epochs') or '1:0'
+  redis.call('HSET', KEYS[1], 'epochs', epochs .. ',' .. epoch .. ':' .. (last + 1))
+end
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[2], lease_until, ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[6])
