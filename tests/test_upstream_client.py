@@ -400,6 +400,14 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
     assert retry_after_seconds({"retry-after-ms": "soon", "retry-after": "9"}) == 9.0
     assert retry_after_seconds({"retry-after": "-3"}) == 0.0
+    # Unreadable values fall back to the run's own backoff instead of breaking the failure's construction.
+    assert retry_after_seconds({"retry-after": "soon"}) is None
+    assert retry_after_seconds({"retry-after-ms": "nan"}) is None
+    assert retry_after_seconds({"retry-after": "inf"}) is None
+    # A date without a zone is UTC, as the SDK reads it, not the gateway's local time.
+    in_a_minute = time.gmtime(time.time() + 60)
+    naive = time.strftime("%a, %d %b %Y %H:%M:%S", in_a_minute)
+    assert 55 < (retry_after_seconds({"retry-after": naive}) or 0) <= 60
     assert retry_after_seconds({}) is None
     assert retry_after_seconds(None) is None
 

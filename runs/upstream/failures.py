@@ -4,7 +4,9 @@ whether to retry. The shapes are those the openai SDK's errors gave when it was 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,23 +24,33 @@ STREAM_ERROR_MESSAGE = "An error occurred during streaming"
 
 
 def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
-    """`retry-after-ms`, or `retry-after` as seconds or an HTTP date, as the SDK itself reads them."""
+    """`retry-after-ms`, or `retry-after` as seconds or an HTTP date (UTC when it names no zone), as the SDK
+    reads them; None when absent or unreadable, so the run falls back to its own backoff."""
     if headers is None:
         return None
     millis = headers.get("retry-after-ms")
     if millis is not None:
-        try:
-            return max(float(millis) / 1000, 0.0)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            return _finite_delay(float(millis) / 1000)
     value = headers.get("retry-after")
     if value is None:
         return None
     try:
-        return max(float(value), 0.0)
+        return _finite_delay(float(value))
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return None if parsed is None else max(parsed.timestamp() - time.time(), 0.0)
+        pass
+    parsed = email.utils.parsedate_tz(value)
+    if parsed is None:
+        return None
+    try:
+        return _finite_delay(email.utils.mktime_tz(parsed) - time.time())
+    except (OverflowError, ValueError):
+        return None
+
+
+def _finite_delay(seconds: float) -> float | None:
+    # "inf" or "nan" say nothing usable: the SDK ignored them too.
+    return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
 def status_failure(status: int, body: bytes, headers: Mapping[str, str] | None) -> UpstreamFailure:
