@@ -71,7 +71,9 @@ class SSESplitter:
     def _split(self, buffer: bytes) -> list[SSEEvent]:
         events: list[SSEEvent] = []
         start = 0
-        while (end := buffer.find(b"\n\n", start)) >= 0:
+        size = len(buffer)
+        # Chunks usually end on an event's end: stop there rather than search the empty rest.
+        while start < size and (end := buffer.find(b"\n\n", start)) >= 0:
             event = _parse_event(buffer, start, end)
             start = end + 2
             if event is None:
@@ -80,7 +82,7 @@ class SSESplitter:
                 self.done = True
                 return events
             events.append(event)
-        if start < len(buffer):
+        if start < size:
             self._pending += memoryview(buffer)[start:]
             self._scanned = max(len(self._pending) - 1, 0)
         return events
