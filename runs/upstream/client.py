@@ -15,7 +15,7 @@ from runs.upstream.base import UpstreamSpec
 from runs.upstream.failures import connection_failure, status_failure, stream_failure
 from runs.upstream.sse import SSESplitter
 
-# Sent when no key is configured: local providers (vLLM, llama.cpp, Ollama) ignore it, some proxies want one.
+# Sent when no key is configured, as the SDK-based client did; local providers (vLLM, llama.cpp, Ollama) ignore it.
 PLACEHOLDER_API_KEY = "not-needed"
 # After `data: [DONE]`, how long to wait for the end of the body so the connection can be reused (as the SDK did).
 DONE_DRAIN_SECONDS = 0.1
