@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from runs.upstream.base import UpstreamFailure, UpstreamSpec
 from runs.upstream.chat_request import ChatDialect, chat_request
 from runs.upstream.chat_stream import ChatStreamTranslator
-from runs.upstream.client import make_client, provider_models, stream_json
+from runs.upstream.client import UpstreamClient
 
 
 class ChatUpstream:
@@ -17,7 +18,7 @@ class ChatUpstream:
 
     def __init__(self, spec: UpstreamSpec) -> None:
         self.spec = spec
-        self._client = make_client(spec)
+        self._client = UpstreamClient(spec)
         self._dialect = ChatDialect(
             max_tokens_field=spec.max_tokens_field,
             reasoning_effort=spec.reasoning_effort,
@@ -32,9 +33,11 @@ class ChatUpstream:
         self, body: dict[str, Any], *, api_key: str | None = None
     ) -> AsyncGenerator[dict[str, Any], None]:
         translator = ChatStreamTranslator()
-        async for chunk in stream_json(self._client, self.spec.name, "/chat/completions", body, api_key):
-            for event in translator.feed(chunk):
-                yield event
+        # aclosing: when the run closes this turn, the connection is let go now, not when garbage is collected.
+        async with contextlib.aclosing(self._client.stream_json("/chat/completions", body, api_key)) as chunks:
+            async for chunk in chunks:
+                for event in translator.feed(chunk):
+                    yield event
         if not translator.finished:
             # A stream that just stops (a proxy's idle timeout, a crashed server) is not an answer.
             raise UpstreamFailure(
@@ -44,7 +47,7 @@ class ChatUpstream:
             yield event
 
     async def list_models(self) -> list[str]:
-        return await provider_models(self._client, self.spec.name)
+        return await self._client.list_models()
 
     async def close(self) -> None:
         await self._client.close()

@@ -1,113 +1,141 @@
-"""The HTTP client every adapter uses (the openai SDK's), and how its errors become UpstreamFailures."""
+"""The HTTP client every adapter uses: one aiohttp session per provider, streamed answers split as SSE."""
 
 from __future__ import annotations
 
-import email.utils
-import time
+import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import openai
-from openai import AsyncOpenAI, AsyncStream
+import aiohttp
+import orjson
+from multidict import CIMultiDict
 
-from runs.upstream.base import UpstreamFailure, UpstreamSpec
+from runs.upstream.base import UpstreamSpec
+from runs.upstream.failures import connection_failure, status_failure, stream_failure
+from runs.upstream.sse import SSESplitter
 
-# The SDK refuses to start without a key; local providers (vLLM, llama.cpp, Ollama) ignore it.
+# Sent when no key is configured, as the SDK-based client did; local providers (vLLM, llama.cpp, Ollama) ignore it.
 PLACEHOLDER_API_KEY = "not-needed"
-# Statuses worth another attempt (before any output): timeouts, rate limits, server errors.
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
+# After `data: [DONE]`, how long to wait for the end of the body so the connection can be reused (as the SDK did).
+DONE_DRAIN_SECONDS = 0.1
+# What the transport raises for a refused, dropped, cut or silent connection (timeouts are asyncio's).
+_TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 
 
-def make_client(spec: UpstreamSpec) -> AsyncOpenAI:
-    """An SDK client for the provider. Its own retries are off: the run retries, and only before any output."""
-    return AsyncOpenAI(
-        base_url=spec.base_url,
-        api_key=spec.api_key or PLACEHOLDER_API_KEY,
-        max_retries=0,
-        timeout=openai.Timeout(spec.read_timeout_seconds, connect=spec.connect_timeout_seconds),
-        default_headers=spec.extra_headers or None,
-    )
+class UpstreamClient:
+    """A provider's HTTP endpoint. It has no retries of its own: the run retries, and only before any output.
+    Its failures are UpstreamFailures shaped in `runs.upstream.failures`."""
 
+    def __init__(self, spec: UpstreamSpec) -> None:
+        self._name = spec.name
+        # Joined as the openai SDK joins them: `http://host/v1` + `/responses` is `http://host/v1/responses`.
+        self._base_url = spec.base_url if spec.base_url.endswith("/") else f"{spec.base_url}/"
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=spec.connect_timeout_seconds, sock_read=spec.read_timeout_seconds
+        )
+        self._stream_headers = _headers(spec, accept="text/event-stream")
+        self._json_headers = _headers(spec, accept="application/json")
+        self._session: aiohttp.ClientSession | None = None
 
-def _retry_after_seconds(headers: Any) -> float | None:
-    """`retry-after-ms`, or `retry-after` as seconds or an HTTP date, as the SDK itself reads them."""
-    if headers is None:
-        return None
-    millis = headers.get("retry-after-ms")
-    if millis is not None:
+    def _http(self) -> aiohttp.ClientSession:
+        # Made on first use rather than in __init__: a session belongs to the loop that runs it.
+        if self._session is None:
+            # No pool limit: each open stream holds a connection, and admission already bounds how many run.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self._timeout)
+        return self._session
+
+    async def _send(
+        self, method: str, path: str, headers: CIMultiDict[str], data: bytes | None = None
+    ) -> aiohttp.ClientResponse:
+        """The provider's 2xx response, its body unread; anything else raised as an UpstreamFailure."""
+        url = self._base_url + path.lstrip("/")
         try:
-            return max(float(millis) / 1000, 0.0)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(float(value), 0.0)
-    except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return None if parsed is None else max(parsed.timestamp() - time.time(), 0.0)
+            response = await self._http().request(method, url, data=data, headers=headers)
+        except _TRANSPORT_ERRORS as error:
+            raise connection_failure(self._name, error) from error
+        if 200 <= response.status < 300:
+            return response
+        try:
+            body = await response.read()
+        except _TRANSPORT_ERRORS:
+            body = b""  # the status alone still says what happened
+        finally:
+            response.release()
+        raise status_failure(response.status, body, response.headers)
+
+    async def stream_json(
+        self, path: str, body: dict[str, Any], api_key: str | None = None
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """POST `body` to `path` and yield each streamed JSON object as a plain dict, until `[DONE]` or the end of
+        the body. `api_key` (a client's own key, for pass-through upstreams) replaces the configured one. Closing
+        the generator early drops the connection at once, so the provider stops generating."""
+        headers = self._stream_headers
+        if api_key:
+            headers = headers.copy()
+            headers["Authorization"] = f"Bearer {api_key}"
+        response = await self._send("POST", path, headers, orjson.dumps(body))
+        splitter = SSESplitter()
+        try:
+            try:
+                async for chunk in response.content.iter_any():
+                    for _, data in splitter.feed(chunk):
+                        item = orjson.loads(data)
+                        # Any object with a truthy `error` ends the stream, as the openai SDK's reader decided.
+                        if isinstance(item, dict):
+                            if item.get("error"):
+                                raise stream_failure(self._name, item["error"])
+                            yield item
+                    if splitter.done:
+                        await _drain(response)
+                        return
+            except _TRANSPORT_ERRORS as error:
+                raise connection_failure(self._name, error) from error
+        finally:
+            _let_go(response)
+
+    async def list_models(self) -> list[str]:
+        """The model ids the provider lists at `GET /models`."""
+        response = await self._send("GET", "/models", self._json_headers)
+        try:
+            payload = await response.read()
+        except _TRANSPORT_ERRORS as error:
+            raise connection_failure(self._name, error) from error
+        finally:
+            response.release()
+        page = orjson.loads(payload)
+        data = page.get("data") if isinstance(page, dict) else None
+        return [str(entry["id"]) for entry in data or [] if isinstance(entry, dict) and "id" in entry]
+
+    async def close(self) -> None:
+        """Close the pooled connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
-def _error_body(error: openai.APIStatusError) -> dict[str, Any]:
-    body = error.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict):
-            return inner
-    return {}
-
-
-def failure_from(error: openai.APIError, upstream: str) -> UpstreamFailure:
-    """The UpstreamFailure for an SDK error: the provider's status, code and message, and whether to retry."""
-    if isinstance(error, openai.APIStatusError):
-        inner = _error_body(error)
-        message = inner.get("message") if isinstance(inner.get("message"), str) else None
-        code = inner.get("code") if isinstance(inner.get("code"), str) else None
-        status = error.status_code
-        return UpstreamFailure(
-            message or error.message,
-            status=status,
-            code=code,
-            retryable=status in RETRYABLE_STATUSES or status >= 500,
-            retry_after_seconds=_retry_after_seconds(error.response.headers),
-        )
-    if isinstance(error, openai.APIConnectionError):  # includes timeouts
-        return UpstreamFailure(f"upstream {upstream!r} unreachable: {error.message}", retryable=True)
-    message = error.message or "upstream error"
-    return UpstreamFailure(
-        f"upstream {upstream!r} failed: {message}", code=getattr(error, "code", None), retryable=True
+def _headers(spec: UpstreamSpec, *, accept: str) -> CIMultiDict[str]:
+    # The configured extra headers win over ours, as the SDK's `default_headers` did.
+    headers = CIMultiDict(
+        {
+            "Authorization": f"Bearer {spec.api_key or PLACEHOLDER_API_KEY}",
+            "Content-Type": "application/json",
+            "Accept": accept,
+        }
     )
+    headers.update(spec.extra_headers)
+    return headers
 
 
-async def stream_json(
-    client: AsyncOpenAI, upstream: str, path: str, body: dict[str, Any], api_key: str | None = None
-) -> AsyncGenerator[dict[str, Any], None]:
-    """POST `body` to `path` and yield each streamed JSON object as a plain dict. Plain dicts rather than SDK
-    models: the run only re-numbers and stores events, so parsing each into a model would be wasted work.
-    `api_key` (a client's own key, for pass-through upstreams) replaces the configured one for this call."""
-    options: Any = {"headers": {"Authorization": f"Bearer {api_key}"}} if api_key else {}
-    try:
-        stream = await client.post(
-            path, body=body, cast_to=object, stream=True, stream_cls=AsyncStream[object], options=options
-        )
-    except openai.APIError as error:
-        raise failure_from(error, upstream) from error
-    try:
-        async for item in stream:
-            if isinstance(item, dict):
-                yield item
-    except openai.APIError as error:
-        raise failure_from(error, upstream) from error
-    finally:
-        await stream.close()
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read what follows `[DONE]` for a moment: a body read to its end leaves the connection reusable."""
+    with contextlib.suppress(*_TRANSPORT_ERRORS):
+        async with asyncio.timeout(DONE_DRAIN_SECONDS):
+            while not response.content.is_eof() and await response.content.readany():
+                pass
 
 
-async def provider_models(client: AsyncOpenAI, upstream: str) -> list[str]:
-    """The model ids the provider lists at `GET /models`."""
-    try:
-        page = await client.get("/models", cast_to=object)
-    except openai.APIError as error:
-        raise failure_from(error, upstream) from error
-    data = page.get("data") if isinstance(page, dict) else None
-    return [str(entry["id"]) for entry in data or [] if isinstance(entry, dict) and "id" in entry]
+def _let_go(response: aiohttp.ClientResponse) -> None:
+    """aiohttp gives the connection back to the pool itself once the body's end has arrived; before that, closing
+    drops the connection, which is how the provider learns that nobody is listening any more."""
+    response.close()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from runs.upstream.base import UpstreamFailure, UpstreamSpec
-from runs.upstream.client import make_client, provider_models, stream_json
+from runs.upstream.client import UpstreamClient
 
 _TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
@@ -17,7 +18,7 @@ class ResponsesUpstream:
 
     def __init__(self, spec: UpstreamSpec) -> None:
         self.spec = spec
-        self._client = make_client(spec)
+        self._client = UpstreamClient(spec)
 
     def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
         """The provider's request body; nothing to refuse, the provider speaks the same API."""
@@ -26,17 +27,19 @@ class ResponsesUpstream:
     async def stream_turn(
         self, body: dict[str, Any], *, api_key: str | None = None
     ) -> AsyncGenerator[dict[str, Any], None]:
-        async for event in stream_json(self._client, self.spec.name, "/responses", body, api_key):
-            yield event
-            if event.get("type") in _TERMINAL_EVENTS:
-                return
+        # aclosing: leaving at the terminal event, or being closed by the run, lets go of the connection now.
+        async with contextlib.aclosing(self._client.stream_json("/responses", body, api_key)) as events:
+            async for event in events:
+                yield event
+                if event.get("type") in _TERMINAL_EVENTS:
+                    return
         # A stream that just stops before the terminal event is a broken turn, retried if nothing was emitted.
         raise UpstreamFailure(
             f"upstream {self.spec.name!r} ended the stream before the response finished.", retryable=True
         )
 
     async def list_models(self) -> list[str]:
-        return await provider_models(self._client, self.spec.name)
+        return await self._client.list_models()
 
     async def close(self) -> None:
         await self._client.close()
