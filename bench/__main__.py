@@ -34,6 +34,7 @@ MIN_STEP_SECONDS = 10.0
 ALL_WORKLOADS = frozenset({"a", "b", "c", "d"})
 ALL_TARGETS = ("direct", "redis", "embedded", "litellm")
 BENCH_DIR = Path(__file__).resolve().parent
+MEASURED_CODE = ("gateway", "runs", "storage", "simulator", "pyproject.toml")
 PROFILE_BEFORE = BENCH_DIR / "results" / "profile-before-issue13.md"
 # Rough seconds per (d) memory measurement and per (c) replay, for the time budget's reserves.
 MEMORY_ESTIMATE_S = 40.0
@@ -168,6 +169,10 @@ def machine_header() -> dict[str, str]:
     commit = _command_output(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
     if _command_output(["git", "status", "--porcelain", "--untracked-files=no"]):
         commit += " (+ uncommitted changes)"
+    # The commit that last changed what is measured (a bench-only commit on top does not change the numbers).
+    code = _command_output(["git", "log", "-1", "--format=%h", "--", *MEASURED_CODE])
+    if code and not commit.startswith(code):
+        commit += f"; gateway code last changed in {code}"
     redis_version = _command_output(["redis-server", "--version"]).split(" ")
     version = next((part[2:] for part in redis_version if part.startswith("v=")), "unknown")
     py_spy = procs.py_spy_binary()
