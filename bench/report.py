@@ -317,7 +317,7 @@ def _profile_body(results: BenchResults) -> list[str]:
         cpu = 100 * window.cpu.get("target", 0.0) / window.wall_s
         lines.append(
             f"- **window**: {window.events_per_s:,.0f} events/s received by the clients, gateway at {cpu:.0f}% of a "
-            f"core, {found.samples} samples"
+            f"core ({fmt(window.cpu_ms_per_1k('target'), 1)} ms CPU per 1k events), {found.samples} samples"
         )
     lines += [
         "",
