@@ -305,11 +305,11 @@ async def ceiling(target: Target, observed: Observed, *, streams: int, seconds: 
         workers = [asyncio.create_task(worker(index)) for index in range(streams)]
         await asyncio.sleep(max(stop_at - time.perf_counter(), 0))
         window.stop()
-        # Workers notice the closed window at their next chunk; one whose stream is silent is cut off.
-        _, pending = await asyncio.wait(workers, timeout=15)
-        for task in pending:
+        # Cut every stream off now: what arrived in the window is recorded already, and a worker still waiting
+        # for its answer's headers (a queueing proxy) would otherwise hold the next workload back.
+        for task in workers:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*workers, return_exceptions=True)
     return CeilingResult(
         target=target.name,
         events=sum(r.events for r in records),
