@@ -31,6 +31,7 @@ MODEL = "sim-1"
 # text done, part done, item done, completed.
 FRAMING_EVENTS = 8
 CONNECT_TIMEOUT_S = 30.0
+CEILING_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -305,11 +306,13 @@ async def ceiling(target: Target, observed: Observed, *, streams: int, seconds: 
         workers = [asyncio.create_task(worker(index)) for index in range(streams)]
         await asyncio.sleep(max(stop_at - time.perf_counter(), 0))
         window.stop()
-        # Cut every stream off now: what arrived in the window is recorded already, and a worker still waiting
-        # for its answer's headers (a queueing proxy) would otherwise hold the next workload back.
-        for task in workers:
+        # Workers stop at their next chunk. One still waiting for its answer's headers (a queueing proxy) gets a
+        # short grace, then is cut off: what arrived in the window is recorded already. (Cutting a request the
+        # simulator has not answered yet makes it log an error writing its headers.)
+        _, pending = await asyncio.wait(workers, timeout=CEILING_GRACE_S)
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
     return CeilingResult(
         target=target.name,
         events=sum(r.events for r in records),
