@@ -342,7 +342,11 @@ def _profile_section(results: BenchResults) -> list[str]:
     lines += ["", "### Before: the baseline of issue 13 (bench/results/profile-before-issue13.md)", ""]
     if results.profile_before:
         body = results.profile_before.strip().splitlines()
-        lines += body[1:] if body and body[0].startswith("# ") else body
+        if body and body[0].startswith("# "):
+            body = body[1:]
+        while body and not body[0].strip():
+            body = body[1:]
+        lines += body
     else:
         lines.append("No baseline file.")
     return [*lines, ""]
@@ -401,8 +405,9 @@ def derive_notes(results: BenchResults, nominal_stream_s: float) -> list[str]:
                     added, ref = results.added(level, target, attr, q), results.pct(level, "direct", attr, q)
                     if added is not None and ref is not None and added < -max(1.0, 0.05 * ref):
                         notes.append(
-                            f"{block} {target}: added {label} p{q} is negative ({added:+.1f} ms): the direct baseline "
-                            "was worse at that percentile (see the saturation notes)."
+                            f"{block} {target}: added {label} p{q} is negative ({added:+.1f} ms): either the direct "
+                            "baseline was worse at that percentile, or events arrived in bursts (several in one read "
+                            "share its arrival time, so their gaps are 0)."
                         )
             extra = sum((run.upstream_requests or 0) - run.streams for run in runs)
             if extra > 0:
