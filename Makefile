@@ -6,7 +6,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 CHAOS_SECONDS ?= 150
 
-.PHONY: run test test-chaos test-realmodel lint format simulate clean bench
+.PHONY: run test test-chaos test-realmodel lint format simulate clean bench bench-setup
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -70,10 +70,25 @@ test-realmodel: $(VENV)/.installed-dev $(LLAMA_VENV)/.installed
 	@.ci/ensure-redis-server
 	LLAMA_PYTHON=$(LLAMA_VENV)/bin/python $(BIN)/pytest -m realmodel $(PYTEST_ARGS)
 
-clean:
-	rm -rf $(VENV) $(LLAMA_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+# LiteLLM (the bench's comparison column) and py-spy (its profile) live in a venv of the bench's own: LiteLLM pins
+# its own openai, pydantic and httpx, which must not meet the project's. The versions are the ones whose header
+# forwarding and /v1/responses passthrough the bench was checked against.
+BENCH_VENV ?= bench/.venv-litellm
+LITELLM_VERSION ?= 1.108.7
+PY_SPY_VERSION ?= 0.4.3
 
-## bench: gateway vs the direct upstream (and LiteLLM when installed) on loopback, < 8 min; writes bench/results/<date>.md
-bench: $(VENV)/.installed
+$(BENCH_VENV)/.installed:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)' 'py-spy==$(PY_SPY_VERSION)'
+	@touch $@
+
+clean:
+	rm -rf $(VENV) $(LLAMA_VENV) $(BENCH_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+
+## bench-setup: create bench/.venv-litellm with LiteLLM's proxy and py-spy (once; a minute or two)
+bench-setup: $(BENCH_VENV)/.installed
+
+## bench: gateway (Redis, embedded) vs the direct upstream and LiteLLM on loopback, ~10 min; writes bench/results/<date>.md
+bench: $(VENV)/.installed bench-setup
 	@.ci/ensure-redis-server
 	$(BIN)/python -m bench

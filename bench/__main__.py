@@ -1,5 +1,6 @@
-"""`python -m bench` (or `make bench`): start Redis, the simulator, the gateway (and LiteLLM when installed) as
-real processes on loopback, run the four workloads, and write `bench/results/<date>.md` (also printed).
+"""`python -m bench` (or `make bench`): start Redis, the simulator, a gateway on Redis, a gateway on the embedded
+store and LiteLLM as real processes on loopback, run the workloads in interleaved repetitions, and write
+`bench/results/<date>.md` (also printed).
 
 Knobs are environment variables (see bench/README.md); everything started is stopped at the end, even on error.
 """
@@ -10,6 +11,7 @@ import asyncio
 import datetime as dt
 import os
 import platform
+import secrets
 import shutil
 import signal
 import subprocess
@@ -22,15 +24,21 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import aiohttp
-import openai
 
-from bench import procs, report, workloads
+from bench import procs, profile, report, workloads
+from bench.sse import error_label
 from bench.workloads import Knobs, Observed, Target
 
 T = TypeVar("T")
 MIN_STEP_SECONDS = 10.0
 ALL_WORKLOADS = frozenset({"a", "b", "c", "d"})
+ALL_TARGETS = ("direct", "redis", "embedded", "litellm")
 BENCH_DIR = Path(__file__).resolve().parent
+MEASURED_CODE = ("gateway", "runs", "storage", "simulator", "pyproject.toml")
+PROFILE_BEFORE = BENCH_DIR / "results" / "profile-before-issue13.md"
+# Rough seconds per (d) memory measurement and per (c) replay, for the time budget's reserves.
+MEMORY_ESTIMATE_S = 40.0
+REPLAY_ESTIMATE_S = 30.0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -41,8 +49,14 @@ def _env_float(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
+def _env_list(name: str, default: str) -> list[str]:
+    return [part for part in os.environ.get(name, default).replace(" ", "").split(",") if part]
+
+
 @dataclass(frozen=True)
 class Config:
+    reps: int
+    targets: tuple[str, ...]
     concurrency: int
     light_concurrency: int
     tokens: int
@@ -51,6 +65,8 @@ class Config:
     ceiling_seconds: float
     ceiling_streams: int
     ceiling_tokens: int
+    profile_seconds: float
+    profile_target: str
     replay_events: int
     replay_reps: int
     memory_runs: int
@@ -58,29 +74,43 @@ class Config:
     budget_seconds: float
     workloads: frozenset[str]
     results_dir: Path
+    results_name: str | None
+    profile_before: Path
 
     @classmethod
     def from_env(cls) -> Config:
+        targets = _env_list("BENCH_TARGETS", ",".join(ALL_TARGETS))
+        unknown = sorted(set(targets) - set(ALL_TARGETS))
+        if unknown or "direct" not in targets:
+            raise SystemExit(f"bench: BENCH_TARGETS must include direct and name only {', '.join(ALL_TARGETS)}")
         return cls(
+            reps=max(_env_int("BENCH_REPS", 3), 1),
+            targets=tuple(name for name in ALL_TARGETS if name in targets),
             concurrency=_env_int("BENCH_CONCURRENCY", 200),
             light_concurrency=_env_int("BENCH_LIGHT_CONCURRENCY", 20),
             tokens=_env_int("BENCH_TOKENS", 300),
             token_delay_ms=_env_float("BENCH_TOKEN_DELAY_MS", 20),
             ttft_ms=_env_float("BENCH_TTFT_MS", 50),
-            ceiling_seconds=_env_float("BENCH_SECONDS", 20),
+            ceiling_seconds=_env_float("BENCH_SECONDS", 10),
             ceiling_streams=_env_int("BENCH_CEILING_STREAMS", 16),
             ceiling_tokens=_env_int("BENCH_CEILING_TOKENS", 2000),
+            profile_seconds=_env_float("BENCH_PROFILE_SECONDS", _env_float("BENCH_SECONDS", 10)),
+            profile_target=os.environ.get("BENCH_PROFILE_TARGET", "redis"),
             replay_events=_env_int("BENCH_REPLAY_EVENTS", 10_000),
             replay_reps=_env_int("BENCH_REPLAY_REPS", 3),
             memory_runs=_env_int("BENCH_MEMORY_RUNS", 1000),
             memory_in_flight=_env_int("BENCH_MEMORY_IN_FLIGHT", 100),
-            budget_seconds=_env_float("BENCH_BUDGET_SECONDS", 400),
-            workloads=frozenset(os.environ.get("BENCH_WORKLOADS", "a,b,c,d").replace(" ", "").split(",")),
+            budget_seconds=_env_float("BENCH_BUDGET_SECONDS", 720),
+            workloads=frozenset(_env_list("BENCH_WORKLOADS", "a,b,c,d")),
             results_dir=Path(os.environ.get("BENCH_RESULTS_DIR", BENCH_DIR / "results")),
+            results_name=os.environ.get("BENCH_RESULTS_NAME") or None,
+            profile_before=Path(os.environ.get("BENCH_PROFILE_BEFORE", PROFILE_BEFORE)),
         )
 
     def params(self) -> dict[str, str]:
         return {
+            "reps": str(self.reps),
+            "targets": ",".join(self.targets),
             "concurrency": str(self.concurrency),
             "light_concurrency": str(self.light_concurrency),
             "tokens": str(self.tokens),
@@ -89,6 +119,8 @@ class Config:
             "ceiling_streams": str(self.ceiling_streams),
             "ceiling_tokens": str(self.ceiling_tokens),
             "ceiling_seconds": f"{self.ceiling_seconds:g}",
+            "profile_seconds": f"{self.profile_seconds:g}",
+            "profile_target": self.profile_target,
             "replay_events": str(self.replay_events),
             "replay_reps": str(self.replay_reps),
             "memory_runs": str(self.memory_runs),
@@ -137,13 +169,19 @@ def machine_header() -> dict[str, str]:
     commit = _command_output(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
     if _command_output(["git", "status", "--porcelain", "--untracked-files=no"]):
         commit += " (+ uncommitted changes)"
+    # The commit that last changed what is measured (a bench-only commit on top does not change the numbers).
+    code = _command_output(["git", "log", "-1", "--format=%h", "--", *MEASURED_CODE])
+    if code and not commit.startswith(code):
+        commit += f"; gateway code last changed in {code}"
     redis_version = _command_output(["redis-server", "--version"]).split(" ")
     version = next((part[2:] for part in redis_version if part.startswith("v=")), "unknown")
+    py_spy = procs.py_spy_binary()
+    py_spy_version = _command_output([str(py_spy), "--version"]) if py_spy else "py-spy not installed"
     return {
         "machine": f"{os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {_cpu_model()}, "
         f"Linux {platform.release()}",
-        "software": f"Python {platform.python_version()}, openai {openai.__version__}, aiohttp {aiohttp.__version__}, "
-        f"redis-server {version}",
+        "software": f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}, redis-server {version}, "
+        f"litellm {procs.litellm_version() or 'not installed'}, {py_spy_version}",
         "gateway commit": commit,
     }
 
@@ -167,7 +205,7 @@ async def _phase(
     try:
         value = await step()
     except Exception as error:
-        message = f"{name} failed: {workloads.error_label(error)}"
+        message = f"{name} failed: {error_label(error)}"
         results.notes.append(message)
         log(budget, message)
         return None
@@ -175,128 +213,270 @@ async def _phase(
     return value
 
 
-async def run(config: Config, group: procs.ProcessGroup, budget: Budget, results: report.BenchResults) -> None:
-    redis = procs.start_redis(group)
-    redis_url = f"redis://{procs.LOOPBACK}:{redis.port}/0"
-    simulator = procs.start_simulator(
-        group, tokens=config.tokens, token_delay_ms=config.token_delay_ms, ttft_ms=config.ttft_ms
-    )
-    gateway = procs.start_gateway(group, name="gateway", redis_url=redis_url, simulator_url=simulator.url)
-    observed = Observed(simulator_pid=simulator.pid, redis_pid=redis.pid, simulator_url=simulator.url)
-    targets = [
-        Target("direct", f"{simulator.url}/v1", pid=None, background=False),
-        Target("gateway", f"{gateway.url}/v1", pid=gateway.pid, background=True),
-    ]
-    if not procs.litellm_available():
-        results.unavailable["litellm"] = report.NOT_INSTALLED
-    else:
+def _cpu_line(result: workloads.Measured) -> str:
+    parts = [f"{name} {used:.1f}" for name, used in result.cpu.items()]
+    parts.append(f"busy {result.load.busy_percent:.0f}% of all cores, load {result.load.loadavg_1m:.2f}")
+    return "  CPU s: " + ", ".join(parts)
+
+
+class Bench:
+    """One run: the processes, the targets, and the workloads in order."""
+
+    def __init__(self, config: Config, group: procs.ProcessGroup, budget: Budget, results: report.BenchResults):
+        self.config, self.group, self.budget, self.results = config, group, budget, results
+        self.targets: list[Target] = []
+        self.redis: procs.Proc | None = None
+        self.simulator: procs.Proc | None = None
+        self.gateways: dict[str, procs.Proc] = {}
+        self.observed: Observed | None = None
+
+    # -- processes ------------------------------------------------------------------------------------------------
+
+    def _storage_url(self, name: str) -> str:
+        assert self.redis is not None
+        return f"redis://{procs.LOOPBACK}:{self.redis.port}/0" if name == "redis" else "memory://"
+
+    def start(self) -> None:
+        config, group, results = self.config, self.group, self.results
+        self.redis = redis = procs.start_redis(group)
+        self.simulator = simulator = procs.start_simulator(
+            group, tokens=config.tokens, token_delay_ms=config.token_delay_ms, ttft_ms=config.ttft_ms
+        )
+        self.observed = Observed(
+            simulator_pid=simulator.pid,
+            redis_pid=redis.pid,
+            simulator_url=simulator.url,
+            redis=procs.RedisProbe(redis.port),
+        )
+        self.targets = [Target("direct", f"{simulator.url}/v1", pid=None, background=False)]
+        for name in ("redis", "embedded"):
+            if name not in config.targets:
+                continue
+            gateway = procs.start_gateway(
+                group, name=f"gateway-{name}", storage_url=self._storage_url(name), simulator_url=simulator.url
+            )
+            self.gateways[name] = gateway
+            self.targets.append(Target(name, f"{gateway.url}/v1", pid=gateway.pid, background=True, stored=True))
+        if "litellm" not in config.targets:
+            return
+        if procs.litellm_binary() is None:
+            results.unavailable["litellm"] = report.NOT_INSTALLED
+            results.notes.append("LiteLLM is not installed: `make bench-setup` puts it in bench/.venv-litellm.")
+            return
+        master_key = "sk-bench-" + secrets.token_hex(12)  # a fresh key per run, handed over in the environment
         try:
-            litellm = procs.start_litellm(group, simulator_url=simulator.url, redis_port=redis.port)
-            targets.append(Target("litellm", f"{litellm.url}/v1", pid=litellm.pid, background=False, knob_headers=True))
+            litellm = procs.start_litellm(
+                group, simulator_url=simulator.url, redis_port=redis.port, master_key=master_key
+            )
         except Exception as error:
             results.unavailable["litellm"] = "failed to start"
-            results.notes.append(f"litellm did not start: {workloads.error_label(error)}")
-    log(budget, "processes up: " + ", ".join(f"{p.name} pid {p.pid} :{p.port}" for p in group.procs))
+            results.notes.append(f"litellm did not start: {error_label(error)}")
+            return
+        self.targets.append(
+            Target(
+                "litellm", f"{litellm.url}/v1", pid=litellm.pid, background=False, api_key=master_key, knob_headers=True
+            )
+        )
 
-    for target in list(targets):
-        errors = await workloads.warm_up(target)
-        if errors:
+    async def warm_up(self) -> None:
+        for target in list(self.targets):
+            errors = await workloads.warm_up(target)
+            if not errors:
+                continue
             message = ", ".join(f"{count}x {text}" for text, count in errors.items())
-            results.notes.append(f"warm-up of {target.name}: {message}")
-            nothing_got_through = sum(errors.values()) == workloads.WARM_UP_STREAMS
-            if nothing_got_through and target.name != "gateway":  # e.g. a LiteLLM without /v1/responses
-                results.unavailable[target.name] = "no /v1/responses" if "404" in message else "failed"
-                targets.remove(target)
-    log(budget, "warm-up done")
+            self.results.notes.append(f"warm-up of {target.name}: {message}")
+            if sum(errors.values()) >= workloads.WARM_UP_STREAMS and target.name == "litellm":
+                self.results.unavailable[target.name] = "no /v1/responses" if "404" in message else "failed"
+                self.targets.remove(target)
 
-    async def settle() -> None:
-        left = await workloads.wait_simulator_idle(simulator.url, limit_s=budget.cap(20, reserve=60))
+    async def settle(self) -> None:
+        assert self.simulator is not None
+        left = await workloads.wait_simulator_idle(self.simulator.url, limit_s=self.budget.cap(20, reserve=30))
         if left:
-            results.notes.append(f"{left} simulator requests were still active when the next workload started")
+            self.results.notes.append(f"{left} simulator requests were still active when the next workload started")
 
-    if "a" in config.workloads:
+    # -- time budget ----------------------------------------------------------------------------------------------
+
+    def _reserve_after(self, workload: str) -> float:
+        """Seconds to keep for the workloads after `workload`, so a slow early one cannot starve them all."""
+        config = self.config
+        reserve = 0.0
+        if workload < "b" and "b" in config.workloads:
+            reserve += config.reps * len(self.targets) * (config.ceiling_seconds + 4) + config.profile_seconds + 5
+        if workload < "c" and "c" in config.workloads:
+            reserve += REPLAY_ESTIMATE_S
+        if workload < "d" and "d" in config.workloads:
+            reserve += MEMORY_ESTIMATE_S * len(self.gateways)
+        return reserve
+
+    # -- workloads ------------------------------------------------------------------------------------------------
+
+    async def concurrency(self) -> None:
+        config, budget, observed = self.config, self.budget, self.observed
+        assert observed is not None
         knobs = Knobs(config.tokens, config.token_delay_ms, config.ttft_ms)
         nominal = (config.ttft_ms + config.tokens * config.token_delay_ms) / 1000
+        reserve = self._reserve_after("a")
         # The light level first: a clean, unsaturated measurement before the heavy one loads everything.
-        levels = [("(a)", config.concurrency, results.concurrency)]
+        levels = [("(a)", config.concurrency, self.results.concurrency)]
         if config.light_concurrency > 0:
-            levels.insert(0, ("(a')", config.light_concurrency, results.light))
+            levels.insert(0, ("(a')", config.light_concurrency, self.results.light))
         for block, streams, into in levels:
-            for target in targets:
+            for rep in range(1, config.reps + 1):
+                for target in self.targets:
 
-                async def step_a(target: Target = target, streams: int = streams) -> workloads.ConcurrencyResult:
-                    return await workloads.concurrency(
-                        target,
-                        observed,
-                        streams=streams,
-                        knobs=knobs,
-                        limit_s=budget.cap(max(90.0, 10 * nominal), reserve=150),
+                    async def step(target: Target = target, streams: int = streams) -> workloads.ConcurrencyResult:
+                        return await workloads.concurrency(
+                            target,
+                            observed,
+                            streams=streams,
+                            knobs=knobs,
+                            limit_s=budget.cap(max(90.0, 10 * nominal), reserve=reserve),
+                        )
+
+                    name = f"{block} {streams} streams, {target.name}, rep {rep}/{config.reps}"
+                    result = await _phase(self.results, budget, name, step, reserve=reserve)
+                    if result is not None:
+                        result.rep = rep
+                        into.setdefault(target.name, []).append(result)
+                        log(budget, _cpu_line(result))
+                    await self.settle()
+
+    async def ceiling(self) -> None:
+        config, budget, observed = self.config, self.budget, self.observed
+        assert observed is not None
+        knobs = Knobs(config.ceiling_tokens, 0, 0)
+        reserve = self._reserve_after("b")
+        for rep in range(1, config.reps + 1):
+            for target in self.targets:
+                seconds = budget.cap(config.ceiling_seconds, reserve=reserve + config.profile_seconds)
+
+                async def step(target: Target = target, seconds: float = seconds) -> workloads.CeilingResult:
+                    return await workloads.ceiling(
+                        target, observed, streams=config.ceiling_streams, seconds=seconds, knobs=knobs
                     )
 
-                result_a = await _phase(
-                    results, budget, f"{block} {streams} streams, {target.name}", step_a, reserve=150
-                )
-                if result_a is not None:
-                    into[target.name] = result_a
-                    log(budget, "  CPU s: " + ", ".join(f"{k} {v:.1f}" for k, v in result_a.cpu.items()))
-                await settle()
+                name = f"(b) ceiling {target.name} for {seconds:.0f}s, rep {rep}/{config.reps}"
+                result = await _phase(self.results, budget, name, step, reserve=reserve + config.profile_seconds)
+                if result is not None:
+                    result.rep = rep
+                    self.results.ceiling.setdefault(target.name, []).append(result)
+                    log(budget, _cpu_line(result))
+                await self.settle()
+        if config.profile_seconds > 0:
+            await self.profile(knobs, reserve)
 
-    if "b" in config.workloads:
-        knobs = Knobs(config.ceiling_tokens, 0, 0)
-        for target in targets:
-            seconds = budget.cap(config.ceiling_seconds, reserve=120)
+    async def profile(self, knobs: Knobs, reserve: float) -> None:
+        """One more ceiling window, not counted in the medians, with py-spy sampling the profiled gateway."""
+        config, budget, observed = self.config, self.budget, self.observed
+        assert observed is not None
+        target = next((t for t in self.targets if t.name == config.profile_target and t.pid is not None), None)
+        if target is None or target.pid is None:
+            self.results.notes.append(f"no profile: BENCH_PROFILE_TARGET={config.profile_target} is not running")
+            return
+        pid = target.pid
+        output = self.group.workdir / "profile.raw.txt"
 
-            async def step_b(target: Target = target, seconds: float = seconds) -> workloads.CeilingResult:
-                return await workloads.ceiling(
-                    target, observed, streams=config.ceiling_streams, seconds=seconds, knobs=knobs
-                )
-
-            result_b = await _phase(
-                results, budget, f"(b) ceiling {target.name} for {seconds:.0f}s", step_b, reserve=120
+        async def step() -> tuple[profile.Profile, workloads.CeilingResult]:
+            recorder = profile.start_recording(pid, config.profile_seconds, output)
+            await asyncio.sleep(0.5)  # let py-spy attach before the window opens
+            result = await workloads.ceiling(
+                target, observed, streams=config.ceiling_streams, seconds=config.profile_seconds, knobs=knobs
             )
-            if result_b is not None:
-                results.ceiling[target.name] = result_b
-                log(budget, "  CPU s: " + ", ".join(f"{k} {v:.1f}" for k, v in result_b.cpu.items()))
-            await settle()
+            found = await asyncio.to_thread(profile.finish_recording, recorder, output)
+            return found, result
 
-    gateway_target = targets[1]
-    if "c" in config.workloads:
+        name = f"(b) profiled ceiling window, {target.name}, py-spy for {config.profile_seconds:.0f}s"
+        recorded = await _phase(self.results, budget, name, step, reserve=reserve)
+        if recorded is not None:
+            self.results.profile, self.results.profile_window = recorded
+            self.results.profile_target = target.name
+        await self.settle()
 
-        async def step_c() -> workloads.ReplayResult:
+    async def replay(self) -> None:
+        config, budget, observed = self.config, self.budget, self.observed
+        assert observed is not None
+        stored = [target for target in self.targets if target.stored]
+        if not stored:
+            return
+        reserve = self._reserve_after("c")
+
+        async def step() -> dict[str, workloads.ReplayResult]:
             return await workloads.replay(
-                gateway_target,
+                stored,
+                observed,
                 events=config.replay_events,
                 repetitions=config.replay_reps,
-                limit_s=budget.cap(120, reserve=60),
+                limit_s=budget.cap(120, reserve=reserve),
             )
 
-        results.replay = await _phase(results, budget, "(c) replay", step_c, reserve=60)
-        await settle()
+        found = await _phase(self.results, budget, "(c) replay", step, reserve=reserve)
+        if found is not None:
+            self.results.replay = found
+        await self.settle()
 
-    if "d" in config.workloads:
-        # A fresh gateway of its own (own key prefix, so nobody else's sweeper adopts its runs): its idle RSS is
-        # not inflated by the heap the other workloads left behind. The main gateway is stopped first.
-        group.stop(gateway)
-        fresh = procs.start_gateway(
-            group, name="gateway-memory", redis_url=redis_url, simulator_url=simulator.url, key_prefix="rgwmem"
-        )
-        fresh_target = Target("gateway", f"{fresh.url}/v1", pid=fresh.pid, background=True)
-
-        async def step_d() -> workloads.MemoryResult:
-            return await workloads.memory(
-                fresh_target,
-                simulator.url,
-                runs=config.memory_runs,
-                in_flight=config.memory_in_flight,
-                limit_s=budget.cap(150, reserve=10),
-                warm_up=lambda: workloads.warm_up(fresh_target),
+    async def memory(self) -> None:
+        """Per store: a fresh gateway of its own (own key prefix, so nobody else's sweeper adopts its runs), whose
+        idle RSS is not inflated by the heap the other workloads left behind. The measured gateways stop first."""
+        config, budget, simulator = self.config, self.budget, self.simulator
+        assert simulator is not None
+        for gateway in self.gateways.values():
+            self.group.stop(gateway)
+        names = list(self.gateways)
+        for index, name in enumerate(names):
+            fresh = procs.start_gateway(
+                self.group,
+                name=f"gateway-{name}-memory",
+                storage_url=self._storage_url(name),
+                simulator_url=simulator.url,
+                key_prefix="rgwmem",
             )
+            target = Target(name, f"{fresh.url}/v1", pid=fresh.pid, background=True, stored=True)
+            reserve = MEMORY_ESTIMATE_S * (len(names) - index - 1)
 
-        results.memory = await _phase(results, budget, "(d) memory", step_d, reserve=10)
+            async def step(target: Target = target, reserve: float = reserve) -> workloads.MemoryResult:
+                return await workloads.memory(
+                    target,
+                    simulator.url,
+                    runs=config.memory_runs,
+                    in_flight=config.memory_in_flight,
+                    limit_s=budget.cap(150, reserve=reserve),
+                    warm_up=lambda: workloads.warm_up(target),
+                )
+
+            result = await _phase(self.results, budget, f"(d) memory, {name}", step, reserve=reserve)
+            if result is not None:
+                self.results.memory[name] = result
+            self.group.stop(fresh)  # its runs go with it; the simulator's held requests see a disconnect
+            await self.settle()
+
+    async def run(self) -> None:
+        self.start()
+        log(self.budget, "processes up: " + ", ".join(f"{p.name} pid {p.pid} :{p.port}" for p in self.group.procs))
+        await self.warm_up()
+        log(self.budget, "warm-up done: targets " + ", ".join(t.name for t in self.targets))
+        if "a" in self.config.workloads:
+            await self.concurrency()
+        if "b" in self.config.workloads:
+            await self.ceiling()
+        if "c" in self.config.workloads:
+            await self.replay()
+        if "d" in self.config.workloads:
+            await self.memory()
+
+    def close(self) -> None:
+        if self.observed is not None and self.observed.redis is not None:
+            self.observed.redis.close()
 
 
 def _raise_interrupt(signum: int, frame: Any) -> NoReturn:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _results_path(config: Config, date: str) -> Path:
+    # A partial run (BENCH_WORKLOADS=b, ...) gets a name of its own, so it never replaces the day's full report.
+    partial = "" if config.workloads >= ALL_WORKLOADS else "-" + "".join(sorted(config.workloads))
+    return config.results_dir / f"{config.results_name or date + partial}.md"
 
 
 def main() -> int:
@@ -307,24 +487,28 @@ def main() -> int:
         date=now.date().isoformat(),
         header={"started": now.strftime("%Y-%m-%d %H:%M:%S %Z"), **machine_header()},
         params=config.params(),
-        targets=["direct", "gateway", "litellm"],
+        targets=list(config.targets),
     )
+    if config.profile_before.exists():
+        results.profile_before = config.profile_before.read_text()
     workdir = Path(tempfile.mkdtemp(prefix="responses-gateway-bench-"))
     group = procs.ProcessGroup(workdir)
+    bench = Bench(config, group, budget, results)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     failed = False
     try:
-        asyncio.run(run(config, group, budget, results))
+        asyncio.run(bench.run())
     except BaseException as error:
         failed = True
-        results.notes.append(f"benchmark aborted: {workloads.error_label(error)}")
+        results.notes.append(f"benchmark aborted: {error_label(error)}")
         print(f"bench: aborted: {error!r}", file=sys.stderr)
         for proc in group.procs:
             tail = proc.log_tail(10)
             if tail:
                 print(f"--- {proc.name} log tail ---\n{tail}", file=sys.stderr)
     finally:
+        bench.close()
         group.stop_all()
         problems = {proc.name: proc.problems() for proc in group.started}
     nominal = (config.ttft_ms + config.tokens * config.token_delay_ms) / 1000
@@ -336,10 +520,11 @@ def main() -> int:
     results.header["wall time"] = f"{wall:.0f} s ({wall / 60:.1f} min, processes started and stopped included)"
     text = report.render(results)
     config.results_dir.mkdir(parents=True, exist_ok=True)
-    # A partial run (BENCH_WORKLOADS=b, ...) gets a name of its own, so it never replaces the day's full report.
-    partial = "" if config.workloads >= ALL_WORKLOADS else "-" + "".join(sorted(config.workloads))
-    path = config.results_dir / f"{results.date}{partial}.md"
+    path = _results_path(config, results.date)
     path.write_text(text)
+    if results.profile is not None:
+        profile_path = path.with_name(path.stem + "-profile.md")
+        profile_path.write_text(report.render_profile_page(results))
     print(text)
     print(f"bench: wrote {path.relative_to(procs.ROOT) if path.is_relative_to(procs.ROOT) else path}", file=sys.stderr)
     if failed or results.log_problems:

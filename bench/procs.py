@@ -1,4 +1,5 @@
-"""The processes under test: redis-server, the simulator, the gateway, LiteLLM; and what /proc says about them.
+"""The processes under test: redis-server, the simulator, the gateways, LiteLLM; and what /proc and Redis's INFO
+say about them.
 
 Every process is started in a session of its own (so a child it forks is stopped with it) and registered with a
 `ProcessGroup`, which stops them all, in reverse order, even when the benchmark fails half-way.
@@ -17,11 +18,17 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 ROOT = Path(__file__).resolve().parent.parent
+# LiteLLM (and py-spy) live in a venv of the bench's own, not the project's: `make bench-setup` creates it.
+LITELLM_VENV = ROOT / "bench" / ".venv-litellm"
 LOOPBACK = "127.0.0.1"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PR_SET_PDEATHSIG = 1
@@ -91,6 +98,21 @@ class Proc:
             except OSError:
                 time.sleep(0.05)
         raise TimeoutError(f"{self.name}: nothing listening on port {self.port} after {timeout:.0f}s")
+
+    def wait_http_ok(self, path: str, timeout: float) -> None:
+        """Poll `GET path` until it answers 200 (LiteLLM listens well before it can serve)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n" + self.log_tail())
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name}: {path} did not answer 200 within {timeout:.0f}s")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM to its session, then SIGKILL if it lingers."""
@@ -183,12 +205,14 @@ def start_simulator(group: ProcessGroup, *, tokens: int, token_delay_ms: float, 
 
 
 def start_gateway(
-    group: ProcessGroup, *, name: str, redis_url: str, simulator_url: str, key_prefix: str = "rgw"
+    group: ProcessGroup, *, name: str, storage_url: str, simulator_url: str, key_prefix: str = "rgw"
 ) -> Proc:
+    """A gateway with one `kind: responses` upstream at the simulator; `storage_url` is a redis:// URL or
+    `memory://` (the embedded in-process store)."""
     port = free_port()
     upstreams = [{"name": "sim", "kind": "responses", "base_url": f"{simulator_url}/v1", "max_retries": 0}]
     env = {
-        "GATEWAY_STORAGE__URL": redis_url,
+        "GATEWAY_STORAGE__URL": storage_url,
         "GATEWAY_STORAGE__KEY_PREFIX": key_prefix,
         "GATEWAY_STORAGE__RETENTION_SECONDS": "3600",
         "GATEWAY_UPSTREAMS": json.dumps(upstreams),
@@ -203,19 +227,32 @@ def start_gateway(
     return proc
 
 
-def litellm_available() -> bool:
-    """Whether `import litellm` works in this interpreter (the venv); it is never installed by the benchmark."""
-    try:
-        import litellm  # type: ignore[import-not-found]  # noqa: F401
-    except Exception:
-        return False
-    return True
+def litellm_binary() -> Path | None:
+    """The `litellm` proxy of the bench's own venv (made by `make bench-setup`), never the project's."""
+    binary = LITELLM_VENV / "bin" / "litellm"
+    return binary if binary.exists() else None
+
+
+def litellm_version() -> str | None:
+    found = sorted(LITELLM_VENV.glob("lib/python*/site-packages/litellm-*.dist-info"))
+    return found[-1].name.removeprefix("litellm-").removesuffix(".dist-info") if found else None
+
+
+def py_spy_binary() -> Path | None:
+    """py-spy from the bench venv (where `make bench-setup` puts it), else from PATH."""
+    binary = LITELLM_VENV / "bin" / "py-spy"
+    if binary.exists():
+        return binary
+    found = shutil.which("py-spy")
+    return Path(found) if found else None
 
 
 def litellm_config(simulator_url: str, redis_port: int) -> str:
     """LiteLLM proxy config: `sim-1` → the simulator as an OpenAI provider (the `openai/` prefix sends
     `/v1/responses` natively to `{api_base}/responses`), its router state in the same Redis, and `x-sim-*`
-    client headers forwarded so the per-request simulator knobs reach the simulator even if `metadata` does not."""
+    client headers forwarded so the per-request simulator knobs reach the simulator even if `metadata` does not.
+    The master key comes from the environment (LITELLM_MASTER_KEY); no database is configured, which LiteLLM
+    accepts when the master key is the only key."""
     return "\n".join(
         [
             "model_list:",
@@ -228,9 +265,8 @@ def litellm_config(simulator_url: str, redis_port: int) -> str:
             "  drop_params: true",
             "  num_retries: 0",
             "  request_timeout: 600",
-            "  model_group_settings:",
-            "    forward_client_headers_to_llm_api: [sim-1]",
             "general_settings:",
+            "  master_key: os.environ/LITELLM_MASTER_KEY",
             "  forward_client_headers_to_llm_api: true",
             "router_settings:",
             f"  redis_host: {LOOPBACK}",
@@ -240,16 +276,42 @@ def litellm_config(simulator_url: str, redis_port: int) -> str:
     )
 
 
-def start_litellm(group: ProcessGroup, *, simulator_url: str, redis_port: int) -> Proc:
+def start_litellm(group: ProcessGroup, *, simulator_url: str, redis_port: int, master_key: str) -> Proc:
+    binary = litellm_binary()
+    if binary is None:
+        raise RuntimeError(f"no {LITELLM_VENV}/bin/litellm (make bench-setup creates it)")
     port = free_port()
     config = group.workdir / "litellm.yaml"
     config.write_text(litellm_config(simulator_url, redis_port))
-    binary = Path(sys.executable).with_name("litellm")
-    argv = [str(binary)] if binary.exists() else [sys.executable, "-m", "litellm.proxy.proxy_cli"]
-    argv += ["--host", LOOPBACK, "--port", str(port), "--config", str(config)]
-    proc = group.start("litellm", argv, port, {"LITELLM_LOG": "ERROR"})
-    proc.wait_listening(timeout=120)
+    argv = [str(binary), "--host", LOOPBACK, "--port", str(port), "--config", str(config)]
+    env = {"LITELLM_LOG": "ERROR", "LITELLM_MASTER_KEY": master_key}
+    proc = group.start("litellm", argv, port, env)
+    proc.wait_listening(timeout=180)
+    proc.wait_http_ok("/health/readiness", timeout=120)
     return proc
+
+
+class RedisProbe:
+    """Counters of the benchmark's Redis, read over one connection kept open (so each reading adds exactly one
+    command, its own INFO, which `commands_between` takes off)."""
+
+    def __init__(self, port: int) -> None:
+        self._client = redis.Redis(host=LOOPBACK, port=port)
+        self.read()  # connect now: the client's handshake commands are not counted in any window
+
+    def read(self) -> tuple[int, int]:
+        """(commands executed, bytes received from clients) so far. `calls=` of INFO commandstats counts the
+        commands run inside Lua scripts as well as EVALSHA itself."""
+        info = self._client.info("commandstats", "stats")
+        calls = sum(int(value["calls"]) for key, value in info.items() if key.startswith("cmdstat_"))
+        return calls, int(info["total_net_input_bytes"])
+
+    @staticmethod
+    def commands_between(before: tuple[int, int], after: tuple[int, int]) -> tuple[int, int]:
+        return after[0] - before[0] - 1, after[1] - before[1]
+
+    def close(self) -> None:
+        self._client.close()
 
 
 # --- /proc -------------------------------------------------------------------------------------------------------
@@ -292,6 +354,10 @@ def machine_busy_seconds() -> float:
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     ticks = [int(value) for value in fields[:8]]  # user nice system idle iowait irq softirq steal
     return (sum(ticks) - ticks[3] - ticks[4]) / CLOCK_TICKS
+
+
+def loadavg_1m() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 def rss_kib(pid: int) -> int:

@@ -1,38 +1,29 @@
-"""Percentiles and the markdown report: one table, a column per target, ratios against the direct upstream."""
+"""The markdown report: the targets table, one table of medians with a column per target and ratios against the
+direct upstream, each repetition with the machine's load, the profiles before and after, errors and notes."""
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
-from bench.workloads import CeilingResult, ConcurrencyResult, MemoryResult, ReplayResult
+from bench import profile, targets
+from bench.results import HEAVY, LABELS, LIGHT, BenchResults, total_errors
+from bench.stats import median, percentile
+from bench.workloads import CeilingResult, ConcurrencyResult, Measured
+
+__all__ = ["NOT_INSTALLED", "BenchResults", "derive_notes", "render", "render_profile_page"]
 
 DASH = "—"
 NOT_INSTALLED = "not installed"
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0-100) with linear interpolation between closest ranks; None for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low, high = math.floor(rank), math.ceil(rank)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+PROCESSES = ("target", "simulator", "redis", "client", "others")
 
 
 def fmt(value: float | None, digits: int = 1) -> str:
-    if value is None:
-        return DASH
-    return f"{value:,.{digits}f}"
+    return DASH if value is None else f"{value:,.{digits}f}"
 
 
 def fmt_signed(value: float | None, digits: int = 1) -> str:
-    if value is None:
-        return DASH
-    return f"{value:+,.{digits}f}"
+    return DASH if value is None else f"{value:+,.{digits}f}"
 
 
 def ratio(value: float | None, base: float | None) -> str:
@@ -50,45 +41,21 @@ def error_summary(errors: Counter[str]) -> str:
     return f"**{total}** ({count}x {top[:60]}{more})"
 
 
-@dataclass
-class BenchResults:
-    """Everything one run of the benchmark measured."""
-
-    date: str
-    header: dict[str, str]  # machine and run facts, in order
-    params: dict[str, str]
-    targets: list[str]  # column order; "direct" first
-    unavailable: dict[str, str] = field(default_factory=dict)  # target -> why it has no numbers
-    concurrency: dict[str, ConcurrencyResult] = field(default_factory=dict)
-    light: dict[str, ConcurrencyResult] = field(default_factory=dict)  # the same pace at a light concurrency
-    ceiling: dict[str, CeilingResult] = field(default_factory=dict)
-    replay: ReplayResult | None = None
-    memory: MemoryResult | None = None
-    notes: list[str] = field(default_factory=list)
-    log_problems: list[str] = field(default_factory=list)  # WARNING/ERROR lines of the processes' logs
-
-
 Cell = Callable[[str], float | None]
 
 
 class _Table:
     def __init__(self, results: BenchResults) -> None:
         self.results = results
-        self.columns: list[tuple[str, str | None]] = []  # (target, ratio-of target or None)
+        self.columns: list[tuple[str, bool]] = []  # (target, is the ratio-to-direct column)
         for target in results.targets:
-            self.columns.append((target, None))
+            self.columns.append((target, False))
             if target != "direct" and target not in results.unavailable:
-                self.columns.append((target, "ratio"))
+                self.columns.append((target, True))
         self.rows: list[list[str]] = []
 
     def header(self) -> list[str]:
-        names = ["metric"]
-        for target, kind in self.columns:
-            names.append(f"{target} ÷ direct" if kind else target)
-        return names
-
-    def _unavailable(self, target: str) -> str | None:
-        return self.results.unavailable.get(target)
+        return ["metric"] + [f"{LABELS[t]} ÷ direct" if is_ratio else LABELS[t] for t, is_ratio in self.columns]
 
     def numeric(
         self,
@@ -101,32 +68,24 @@ class _Table:
         signed: bool = False,
     ) -> None:
         row = [label]
-        base = cell("direct") if "direct" in self.results.targets else None
-        for target, kind in self.columns:
-            missing = self._unavailable(target)
+        base = cell("direct") if with_ratio else None
+        for target, is_ratio in self.columns:
+            missing = self.results.unavailable.get(target)
             if missing is not None:
                 row.append(missing)
-                continue
-            if only is not None and target not in only:
+            elif only is not None and target not in only:
                 row.append(DASH)
-                continue
-            value = cell(target)
-            if kind:
-                row.append(ratio(value, base) if with_ratio else DASH)
+            elif is_ratio:
+                row.append(ratio(cell(target), base) if with_ratio else DASH)
             else:
-                row.append(fmt_signed(value, digits) if signed else fmt(value, digits))
+                row.append(fmt_signed(cell(target), digits) if signed else fmt(cell(target), digits))
         self.rows.append(row)
 
     def text(self, label: str, cell: Callable[[str], str | None]) -> None:
         row = [label]
-        for target, kind in self.columns:
-            missing = self._unavailable(target)
-            if missing is not None:
-                row.append(missing)
-            elif kind:
-                row.append(DASH)
-            else:
-                row.append(cell(target) or DASH)
+        for target, is_ratio in self.columns:
+            missing = self.results.unavailable.get(target)
+            row.append(missing if missing is not None else DASH if is_ratio else cell(target) or DASH)
         self.rows.append(row)
 
     def section(self, title: str) -> None:
@@ -139,37 +98,42 @@ class _Table:
         return "\n".join(lines)
 
 
-def _utilisation(cpu: dict[str, float], seconds: float) -> str | None:
-    """CPU of each process over the window as % of one core: proxy / simulator / Redis / bench client / every
-    other process on the machine."""
-    if not seconds:
+def _utilisation(runs: Sequence[Measured]) -> str | None:
+    """Median CPU of each process over the windows as % of one core: proxy / simulator / Redis / bench client /
+    everything else on the machine."""
+    if not runs:
         return None
-    parts = [cpu.get(name) for name in ("target", "simulator", "redis", "client", "others")]
-    return " / ".join(DASH if used is None else f"{100 * used / seconds:.0f}" for used in parts)
+    parts = []
+    for name in PROCESSES:
+        used = median(100 * run.cpu[name] / run.wall_s if name in run.cpu and run.wall_s else None for run in runs)
+        parts.append(DASH if used is None else f"{used:.0f}")
+    return " / ".join(parts)
 
 
-def _concurrency_block(table: _Table, title: str, conc: dict[str, ConcurrencyResult], proxies: list[str]) -> None:
+def _shared_rows(table: _Table, runs: dict[str, list[ConcurrencyResult]] | dict[str, list[CeilingResult]]) -> None:
+    """Rows every (a) and (b) block has: Redis traffic per event, CPU split, machine load, errors."""
+
+    def metric(get: Callable[[Measured], float | None]) -> Cell:
+        return lambda target: median(get(run) for run in runs.get(target, []))
+
+    table.numeric(
+        "Redis commands per event (all clients of that Redis)", metric(lambda r: r.redis_per_event()), digits=2
+    )
+    table.numeric("bytes sent to Redis per event", metric(lambda r: r.redis_bytes_per_event()), digits=0)
+    table.text("CPU % of a core: proxy / sim / Redis / client / others", lambda t: _utilisation(runs.get(t, [])))
+    table.numeric("machine busy, % of all cores", metric(lambda r: r.load.busy_percent), digits=0)
+    table.text("errors (all repetitions)", lambda t: error_summary(total_errors(runs[t])) if t in runs else None)
+
+
+def _concurrency_block(table: _Table, title: str, results: BenchResults, level: str) -> None:
+    runs = results.level(level)
+    proxies = [t for t in results.targets if t != "direct"]
+
     def pct(attr: str, q: float) -> Cell:
-        def cell(target: str) -> float | None:
-            result = conc.get(target)
-            return percentile(getattr(result, attr), q) if result else None
-
-        return cell
+        return lambda target: results.pct(level, target, attr, q)
 
     def added(attr: str, q: float) -> Cell:
-        def cell(target: str) -> float | None:
-            if target == "direct":
-                return None
-            mine, base = pct(attr, q)(target), pct(attr, q)("direct")
-            return None if mine is None or base is None else mine - base
-
-        return cell
-
-    def proxy_cpu(target: str) -> float | None:
-        result = conc.get(target)
-        if result is None or not result.events or "target" not in result.cpu:
-            return None
-        return result.cpu["target"] * 1000 / (result.events / 1000)
+        return lambda target: results.added(level, target, attr, q)
 
     table.section(title)
     table.numeric("added TTFT p50 (ms)", added("ttft_ms", 50), only=proxies, signed=True)
@@ -182,144 +146,228 @@ def _concurrency_block(table: _Table, title: str, conc: dict[str, ConcurrencyRes
     table.numeric("inter-event delay p99 (ms)", pct("gaps_ms", 99), with_ratio=True, digits=2)
     table.numeric("stream duration p50 (s)", pct("durations_s", 50), with_ratio=True, digits=2)
     table.numeric("stream duration p99 (s)", pct("durations_s", 99), with_ratio=True, digits=2)
-    table.numeric("proxy CPU ms per 1k events", proxy_cpu, only=proxies, digits=0)
-    table.text(
-        "CPU % of a core: proxy / sim / Redis / client / others",
-        lambda t: _utilisation(conc[t].cpu, conc[t].wall_s) if t in conc else None,
+    table.numeric(
+        "proxy CPU ms per 1k events",
+        lambda t: results.conc(level, t, lambda run: run.cpu_ms_per_1k("target")),
+        only=proxies,
+        digits=0,
     )
-    table.text("streams completed / started", lambda t: f"{conc[t].completed}/{conc[t].streams}" if t in conc else None)
+    _shared_rows(table, runs)
+
     table.text(
-        "upstream requests / streams",
-        lambda t: f"{conc[t].upstream_requests}/{conc[t].streams}" if t in conc else None,
+        "streams completed / started (all repetitions)",
+        lambda t: f"{sum(r.completed for r in runs[t])}/{sum(r.streams for r in runs[t])}" if t in runs else None,
     )
-    table.text("errors", lambda t: error_summary(conc[t].errors) if t in conc else None)
+    table.text(
+        "upstream requests / streams (all repetitions)",
+        lambda t: (
+            f"{sum(r.upstream_requests or 0 for r in runs[t])}/{sum(r.streams for r in runs[t])}" if t in runs else None
+        ),
+    )
 
 
-def _build_table(results: BenchResults) -> _Table:
-    table = _Table(results)
-    ceil = results.ceiling
-
-    def ceil_value(get: Callable[[CeilingResult], float | None]) -> Cell:
-        def cell(target: str) -> float | None:
-            result = ceil.get(target)
-            return get(result) if result else None
-
-        return cell
-
+def _ceiling_block(table: _Table, results: BenchResults) -> None:
     p = results.params
     proxies = [t for t in results.targets if t != "direct"]
-    pace = f"{p['tokens']} tokens, {p['token_delay_ms']} ms apart, TTFT {p['ttft_ms']} ms"
-    _concurrency_block(table, f"(a) concurrency: {p['concurrency']} streams x {pace}", results.concurrency, proxies)
-    if results.light:
-        _concurrency_block(
-            table,
-            f"(a') light load, same pace: {p['light_concurrency']} streams x {pace}",
-            results.light,
-            proxies,
-        )
-
     table.section(
         f"(b) ceiling: {p['ceiling_streams']} streams x {p['ceiling_tokens']} tokens at full speed, "
         f"{p['ceiling_seconds']} s"
     )
-    table.numeric(
-        "events/s ceiling (received by clients)", ceil_value(lambda r: r.events_per_s), with_ratio=True, digits=0
-    )
-    table.numeric("proxy CPU ms per 1k events", ceil_value(lambda r: r.cpu_ms_per_1k("target")), only=proxies, digits=2)
-    table.numeric("Redis CPU ms per 1k events", ceil_value(lambda r: r.cpu_ms_per_1k("redis")), digits=2)
-    table.numeric("simulator CPU ms per 1k events", ceil_value(lambda r: r.cpu_ms_per_1k("simulator")), digits=2)
-    table.numeric("bench client CPU ms per 1k events", ceil_value(lambda r: r.cpu_ms_per_1k("client")), digits=2)
+    table.numeric("events/s ceiling (received by clients)", results.events_per_s, with_ratio=True, digits=0)
 
-    def projected(result: CeilingResult) -> float | None:
-        cost = result.cpu_ms_per_1k("target")
-        return 1_000_000 / cost if cost else None
+    def cpu_per_1k(process: str) -> Cell:
+        return lambda target: results.ceil(target, lambda run: run.cpu_ms_per_1k(process))
 
+    table.numeric("proxy CPU ms per 1k events", cpu_per_1k("target"), only=proxies, digits=2)
+    table.numeric("Redis CPU ms per 1k events", cpu_per_1k("redis"), digits=2)
+    table.numeric("simulator CPU ms per 1k events", cpu_per_1k("simulator"), digits=2)
+    table.numeric("bench client CPU ms per 1k events", cpu_per_1k("client"), digits=2)
     table.numeric(
-        "projected proxy ceiling at 100% of one core (events/s)", ceil_value(projected), only=proxies, digits=0
+        "projected proxy ceiling at 100% of one core (events/s)", results.projected_ceiling, only=proxies, digits=0
     )
+    _shared_rows(table, results.ceiling)
+    runs = results.ceiling
     table.text(
-        "CPU % of a core: proxy / sim / Redis / client / others",
-        lambda t: _utilisation(ceil[t].cpu, ceil[t].seconds) if t in ceil else None,
-    )
-    table.text(
-        "upstream requests / streams started",
-        lambda t: f"{ceil[t].upstream_requests}/{ceil[t].responses_started}" if t in ceil else None,
-    )
-    table.text("errors", lambda t: error_summary(ceil[t].errors) if t in ceil else None)
-
-    replay, memory = results.replay, results.memory
-    table.section(f"(c) replay of a finished {p['replay_events']}-event response, median of {p['replay_reps']}")
-    gateway_only = ["gateway"]
-    table.numeric(
-        f"replay seconds for {p['replay_events']} events",
-        lambda t: replay.median_seconds if replay else None,
-        only=gateway_only,
-        digits=3,
-    )
-    table.numeric(
-        "replay events/s",
+        "upstream requests / streams started (all repetitions)",
         lambda t: (
-            replay.median_frames / replay.median_seconds
-            if replay and replay.median_seconds and replay.median_frames
+            f"{sum(r.upstream_requests or 0 for r in runs[t])}/{sum(r.responses_started for r in runs[t])}"
+            if t in runs
             else None
         ),
-        only=gateway_only,
-        digits=0,
     )
-    table.text(
-        "events replayed (frames counted)",
-        lambda t: str(replay.median_frames) if t == "gateway" and replay and replay.median_frames else None,
-    )
+
+
+def _replay_block(table: _Table, results: BenchResults) -> None:
+    p = results.params
+    replay = results.replay
+    stored = list(replay)
+    table.section(f"(c) replay of a finished {p['replay_events']}-event response, median of {p['replay_reps']}")
+    table.numeric("replay ms to last byte", results.replay_ms, only=stored, digits=1)
+
+    def events_per_s(target: str) -> float | None:
+        found = replay.get(target)
+        if found is None or not found.median_seconds or not found.median_frames:
+            return None
+        return found.median_frames / found.median_seconds
+
+    table.numeric("replay events/s", events_per_s, only=stored, digits=0)
+    table.text("events replayed (frames counted)", lambda t: str(replay[t].median_frames) if t in replay else None)
     table.numeric(
         "seconds to generate + store it (one run, full speed)",
-        lambda t: replay.create_seconds if replay else None,
-        only=gateway_only,
+        lambda t: replay[t].create_seconds if t in replay else None,
+        only=stored,
         digits=2,
     )
-    table.text("errors", lambda t: error_summary(replay.errors) if t == "gateway" and replay else None)
+    table.text("errors", lambda t: error_summary(replay[t].errors) if t in replay else None)
 
-    table.section(f"(d) memory: {p['memory_runs']} background runs in progress, no subscribers (fresh gateway)")
-    table.numeric(
-        "RSS idle (MiB)",
-        lambda t: memory.rss_idle_kib / 1024 if memory and memory.rss_idle_kib else None,
-        only=gateway_only,
-    )
-    table.numeric(
-        f"RSS with {p['memory_runs']} active runs (MiB)",
-        lambda t: memory.rss_loaded_kib / 1024 if memory and memory.rss_loaded_kib else None,
-        only=gateway_only,
-    )
-    table.numeric("RSS KiB per active run", lambda t: memory.kib_per_run if memory else None, only=gateway_only)
+
+def _memory_block(table: _Table, results: BenchResults) -> None:
+    memory = results.memory
+    runs = results.params["memory_runs"]
+    stored = list(memory)
+    table.section(f"(d) memory: {runs} background runs in progress, no subscribers (fresh gateway)")
+
+    def kib(get: Callable[[str], int | None]) -> Cell:
+        return lambda t: None if t not in memory or get(t) is None else (get(t) or 0) / 1024
+
+    table.numeric("RSS idle (MiB)", kib(lambda t: memory[t].rss_idle_kib), only=stored)
+    table.numeric(f"RSS with {runs} active runs (MiB)", kib(lambda t: memory[t].rss_loaded_kib), only=stored)
+    table.numeric("RSS KiB per active run", lambda t: memory[t].kib_per_run if t in memory else None, only=stored)
     table.text(
         "runs created / in flight at the simulator / sampled in_progress",
         lambda t: (
-            f"{memory.created} / {memory.in_flight} / {memory.sampled_in_progress}"
-            if t == "gateway" and memory
-            else None
+            f"{memory[t].created} / {memory[t].in_flight} / {memory[t].sampled_in_progress}" if t in memory else None
         ),
     )
-    table.text("errors", lambda t: error_summary(memory.errors) if t == "gateway" and memory else None)
+    table.text("errors", lambda t: error_summary(memory[t].errors) if t in memory else None)
+
+
+def _build_table(results: BenchResults) -> _Table:
+    table = _Table(results)
+    p = results.params
+    pace = f"{p['tokens']} tokens, {p['token_delay_ms']} ms apart, TTFT {p['ttft_ms']} ms"
+    if results.light:
+        title = f"(a') light load: {p['light_concurrency']} streams x {pace}"
+        _concurrency_block(table, title, results, LIGHT)
+    if results.concurrency:
+        _concurrency_block(table, f"(a) concurrency: {p['concurrency']} streams x {pace}", results, HEAVY)
+    if results.ceiling:
+        _ceiling_block(table, results)
+    if results.replay:
+        _replay_block(table, results)
+    if results.memory:
+        _memory_block(table, results)
     return table
+
+
+def _repetitions(results: BenchResults) -> list[str]:
+    """Each repetition's headline number with the machine's load during it, so a disturbed one shows."""
+    reps = max(int(results.params["reps"]), int(results.params["replay_reps"]) if results.replay else 0)
+    lines = [
+        "Each cell: the repetition's headline number · busy % of all cores during its window (/proc/stat) · "
+        "1-minute loadavg at its end. Repetitions ran interleaved: every target once, then every target again.",
+        "",
+        "| workload | target | " + " | ".join(f"rep {n}" for n in range(1, reps + 1)) + " |",
+        "|---|---|" + "---:|" * reps,
+    ]
+
+    def row(workload: str, target: str, runs: Sequence[Measured], headline: Callable[[Measured], str]) -> None:
+        by_rep = {run.rep: run for run in runs}
+        cells = []
+        for n in range(1, reps + 1):
+            run = by_rep.get(n)
+            cells.append(
+                DASH if run is None else f"{headline(run)} · {run.load.busy_percent:.0f}% · {run.load.loadavg_1m:.2f}"
+            )
+        lines.append(f"| {workload} | {LABELS[target]} | " + " | ".join(cells) + " |")
+
+    def ttft_p99(run: Measured) -> str:
+        assert isinstance(run, ConcurrencyResult)
+        return f"TTFT p99 {fmt(percentile(run.ttft_ms, 99))} ms"
+
+    for block, found in (("(a')", results.light), ("(a)", results.concurrency)):
+        for target, runs in found.items():
+            row(block, target, runs, ttft_p99)
+    for target, ceiling_runs in results.ceiling.items():
+        row("(b)", target, ceiling_runs, lambda run: f"{run.events / run.wall_s:,.0f} ev/s" if run.wall_s else DASH)
+    for target, replay in results.replay.items():
+        cells = [
+            f"{seconds * 1000:.1f} ms · {load.busy_percent:.0f}% · {load.loadavg_1m:.2f}"
+            for seconds, load in zip(replay.seconds, replay.loads, strict=True)
+        ]
+        cells += [DASH] * (reps - len(cells))
+        lines.append(f"| (c) | {LABELS[target]} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _profile_body(results: BenchResults) -> list[str]:
+    """This run's profile: what was sampled, then the top functions by self time."""
+    found, window = results.profile, results.profile_window
+    if found is None:
+        return ["Not recorded (py-spy missing, BENCH_PROFILE_SECONDS=0, or workload b not run)."]
+    p = results.params
+    target = LABELS.get(results.profile_target or "", "?")
+    lines = [
+        f"- **target**: {target}, sampled by py-spy at {profile.SAMPLE_RATE_HZ} Hz, only while it held the GIL "
+        f"during an extra (b) ceiling window ({p['ceiling_streams']} streams x {p['ceiling_tokens']} tokens at full "
+        f"speed, {p['profile_seconds']} s) that is not part of the medians",
+        f"- **gateway commit**: {results.header.get('gateway commit', '?')}",
+    ]
+    if window is not None and window.wall_s:
+        cpu = 100 * window.cpu.get("target", 0.0) / window.wall_s
+        lines.append(
+            f"- **window**: {window.events_per_s:,.0f} events/s received by the clients, gateway at {cpu:.0f}% of a "
+            f"core ({fmt(window.cpu_ms_per_1k('target'), 1)} ms CPU per 1k events), {found.samples} samples"
+        )
+    lines += [
+        "",
+        "*self %* = share of the samples with the function on top of the stack (its own code); *total %* = with the "
+        "function anywhere on the stack. Samples are taken only while a thread holds the GIL (`py-spy --gil`): the "
+        "process's Python CPU, without waits (an idle thread-pool worker would otherwise look busy).",
+        "",
+        profile.render_table(found),
+    ]
+    return lines
+
+
+def render_profile_page(results: BenchResults) -> str:
+    """This run's profile alone: the page a later run shows as its "before"."""
+    lines = [f"# Gateway profile, {results.date}", "", *_profile_body(results), ""]
+    return "\n".join(lines)
+
+
+def _profile_section(results: BenchResults) -> list[str]:
+    lines = [f"## Profile: top {profile.TOP} functions of the gateway by self time", "", "### After: this run", ""]
+    lines += _profile_body(results)
+    lines += ["", "### Before: the baseline of issue 13 (bench/results/profile-before-issue13.md)", ""]
+    if results.profile_before:
+        body = results.profile_before.strip().splitlines()
+        if body and body[0].startswith("# "):
+            body = body[1:]
+        while body and not body[0].strip():
+            body = body[1:]
+        lines += body
+    else:
+        lines.append("No baseline file.")
+    return [*lines, ""]
 
 
 def _error_details(results: BenchResults) -> list[str]:
     lines: list[str] = []
     groups: list[tuple[str, Counter[str]]] = []
-    for target, conc in results.concurrency.items():
-        groups.append((f"(a) {target}", conc.errors))
-        if conc.wrong_length:
-            groups.append(
-                (
-                    f"(a) {target}",
-                    Counter({"completed with a delta count other than the knob (ignored?)": conc.wrong_length}),
-                )
-            )
-    for target, ceil in results.ceiling.items():
-        groups.append((f"(b) {target}", ceil.errors))
-    if results.replay:
-        groups.append(("(c) gateway", results.replay.errors))
-    if results.memory:
-        groups.append(("(d) gateway", results.memory.errors))
+    for block, found in (("(a')", results.light), ("(a)", results.concurrency)):
+        for target, runs in found.items():
+            groups.append((f"{block} {target}", total_errors(runs)))
+            wrong = sum(run.wrong_length for run in runs)
+            if wrong:
+                message = "completed with a delta count other than the knob (ignored?)"
+                groups.append((f"{block} {target}", Counter({message: wrong})))
+    for target, ceiling_runs in results.ceiling.items():
+        groups.append((f"(b) {target}", total_errors(ceiling_runs)))
+    for target, replay in results.replay.items():
+        groups.append((f"(c) {target}", replay.errors))
+    for target, memory in results.memory.items():
+        groups.append((f"(d) {target}", memory.errors))
     for where, errors in groups:
         for message, count in errors.most_common():
             lines.append(f"- {where}: {count}x `{message}`")
@@ -332,68 +380,68 @@ OTHERS_PERCENT = 15
 
 def derive_notes(results: BenchResults, nominal_stream_s: float) -> list[str]:
     """What a reader must know to read the numbers: saturated clients, a direct baseline that could not keep the
-    simulator's pace, negative "added" values."""
+    simulator's pace, negative "added" values, a machine that was not quiet, runs restarted upstream."""
     notes: list[str] = []
-    for block, found in (("(a)", results.concurrency), ("(a')", results.light)):
-        for target, conc in found.items():
-            client = 100 * conc.cpu.get("client", 0.0) / conc.wall_s if conc.wall_s else 0.0
+    for block, level in (("(a')", LIGHT), ("(a)", HEAVY)):
+        found = results.level(level)
+        for target, runs in found.items():
+            client = max((100 * run.cpu.get("client", 0.0) / run.wall_s for run in runs if run.wall_s), default=0.0)
             if client >= SATURATED_PERCENT:
                 notes.append(
-                    f"{block} {target}: the bench client used {client:.0f}% of a core: it is a bottleneck, so "
+                    f"{block} {target}: the bench client used up to {client:.0f}% of a core: it is a bottleneck, so "
                     "TTFT and inter-event delays include its own queueing."
                 )
-            duration = percentile(conc.durations_s, 50)
+            duration = results.pct(level, target, "durations_s", 50)
             if target == "direct" and duration is not None and duration > 1.25 * nominal_stream_s:
                 notes.append(
                     f"{block} direct: median stream took {duration:.1f} s against {nominal_stream_s:.2f} s of "
                     "simulated pace: even without a proxy this machine cannot keep the pace at this concurrency, so "
-                    "events arrive in bursts (tiny p50, huge p99 inter-event delay) and the added inter-event "
-                    "delay can come out negative."
+                    "events arrive in bursts and the added inter-event delay can come out negative."
                 )
-        if "direct" in found:
-            base = found["direct"]
-            for target, conc in found.items():
-                if target == "direct":
-                    continue
-                for label, attr in (("TTFT", "ttft_ms"), ("inter-event delay", "gaps_ms")):
-                    for q in (50, 99):
-                        mine, ref = percentile(getattr(conc, attr), q), percentile(getattr(base, attr), q)
-                        if mine is not None and ref is not None and mine < ref - max(1.0, 0.05 * ref):
-                            notes.append(
-                                f"{block} {target}: added {label} p{q} is negative ({mine - ref:+.1f} ms): "
-                                "the direct baseline was worse at that percentile (see the saturation notes)."
-                            )
-    windows: list[tuple[str, dict[str, float], float]] = [
-        (f"{block} {target}", conc.cpu, conc.wall_s)
-        for block, found in (("(a')", results.light), ("(a)", results.concurrency))
-        for target, conc in found.items()
-    ]
-    windows += [(f"(b) {target}", ceil.cpu, ceil.seconds) for target, ceil in results.ceiling.items()]
-    for where, cpu, seconds in windows:
-        others = 100 * cpu.get("others", 0.0) / seconds if seconds else 0.0
-        if others >= OTHERS_PERCENT:
-            notes.append(
-                f"{where}: processes outside the benchmark used {others:.0f}% of a core meanwhile: the machine was "
-                "not quiet, these numbers are disturbed."
-            )
-    for block, found in (("(a')", results.light), ("(a)", results.concurrency)):
-        for target, conc in found.items():
-            extra = (conc.upstream_requests or 0) - conc.streams
+            if target == "direct":
+                continue
+            for label, attr in (("TTFT", "ttft_ms"), ("inter-event delay", "gaps_ms")):
+                for q in (50, 99):
+                    added, ref = results.added(level, target, attr, q), results.pct(level, "direct", attr, q)
+                    if added is not None and ref is not None and added < -max(1.0, 0.05 * ref):
+                        notes.append(
+                            f"{block} {target}: added {label} p{q} is negative ({added:+.1f} ms): either the direct "
+                            "baseline was worse at that percentile, or events arrived in bursts (several in one read "
+                            "share its arrival time, so their gaps are 0)."
+                        )
+            extra = sum((run.upstream_requests or 0) - run.streams for run in runs)
             if extra > 0:
                 notes.append(
                     f"{block} {target}: the simulator received {extra} more request(s) than there were streams: "
                     "runs were started again upstream (e.g. a run restarted after its lease was lost)."
                 )
-    for target, ceil in results.ceiling.items():
-        extra = (ceil.upstream_requests or 0) - ceil.responses_started
+    windows: list[tuple[str, Measured]] = [
+        (f"{block} {target} rep {run.rep}", run)
+        for block, found in (("(a')", results.light), ("(a)", results.concurrency))
+        for target, runs in found.items()
+        for run in runs
+    ]
+    windows += [(f"(b) {target} rep {run.rep}", run) for target, runs in results.ceiling.items() for run in runs]
+    disturbed = [
+        f"{where} {100 * run.cpu.get('others', 0.0) / run.wall_s:.0f}%"
+        for where, run in windows
+        if run.wall_s and 100 * run.cpu.get("others", 0.0) / run.wall_s >= OTHERS_PERCENT
+    ]
+    if disturbed:
+        notes.append(
+            f"Processes outside the benchmark used {OTHERS_PERCENT}% of a core or more during these windows (the "
+            "machine was not quiet; their numbers are disturbed, see the repetitions table): " + ", ".join(disturbed)
+        )
+    for target, ceiling_runs in results.ceiling.items():
+        extra = sum((run.upstream_requests or 0) - run.responses_started for run in ceiling_runs)
         if extra > 0:
             notes.append(f"(b) {target}: {extra} upstream request(s) more than streams started (runs restarted).")
-        client = 100 * ceil.cpu.get("client", 0.0) / ceil.seconds if ceil.seconds else 0.0
+        client = max((100 * run.cpu.get("client", 0.0) / run.wall_s for run in ceiling_runs if run.wall_s), default=0)
         if client >= SATURATED_PERCENT:
             notes.append(
-                f"(b) {target}: the bench client used {client:.0f}% of a core: its events/s is the limit of one "
-                "Python process parsing events with the openai SDK, not necessarily the target's. The proxy's CPU "
-                "per 1k events (and the projection from it) does not depend on that."
+                f"(b) {target}: the bench client used up to {client:.0f}% of a core: its events/s may be the limit of "
+                "one Python process reading events, not the target's. The proxy's CPU per 1k events (and the "
+                "projection from it) does not depend on that."
             )
     return notes
 
@@ -402,7 +450,25 @@ def render(results: BenchResults) -> str:
     out = [f"# responses-gateway benchmark, {results.date}", ""]
     out += [f"- **{key}**: {value}" for key, value in results.header.items()]
     out.append("- **parameters**: " + ", ".join(f"{key}={value}" for key, value in results.params.items()))
-    out += ["", _build_table(results).render(), ""]
+    out += [
+        "",
+        "## Targets (issue 13, Done when)",
+        "",
+        f"Medians of {results.params['reps']} interleaved repetitions. Both gateway columns are held to each line "
+        "(the embedded store: no worse); direct and LiteLLM are shown for comparison.",
+        "",
+        targets.render(results),
+        "",
+        f"## All numbers (medians of {results.params['reps']} repetitions)",
+        "",
+        _build_table(results).render(),
+        "",
+        "## Repetitions and machine load",
+        "",
+        *_repetitions(results),
+        "",
+        *_profile_section(results),
+    ]
     details = _error_details(results)
     out += ["## Errors", ""] + (details or ["None."]) + [""]
     if results.log_problems:
@@ -411,9 +477,9 @@ def render(results: BenchResults) -> str:
     if results.notes:
         out += ["## Notes", ""] + [f"- {note}" for note in results.notes] + [""]
     out += [
-        "Added = the proxy's percentile minus the direct percentile of the same run. Inter-event delay = time",
-        "between consecutive `response.output_text.delta` events of one stream, all streams pooled. CPU from",
-        "/proc/<pid>/stat (utime+stime) over the measured window. See bench/README.md.",
+        "Added = the proxy's percentile minus the direct percentile of the same repetition, then the median over",
+        "repetitions. Inter-event delay = time between consecutive `response.output_text.delta` events of one stream,",
+        "all streams pooled. CPU from /proc/<pid>/stat (utime+stime) over the measured window. See bench/README.md.",
         "",
     ]
     return "\n".join(out)

@@ -1,4 +1,4 @@
-"""The four workloads, driven with the official openai SDK (`AsyncOpenAI`, `max_retries=0`) over loopback.
+"""The four workloads, driven over loopback by the light SSE client of `bench.sse` (raw aiohttp, no SDK).
 
 (a) `concurrency`: N concurrent streams at a model's pace; TTFT and the delays between consecutive text deltas.
 (b) `ceiling`: K streams from a simulator at full speed for a fixed time; events/s and CPU per event.
@@ -6,6 +6,7 @@
 (d) `memory`: RSS of a fresh gateway idle, then with 1,000 background runs in flight and nobody listening.
 
 Every workload is bounded in time: what has not finished by its deadline is cancelled and counted as a timeout.
+Each measured window also records the machine's load and, when Redis is observed, its command counters.
 """
 
 from __future__ import annotations
@@ -20,26 +21,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-import openai
+import orjson
 
 from bench import procs
+from bench.sse import HttpStatusError, StreamRecord, count_frames, error_label, post_stream
 
 MODEL = "sim-1"
-DELTA = "response.output_text.delta"
-TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
 # Events of one simulated response besides its text deltas: created, in_progress, item added, part added,
 # text done, part done, item done, completed.
 FRAMING_EVENTS = 8
+CONNECT_TIMEOUT_S = 30.0
+CEILING_GRACE_S = 3.0
 
 
 @dataclass(frozen=True)
 class Target:
     """Where the clients send their requests."""
 
-    name: str  # "direct", "gateway", "litellm"
+    name: str  # "direct", "redis", "embedded", "litellm"
     base_url: str  # ends in /v1
     pid: int | None  # the process whose CPU is this target's cost (None: nothing between client and model)
     background: bool  # send background=True (only the gateway has background runs)
+    stored: bool = False  # keeps responses (GET /v1/responses/{id}): the gateway
+    api_key: str = "bench-unused"
     knob_headers: bool = False  # also send the simulator knobs as x-sim-* headers (for proxies that drop metadata)
 
 
@@ -62,46 +66,78 @@ class Knobs:
         return {f"x-{key.replace('_', '-')}": value for key, value in self.metadata().items()}
 
 
+def request_headers(target: Target, knobs: Knobs | None = None) -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {target.api_key}", "Content-Type": "application/json"}
+    if knobs is not None and target.knob_headers:
+        headers.update(knobs.headers())
+    return headers
+
+
+def create_body(target: Target, label: str, knobs: Knobs, *, stream: bool, background: bool | None = None) -> bytes:
+    body: dict[str, Any] = {"model": MODEL, "input": label, "metadata": knobs.metadata()}
+    if stream:
+        body["stream"] = True
+    if target.background if background is None else background:
+        body["background"] = True
+    return orjson.dumps(body)
+
+
+def http_session(limit_s: float) -> aiohttp.ClientSession:
+    """No cap on connections (aiohttp's default of 100 would queue half of 200 streams)."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=limit_s, sock_connect=CONNECT_TIMEOUT_S),
+    )
+
+
+async def stream_once(
+    http: aiohttp.ClientSession,
+    target: Target,
+    knobs: Knobs,
+    record: StreamRecord,
+    label: str,
+    *,
+    stop_at: float | None = None,
+) -> None:
+    """One `POST /v1/responses` with `stream: true` read to its end (or to `stop_at`)."""
+    body = create_body(target, label, knobs, stream=True)
+    await post_stream(
+        http, f"{target.base_url}/responses", body, request_headers(target, knobs), record, stop_at=stop_at
+    )
+
+
 @dataclass(frozen=True)
 class Observed:
-    """The processes whose CPU every workload samples."""
+    """The processes whose CPU every workload samples, and the Redis whose counters it reads."""
 
     simulator_pid: int
     redis_pid: int
     simulator_url: str
+    redis: procs.RedisProbe | None = None
 
 
-def make_client(target: Target, timeout: float = 300.0) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=target.base_url,
-        api_key="bench-unused",
-        max_retries=0,
-        timeout=openai.Timeout(timeout, connect=30.0),
-    )
+@dataclass
+class Load:
+    """How busy the machine was during one measured window."""
+
+    busy_percent: float  # busy time of all cores over the window (/proc/stat), % of all cores
+    loadavg_1m: float  # /proc/loadavg at the end of the window
 
 
-def error_label(error: BaseException) -> str:
-    """A short, countable description of a failure."""
-    if isinstance(error, openai.APIStatusError):
-        return f"HTTP {error.status_code}: {str(error.message)[:120]}"
-    if isinstance(error, openai.APITimeoutError):
-        return "client timeout"
-    if isinstance(error, openai.APIConnectionError):
-        cause = error.__cause__ or error.__context__
-        return f"connection error: {type(cause).__name__ if cause else error.message}"
-    if isinstance(error, TimeoutError | asyncio.CancelledError):
-        return "workload deadline"
-    return f"{type(error).__name__}: {str(error)[:120]}"
+class Window:
+    """CPU seconds used by a set of processes, the machine's load, and Redis's counters between `start()` and
+    `stop()`."""
 
-
-class CpuWindow:
-    """CPU seconds used by a set of processes between `start()` and `stop()`."""
-
-    def __init__(self, pids: dict[str, int | None]) -> None:
+    def __init__(self, pids: dict[str, int | None], redis_probe: procs.RedisProbe | None = None) -> None:
         self._pids = {name: pid for name, pid in pids.items() if pid is not None}
+        self._redis = redis_probe
         self._start: dict[str, float] = {}
+        self._redis_start: tuple[int, int] | None = None
         self.used: dict[str, float] = {}
         self.wall = 0.0
+        self.load = Load(0.0, 0.0)
+        self.redis_commands: int | None = None
+        self.redis_input_bytes: int | None = None
         self._t0 = 0.0
         self._busy0 = 0.0
 
@@ -111,6 +147,8 @@ class CpuWindow:
         return {name: procs.cpu_seconds(pid, with_children=name == "target") for name, pid in self._pids.items()}
 
     def start(self) -> None:
+        if self._redis is not None:
+            self._redis_start = self._redis.read()
         self._start = self._sample()
         self._busy0 = procs.machine_busy_seconds()
         self._t0 = time.perf_counter()
@@ -118,10 +156,18 @@ class CpuWindow:
     def stop(self) -> None:
         self.wall = time.perf_counter() - self._t0
         end = self._sample()
+        busy = procs.machine_busy_seconds() - self._busy0
         self.used = {name: end[name] - self._start[name] for name in end}
         # Whatever else ran on the machine meanwhile (another benchmark, a test suite) disturbs the numbers.
-        busy = procs.machine_busy_seconds() - self._busy0
         self.used["others"] = max(busy - sum(self.used.values()), 0.0)
+        cores = os.cpu_count() or 1
+        # /proc/stat counts in clock ticks (10 ms): a window of a few ticks can read above 100%.
+        busy_percent = min(100 * busy / (self.wall * cores), 100.0) if self.wall else 0.0
+        self.load = Load(busy_percent, procs.loadavg_1m())
+        if self._redis is not None and self._redis_start is not None:
+            self.redis_commands, self.redis_input_bytes = procs.RedisProbe.commands_between(
+                self._redis_start, self._redis.read()
+            )
 
 
 def _cpu_pids(target: Target, observed: Observed) -> dict[str, int | None]:
@@ -134,153 +180,20 @@ def _cpu_pids(target: Target, observed: Observed) -> dict[str, int | None]:
     }
 
 
-# --- (a) concurrency ---------------------------------------------------------------------------------------------
-
-
 @dataclass
-class StreamRecord:
-    """What one client saw on one stream (filled in as events arrive, so a cancelled stream keeps its data)."""
+class Measured:
+    """What every measured window of (a) and (b) records besides its own numbers."""
 
-    started: float = 0.0
-    first_delta: float | None = None
-    last_delta: float | None = None
-    ended: float | None = None
-    deltas: int = 0
-    events: int = 0
-    gaps: list[float] = field(default_factory=list)
-    terminal: str | None = None
-    status: str | None = None
-    error: str | None = None
-
-
-async def _one_stream(
-    client: openai.AsyncOpenAI,
-    target: Target,
-    knobs: Knobs,
-    record: StreamRecord,
-    label: str,
-    stop_at: float | None = None,
-    on_event: Callable[[float], None] | None = None,
-) -> None:
-    """One `client.responses.create(..., stream=True)` read to its end (or to `stop_at`)."""
-    extra: dict[str, Any] = {"background": True} if target.background else {}
-    if target.knob_headers:
-        extra["extra_headers"] = knobs.headers()
-    record.started = time.perf_counter()
-    try:
-        stream = await client.responses.create(
-            model=MODEL, input=label, stream=True, metadata=knobs.metadata(), **extra
-        )
-        try:
-            async for event in stream:
-                now = time.perf_counter()
-                if stop_at is not None and now >= stop_at:
-                    break
-                record.events += 1
-                if on_event is not None:
-                    on_event(now)
-                kind = event.type
-                if kind == DELTA:
-                    record.deltas += 1
-                    if record.last_delta is None:
-                        record.first_delta = now
-                    else:
-                        record.gaps.append(now - record.last_delta)
-                    record.last_delta = now
-                elif kind in TERMINAL_EVENTS:
-                    record.terminal = kind
-                    response = getattr(event, "response", None)
-                    record.status = getattr(response, "status", None)
-                    if kind == "error":
-                        record.error = f"error event: {getattr(event, 'message', '')}"[:120]
-                    elif kind == "response.failed":
-                        error = getattr(response, "error", None)
-                        record.error = f"response.failed ({record.status}): {getattr(error, 'message', '')}"[:120]
-        finally:
-            await stream.close()
-    except Exception as error:
-        record.error = error_label(error)
-    finally:
-        record.ended = time.perf_counter()
-
-
-@dataclass
-class ConcurrencyResult:
     target: str
-    streams: int
-    completed: int  # streams that ended with response.completed
-    ttft_ms: list[float]
-    gaps_ms: list[float]
-    durations_s: list[float]
     events: int
     wall_s: float
     cpu: dict[str, float]
+    load: Load
     errors: Counter[str]
-    wrong_length: int  # completed streams whose delta count was not knobs.tokens (knobs not honoured)
-    upstream_requests: int | None = None  # requests the simulator received meanwhile (restarts show up here)
-
-
-async def concurrency(
-    target: Target, observed: Observed, *, streams: int, knobs: Knobs, limit_s: float
-) -> ConcurrencyResult:
-    client = make_client(target, limit_s)
-    records = [StreamRecord() for _ in range(streams)]
-    window = CpuWindow(_cpu_pids(target, observed))
-    requests_before = await simulator_requests(observed.simulator_url)
-    window.start()
-    tasks = [
-        asyncio.create_task(_one_stream(client, target, knobs, record, f"bench concurrency {index}"))
-        for index, record in enumerate(records)
-    ]
-    try:
-        _, pending = await asyncio.wait(tasks, timeout=limit_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-    finally:
-        window.stop()
-        await client.close()
-    errors: Counter[str] = Counter()
-    for record in records:
-        if record.error is not None:
-            errors[record.error] += 1
-        elif record.terminal is None:
-            errors["stream ended without a terminal event" if record.ended else "workload deadline"] += 1
-    completed = [r for r in records if r.terminal == "response.completed" and r.error is None]
-    return ConcurrencyResult(
-        target=target.name,
-        streams=streams,
-        completed=len(completed),
-        ttft_ms=[(r.first_delta - r.started) * 1000 for r in records if r.first_delta is not None],
-        gaps_ms=[gap * 1000 for r in records for gap in r.gaps],
-        durations_s=[r.ended - r.started for r in completed if r.ended is not None],
-        events=sum(r.events for r in records),
-        wall_s=window.wall,
-        cpu=window.used,
-        errors=errors,
-        wrong_length=sum(1 for r in completed if r.deltas != knobs.tokens),
-        upstream_requests=await simulator_requests(observed.simulator_url) - requests_before,
-    )
-
-
-# --- (b) ceiling -------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class CeilingResult:
-    target: str
-    streams: int
-    seconds: float
-    events: int
-    deltas: int
-    responses_started: int
-    cpu: dict[str, float]
-    errors: Counter[str]
-    upstream_requests: int | None = None  # requests the simulator received for it (restarts show up here)
-
-    @property
-    def events_per_s(self) -> float:
-        return self.events / self.seconds if self.seconds else 0.0
+    redis_commands: int | None
+    redis_input_bytes: int | None
+    upstream_requests: int | None  # requests the simulator received meanwhile (restarts show up here)
+    rep: int = 0  # which repetition (1-based), set by the caller
 
     def cpu_ms_per_1k(self, process: str) -> float | None:
         used = self.cpu.get(process)
@@ -288,50 +201,131 @@ class CeilingResult:
             return None
         return used * 1000 / (self.events / 1000)
 
+    def redis_per_event(self) -> float | None:
+        return self.redis_commands / self.events if self.redis_commands is not None and self.events else None
+
+    def redis_bytes_per_event(self) -> float | None:
+        return self.redis_input_bytes / self.events if self.redis_input_bytes is not None and self.events else None
+
+
+# --- (a) concurrency ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConcurrencyResult(Measured):
+    streams: int = 0
+    completed: int = 0  # streams that ended with response.completed
+    ttft_ms: list[float] = field(default_factory=list)
+    gaps_ms: list[float] = field(default_factory=list)
+    durations_s: list[float] = field(default_factory=list)
+    wrong_length: int = 0  # completed streams whose delta count was not knobs.tokens (knobs not honoured)
+
+
+async def concurrency(
+    target: Target, observed: Observed, *, streams: int, knobs: Knobs, limit_s: float
+) -> ConcurrencyResult:
+    records = [StreamRecord() for _ in range(streams)]
+    window = Window(_cpu_pids(target, observed), observed.redis)
+    requests_before = await simulator_requests(observed.simulator_url)
+    async with http_session(limit_s) as http:
+        window.start()
+        tasks = [
+            asyncio.create_task(stream_once(http, target, knobs, record, f"bench concurrency {index}"))
+            for index, record in enumerate(records)
+        ]
+        try:
+            _, pending = await asyncio.wait(tasks, timeout=limit_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            window.stop()
+    errors: Counter[str] = Counter()
+    for record in records:
+        if record.error is not None:
+            errors[record.error] += 1
+        elif record.terminal is None:
+            errors["stream ended without a terminal event"] += 1
+    completed = [r for r in records if r.terminal == "response.completed" and r.error is None]
+    return ConcurrencyResult(
+        target=target.name,
+        events=sum(r.events for r in records),
+        wall_s=window.wall,
+        cpu=window.used,
+        load=window.load,
+        errors=errors,
+        redis_commands=window.redis_commands,
+        redis_input_bytes=window.redis_input_bytes,
+        upstream_requests=await simulator_requests(observed.simulator_url) - requests_before,
+        streams=streams,
+        completed=len(completed),
+        ttft_ms=[(r.first_delta - r.started) * 1000 for r in records if r.first_delta is not None],
+        gaps_ms=[gap * 1000 for r in records for gap in r.gaps],
+        durations_s=[r.ended - r.started for r in completed if r.ended is not None],
+        wrong_length=sum(1 for r in completed if r.deltas != knobs.tokens),
+    )
+
+
+# --- (b) ceiling -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CeilingResult(Measured):
+    streams: int = 0
+    deltas: int = 0
+    responses_started: int = 0
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.wall_s if self.wall_s else 0.0
+
 
 async def ceiling(target: Target, observed: Observed, *, streams: int, seconds: float, knobs: Knobs) -> CeilingResult:
     """K workers, each opening one stream after another until the window closes; only events received inside
     the window count, and CPU is sampled at its edges."""
-    client = make_client(target, seconds + 60)
-    window = CpuWindow(_cpu_pids(target, observed))
+    window = Window(_cpu_pids(target, observed), observed.redis)
     records: list[StreamRecord] = []
     errors: Counter[str] = Counter()
     requests_before = await simulator_requests(observed.simulator_url)
-    window.start()
-    stop_at = time.perf_counter() + seconds
+    async with http_session(seconds + 60) as http:
+        window.start()
+        stop_at = time.perf_counter() + seconds
 
-    async def worker(worker_index: int) -> None:
-        sequence = 0
-        while time.perf_counter() < stop_at:
-            record = StreamRecord()
-            records.append(record)
-            sequence += 1
-            await _one_stream(client, target, knobs, record, f"bench ceiling {worker_index}.{sequence}", stop_at)
-            if record.error is not None:
-                errors[record.error] += 1
-                await asyncio.sleep(0.05)  # do not spin on a refusing server
+        async def worker(worker_index: int) -> None:
+            sequence = 0
+            while time.perf_counter() < stop_at:
+                record = StreamRecord()
+                records.append(record)
+                sequence += 1
+                label = f"bench ceiling {worker_index}.{sequence}"
+                await stream_once(http, target, knobs, record, label, stop_at=stop_at)
+                if record.error is not None:
+                    errors[record.error] += 1
+                    await asyncio.sleep(0.05)  # do not spin on a refusing server
 
-    workers = [asyncio.create_task(worker(index)) for index in range(streams)]
-    await asyncio.sleep(max(stop_at - time.perf_counter(), 0))
-    window.stop()
-    try:
-        # Workers notice the closed window at their next event; one whose stream is silent is cut off.
-        _, pending = await asyncio.wait(workers, timeout=15)
+        workers = [asyncio.create_task(worker(index)) for index in range(streams)]
+        await asyncio.sleep(max(stop_at - time.perf_counter(), 0))
+        window.stop()
+        # Workers stop at their next chunk. One still waiting for its answer's headers (a queueing proxy) gets a
+        # short grace, then is cut off: what arrived in the window is recorded already. (Cutting a request the
+        # simulator has not answered yet makes it log an error writing its headers.)
+        _, pending = await asyncio.wait(workers, timeout=CEILING_GRACE_S)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    finally:
-        await client.close()
     return CeilingResult(
         target=target.name,
-        streams=streams,
-        seconds=window.wall,
         events=sum(r.events for r in records),
+        wall_s=window.wall,
+        cpu=window.used,
+        load=window.load,
+        errors=errors,
+        redis_commands=window.redis_commands,
+        redis_input_bytes=window.redis_input_bytes,
+        upstream_requests=await simulator_requests(observed.simulator_url) - requests_before,
+        streams=streams,
         deltas=sum(r.deltas for r in records),
         responses_started=len(records),
-        cpu=window.used,
-        errors=errors,
-        upstream_requests=await simulator_requests(observed.simulator_url) - requests_before,
     )
 
 
@@ -340,11 +334,12 @@ async def ceiling(target: Target, observed: Observed, *, streams: int, seconds: 
 
 @dataclass
 class ReplayResult:
+    target: str
     events_target: int
     frames: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    loads: list[Load] = field(default_factory=list)
     create_seconds: float | None = None
-    stored_events: int | None = None
     errors: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -356,59 +351,79 @@ class ReplayResult:
         return int(statistics.median(self.frames)) if self.frames else None
 
 
-async def _count_frames(http: aiohttp.ClientSession, url: str) -> int:
-    """Read an SSE body to its end and count its frames (each ends with a blank line)."""
-    frames = 0
-    carry = b""
-    async with http.get(url) as response:
+async def create_response(http: aiohttp.ClientSession, target: Target, label: str, knobs: Knobs) -> dict[str, Any]:
+    """A non-streaming `background: true` create; returns the response object."""
+    body = create_body(target, label, knobs, stream=False, background=True)
+    async with http.post(f"{target.base_url}/responses", data=body, headers=request_headers(target)) as response:
         if response.status != 200:
-            raise RuntimeError(f"HTTP {response.status}: {(await response.text())[:120]}")
-        async for chunk in response.content.iter_any():
-            data = carry + chunk
-            frames += data.count(b"\n\n")
-            carry = data[-1:]
-    return frames
+            raise HttpStatusError(response.status, await response.text())
+        created: dict[str, Any] = orjson.loads(await response.read())
+        return created
 
 
-async def replay(gateway: Target, *, events: int, repetitions: int, limit_s: float) -> ReplayResult:
-    result = ReplayResult(events_target=events)
-    client = make_client(gateway, limit_s)
+async def retrieve_status(http: aiohttp.ClientSession, target: Target, response_id: str) -> str:
+    async with http.get(f"{target.base_url}/responses/{response_id}", headers=request_headers(target)) as response:
+        if response.status != 200:
+            raise HttpStatusError(response.status, await response.text())
+        return str(orjson.loads(await response.read())["status"])
+
+
+async def _generate_for_replay(
+    http: aiohttp.ClientSession, target: Target, events: int, deadline: float, result: ReplayResult
+) -> str | None:
+    """One background run of `events` events at full speed, awaited until it ends; its id if it completed."""
+    knobs = Knobs(tokens=max(events - FRAMING_EVENTS, 1), token_delay_ms=0, ttft_ms=0)
+    started = time.perf_counter()
+    created = await create_response(http, target, "bench replay", knobs)
+    status = str(created["status"])
+    while status not in ("completed", "failed", "cancelled", "incomplete"):
+        if time.perf_counter() > deadline:
+            result.errors[f"response still {status} at the deadline"] += 1
+            return None
+        await asyncio.sleep(0.1)
+        status = await retrieve_status(http, target, created["id"])
+    result.create_seconds = time.perf_counter() - started
+    if status != "completed":
+        result.errors[f"replay source ended {status}"] += 1
+        return None
+    return str(created["id"])
+
+
+async def replay(
+    targets: list[Target], observed: Observed, *, events: int, repetitions: int, limit_s: float
+) -> dict[str, ReplayResult]:
+    """One finished response per stored target, then its full replay `repetitions` times, the targets
+    interleaved (a, b, a, b, ...), each read timed to its last byte."""
+    results = {target.name: ReplayResult(target=target.name, events_target=events) for target in targets}
     deadline = time.perf_counter() + limit_s
-    try:
-        knobs = Knobs(tokens=max(events - FRAMING_EVENTS, 1), token_delay_ms=0, ttft_ms=0)
-        started = time.perf_counter()
-        created = await client.responses.create(
-            model=MODEL, input="bench replay", background=True, metadata=knobs.metadata()
-        )
-        status = created.status
-        while status not in ("completed", "failed", "cancelled", "incomplete"):
-            if time.perf_counter() > deadline:
-                result.errors[f"response still {status} at the deadline"] += 1
-                return result
-            await asyncio.sleep(0.1)
-            status = (await client.responses.retrieve(created.id)).status
-        result.create_seconds = time.perf_counter() - started
-        if status != "completed":
-            result.errors[f"replay source ended {status}"] += 1
-            return result
-        url = f"{gateway.base_url}/responses/{created.id}?stream=true"
-        http_timeout = aiohttp.ClientTimeout(total=max(deadline - time.perf_counter(), 1))
-        async with aiohttp.ClientSession(timeout=http_timeout) as http:
-            for _ in range(repetitions):
+    async with http_session(limit_s) as http:
+        sources: dict[str, str] = {}
+        for target in targets:
+            try:
+                response_id = await _generate_for_replay(http, target, events, deadline, results[target.name])
+            except Exception as error:
+                results[target.name].errors[error_label(error)] += 1
+                continue
+            if response_id is not None:
+                sources[target.name] = response_id
+        for _ in range(repetitions):
+            for target in targets:
+                if target.name not in sources:
+                    continue
+                result = results[target.name]
+                window = Window(_cpu_pids(target, observed))
+                window.start()
                 started = time.perf_counter()
                 try:
-                    frames = await _count_frames(http, url)
+                    frames = await count_frames(http, f"{target.base_url}/responses/{sources[target.name]}?stream=true")
                 except Exception as error:
                     result.errors[error_label(error)] += 1
                     continue
                 result.seconds.append(time.perf_counter() - started)
+                window.stop()
                 result.frames.append(frames)
-        result.stored_events = result.median_frames
-    except Exception as error:
-        result.errors[error_label(error)] += 1
-    finally:
-        await client.close()
-    return result
+                result.loads.append(window.load)
+    return results
 
 
 # --- (d) memory --------------------------------------------------------------------------------------------------
@@ -416,6 +431,7 @@ async def replay(gateway: Target, *, events: int, repetitions: int, limit_s: flo
 
 @dataclass
 class MemoryResult:
+    target: str
     runs: int
     created: int = 0
     in_flight: int | None = None  # simulator-side active requests when RSS was taken
@@ -481,14 +497,13 @@ async def memory(
     """`gateway` is a fresh gateway process of its own (see __main__): idle RSS after a warm-up, then `runs`
     background runs that sit `in_progress` (the simulator waits 60 s before their first token)."""
     assert gateway.pid is not None
-    result = MemoryResult(runs=runs)
+    result = MemoryResult(target=gateway.name, runs=runs)
     deadline = time.perf_counter() + limit_s
-    client = make_client(gateway, limit_s)
     try:
         await warm_up()
         await asyncio.sleep(1.0)
         result.rss_idle_kib = await _stable_rss(gateway.pid)
-        async with aiohttp.ClientSession() as http:
+        async with http_session(limit_s) as http:
             baseline = await simulator_active(http, simulator_url)
             knobs = Knobs(tokens=10, token_delay_ms=0, ttft_ms=60_000)
             gate = asyncio.Semaphore(in_flight)
@@ -497,10 +512,8 @@ async def memory(
             async def create(index: int) -> None:
                 async with gate:
                     try:
-                        response = await client.responses.create(
-                            model=MODEL, input=f"bench memory {index}", background=True, metadata=knobs.metadata()
-                        )
-                        ids.append(response.id)
+                        created = await create_response(http, gateway, f"bench memory {index}", knobs)
+                        ids.append(str(created["id"]))
                     except Exception as error:
                         result.errors[error_label(error)] += 1
 
@@ -524,13 +537,11 @@ async def memory(
                 result.errors[f"only {active}/{len(ids)} runs reached the simulator by the deadline"] += 1
             result.rss_loaded_kib = await _stable_rss(gateway.pid)
             sample = ids[:: max(len(ids) // 20, 1)][:20]
-            statuses = await asyncio.gather(*(client.responses.retrieve(rid) for rid in sample))
-            in_progress = sum(1 for response in statuses if response.status == "in_progress")
+            statuses = await asyncio.gather(*(retrieve_status(http, gateway, rid) for rid in sample))
+            in_progress = sum(1 for status in statuses if status == "in_progress")
             result.sampled_in_progress = f"{in_progress}/{len(sample)}"
     except Exception as error:
         result.errors[error_label(error)] += 1
-    finally:
-        await client.close()
     return result
 
 
@@ -541,18 +552,18 @@ WARM_UP_STREAMS = 8
 
 
 async def warm_up(target: Target, streams: int = WARM_UP_STREAMS) -> Counter[str]:
-    """A few short streams, so lazy imports, SDK model construction and connection pools are paid before
-    anything is measured."""
-    client = make_client(target, 60)
+    """A few short streams, so lazy imports and connection set-up are paid before anything is measured."""
     knobs = Knobs(tokens=20, token_delay_ms=1, ttft_ms=1)
     records = [StreamRecord() for _ in range(streams)]
-    try:
+    async with http_session(60) as http:
         await asyncio.wait_for(
             asyncio.gather(
-                *(_one_stream(client, target, knobs, record, f"bench warm-up {i}") for i, record in enumerate(records))
+                *(stream_once(http, target, knobs, record, f"bench warm-up {i}") for i, record in enumerate(records))
             ),
             timeout=60,
         )
-    finally:
-        await client.close()
-    return Counter(record.error for record in records if record.error is not None)
+    errors = Counter(record.error for record in records if record.error is not None)
+    wrong = sum(1 for record in records if record.error is None and record.deltas != knobs.tokens)
+    if wrong:
+        errors[f"stream with a delta count other than {knobs.tokens} (knobs not honoured?)"] += wrong
+    return errors
