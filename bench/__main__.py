@@ -126,6 +126,7 @@ class Config:
             "memory_runs": str(self.memory_runs),
             "memory_in_flight": str(self.memory_in_flight),
             "workloads": ",".join(sorted(self.workloads)),
+            "event_loop": os.environ.get("BENCH_EVENT_LOOP", "asyncio"),
         }
 
 

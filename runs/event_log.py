@@ -12,6 +12,7 @@ import orjson
 
 from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, apply_event
 from storage.base import Lease, LeaseLost, Store, StoredEvent, StoreUnavailable
+from storage.status import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +22,11 @@ MAX_PENDING_EVENTS = 2048
 WRITE_RETRY_SECONDS = 15.0
 WRITE_RETRY_FIRST_DELAY_SECONDS = 0.05
 WRITE_RETRY_MAX_DELAY_SECONDS = 2.0
-# The stored snapshot is rewritten with an append only at status changes, at output item boundaries, and once
-# the events since the last one add up to its own size (at least this much): the bytes written stay proportional
-# to the events' bytes however long the output grows, and a reader folds at most about a snapshot's worth.
+# The stored snapshot is rewritten with an append only at status changes and once the events since the last one
+# add up to its own size (at least this much): the bytes written stay proportional to the events' bytes however
+# long the output grows, and a reader folds at most about a snapshot's worth. (Item boundaries are not worth a
+# rewrite: they cost a script round trip each, and folding an item's events is cheap.)
 SNAPSHOT_MIN_BYTES = 32 * 1024
-_SNAPSHOT_EVENT_TYPES = LIFECYCLE_EVENT_TYPES | {"response.output_item.added", "response.output_item.done"}
 
 
 class EventPublisher(Protocol):
@@ -92,6 +93,16 @@ class EventLog:
     def next_sequence_number(self) -> int:
         return self._next_sequence_number
 
+    @property
+    def terminal_stored(self) -> bool:
+        """Whether this log's last event is a terminal one and the store acknowledged it."""
+        return (
+            self._failure is None
+            and self._drained.is_set()
+            and not self._pending
+            and self._snapshot.get("status") in TERMINAL_STATUSES
+        )
+
     async def emit(self, event: dict[str, Any]) -> StoredEvent:
         """Number `event`, apply it to the snapshot and queue its append. Raises the store's error once a write
         has failed: the log cannot go on with a gap."""
@@ -110,7 +121,7 @@ class EventLog:
         data = memoryview(orjson.dumps(event)).tobytes()
         stored = StoredEvent(self._next_sequence_number, kind, data, self.lease.epoch)
         self._next_sequence_number += 1
-        if kind in _SNAPSHOT_EVENT_TYPES:
+        if kind in LIFECYCLE_EVENT_TYPES:
             self._snapshot_due = True
         self._bytes_since_snapshot += len(data)
         self._pending.append(stored)

@@ -246,11 +246,19 @@ class Lifecycle:
 
     # -- finish ------------------------------------------------------------------------------------------
 
-    async def finish(self, response_id: str, lease: Lease) -> None:
+    async def finish(self, response_id: str, lease: Lease, *, ended_without_turn: bool = False) -> None:
         """After a run (or an ending written here) stopped: if its terminal event is stored, do the follow-ups;
         if it is not (the store refused or could not take it), release the lease so that the sweeper ends it
-        from what is stored. Never settles from memory."""
+        from what is stored. Never settles from memory: `ended_without_turn` (the run saw its terminal event
+        acknowledged, and it holds no conversation turn) only spares reading the record back, since settling
+        itself checks the stored status in the same step."""
         try:
+            if ended_without_turn:
+                await self.faults.reach("finish.terminal_stored", response_id)
+                if await self._store.settle_response(
+                    response_id, idempotency_ttl_seconds=self.settings.idempotency_ttl_seconds
+                ):
+                    return
             if await self.settle(response_id):
                 return
             log.warning("%s stopped without a stored terminal event; leaving its end to the sweeper", response_id)

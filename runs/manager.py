@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -23,7 +24,7 @@ from runs.slots import RunSlots
 from runs.status import TERMINAL, ResponseStatus
 from runs.upstream.base import Upstream
 from runs.upstream.router import UpstreamRouter
-from storage.base import Lease, ResponseRecord, Store
+from storage.base import Lease, ResponseRecord, Store, StoredEvent
 
 __all__ = ["Admission", "RunManager", "RunSettings"]
 
@@ -56,6 +57,9 @@ class Admission:
     response_id: str
     run: ResponseRun | None
     replayed: bool = False
+    # The events admission stored, for a run started here: a stream of the new response starts with them
+    # without reading them back.
+    first_events: Sequence[StoredEvent] = ()
 
 
 class RunManager:
@@ -236,7 +240,7 @@ class RunManager:
             self.capacity_freed.set()  # another instance, or this one later, starts it
             return Admission(record.response_id, run=None)
         run = self._start(request, upstream, provider_body, snapshot, len(record.events), lease, caller, caller.tenant)
-        return Admission(run.response_id, run=run)
+        return Admission(run.response_id, run=run, first_events=record.events)
 
     def _start(
         self,
@@ -327,7 +331,7 @@ class RunManager:
         await run.execute()
         if run.abandoned:
             return  # another instance owns it now and finishes it
-        await self.lifecycle.finish(run.response_id, run.lease)
+        await self.lifecycle.finish(run.response_id, run.lease, ended_without_turn=run.ended_without_turn)
 
     def _forget(self, run: ResponseRun, task: asyncio.Task[None]) -> None:
         self._runs.pop(run.response_id, None)

@@ -75,6 +75,12 @@ class ResponseRun:
     def finished(self) -> bool:
         return self._finished.is_set()
 
+    @property
+    def ended_without_turn(self) -> bool:
+        """The run's terminal event is stored and it holds no conversation turn: its follow-ups need nothing read
+        back (settling is still one store step that checks the stored status)."""
+        return self._log.terminal_stored and self.request.conversation is None
+
     async def wait_finished(self) -> None:
         """Return once the terminal event is stored (or the run gave up on the store)."""
         await self._finished.wait()

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 
 from runs.errors import Unavailable, response_not_found
-from runs.live import LiveEvents, LiveEventsClosed, SubscriberLagged
+from runs.live import LiveEvents, LiveEventsClosed, LiveSubscription, SubscriberLagged
 from runs.status import TERMINAL_EVENT_TYPES
 from storage.base import ResponseRecord, Store, StoredEvent
 from storage.status import TERMINAL_STATUSES
 
-CATCH_UP_PAGE = 512
+# Big pages: a replay of a long response is a few round trips, and each page goes to the client in one write.
+CATCH_UP_PAGE = 2048
 # Names the response an error is about, when the body alone would not let a client find it.
 RESPONSE_ID_HEADER = "x-response-id"
 
@@ -24,6 +25,8 @@ async def follow_events(
     after: int,
     *,
     idle_seconds: float,
+    known: Sequence[StoredEvent] = (),
+    subscription: LiveSubscription | None = None,
 ) -> AsyncGenerator[list[StoredEvent] | None, None]:
     """Yield stored events with sequence_number > after, in order, without gaps or duplicates, in batches (all
     that is at hand at once, so a writer can send them in one write), and stop after the terminal event. Yields
@@ -32,24 +35,35 @@ async def follow_events(
 
     The subscription is taken before the first store read, so an event stored after that read is always handed
     over live; anything the live buffer skipped (a gap) is read back from the store.
+
+    `known` are events the caller knows are stored (a new response's first ones, from its admission), and
+    `subscription` one it took before anything after them could have been stored: the store is not read until
+    the live events show a gap.
     """
-    subscription = live.subscribe(response_id, after)
+    subscription = subscription or live.subscribe(response_id, after)
     cursor = after
     try:
+        first = [event for event in known if event.sequence_number > cursor]
+        if first:
+            yield first
+            cursor = first[-1].sequence_number
+        read_store = not first
         while True:
-            while True:
-                events = await store.read_events(response_id, cursor, limit=CATCH_UP_PAGE)
-                batch, finished = _until_terminal(events)
-                if batch:
-                    yield batch
-                    cursor = batch[-1].sequence_number
-                if finished:
-                    return
-                if len(events) < CATCH_UP_PAGE:
-                    break
-            record = await store.get_response(response_id)
-            if record is None or (record.status in TERMINAL_STATUSES and record.last_sequence_number <= cursor):
-                return  # gone, or finished with nothing left after the cursor: nothing will ever come live
+            if read_store:
+                while True:
+                    events = await store.read_events(response_id, cursor, limit=CATCH_UP_PAGE)
+                    batch, finished = _until_terminal(events)
+                    if batch:
+                        yield batch
+                        cursor = batch[-1].sequence_number
+                    if finished:
+                        return
+                    if len(events) < CATCH_UP_PAGE:
+                        break
+                record = await store.get_response(response_id)
+                if record is None or (record.status in TERMINAL_STATUSES and record.last_sequence_number <= cursor):
+                    return  # gone, or finished with nothing left after the cursor: nothing will ever come live
+            read_store = True
             while True:
                 try:
                     live_event = await subscription.next(idle_seconds)

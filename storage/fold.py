@@ -1,6 +1,6 @@
 """The stored Response is the fold of its stored events: how each event changes a Response snapshot.
 
-The store writes a snapshot only now and then (at status changes, item boundaries, and once enough bytes of
+The store writes a snapshot only now and then (at status changes, and once enough bytes of
 events have followed the last one), and folds the events after it when a reader asks for the response, so the
 definition lives here, beside the data it defines.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -17,9 +18,9 @@ from gateway.sse import StreamSettings, open_stream, write_events
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
 from runs import idempotency, responses
 from runs.errors import InvalidRequest
+from runs.manager import Admission
 from runs.request import INCLUDABLE, CreateResponseRequest
-from runs.run import ResponseRun
-from runs.store import Store
+from runs.store import Store, StoredEvent
 from runs.subscription import follow_events, wait_for_end
 
 log = logging.getLogger(__name__)
@@ -70,12 +71,27 @@ def _stream_settings(request: web.Request) -> StreamSettings:
 
 
 async def stream_response(
-    request: web.Request, response_id: str, after: int, headers: dict[str, str] | None = None
+    request: web.Request,
+    response_id: str,
+    after: int,
+    headers: dict[str, str] | None = None,
+    *,
+    known: Sequence[StoredEvent] = (),
 ) -> web.StreamResponse:
-    """Replay the stored events after `after`, then follow live ones until the terminal event."""
+    """Replay the stored events after `after` (starting with `known` ones, which need no reading), then follow live
+    ones until the terminal event."""
     settings = _stream_settings(request)
+    live = request.app[LIVE_EVENTS]
+    # Subscribed before the first await, so nothing stored after `known` can be missed.
+    subscription = live.subscribe(response_id, after)
     events = follow_events(
-        request.app[STORE], request.app[LIVE_EVENTS], response_id, after, idle_seconds=settings.heartbeat_seconds
+        request.app[STORE],
+        live,
+        response_id,
+        after,
+        idle_seconds=settings.heartbeat_seconds,
+        known=known,
+        subscription=subscription,
     )
     response = await open_stream(request, settings, headers)
     async with contextlib.aclosing(events):  # unsubscribe at once when the client goes
@@ -115,10 +131,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     if not create.is_stored:
         # Connection-owned: the run ends with this handler (client gone → handler cancelled → run cancelled).
         try:
-            return await _serve_created(request, store, run, create, key)
+            return await _serve_created(request, store, admission, create, key)
         finally:
             manager.release_connection_owned(run)
-    return await _serve_created(request, store, run, create, key)
+    return await _serve_created(request, store, admission, create, key)
 
 
 async def _serve_by_id(
@@ -143,12 +159,14 @@ async def _serve_by_id(
 async def _serve_created(
     request: web.Request,
     store: Store,
-    run: ResponseRun,
+    admission: Admission,
     create: CreateResponseRequest,
     key: idempotency.IdempotencyKey | None,
 ) -> web.StreamResponse:
+    run = admission.run
+    assert run is not None
     if create.is_streaming:
-        return await stream_response(request, run.response_id, -1)
+        return await stream_response(request, run.response_id, -1, known=admission.first_events)
     if not create.is_background:
         await run.wait_finished()
         if run.failure is not None and not run.emitted_output:

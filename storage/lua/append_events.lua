@@ -1,5 +1,5 @@
 -- Append events that continue the log and replace the snapshot in one step; refresh the retention TTL. This is
--- the append that carries a snapshot (status changes, item boundaries, and now and then between them); the
+-- the append that carries a snapshot (status changes, and now and then between them); the
 -- hot path appends deltas with plain XADDs instead, fenced by their entry ids (see storage/keys.py).
 -- Only the current owner, with the current epoch and an unexpired lease, may append (fencing): a writer that
 -- was paused past its lease and taken over can never write again.
