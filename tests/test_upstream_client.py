@@ -151,6 +151,9 @@ def scenarios(provider: Provider) -> dict[str, Callable[[web.Request], Awaitable
             return web.json_response({"object": "list", "data": [{"id": "m-1"}, {"id": "m-2"}, {"no": "id"}]})
         return await bytewise(request)
 
+    async def not_json(request: web.Request) -> web.StreamResponse:
+        return await stream_of(request, sse(EVENTS[:1]), b"data: {" + SECRET.encode() + b"\n\n")
+
     return {name: handler for name, handler in locals().items() if callable(handler)}
 
 
@@ -303,6 +306,14 @@ async def test_an_error_object_in_the_stream_is_a_retryable_failure(provider: Pr
         None,
         True,
     )
+
+
+async def test_an_event_that_is_not_json_is_a_retryable_failure_that_does_not_echo_it(provider: Provider) -> None:
+    seen, failure = await read_until_failure(provider.client("not_json"))
+    assert seen == EVENTS[:1]
+    assert failure.retryable
+    assert SECRET not in failure.message
+    assert "not JSON" in failure.message
 
 
 async def test_an_error_without_a_message_gets_the_sdks_words(provider: Provider) -> None:

@@ -11,7 +11,7 @@ import aiohttp
 import orjson
 from multidict import CIMultiDict
 
-from runs.upstream.base import UpstreamSpec
+from runs.upstream.base import UpstreamFailure, UpstreamSpec
 from runs.upstream.failures import connection_failure, status_failure, stream_failure
 from runs.upstream.sse import SSESplitter
 
@@ -80,7 +80,14 @@ class UpstreamClient:
             try:
                 async for chunk in response.content.iter_any():
                     for _, data in splitter.feed(chunk):
-                        item = orjson.loads(data)
+                        try:
+                            item = orjson.loads(data)
+                        except orjson.JSONDecodeError:
+                            # The provider's fault, not the gateway's: a broken turn (retried if nothing was
+                            # emitted yet), named without echoing what it sent.
+                            raise UpstreamFailure(
+                                f"upstream {self._name!r} sent an event that is not JSON.", retryable=True
+                            ) from None
                         # Any object with a truthy `error` ends the stream, as the openai SDK's reader decided.
                         if isinstance(item, dict):
                             if item.get("error"):
