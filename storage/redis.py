@@ -27,6 +27,7 @@ from storage.keys import KeySpace, after_entry_id
 from storage.redis_appends import PlainAppends
 from storage.redis_conversations import RedisConversations
 from storage.redis_feed import RedisEventFeed
+from storage.redis_mux import LuaScript, RedisMux
 from storage.redis_support import (
     COMMAND_TIMEOUT_SECONDS,
     CONNECT_TIMEOUT_SECONDS,
@@ -52,23 +53,22 @@ class RedisStore(RedisConversations):
         self._client = client
         self._keys = KeySpace(key_prefix)
         self._ttl_ms = retention_seconds * 1000
-        self._create_script = client.register_script(load_lua("create_response.lua"))
-        self._append_script = client.register_script(load_lua("append_events.lua"))
+        # The hot path's scripts run over the auto-pipelined connection (storage/redis_mux.py).
+        self._mux = RedisMux(client)
+        self._create_script = LuaScript.of(load_lua("create_response.lua"))
+        self._append_script = LuaScript.of(load_lua("append_events.lua"))
         self._delete_script = client.register_script(load_lua("delete_response.lua"))
         self._cancel_script = client.register_script(load_lua("request_cancel.lua"))
         self._claim_script = client.register_script(load_lua("claim_idempotency_key.lua"))
         self._release_script = client.register_script(load_lua("release_idempotency_key.lua"))
         self._register_conversation_scripts(client)
-        self._lease_script = client.register_script(load_lua("lease.lua"))
+        self._lease_script = LuaScript.of(load_lua("lease.lua"))
         self._due_script = client.register_script(load_lua("due_runs.lua"))
-        self._settle_script = client.register_script(load_lua("settle_response.lua"))
+        self._settle_script = LuaScript.of(load_lua("settle_response.lua"))
         self._abandon_script = client.register_script(load_lua("abandon_admission.lua"))
-        self._read_events_script = client.register_script(load_lua("read_events.lua"))
-        self._read_response_script = client.register_script(load_lua("read_response.lua"))
-        self._plain_appends = PlainAppends(client, self._keys)
-        # XRANGE replies as Redis sends them (entry id, flat field list): redis-py's own callback builds a dict per
-        # entry, which was most of the cost of replaying a long response.
-        client.set_response_callback("XRANGE", lambda response, **options: response)
+        self._read_events_script = LuaScript.of(load_lua("read_events.lua"))
+        self._read_response_script = LuaScript.of(load_lua("read_response.lua"))
+        self._plain_appends = PlainAppends(self._mux, self._keys)
 
     @classmethod
     def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 512) -> RedisStore:
@@ -110,7 +110,7 @@ class RedisStore(RedisConversations):
             new.conversation_id or "",
         ]
         args += event_args(new.events)
-        result = await self._create_script(keys=keys, args=args)
+        result = await self._mux.script(self._create_script, keys, args)
         if result == b"EXISTS":
             raise ResponseAlreadyExists(new.response_id)
         _, epoch, until = result
@@ -140,7 +140,7 @@ class RedisStore(RedisConversations):
             lease.epoch,
         ]
         args += event_args(events, lease.epoch)
-        result = await self._append_script(keys=list(keys), args=args)
+        result = await self._mux.script(self._append_script, list(keys), args)
         if result in (b"OK", b"CANCEL"):
             return bool(result == b"CANCEL")
         if result == b"MISSING":
@@ -159,7 +159,7 @@ class RedisStore(RedisConversations):
             self._keys.response_events(response_id),
         ]
         args = [action, response_id, owner, epoch, lease_ms, self._ttl_ms]
-        reply: list[Any] = await self._lease_script(keys=keys, args=args)
+        reply: list[Any] = await self._mux.script(self._lease_script, keys, args)
         return reply
 
     @unavailable_on_connection_error
@@ -196,10 +196,10 @@ class RedisStore(RedisConversations):
     async def settle_response(self, response_id: str, *, idempotency_ttl_seconds: int) -> bool:
         state = self._keys.response_state(response_id)
         keys = [state, self._keys.run_index(), self._keys.run_queue()]
-        idempotency_key: bytes | None = await self._client.hget(state, "idem")  # type: ignore[assignment]
+        idempotency_key = await self._mux.execute("HGET", state, "idem")
         if idempotency_key:
             keys.append(idempotency_key.decode())
-        result = await self._settle_script(keys=keys, args=[response_id, idempotency_ttl_seconds * 1000])
+        result = await self._mux.script(self._settle_script, keys, [response_id, idempotency_ttl_seconds * 1000])
         return bool(result == b"OK")
 
     @unavailable_on_connection_error
@@ -217,7 +217,7 @@ class RedisStore(RedisConversations):
     @unavailable_on_connection_error
     async def get_response(self, response_id: str) -> ResponseRecord | None:
         keys = [self._keys.response_state(response_id), self._keys.response_events(response_id)]
-        reply: list[Any] = await self._read_response_script(keys=keys)
+        reply: list[Any] = await self._mux.script(self._read_response_script, keys, [])
         if not reply:
             return None
         flat, after_snapshot = reply
@@ -258,11 +258,13 @@ class RedisStore(RedisConversations):
         # must be read to find the right entry, which the script does.
         key = self._keys.response_events(response_id)
         start = "-" if after < 0 else f"({after_entry_id(after)}"
-        entries: list[Any] = await self._client.xrange(key, min=start, max="+", count=limit)  # type: ignore[assignment]
+        entries = await self._mux.execute("XRANGE", key, start, "+", "COUNT", limit)
+        if isinstance(entries, Exception):
+            raise entries
         events = parse_entries(entries)
         if events and events[0].sequence_number <= after:
             keys = [self._keys.response_state(response_id), key]
-            events = parse_entries(await self._read_events_script(keys=keys, args=[after, limit]))
+            events = parse_entries(await self._mux.script(self._read_events_script, keys, [after, limit]))
         return events
 
     @unavailable_on_connection_error
@@ -326,5 +328,5 @@ class RedisStore(RedisConversations):
         await self._client.ping()
 
     async def close(self) -> None:
-        await self._plain_appends.close()
+        await self._mux.close()
         await self._client.aclose(close_connection_pool=True)

@@ -1,0 +1,218 @@
+"""One Redis connection shared by every caller of the hot path, with its commands pipelined automatically.
+
+redis-py gives each command in flight a connection of its own: twenty requests arriving together need twenty
+connections (each new one several handshake round trips and a costly set-up in Python), and every command pays a
+pool checkout and a timeout of its own. The hot path's commands (admission, appends, leases, settling, reads of a
+response) go here instead: whatever callers queue in one loop turn is written in one go, and one reader takes the
+replies in order (Redis answers each connection's commands in the order it got them). This is what Redis clients
+call auto-pipelining.
+
+A connection that breaks, or whose oldest command has waited COMMAND_TIMEOUT_SECONDS for its reply, is dropped:
+every command in flight fails with StoreUnavailable (it may or may not have run, as with any lost reply; the
+callers' steps are idempotent or checked) and the next command connects afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from storage.base import StoreUnavailable
+from storage.redis_support import COMMAND_TIMEOUT_SECONDS
+
+_CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
+# How often the watchdog looks at the oldest command in flight.
+WATCHDOG_SECONDS = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class LuaScript:
+    """A script's source and SHA1, to run by EVALSHA (loaded on first use: NOSCRIPT falls back to EVAL)."""
+
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, source: str) -> LuaScript:
+        return cls(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+@dataclass(slots=True)
+class _Sent:
+    reply: asyncio.Future[Any]
+    at: float
+
+
+class RedisMux:
+    """Runs commands over one auto-pipelined connection. `execute` returns Redis's raw reply (no redis-py response
+    callbacks), with an error reply returned, not raised, so that callers decide what it means."""
+
+    def __init__(self, client: aioredis.Redis, *, reply_timeout_seconds: float = COMMAND_TIMEOUT_SECONDS) -> None:
+        self._reply_timeout = reply_timeout_seconds
+        pool = client.connection_pool
+        # No socket timeout: the reader waits for replies as long as commands are in flight, and the watchdog
+        # bounds how long the oldest one may wait.
+        self._kwargs = {**pool.connection_kwargs, "socket_timeout": None}
+        self._connection_class = pool.connection_class
+        self._connection: aioredis.connection.AbstractConnection | None = None
+        self._connecting = asyncio.Lock()
+        self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._in_flight: deque[_Sent] = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def execute(self, *args: Any) -> Any:
+        """The raw reply to one command (a ResponseError instance for an error reply). Raises StoreUnavailable
+        when the connection fails before the reply arrives."""
+        if self._closed:
+            raise StoreUnavailable("redis: the store is closed")
+        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queued.append((args, reply))
+        self._wake.set()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop(), name="redis-mux-writer")
+        return await reply
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The raw replies to several commands, sent together and in order."""
+        if self._closed:
+            raise StoreUnavailable("redis: the store is closed")
+        loop = asyncio.get_running_loop()
+        replies = [loop.create_future() for _ in commands]
+        self._queued.extend(zip(commands, replies, strict=True))
+        self._wake.set()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_loop(), name="redis-mux-writer")
+        try:
+            return [await reply for reply in replies]
+        finally:
+            for reply in replies:
+                reply.cancel()  # no-op for those done; the rest are skipped or their replies dropped
+
+    async def script(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+        """Run a script by its SHA, loading it with EVAL when Redis does not know it yet; an error reply raises."""
+        reply = await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        if isinstance(reply, NoScriptError):
+            reply = await self.execute("EVAL", script.source, len(keys), *keys, *args)
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in (self._writer, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._drop("redis: the store is closing")
+        for _, reply in self._queued:
+            if not reply.done():
+                reply.set_exception(StoreUnavailable("redis: the store is closing"))
+        self._queued.clear()
+
+    # -- writing --------------------------------------------------------------------------------------------
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queued:
+                batch, self._queued = self._queued, []
+                batch = [(args, reply) for args, reply in batch if not reply.done()]  # callers that gave up
+                if batch:
+                    await self._send(batch)
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            connection = await self._connected()
+            packed = connection.pack_commands([args for args, _ in batch])
+        except _CONNECTION_ERRORS as error:
+            for _, reply in batch:
+                if not reply.done():
+                    reply.set_exception(StoreUnavailable(f"redis: {error or type(error).__name__}"))
+            return
+        now = asyncio.get_running_loop().time()
+        # Queued for the reader before the write, so a reply can never arrive before its future is in line.
+        self._in_flight.extend(_Sent(reply, now) for _, reply in batch)
+        self._arm_watchdog()
+        try:
+            await connection.send_packed_command(packed, check_health=False)
+        except _CONNECTION_ERRORS as error:
+            self._drop(f"redis: {error or type(error).__name__}")
+
+    async def _connected(self) -> aioredis.connection.AbstractConnection:
+        async with self._connecting:
+            if self._connection is None:
+                connection = self._connection_class(**self._kwargs)
+                await connection.connect()  # type: ignore[no-untyped-call]
+                self._connection = connection
+                self._reader = asyncio.create_task(self._read_loop(connection), name="redis-mux-reader")
+            return self._connection
+
+    # -- reading ------------------------------------------------------------------------------------------
+
+    async def _read_loop(self, connection: aioredis.connection.AbstractConnection) -> None:
+        while True:
+            try:
+                reply: Any = await connection.read_response()
+            except ResponseError as refusal:
+                reply = refusal
+            except _CONNECTION_ERRORS as error:
+                if connection is self._connection:
+                    self._drop(f"redis: {error or type(error).__name__}")
+                return
+            if not self._in_flight:  # a stray reply: this connection cannot be trusted any more
+                self._drop("redis: a reply nobody asked for")
+                return
+            sent = self._in_flight.popleft()
+            if not sent.reply.done():
+                sent.reply.set_result(reply)
+
+    # -- failure ------------------------------------------------------------------------------------------
+
+    def _arm_watchdog(self) -> None:
+        if self._watchdog is None:
+            interval = min(WATCHDOG_SECONDS, self._reply_timeout / 4)
+            self._watchdog = asyncio.get_running_loop().call_later(interval, self._check_oldest)
+
+    def _check_oldest(self) -> None:
+        self._watchdog = None
+        if not self._in_flight:
+            return
+        waited = asyncio.get_running_loop().time() - self._in_flight[0].at
+        if waited >= self._reply_timeout:
+            self._drop(f"redis: no reply in {self._reply_timeout:g}s")
+            return
+        self._arm_watchdog()
+
+    def _drop(self, reason: str) -> None:
+        """Give the connection up: everything in flight fails, the next command connects afresh."""
+        connection, self._connection = self._connection, None
+        reader, self._reader = self._reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        while self._in_flight:
+            sent = self._in_flight.popleft()
+            if not sent.reply.done():
+                sent.reply.set_exception(StoreUnavailable(reason))
+        if connection is not None:
+            task = asyncio.get_running_loop().create_task(connection.disconnect(nowait=True))
+            task.add_done_callback(_ignore_result)
+
+
+def _ignore_result(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

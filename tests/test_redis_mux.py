@@ -1,0 +1,119 @@
+"""The auto-pipelined connection of the Redis store: every caller gets its own reply, in any interleaving, and a
+connection that breaks or stops answering fails what is in flight, never a later command."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from storage.base import StoreUnavailable
+from storage.redis_mux import LuaScript, RedisMux
+from tests.tcp_proxy import TcpProxy
+
+
+@pytest.fixture
+async def proxy(redis_server: str) -> AsyncIterator[TcpProxy]:
+    target = urlsplit(redis_server)
+    assert target.hostname is not None
+    assert target.port is not None
+    async with TcpProxy(target.hostname, target.port) as running:
+        yield running
+
+
+async def mux_over(url: str, **options: float) -> tuple[aioredis.Redis, RedisMux]:
+    client = aioredis.Redis.from_url(url)
+    return client, RedisMux(client, **options)
+
+
+async def test_concurrent_callers_each_get_their_own_reply(redis_server: str, key_prefix: str) -> None:
+    client, mux = await mux_over(redis_server)
+    try:
+
+        async def caller(n: int) -> None:
+            for step in range(20):
+                await asyncio.sleep(random.random() / 1000)
+                key = f"{key_prefix}:{n}"
+                assert await mux.execute("SET", key, f"{n}-{step}", "PX", 60_000) == b"OK"
+                assert await mux.execute("GET", key) == f"{n}-{step}".encode()
+                many = await mux.execute_many(
+                    [("INCR", f"{key}:c"), ("INCR", f"{key}:c"), ("PEXPIRE", f"{key}:c", 60_000)]
+                )
+                assert many == [2 * step + 1, 2 * step + 2, 1]
+
+        await asyncio.gather(*(caller(n) for n in range(50)))
+        # An error reply is a value, and the next command still gets its own reply.
+        assert isinstance(await mux.execute("INCR", "not a number", "extra"), ResponseError)
+        assert await mux.execute("PING") == b"PONG"
+        clients = await client.client_list()
+        assert sum(entry.get("cmd") in ("get", "set", "incr", "pexpire", "ping") for entry in clients) <= 2
+    finally:
+        await mux.close()
+        await client.aclose()
+
+
+async def test_a_script_unknown_to_redis_is_loaded_once_and_an_error_raises(redis_server: str) -> None:
+    client, mux = await mux_over(redis_server)
+    try:
+        script = LuaScript.of(f"return ARGV[1] .. '{random.random()}'")  # new to this Redis
+        assert (await mux.script(script, [], ["x"])).startswith(b"x")
+        assert await client.script_exists(script.sha) == [True]
+        with pytest.raises(ResponseError):
+            await mux.script(LuaScript.of("return redis.call('NOSUCHCOMMAND')"), [], [])
+    finally:
+        await mux.close()
+        await client.aclose()
+
+
+async def test_a_cancelled_caller_does_not_shift_the_replies_of_others(redis_server: str, key_prefix: str) -> None:
+    client, mux = await mux_over(redis_server)
+    try:
+        await mux.execute("SET", f"{key_prefix}:a", "a", "PX", 60_000)
+        await mux.execute("SET", f"{key_prefix}:b", "b", "PX", 60_000)
+        slow = asyncio.ensure_future(mux.execute("BLPOP", f"{key_prefix}:never", 0.2))
+        after = asyncio.ensure_future(mux.execute("GET", f"{key_prefix}:a"))
+        await asyncio.sleep(0.01)
+        slow.cancel()
+        assert await after == b"a"
+        assert await mux.execute("GET", f"{key_prefix}:b") == b"b"
+    finally:
+        await mux.close()
+        await client.aclose()
+
+
+async def test_a_broken_connection_fails_what_is_in_flight_and_the_next_command_reconnects(
+    proxy: TcpProxy, key_prefix: str
+) -> None:
+    client, mux = await mux_over(f"redis://127.0.0.1:{proxy.port}/0")
+    try:
+        assert await mux.execute("PING") == b"PONG"
+        in_flight = asyncio.ensure_future(mux.execute("BLPOP", f"{key_prefix}:never", 5))
+        await asyncio.sleep(0.05)
+        proxy.reset_all()
+        with pytest.raises(StoreUnavailable):
+            await in_flight
+        assert await mux.execute("PING") == b"PONG"
+    finally:
+        await mux.close()
+        await client.aclose()
+
+
+async def test_a_connection_that_stops_answering_is_given_up_after_the_reply_timeout(proxy: TcpProxy) -> None:
+    client, mux = await mux_over(f"redis://127.0.0.1:{proxy.port}/0", reply_timeout_seconds=0.5)
+    try:
+        assert await mux.execute("PING") == b"PONG"
+        proxy.blackhole(list(proxy.connections))  # a half-open connection: no reset, no replies
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(StoreUnavailable):
+            await mux.execute("PING")
+        assert loop.time() - started < 3
+        assert await mux.execute("PING") == b"PONG"  # a new connection, which flows
+    finally:
+        await mux.close()
+        await client.aclose()
