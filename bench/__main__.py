@@ -1,6 +1,6 @@
 """`python -m bench` (or `make bench`): start Redis, the simulator, a gateway on Redis, a gateway on the embedded
-store and LiteLLM as real processes on loopback, run the workloads in interleaved repetitions, and write
-`bench/results/<date>.md` (also printed).
+store and LiteLLM as real processes on loopback, run the workloads in interleaved repetitions, account the embedded
+store's bytes per event in this process, and write `bench/results/<date>.md` (also printed).
 
 Knobs are environment variables (see bench/README.md); everything started is stopped at the end, even on error.
 """
@@ -25,20 +25,23 @@ from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 
-from bench import procs, profile, report, workloads
+from bench import procs, profile, report, store_bytes, workloads
 from bench.sse import error_label
 from bench.workloads import Knobs, Observed, Target
 
 T = TypeVar("T")
 MIN_STEP_SECONDS = 10.0
-ALL_WORKLOADS = frozenset({"a", "b", "c", "d"})
+ALL_WORKLOADS = frozenset({"a", "b", "c", "d", "e"})
+# The workloads that need the processes; (e) runs in this process alone.
+PROCESS_WORKLOADS = frozenset({"a", "b", "c", "d"})
 ALL_TARGETS = ("direct", "redis", "embedded", "litellm")
 BENCH_DIR = Path(__file__).resolve().parent
 MEASURED_CODE = ("gateway", "runs", "storage", "simulator", "pyproject.toml")
 PROFILE_BEFORE = BENCH_DIR / "results" / "profile-before-issue13.md"
-# Rough seconds per (d) memory measurement and per (c) replay, for the time budget's reserves.
+# Rough seconds per (d) memory measurement, per (c) replay and for (e), for the time budget's reserves.
 MEMORY_ESTIMATE_S = 40.0
 REPLAY_ESTIMATE_S = 30.0
+STORE_BYTES_ESTIMATE_S = 25.0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -71,6 +74,8 @@ class Config:
     replay_reps: int
     memory_runs: int
     memory_in_flight: int
+    store_events: int
+    store_tokens: int
     budget_seconds: float
     workloads: frozenset[str]
     results_dir: Path
@@ -100,8 +105,10 @@ class Config:
             replay_reps=_env_int("BENCH_REPLAY_REPS", 3),
             memory_runs=_env_int("BENCH_MEMORY_RUNS", 1000),
             memory_in_flight=_env_int("BENCH_MEMORY_IN_FLIGHT", 100),
+            store_events=_env_int("BENCH_STORE_EVENTS", 100_000),
+            store_tokens=_env_int("BENCH_STORE_TOKENS", 2000),
             budget_seconds=_env_float("BENCH_BUDGET_SECONDS", 720),
-            workloads=frozenset(_env_list("BENCH_WORKLOADS", "a,b,c,d")),
+            workloads=frozenset(_env_list("BENCH_WORKLOADS", "a,b,c,d,e")),
             results_dir=Path(os.environ.get("BENCH_RESULTS_DIR", BENCH_DIR / "results")),
             results_name=os.environ.get("BENCH_RESULTS_NAME") or None,
             profile_before=Path(os.environ.get("BENCH_PROFILE_BEFORE", PROFILE_BEFORE)),
@@ -125,6 +132,8 @@ class Config:
             "replay_reps": str(self.replay_reps),
             "memory_runs": str(self.memory_runs),
             "memory_in_flight": str(self.memory_in_flight),
+            "store_events": str(self.store_events),
+            "store_tokens": str(self.store_tokens),
             "workloads": ",".join(sorted(self.workloads)),
             "event_loop": os.environ.get("BENCH_EVENT_LOOP", "asyncio"),
         }
@@ -308,6 +317,8 @@ class Bench:
             reserve += REPLAY_ESTIMATE_S
         if workload < "d" and "d" in config.workloads:
             reserve += MEMORY_ESTIMATE_S * len(self.gateways)
+        if workload < "e" and "e" in config.workloads:
+            reserve += STORE_BYTES_ESTIMATE_S
         return reserve
 
     # -- workloads ------------------------------------------------------------------------------------------------
@@ -433,7 +444,7 @@ class Bench:
                 key_prefix="rgwmem",
             )
             target = Target(name, f"{fresh.url}/v1", pid=fresh.pid, background=True, stored=True)
-            reserve = MEMORY_ESTIMATE_S * (len(names) - index - 1)
+            reserve = MEMORY_ESTIMATE_S * (len(names) - index - 1) + self._reserve_after("d")
 
             async def step(target: Target = target, reserve: float = reserve) -> workloads.MemoryResult:
                 return await workloads.memory(
@@ -451,19 +462,43 @@ class Bench:
             self.group.stop(fresh)  # its runs go with it; the simulator's held requests see a disconnect
             await self.settle()
 
+    async def store_bytes(self) -> None:
+        """(e) in this process: no gateway, no network; deterministic memory accounting, so run once."""
+        config = self.config
+        if "embedded" not in config.targets:
+            self.results.notes.append("(e) skipped: BENCH_TARGETS has no embedded column to show it in")
+            return
+
+        async def step() -> store_bytes.StoreBytesResult:
+            return await store_bytes.store_bytes(events=config.store_events, tokens=config.store_tokens)
+
+        result = await _phase(self.results, self.budget, "(e) embedded store bytes per event", step)
+        if result is not None:
+            self.results.store = result
+            log(
+                self.budget,
+                f"  {result.events:,} events: retained {result.retained_per_event or 0:,.0f} B, JSON "
+                f"{result.json_per_event or 0:,.0f} B, overhead {result.overhead_per_event or 0:,.0f} B per event",
+            )
+
     async def run(self) -> None:
-        self.start()
-        log(self.budget, "processes up: " + ", ".join(f"{p.name} pid {p.pid} :{p.port}" for p in self.group.procs))
-        await self.warm_up()
-        log(self.budget, "warm-up done: targets " + ", ".join(t.name for t in self.targets))
-        if "a" in self.config.workloads:
+        chosen = self.config.workloads
+        if chosen & PROCESS_WORKLOADS:
+            self.start()
+            processes = ", ".join(f"{p.name} pid {p.pid} :{p.port}" for p in self.group.procs)
+            log(self.budget, "processes up: " + processes)
+            await self.warm_up()
+            log(self.budget, "warm-up done: targets " + ", ".join(t.name for t in self.targets))
+        if "a" in chosen:
             await self.concurrency()
-        if "b" in self.config.workloads:
+        if "b" in chosen:
             await self.ceiling()
-        if "c" in self.config.workloads:
+        if "c" in chosen:
             await self.replay()
-        if "d" in self.config.workloads:
+        if "d" in chosen:
             await self.memory()
+        if "e" in chosen:
+            await self.store_bytes()
 
     def close(self) -> None:
         if self.observed is not None and self.observed.redis is not None:

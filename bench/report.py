@@ -1,5 +1,6 @@
 """The markdown report: the targets table, one table of medians with a column per target and ratios against the
-direct upstream, each repetition with the machine's load, the profiles before and after, errors and notes."""
+direct upstream (and where the embedded store's bytes go), each repetition with the machine's load, the profiles
+before and after, errors and notes."""
 
 from __future__ import annotations
 
@@ -242,6 +243,58 @@ def _memory_block(table: _Table, results: BenchResults) -> None:
     table.text("errors", lambda t: error_summary(memory[t].errors) if t in memory else None)
 
 
+def _store_block(table: _Table, results: BenchResults) -> None:
+    store = results.store
+    assert store is not None
+    table.section(
+        f"(e) embedded store: {store.deltas:,} text deltas in {store.responses} responses, written through the run's "
+        "event log in the bench process, tracemalloc"
+    )
+    only = ["embedded"]
+
+    def embedded(value: float | None) -> Cell:
+        return lambda target: value if target == "embedded" else None
+
+    table.numeric("retained bytes per stored event", embedded(store.retained_per_event), only=only, digits=0)
+    table.numeric("event JSON bytes per event (mean len of data)", embedded(store.json_per_event), only=only, digits=0)
+    table.numeric("overhead per event (retained - JSON)", embedded(store.overhead_per_event), only=only, digits=0)
+    table.text(
+        "events measured (lifecycle and framing included)", lambda t: f"{store.events:,}" if t == "embedded" else None
+    )
+    if store.delta_untrimmed_bytes is not None and store.delta_trimmed_bytes is not None:
+        table.text(
+            "a text delta's bytes: held as orjson returns them / trimmed / JSON length",
+            lambda t: (
+                f"{store.delta_untrimmed_bytes:,.0f} / {store.delta_trimmed_bytes:,.0f} / {store.delta_json_bytes:,.0f}"
+                if t == "embedded"
+                else None
+            ),
+        )
+
+
+def _store_lines(results: BenchResults) -> list[str]:
+    """Where the embedded store's retained bytes were allocated: the largest source lines (tracemalloc)."""
+    store = results.store
+    if store is None or not store.lines or not store.events:
+        return []
+    lines = [
+        "### (e) Where the embedded store's retained bytes were allocated",
+        "",
+        f"tracemalloc, one frame: the source lines that allocated the most of the {store.retained_bytes / 1024:,.0f} "
+        "KiB the store kept. The event log's copy line holds the events' JSON itself; the bench's `orjson.loads` line "
+        "stands for the upstream client's parse (the event's `type` string, kept by each stored event).",
+        "",
+        "| source line | code | KiB | allocations | B per event |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for line in store.lines:
+        code = line.code.replace("|", "\\|")
+        lines.append(
+            f"| {line.where} | `{code}` | {line.size / 1024:,.0f} | {line.count:,} | {line.size / store.events:,.1f} |"
+        )
+    return [*lines, ""]
+
+
 def _build_table(results: BenchResults) -> _Table:
     table = _Table(results)
     p = results.params
@@ -257,6 +310,8 @@ def _build_table(results: BenchResults) -> _Table:
         _replay_block(table, results)
     if results.memory:
         _memory_block(table, results)
+    if results.store is not None and "embedded" in results.targets:
+        _store_block(table, results)
     return table
 
 
@@ -455,7 +510,8 @@ def render(results: BenchResults) -> str:
         "## Targets (issue 13, Done when)",
         "",
         f"Medians of {results.params['reps']} interleaved repetitions. Both gateway columns are held to each line "
-        "(the embedded store: no worse); direct and LiteLLM are shown for comparison.",
+        "(the embedded store: no worse); direct and LiteLLM are shown for comparison. A line without a target is "
+        "measured for information.",
         "",
         targets.render(results),
         "",
@@ -463,6 +519,7 @@ def render(results: BenchResults) -> str:
         "",
         _build_table(results).render(),
         "",
+        *_store_lines(results),
         "## Repetitions and machine load",
         "",
         *_repetitions(results),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from bench.profile import Profile
 from bench.stats import median, median_of, percentile
+from bench.store_bytes import StoreBytesResult
 from bench.workloads import CeilingResult, ConcurrencyResult, MemoryResult, ReplayResult
 
 LABELS = {"direct": "direct", "redis": "gateway (Redis)", "embedded": "gateway (embedded)", "litellm": "LiteLLM"}
@@ -27,6 +28,7 @@ class BenchResults:
     ceiling: dict[str, list[CeilingResult]] = field(default_factory=dict)
     replay: dict[str, ReplayResult] = field(default_factory=dict)
     memory: dict[str, MemoryResult] = field(default_factory=dict)
+    store: StoreBytesResult | None = None  # (e), the embedded store's bytes per event (the "embedded" column)
     profile: Profile | None = None
     profile_window: CeilingResult | None = None  # the ceiling window py-spy sampled (not in the medians)
     profile_target: str | None = None
@@ -67,6 +69,14 @@ class BenchResults:
         """1,000,000 / (proxy CPU ms per 1k events): what one process could sustain with a whole core."""
         cost = self.ceil(target, lambda run: run.cpu_ms_per_1k("target"))
         return 1_000_000 / cost if cost else None
+
+    def kib_per_run(self, target: str) -> float | None:
+        memory = self.memory.get(target)
+        return memory.kib_per_run if memory else None
+
+    def store_overhead(self, target: str) -> float | None:
+        """(e) retained bytes minus the events' JSON bytes, per stored event; the embedded store only."""
+        return self.store.overhead_per_event if target == "embedded" and self.store else None
 
     def replay_ms(self, target: str) -> float | None:
         replay = self.replay.get(target)

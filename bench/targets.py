@@ -1,5 +1,6 @@
 """The "Done when" lines of issue 13, each with its threshold, the measured medians of every column, and PASS/FAIL
-for the two gateway columns (the embedded store is held to the same line: "no worse")."""
+for the two gateway columns (the embedded store is held to the same line: "no worse"); lines without a threshold
+are measured for information."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ class Goal:
     line: str  # the issue's wording
     threshold: str
     value: Value  # the measured median for one column (None: not measured or not applicable)
-    passes: Callable[[float], bool]
+    passes: Callable[[float], bool] | None  # None: no threshold, the value is shown for information
     fmt: str  # format of the value, e.g. "{:.1f} ms"
     judged: tuple[str, ...] = JUDGED
     context: Callable[[BenchResults], str] | None = None
+    not_applicable: str = DASH  # shown in a gateway column the line does not concern
 
 
 def _added_ttft_p99(level: str) -> Value:
@@ -76,6 +78,33 @@ def _redis_context(results: BenchResults) -> str:
     return f"bytes sent to Redis per event: {written:,.0f}" if written is not None else ""
 
 
+def _store_context(results: BenchResults) -> str:
+    store = results.store
+    if store is None or store.retained_per_event is None or store.json_per_event is None:
+        return ""
+    text = (
+        f"retained {store.retained_per_event:,.0f} B, JSON {store.json_per_event:,.0f} B per event; "
+        f"{store.events:,} events in {store.responses} responses (tracemalloc, in the bench process)"
+    )
+    if store.delta_untrimmed_bytes is not None and store.delta_trimmed_bytes is not None:
+        text += (
+            f"; untrimmed, a text delta's bytes would hold {store.delta_untrimmed_bytes:,.0f} B "
+            f"instead of {store.delta_trimmed_bytes:,.0f} B"
+        )
+    return text
+
+
+def _rss_context(results: BenchResults) -> str:
+    parts = [
+        f"{LABELS[target]} idle {memory.rss_idle_kib / 1024:,.0f} MiB"
+        for target, memory in results.memory.items()
+        if memory.rss_idle_kib is not None
+    ]
+    if not parts:
+        return ""
+    return f"{results.params['memory_runs']} background runs in progress, fresh gateway; RSS " + ", ".join(parts)
+
+
 def goals(params: dict[str, str]) -> list[Goal]:
     light, heavy = params["light_concurrency"], params["concurrency"]
     return [
@@ -119,6 +148,7 @@ def goals(params: dict[str, str]) -> list[Goal]:
             "{:.2f}",
             judged=("redis",),
             context=_redis_context,
+            not_applicable="n/a (no Redis)",
         ),
         Goal(
             f"Gateway CPU per 1k events at {light} streams",
@@ -134,6 +164,24 @@ def goals(params: dict[str, str]) -> list[Goal]:
             lambda v: v <= 50,
             "{:,.1f} ms",
         ),
+        Goal(
+            "Embedded store: overhead per stored event (retained bytes - event JSON bytes)",
+            "≤ 300 B",
+            lambda results, target: results.store_overhead(target),
+            lambda v: v <= 300,
+            "{:,.0f} B",
+            judged=("embedded",),
+            context=_store_context,
+            not_applicable="n/a (events in Redis)",
+        ),
+        Goal(
+            "RSS per active run (background, in progress, nobody subscribed)",
+            "measured",
+            lambda results, target: results.kib_per_run(target),
+            None,
+            "{:,.1f} KiB",
+            context=_rss_context,
+        ),
     ]
 
 
@@ -142,11 +190,11 @@ def _cell(goal: Goal, results: BenchResults, target: str) -> str:
         return results.unavailable[target]
     value = goal.value(results, target)
     if value is None:
-        if target == "embedded" and goal.judged == ("redis",):
-            return "n/a (no Redis)"
+        if target in JUDGED and target not in goal.judged:
+            return goal.not_applicable
         return "not measured" if target in goal.judged else DASH
     text = goal.fmt.format(value)
-    if target not in goal.judged:
+    if goal.passes is None or target not in goal.judged:
         return text
     return f"PASS {text}" if goal.passes(value) else f"**FAIL** {text}"
 
