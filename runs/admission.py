@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import orjson
-
 from runs.ids import new_response_id
 from runs.items import as_model_input, normalise_items
 from runs.request import CreateResponseRequest, check_request_rules
-from runs.snapshot import Json, initial_snapshot
+from runs.snapshot import Json, initial_snapshot, stored_json
 from runs.status import ResponseStatus
 from storage.base import NewResponse, StoredEvent
 
@@ -64,15 +62,15 @@ def new_response(
     if conversation_id is not None:
         snapshot["conversation"] = {"id": conversation_id}
     events = [
-        StoredEvent(e["sequence_number"], e["type"], orjson.dumps(e)) for e in first_events(snapshot, queued=not owner)
+        StoredEvent(e["sequence_number"], e["type"], stored_json(e)) for e in first_events(snapshot, queued=not owner)
     ]
     record = NewResponse(
         response_id=snapshot["id"],
-        snapshot=orjson.dumps(snapshot),
+        snapshot=stored_json(snapshot),
         status=status.value,
         background=request.is_background,
         stored=request.is_stored,
-        input_items=orjson.dumps(normalise_items(request.input)),  # with the stable ids input_items lists
+        input_items=stored_json(normalise_items(request.input)),  # with the stable ids input_items lists
         events=events,
         request=request.model_dump_json(exclude_none=True).encode(),
         owner=owner,

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-import orjson
-
-from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, apply_event
+from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, apply_event, stored_json
 from storage.base import Lease, LeaseLost, Store, StoredEvent, StoreUnavailable
 from storage.status import TERMINAL_STATUSES
 
@@ -115,10 +114,9 @@ class EventLog:
         # Apply first: an event the snapshot cannot take raises here, before it has used up a sequence number.
         self._snapshot = apply_event(self._snapshot, event)
         event["sequence_number"] = self._next_sequence_number
-        kind = event["type"]
-        # A copy of exactly its size: orjson's result keeps the larger buffer it was written into, and stored
-        # events live for the retention period.
-        data = memoryview(orjson.dumps(event)).tobytes()
+        # One shared string per event type, not one per event (the upstream's parse makes a new one each time).
+        kind = sys.intern(event["type"])
+        data = stored_json(event)
         stored = StoredEvent(self._next_sequence_number, kind, data, self.lease.epoch)
         self._next_sequence_number += 1
         if kind in LIFECYCLE_EVENT_TYPES:
@@ -176,7 +174,7 @@ class EventLog:
         due = self._snapshot_due or self._bytes_since_snapshot >= max(SNAPSHOT_MIN_BYTES, self._last_snapshot_bytes)
         if not due:
             return None
-        snapshot = orjson.dumps(self._snapshot)
+        snapshot = stored_json(self._snapshot)
         self._snapshot_due = False
         self._bytes_since_snapshot = 0
         self._last_snapshot_bytes = len(snapshot)

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
 from runs.request import CreateResponseRequest
 from runs.status import ResponseStatus
 from storage.fold import LIFECYCLE_EVENT_TYPES, Json, apply_event
 
-__all__ = ["LIFECYCLE_EVENT_TYPES", "Json", "apply_event", "initial_snapshot"]
+__all__ = ["LIFECYCLE_EVENT_TYPES", "Json", "apply_event", "initial_snapshot", "stored_json"]
+
+
+def stored_json(value: Any) -> bytes:
+    """`value` as JSON bytes of exactly their size: orjson's result keeps the larger buffer it was written into
+    (a 200-byte event can hold 4 KB), and what is stored lives for the retention period."""
+    return memoryview(orjson.dumps(value)).tobytes()
 
 
 def initial_snapshot(
