@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import faulthandler
+import gc
 import logging
 import os
 import signal
@@ -92,6 +93,10 @@ async def _run_server(settings: Settings) -> None:
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()
+    # Everything made so far (modules, schemas, the app) lives as long as the process: out of the collector's
+    # sight, a full collection no longer scans it (it cost ~30 ms, a pause every stream in flight felt).
+    gc.collect()
+    gc.freeze()
     log.info("responses-gateway listening on http://%s:%d", settings.server.host, settings.server.port)
     stop, hurry = asyncio.Event(), asyncio.Event()
 

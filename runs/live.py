@@ -80,6 +80,9 @@ class LiveSubscription:
 class _Watch:
     cursor: int
     subscribers: set[LiveSubscription] = field(default_factory=set)
+    # Whether the feed reads it (when nobody here writes it): from the first `follow`, where a follower has read
+    # the store up to. Before that a feed read would only fetch what the follower reads from the store anyway.
+    following: bool = False
 
     def deliver(self, events: Sequence[StoredEvent]) -> None:
         """Push the events past the cursor to every subscriber, and move the cursor."""
@@ -138,17 +141,27 @@ class LiveEvents:
         return len(self._watches)
 
     def subscribe(self, response_id: str, cursor: int) -> LiveSubscription:
-        """Start buffering events of `response_id`. Every event stored after this call reaches the subscription
-        (events up to `cursor` may arrive too; the follower skips them)."""
+        """Start buffering events of `response_id`: every event this process stores after this call reaches the
+        subscription at once; events stored by other instances reach it once `follow` says from where (events up
+        to the cursor may arrive too; the follower skips them)."""
         subscription = LiveSubscription(response_id, self._buffer_events, closed=self._closed)
         watch = self._watches.get(response_id)
         if watch is None:
             self._watches[response_id] = _Watch(cursor, {subscription})
-            if response_id not in self._writing:
-                self._follow_in_feed()
         else:
             watch.subscribers.add(subscription)
         return subscription
+
+    def follow(self, subscription: LiveSubscription, cursor: int) -> None:
+        """The subscriber has read the store up to `cursor`: from there on, events stored elsewhere are read by
+        the feed too (a no-op once the response is followed)."""
+        watch = self._watches.get(subscription.response_id)
+        if watch is None or watch.following:
+            return
+        watch.cursor = max(watch.cursor, cursor)
+        watch.following = True
+        if subscription.response_id not in self._writing:
+            self._follow_in_feed()
 
     # -- events written here ----------------------------------------------------------------------------
 
@@ -167,7 +180,8 @@ class LiveEvents:
         self._writing[response_id] -= 1
         if self._writing[response_id] <= 0:
             del self._writing[response_id]
-            if response_id in self._watches:
+            watch = self._watches.get(response_id)
+            if watch is not None and watch.following:
                 self._follow_in_feed()
 
     # -- the feed, for events written elsewhere ---------------------------------------------------------
@@ -208,7 +222,7 @@ class LiveEvents:
             cursors = {
                 response_id: watch.cursor
                 for response_id, watch in self._watches.items()
-                if response_id not in self._writing
+                if watch.following and response_id not in self._writing
             }
             if not cursors:
                 self._changed.clear()

@@ -64,6 +64,7 @@ async def follow_events(
                 if record is None or (record.status in TERMINAL_STATUSES and record.last_sequence_number <= cursor):
                     return  # gone, or finished with nothing left after the cursor: nothing will ever come live
             read_store = True
+            live.follow(subscription, cursor)
             while True:
                 try:
                     live_event = await subscription.next(idle_seconds)

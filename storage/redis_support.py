@@ -102,14 +102,18 @@ def event_args(events: Sequence[StoredEvent], epoch: int = 1) -> list[bytes | st
 
 
 def parse_entries(entries: list[Any]) -> list[StoredEvent]:
-    events = []
+    """Stream entries as StoredEvents. Written for speed: a replay parses thousands per page."""
+    events: list[StoredEvent] = []
+    append = events.append
+    types = _EVENT_TYPES
     for entry_id, fields in entries:
-        epoch, sequence_number = entry_id.split(b"-", 1)
-        if isinstance(fields, list):  # a script's reply: the flat field list, in the order XADD wrote it
-            kind, data = fields[1], fields[3]
+        epoch, _, sequence_number = entry_id.partition(b"-")
+        if type(fields) is list:  # a raw reply: the flat field list, in the order XADD wrote it
+            raw_type, data = fields[1], fields[3]
         else:
-            kind, data = fields[b"t"], fields[b"d"]
-        events.append(StoredEvent(int(sequence_number), event_type(kind), data, int(epoch)))
+            raw_type, data = fields[b"t"], fields[b"d"]
+        kind = types.get(raw_type) or event_type(raw_type)
+        append(StoredEvent(int(sequence_number), kind, data, int(epoch)))
     return events
 
 

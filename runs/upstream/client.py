@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import yarl
 from multidict import CIMultiDict
 
 from runs.upstream.base import UpstreamFailure, UpstreamSpec
@@ -37,19 +38,25 @@ class UpstreamClient:
         self._stream_headers = _headers(spec, accept="text/event-stream")
         self._json_headers = _headers(spec, accept="application/json")
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, yarl.URL] = {}
 
     def _http(self) -> aiohttp.ClientSession:
         # Made on first use rather than in __init__: a session belongs to the loop that runs it.
         if self._session is None:
             # No pool limit: each open stream holds a connection, and admission already bounds how many run.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self._timeout)
+            # No cookie jar: providers' cookies are nobody's business here, and the jar is work on every request.
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), timeout=self._timeout, cookie_jar=aiohttp.DummyCookieJar()
+            )
         return self._session
 
     async def _send(
         self, method: str, path: str, headers: CIMultiDict[str], data: bytes | None = None
     ) -> aiohttp.ClientResponse:
         """The provider's 2xx response, its body unread; anything else raised as an UpstreamFailure."""
-        url = self._base_url + path.lstrip("/")
+        url = self._urls.get(path)
+        if url is None:  # parsed once per path: building a URL is a noticeable part of a request's cost
+            url = self._urls[path] = yarl.URL(self._base_url + path.lstrip("/"))
         try:
             response = await self._http().request(method, url, data=data, headers=headers)
         except _TRANSPORT_ERRORS as error:
