@@ -71,6 +71,7 @@ class RedisMux:
         self._writer: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
         self._closed = False
 
     async def execute(self, *args: Any) -> Any:
@@ -80,9 +81,7 @@ class RedisMux:
             raise StoreUnavailable("redis: the store is closed")
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((args, reply))
-        self._wake.set()
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_loop(), name="redis-mux-writer")
+        self._schedule_flush()
         return await reply
 
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
@@ -92,9 +91,7 @@ class RedisMux:
         loop = asyncio.get_running_loop()
         replies = [loop.create_future() for _ in commands]
         self._queued.extend(zip(commands, replies, strict=True))
-        self._wake.set()
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_loop(), name="redis-mux-writer")
+        self._schedule_flush()
         try:
             return [await reply for reply in replies]
         finally:
@@ -125,7 +122,39 @@ class RedisMux:
 
     # -- writing --------------------------------------------------------------------------------------------
 
+    def _schedule_flush(self) -> None:
+        """Write what is queued once this loop turn's callers have queued theirs: a callback, not a task step, on
+        a connection that is up (the common case); the writer task connects first when it is not."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        connection = self._connection
+        writer = getattr(connection, "_writer", None) if connection is not None else None
+        if connection is None or writer is None or (self._writer is not None and not self._writer.done()):
+            self._wake.set()
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.create_task(self._write_loop(), name="redis-mux-writer")
+            return
+        batch, self._queued = self._queued, []
+        batch = [(args, reply) for args, reply in batch if not reply.done()]
+        if not batch:
+            return
+        now = asyncio.get_running_loop().time()
+        self._in_flight.extend(_Sent(reply, now) for _, reply in batch)
+        self._arm_watchdog()
+        try:
+            # The transport buffers what the socket does not take at once; replies pace the callers, so what
+            # waits there is bounded by the commands in flight.
+            writer.writelines(connection.pack_commands([args for args, _ in batch]))
+        except _CONNECTION_ERRORS as error:
+            self._drop(f"redis: {error or type(error).__name__}")
+
     async def _write_loop(self) -> None:
+        """Connects, and writes what is queued meanwhile; it ends once the connection is up and the queue empty
+        (the flush callback writes from then on)."""
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -134,6 +163,8 @@ class RedisMux:
                 batch = [(args, reply) for args, reply in batch if not reply.done()]  # callers that gave up
                 if batch:
                     await self._send(batch)
+            if self._connection is not None:
+                return
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
