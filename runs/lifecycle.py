@@ -231,6 +231,8 @@ class Lifecycle:
         try:
             renewal = await self._store.renew_lease(run.response_id, run.lease, lease_ms=self.settings.lease_ms)
         except LeaseLost:
+            if run.abandoned:
+                return  # handed over (its lease released) while this renewal was on its way: nothing was lost
             log.warning("lease of %s lost; stopping it here", run.response_id)
             run.abandon()
             return
