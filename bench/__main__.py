@@ -135,7 +135,7 @@ class Config:
             "store_events": str(self.store_events),
             "store_tokens": str(self.store_tokens),
             "workloads": ",".join(sorted(self.workloads)),
-            "event_loop": os.environ.get("BENCH_EVENT_LOOP", "asyncio"),
+            "event_loop": os.environ.get("BENCH_EVENT_LOOP", "default (uvloop)"),
         }
 
 

@@ -220,8 +220,9 @@ def start_gateway(
         "GATEWAY_SERVER__MAX_BODY_BYTES": str(4 * 1024 * 1024),
         # Runs still in flight when the benchmark stops are not worth waiting for.
         "GATEWAY_SHUTDOWN__GRACE_SECONDS": "1",
-        "GATEWAY_SERVER__EVENT_LOOP": os.environ.get("BENCH_EVENT_LOOP", "asyncio"),
     }
+    if os.environ.get("BENCH_EVENT_LOOP"):  # else the gateway's default (uvloop)
+        env["GATEWAY_SERVER__EVENT_LOOP"] = os.environ["BENCH_EVENT_LOOP"]
     argv = [sys.executable, "-m", "gateway", "serve", "--port", str(port)]
     proc = group.start(name, argv, port, env)
     proc.wait_listening()

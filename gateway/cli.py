@@ -73,7 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """`server.event_loop`: the standard loop, or uvloop's (checked to be installed when the config loaded)."""
+    """`server.event_loop`: uvloop's loop (the default), or the standard one."""
     if event_loop != "uvloop":
         return None
     import uvloop

@@ -33,18 +33,8 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
-    # uvloop needs the `uvloop` extra (`pip install 'responses-gateway[uvloop]'`); bench/ measures both.
-    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
-
-    @field_validator("event_loop")
-    @classmethod
-    def _loop_installed(cls, event_loop: str) -> str:
-        if event_loop == "uvloop":
-            try:
-                import uvloop  # noqa: F401
-            except ImportError:
-                raise ValueError("uvloop is not installed: pip install 'responses-gateway[uvloop]'") from None
-        return event_loop
+    # uvloop measured better in `make bench` (bench/results/2026-11-27.md): asyncio stays as a choice.
+    event_loop: Literal["asyncio", "uvloop"] = "uvloop"
 
 
 class StorageConfig(_Section):
