@@ -16,15 +16,12 @@ from storage.base import (
     NewResponse,
     Renewal,
     ResponseAlreadyExists,
-    ResponseClosed,
-    ResponseMissing,
     ResponseRecord,
-    SequenceConflict,
     StoredEvent,
 )
 from storage.fold import fold_events
 from storage.keys import KeySpace, after_entry_id
-from storage.redis_appends import PlainAppends
+from storage.redis_appends import PlainAppends, append_refusal
 from storage.redis_conversations import RedisConversations
 from storage.redis_feed import RedisEventFeed
 from storage.redis_mux import LuaScript, RedisMux
@@ -143,13 +140,7 @@ class RedisStore(RedisConversations):
         result = await self._mux.script(self._append_script, list(keys), args)
         if result in (b"OK", b"CANCEL"):
             return bool(result == b"CANCEL")
-        if result == b"MISSING":
-            raise ResponseMissing(response_id)
-        if result == b"CLOSED":
-            raise ResponseClosed(response_id)
-        if result == b"FENCED":
-            raise LeaseLost(response_id)
-        raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
+        raise append_refusal(result, response_id, events[0].sequence_number)
 
     async def _lease(self, response_id: str, action: str, owner: str, epoch: int | str, lease_ms: int) -> list[Any]:
         keys = [

@@ -75,12 +75,15 @@ class PlainAppends:
         keys = [self._keys.response_state(response_id), self._keys.response_events(response_id)]
         final_id = event_entry_id(final.sequence_number, lease.epoch)
         verdict = await self._mux.script(self._check_script, keys, [lease.owner, lease.epoch, final_id, final.data])
-        if verdict == b"OK":
-            return None
-        if verdict == b"MISSING":
-            return ResponseMissing(response_id)
-        if verdict == b"FENCED":
-            return LeaseLost(response_id)
-        if verdict == b"CLOSED":
-            return ResponseClosed(response_id)
-        return SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
+        return None if verdict == b"OK" else append_refusal(verdict, response_id, events[0].sequence_number)
+
+
+def append_refusal(verdict: bytes, response_id: str, first_sequence_number: int) -> Exception:
+    """The storage contract's error for an append script's refusal (MISSING, CLOSED, FENCED, else CONFLICT)."""
+    if verdict == b"MISSING":
+        return ResponseMissing(response_id)
+    if verdict == b"CLOSED":
+        return ResponseClosed(response_id)
+    if verdict == b"FENCED":
+        return LeaseLost(response_id)
+    return SequenceConflict(f"{response_id}: append from {first_sequence_number} does not continue the log")

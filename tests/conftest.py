@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import openai
@@ -29,6 +30,7 @@ from gateway.app import create_app
 from gateway.config import Settings, load_settings
 from gateway.state import FAULTS
 from runs.faults import FaultPoints
+from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_TOKEN_DELAY_MS = 5
@@ -118,6 +120,16 @@ def simulator_url() -> Iterator[str]:
     wait_for_port(port, process)
     yield f"http://127.0.0.1:{port}"
     stop_process(process)
+
+
+@pytest.fixture
+async def redis_proxy(redis_server: str) -> AsyncIterator[TcpProxy]:
+    """A TCP proxy in front of the session's redis-server."""
+    target = urlsplit(redis_server)
+    assert target.hostname is not None
+    assert target.port is not None
+    async with TcpProxy(target.hostname, target.port) as proxy:
+        yield proxy
 
 
 @pytest.fixture

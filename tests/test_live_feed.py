@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
@@ -26,16 +24,6 @@ SIM_TOKENS = 60
 SIM_TOKEN_DELAY_MS = 100
 FAULT_AFTER_EVENTS = 8
 TERMINAL_EVENTS = {"response.completed", "response.failed", "response.incomplete"}
-
-
-@pytest.fixture
-async def redis_proxy(redis_server: str) -> AsyncIterator[TcpProxy]:
-    """A TCP proxy in front of the session's redis-server."""
-    target = urlsplit(redis_server)
-    assert target.hostname is not None
-    assert target.port is not None
-    async with TcpProxy(target.hostname, target.port) as proxy:
-        yield proxy
 
 
 async def feed_connections(redis: aioredis.Redis, proxy: TcpProxy) -> list[ProxiedConnection]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -15,15 +13,6 @@ from redis.exceptions import ResponseError
 from storage.base import StoreUnavailable
 from storage.redis_mux import LuaScript, RedisMux
 from tests.tcp_proxy import TcpProxy
-
-
-@pytest.fixture
-async def proxy(redis_server: str) -> AsyncIterator[TcpProxy]:
-    target = urlsplit(redis_server)
-    assert target.hostname is not None
-    assert target.port is not None
-    async with TcpProxy(target.hostname, target.port) as running:
-        yield running
 
 
 async def mux_over(url: str, **options: float) -> tuple[aioredis.Redis, RedisMux]:
@@ -87,14 +76,14 @@ async def test_a_cancelled_caller_does_not_shift_the_replies_of_others(redis_ser
 
 
 async def test_a_broken_connection_fails_what_is_in_flight_and_the_next_command_reconnects(
-    proxy: TcpProxy, key_prefix: str
+    redis_proxy: TcpProxy, key_prefix: str
 ) -> None:
-    client, mux = await mux_over(f"redis://127.0.0.1:{proxy.port}/0")
+    client, mux = await mux_over(f"redis://127.0.0.1:{redis_proxy.port}/0")
     try:
         assert await mux.execute("PING") == b"PONG"
         in_flight = asyncio.ensure_future(mux.execute("BLPOP", f"{key_prefix}:never", 5))
         await asyncio.sleep(0.05)
-        proxy.reset_all()
+        redis_proxy.reset_all()
         with pytest.raises(StoreUnavailable):
             await in_flight
         assert await mux.execute("PING") == b"PONG"
@@ -103,11 +92,11 @@ async def test_a_broken_connection_fails_what_is_in_flight_and_the_next_command_
         await client.aclose()
 
 
-async def test_a_connection_that_stops_answering_is_given_up_after_the_reply_timeout(proxy: TcpProxy) -> None:
-    client, mux = await mux_over(f"redis://127.0.0.1:{proxy.port}/0", reply_timeout_seconds=0.5)
+async def test_a_connection_that_stops_answering_is_given_up_after_the_reply_timeout(redis_proxy: TcpProxy) -> None:
+    client, mux = await mux_over(f"redis://127.0.0.1:{redis_proxy.port}/0", reply_timeout_seconds=0.5)
     try:
         assert await mux.execute("PING") == b"PONG"
-        proxy.blackhole(list(proxy.connections))  # a half-open connection: no reset, no replies
+        redis_proxy.blackhole(list(redis_proxy.connections))  # a half-open connection: no reset, no replies
         loop = asyncio.get_running_loop()
         started = loop.time()
         with pytest.raises(StoreUnavailable):
