@@ -146,6 +146,20 @@ class Window:
         # test, and the simulator and Redis have none.
         return {name: procs.cpu_seconds(pid, with_children=name == "target") for name, pid in self._pids.items()}
 
+    def measured(self, target: str, *, events: int, errors: Counter[str], upstream_requests: int) -> dict[str, Any]:
+        """The fields of a Measured that come from this (stopped) window, with the workload's own counts."""
+        return {
+            "target": target,
+            "events": events,
+            "wall_s": self.wall,
+            "cpu": self.used,
+            "load": self.load,
+            "errors": errors,
+            "redis_commands": self.redis_commands,
+            "redis_input_bytes": self.redis_input_bytes,
+            "upstream_requests": upstream_requests,
+        }
+
     def start(self) -> None:
         if self._redis is not None:
             self._redis_start = self._redis.read()
@@ -248,15 +262,12 @@ async def concurrency(
             errors["stream ended without a terminal event"] += 1
     completed = [r for r in records if r.terminal == "response.completed" and r.error is None]
     return ConcurrencyResult(
-        target=target.name,
-        events=sum(r.events for r in records),
-        wall_s=window.wall,
-        cpu=window.used,
-        load=window.load,
-        errors=errors,
-        redis_commands=window.redis_commands,
-        redis_input_bytes=window.redis_input_bytes,
-        upstream_requests=await simulator_requests(observed.simulator_url) - requests_before,
+        **window.measured(
+            target.name,
+            events=sum(r.events for r in records),
+            errors=errors,
+            upstream_requests=await simulator_requests(observed.simulator_url) - requests_before,
+        ),
         streams=streams,
         completed=len(completed),
         ttft_ms=[(r.first_delta - r.started) * 1000 for r in records if r.first_delta is not None],
@@ -314,15 +325,12 @@ async def ceiling(target: Target, observed: Observed, *, streams: int, seconds: 
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
     return CeilingResult(
-        target=target.name,
-        events=sum(r.events for r in records),
-        wall_s=window.wall,
-        cpu=window.used,
-        load=window.load,
-        errors=errors,
-        redis_commands=window.redis_commands,
-        redis_input_bytes=window.redis_input_bytes,
-        upstream_requests=await simulator_requests(observed.simulator_url) - requests_before,
+        **window.measured(
+            target.name,
+            events=sum(r.events for r in records),
+            errors=errors,
+            upstream_requests=await simulator_requests(observed.simulator_url) - requests_before,
+        ),
         streams=streams,
         deltas=sum(r.deltas for r in records),
         responses_started=len(records),
