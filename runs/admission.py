@@ -33,9 +33,17 @@ def upstream_body(request: CreateResponseRequest, history: list[Json] | None = N
     return body
 
 
-def first_events(snapshot: Json, *, queued: bool = False) -> list[Json]:
+def first_events(snapshot: Json, *, queued: bool = False, starts_background: bool = False) -> list[Json]:
     """`response.created`, and for a run that starts at once `response.in_progress`, or for one that waits for
-    capacity `response.queued`, all with this snapshot (shared, not copied: serialise them before it changes)."""
+    capacity `response.queued`. A background run that starts at once is created `queued` (as OpenAI's are) and
+    goes `in_progress` in the same step (`starts_background`), so its run calls the provider without another
+    store round trip first. The events share `snapshot` (not copied: serialise them before it changes)."""
+    if starts_background:
+        created = {**snapshot, "status": ResponseStatus.QUEUED.value}
+        return [
+            {"type": "response.created", "response": created, "sequence_number": 0},
+            {"type": "response.in_progress", "response": snapshot, "sequence_number": 1},
+        ]
     types = ["response.created"]
     if snapshot["status"] == ResponseStatus.IN_PROGRESS:
         types.append("response.in_progress")
@@ -57,12 +65,15 @@ def new_response(
     """The record admission creates (owned by `owner`, or queued for any instance when it is ""), and the
     snapshot the run starts from. `turn` is the conversation whose turn it takes; `idempotency` the (scope, key)
     that names it."""
-    status = ResponseStatus.QUEUED if request.is_background else ResponseStatus.IN_PROGRESS
+    # Only a background response that waits for capacity is stored `queued`; one this instance owns starts now.
+    status = ResponseStatus.QUEUED if request.is_background and not owner else ResponseStatus.IN_PROGRESS
     snapshot = initial_snapshot(request, response_id=new_response_id(), created_at=int(time.time()), status=status)
     if conversation_id is not None:
         snapshot["conversation"] = {"id": conversation_id}
+    starts_background = request.is_background and bool(owner)
     events = [
-        StoredEvent(e["sequence_number"], e["type"], stored_json(e)) for e in first_events(snapshot, queued=not owner)
+        StoredEvent(e["sequence_number"], e["type"], stored_json(e))
+        for e in first_events(snapshot, queued=not owner, starts_background=starts_background)
     ]
     record = NewResponse(
         response_id=snapshot["id"],

@@ -190,7 +190,8 @@ class RunManager:
     ) -> Admission:
         check_admissible(request)
         upstream = self._router.route(request.model)
-        upstream.prepare(upstream_body(request))  # the request's own parameters: a 400 before anything is stored
+        # The request's own parameters: a 400 before anything is stored. Without history this is the body sent.
+        provider_body = upstream.prepare(upstream_body(request))
         conversation_id = conversation_id_of(request)
         # store=false responses never touch conversation state: they only read it as context.
         turn = conversation_id if conversation_id is not None and request.is_stored else None
@@ -201,7 +202,8 @@ class RunManager:
             # A previous_response_id chain (or a read-only conversation) does not change: read it before anything
             # is stored, so that a refusal leaves nothing to undo.
             history = await history_for(self._store, request, tenant=caller.tenant)
-            upstream.prepare(upstream_body(request, history))
+            if history:
+                provider_body = upstream.prepare(upstream_body(request, history))
         owner = "" if queued else self.settings.instance_id
         record, snapshot = new_response(
             request,
@@ -227,7 +229,7 @@ class RunManager:
                 # turn's items are in by then.
                 await self.lifecycle.take_turn(turn, record.response_id)
                 history = await history_for(self._store, request, tenant=caller.tenant)
-            provider_body = upstream.prepare(upstream_body(request, history))
+                provider_body = upstream.prepare(upstream_body(request, history))
         except (Exception, asyncio.CancelledError):
             await self.lifecycle.undo_admission(
                 record.response_id,
@@ -266,6 +268,7 @@ class RunManager:
         )
         if self._early_cancels.pop(run.response_id, None) is not None:
             run.cancel()
+        run.call_upstream_now()
         self._runs[run.response_id] = run
         self._slot_tenant[run.response_id] = slot_tenant
         task = asyncio.create_task(self._execute(run), name=f"run:{run.response_id}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from runs.errors import ApiError, InvalidRequest, response_not_found
+from runs.errors import InvalidRequest, response_not_found
 from runs.items import Json
 from storage.base import DeleteOutcome, ResponseRecord, Store
 
@@ -15,15 +15,6 @@ async def visible_response(store: Store, response_id: str, *, tenant: str) -> Re
     record = await store.get_response(response_id)
     if record is None or not record.stored or record.tenant != tenant:
         raise response_not_found(response_id)
-    return record
-
-
-async def created_response(store: Store, response_id: str) -> ResponseRecord:
-    """The response as stored now, for the request that has just created it (so no visibility check); a 500
-    if it is already gone."""
-    record = await store.get_response(response_id)
-    if record is None:
-        raise ApiError("The response was lost before it could be returned.")
     return record
 
 

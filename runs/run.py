@@ -110,15 +110,22 @@ class ResponseRun:
         if self._consumer is not None:
             self._consumer.cancel()
 
+    def call_upstream_now(self) -> None:
+        """For a run admitted `in_progress`: start the upstream call in this very step, ahead of the run task's
+        first turn, since the provider's first token is what its client waits for."""
+        if self.status is ResponseStatus.IN_PROGRESS and self._consumer is None and not self._cancel_requested:
+            self._consumer = asyncio.create_task(self._consume_upstream(), name=f"upstream:{self.response_id}")
+
     async def execute(self) -> None:
         """The run task's body. Never raises for upstream or store failures: it ends the response instead."""
         try:
-            if self.status is ResponseStatus.QUEUED and not self._cancel_requested:
-                await self._advance(ResponseStatus.IN_PROGRESS)
-                # Stored before the upstream call: its append reports a cancel requested while the run was being
-                # started, so a cancelled request is never sent upstream.
-                await self._log.flush()
-            self._consumer = asyncio.create_task(self._consume_upstream(), name=f"upstream:{self.response_id}")
+            if self._consumer is None:
+                if self.status is ResponseStatus.QUEUED and not self._cancel_requested:
+                    await self._advance(ResponseStatus.IN_PROGRESS)
+                    # Stored before the upstream call: its append reports a cancel requested while the run was
+                    # waiting, so a cancelled queued request is never sent upstream.
+                    await self._log.flush()
+                self._consumer = asyncio.create_task(self._consume_upstream(), name=f"upstream:{self.response_id}")
             if self._cancel_requested:
                 self._consumer.cancel()
             try:

@@ -176,9 +176,10 @@ async def _serve_created(
         # What this instance ran is not the outcome: the store is. If the run was taken over (its lease lost) or
         # its end could not be written here, the response is finished elsewhere; follow it there.
         record = await wait_for_end(store, request.app[LIVE_EVENTS], run.response_id, _sync_wait_seconds(request))
-    else:
-        record = await responses.created_response(store, run.response_id)
-    return raw_json_response(record.snapshot)
+        return raw_json_response(record.snapshot)
+    # A background create answers with the response as created (`queued`, as OpenAI's do): admission stored it,
+    # so there is nothing to read back.
+    return raw_json_response(orjson.dumps(orjson.loads(admission.first_events[0].data)["response"]))
 
 
 def _sync_wait_seconds(request: web.Request) -> float:
