@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from runs.status import TERMINAL_EVENT_TYPES
 from runs.store import StoredEvent
 
 log = logging.getLogger(__name__)
@@ -61,16 +62,29 @@ def error_frame(code: str, message: str) -> bytes:
     return b"event: error\ndata: %s\n\n" % orjson.dumps(payload)
 
 
+class _HeadersWithFirstEvents(web.StreamResponse):
+    """A stream whose headers go out in the same write as its first events (aiohttp's `web.Response` buffers
+    them this way too): one syscall less per stream, for a stream whose first events are at hand."""
+
+    _send_headers_immediately = False
+
+
 async def open_stream(
-    request: web.Request, settings: StreamSettings, headers: dict[str, str] | None = None
+    request: web.Request,
+    settings: StreamSettings,
+    headers: dict[str, str] | None = None,
+    *,
+    events_at_hand: bool = False,
 ) -> web.StreamResponse:
-    """Send the SSE response headers. A fixed send buffer, when configured, caps what the kernel holds for a
-    client that stops reading (autotuning lets it grow to megabytes)."""
+    """Start the SSE response: its headers are sent now, or with the first write when `events_at_hand` (the
+    caller is about to write). A fixed send buffer, when configured, caps what the kernel holds for a client that
+    stops reading (autotuning lets it grow to megabytes)."""
     if settings.socket_send_buffer_bytes and request.transport is not None:
         sock = request.transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.socket_send_buffer_bytes)
-    response = web.StreamResponse(status=200, headers={**SSE_HEADERS, **(headers or {})})
+    kind = _HeadersWithFirstEvents if events_at_hand else web.StreamResponse
+    response = kind(status=200, headers={**SSE_HEADERS, **(headers or {})})
     await response.prepare(request)
     return response
 
@@ -129,27 +143,33 @@ async def write_events(
         await response.write(frame)
         watch.written()
 
+    # Goes out with the first write: what a client needs before any event, not a write of its own.
+    preamble = retry_preamble(settings.retry_ms)
+    final = b""
     try:
-        await send(retry_preamble(settings.retry_ms))
         async for batch in events:
             if batch is None:
-                await send(HEARTBEAT)
+                await send(preamble + HEARTBEAT)
+                preamble = b""
                 continue
             # One write for everything at hand: a syscall per event was the largest single cost at the ceiling.
-            await send(b"".join(event_frame(event) for event in batch))
+            frames = preamble + b"".join(event_frame(event) for event in batch)
+            preamble = b""
+            if batch[-1].type in TERMINAL_EVENT_TYPES:
+                final = frames  # the stream ends with it: written together with the end of the body below
+                last = batch[-1].sequence_number
+                break
+            await send(frames)
             last = batch[-1].sequence_number
+        watch.writing()
+        await response.write_eof(preamble + final)
     except ConnectionResetError:
         log.debug("subscriber gone after %d (cut off for stalling: %s)", last, watch.cut)
-        return
     except Exception:
         log.exception("event stream broke after %d", last)
         try:
-            await response.write(error_frame("server_error", "The event stream was interrupted; reconnect."))
+            await response.write_eof(error_frame("server_error", "The event stream was interrupted; reconnect."))
         except ConnectionResetError:
             return
     finally:
         watch.stop()
-    try:
-        await response.write_eof()
-    except ConnectionResetError:
-        return

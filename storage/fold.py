@@ -7,7 +7,6 @@ definition lives here, beside the data it defines.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,6 +24,12 @@ LIFECYCLE_EVENT_TYPES = frozenset(
         "response.incomplete",
     }
 )
+
+
+def _copy(value: Any) -> Any:
+    """A deep copy of a JSON value: an item or part kept in the snapshot must not share the event's objects.
+    Through orjson it costs a tenth of `copy.deepcopy`, which is made for arbitrary objects."""
+    return orjson.loads(orjson.dumps(value))
 
 
 def _slot(items: list[Any], index: int) -> None:
@@ -63,12 +68,12 @@ def apply_event(snapshot: Json, event: Json) -> Json:
         output: list[Json] = snapshot.setdefault("output", [])
         index = int(event["output_index"])
         _slot(output, index)
-        output[index] = copy.deepcopy(event["item"])
+        output[index] = _copy(event["item"])
     elif kind in ("response.content_part.added", "response.content_part.done"):
         parts: list[Json] = _item(snapshot, event).setdefault("content", [])
         index = int(event["content_index"])
         _slot(parts, index)
-        parts[index] = copy.deepcopy(event["part"])
+        parts[index] = _copy(event["part"])
     elif kind in ("response.output_text.delta", "response.reasoning_text.delta"):
         part = _part(snapshot, event)
         part["text"] = part.get("text", "") + event["delta"]
@@ -90,7 +95,7 @@ def apply_event(snapshot: Json, event: Json) -> Json:
         summary: list[Json] = _item(snapshot, event).setdefault("summary", [])
         index = int(event["summary_index"])
         _slot(summary, index)
-        summary[index] = copy.deepcopy(event["part"])
+        summary[index] = _copy(event["part"])
     elif kind == "response.reasoning_summary_text.delta":
         part = _part(snapshot, event, "summary", "summary_index")
         part["text"] = part.get("text", "") + event["delta"]

@@ -93,7 +93,7 @@ async def stream_response(
         known=known,
         subscription=subscription,
     )
-    response = await open_stream(request, settings, headers)
+    response = await open_stream(request, settings, headers, events_at_hand=bool(known))
     async with contextlib.aclosing(events):  # unsubscribe at once when the client goes
         await write_events(request, response, events, settings)
     return response
