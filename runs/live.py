@@ -38,7 +38,9 @@ class LiveSubscription:
     buffer: deque[StoredEvent] = field(default_factory=deque)
     lagged: bool = False
     closed: bool = False
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # What `next` waits on while the buffer is empty. A bare future and a timer, not `asyncio.wait_for` on an
+    # Event: that makes a Task per wait, and at a model's pace every event is a wait.
+    _waiter: asyncio.Future[None] | None = None
 
     def push(self, event: StoredEvent) -> None:
         if self.lagged:
@@ -48,10 +50,19 @@ class LiveSubscription:
             # missed from the store at its own pace.
             self.lagged = True
             self.buffer.clear()
-            self.arrived.set()
+            self.wake()
             return
         self.buffer.append(event)
-        self.arrived.set()
+        self.wake()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def take_ready(self) -> list[StoredEvent]:
         """Every event buffered right now (after `next` returned one), without waiting."""
@@ -65,9 +76,14 @@ class LiveSubscription:
         """The next buffered event, or None after `idle_seconds` without one. Raises SubscriberLagged (once)
         when the buffer overflowed since the last call."""
         if not self.buffer and not self.lagged and not self.closed:
-            self.arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.arrived.wait(), idle_seconds)
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(idle_seconds, self.wake)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         if self.closed:
             raise LiveEventsClosed(self.response_id)
         if self.lagged:
@@ -126,8 +142,7 @@ class LiveEvents:
         self._closed = True
         for watch in self._watches.values():
             for subscription in watch.subscribers:
-                subscription.closed = True
-                subscription.arrived.set()
+                subscription.close()
         if self._interrupt is not None:
             self._interrupt.cancel()
         if self._task is not None:
