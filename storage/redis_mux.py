@@ -5,7 +5,9 @@ connections (each new one several handshake round trips and a costly set-up in P
 pool checkout and a timeout of its own. The hot path's commands (admission, appends, leases, settling, reads of a
 response) go here instead: whatever callers queue in one loop turn is written in one go, and one reader takes the
 replies in order (Redis answers each connection's commands in the order it got them). This is what Redis clients
-call auto-pipelining.
+call auto-pipelining. redis-py makes the connection (handshake, AUTH, SELECT, TLS); from then on the mux writes to
+its transport and takes the replies in the transport's own callback (`_Replies`), with hiredis's C parser and no
+reader task: a reply is handed to its caller in the same callback that received it.
 
 A connection that breaks, or whose oldest command has waited COMMAND_TIMEOUT_SECONDS for its reply, is dropped:
 every command in flight fails with StoreUnavailable (it may or may not have run, as with any lost reply; the
@@ -24,7 +26,7 @@ from typing import Any
 import hiredis
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.base import StoreUnavailable
@@ -65,12 +67,12 @@ class RedisMux:
         self._kwargs = {**pool.connection_kwargs, "socket_timeout": None}
         self._connection_class = pool.connection_class
         self._connection: aioredis.connection.AbstractConnection | None = None
+        self._transport: asyncio.Transport | None = None
         self._connecting = asyncio.Lock()
         self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._in_flight: deque[_Sent] = deque()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._closed = False
@@ -110,11 +112,10 @@ class RedisMux:
 
     async def close(self) -> None:
         self._closed = True
-        for task in (self._writer, self._reader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
         self._drop("redis: the store is closing")
         for _, reply in self._queued:
             if not reply.done():
@@ -132,9 +133,8 @@ class RedisMux:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        connection = self._connection
-        writer = getattr(connection, "_writer", None) if connection is not None else None
-        if connection is None or writer is None or (self._writer is not None and not self._writer.done()):
+        transport = self._transport
+        if transport is None or (self._writer is not None and not self._writer.done()):
             self._wake.set()
             if self._writer is None or self._writer.done():
                 self._writer = asyncio.create_task(self._write_loop(), name="redis-mux-writer")
@@ -149,7 +149,7 @@ class RedisMux:
         try:
             # The transport buffers what the socket does not take at once; replies pace the callers, so what
             # waits there is bounded by the commands in flight.
-            writer.write(_pack(batch))
+            transport.write(_pack(batch))
         except _CONNECTION_ERRORS as error:
             self._drop(f"redis: {error or type(error).__name__}")
 
@@ -169,49 +169,52 @@ class RedisMux:
 
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
-            connection = await self._connected()
-            packed = [_pack(batch)]
+            transport = await self._connected()
+            packed = _pack(batch)
         except _CONNECTION_ERRORS as error:
             for _, reply in batch:
                 if not reply.done():
                     reply.set_exception(StoreUnavailable(f"redis: {error or type(error).__name__}"))
             return
         now = asyncio.get_running_loop().time()
-        # Queued for the reader before the write, so a reply can never arrive before its future is in line.
+        # In line for their replies before the write, so a reply can never arrive before its future.
         self._in_flight.extend(_Sent(reply, now) for _, reply in batch)
         self._arm_watchdog()
         try:
-            await connection.send_packed_command(packed, check_health=False)
+            transport.write(packed)
         except _CONNECTION_ERRORS as error:
             self._drop(f"redis: {error or type(error).__name__}")
 
-    async def _connected(self) -> aioredis.connection.AbstractConnection:
+    async def _connected(self) -> asyncio.Transport:
         async with self._connecting:
-            if self._connection is None:
+            if self._transport is None:
                 connection = self._connection_class(**self._kwargs)
                 await connection.connect()  # type: ignore[no-untyped-call]
+                # The handshake's replies have all been read: from here on the replies come to `_Replies`.
+                stream = getattr(connection, "_writer", None)
+                if stream is None:
+                    raise RedisConnectionError("redis: the connection has no transport")
+                transport: asyncio.Transport = stream.transport
+                transport.set_protocol(_Replies(self, connection, decode=connection.encoder.decode_responses))
                 self._connection = connection
-                self._reader = asyncio.create_task(self._read_loop(connection), name="redis-mux-reader")
-            return self._connection
+                self._transport = transport
+            return self._transport
 
     # -- reading ------------------------------------------------------------------------------------------
 
-    async def _read_loop(self, connection: aioredis.connection.AbstractConnection) -> None:
-        while True:
-            try:
-                reply: Any = await connection.read_response()
-            except ResponseError as refusal:
-                reply = refusal
-            except _CONNECTION_ERRORS as error:
-                if connection is self._connection:
-                    self._drop(f"redis: {error or type(error).__name__}")
-                return
-            if not self._in_flight:  # a stray reply: this connection cannot be trusted any more
-                self._drop("redis: a reply nobody asked for")
-                return
-            sent = self._in_flight.popleft()
-            if not sent.reply.done():
-                sent.reply.set_result(reply)
+    def _take_reply(self, connection: aioredis.connection.AbstractConnection, reply: Any) -> None:
+        if connection is not self._connection:
+            return  # a dropped connection's late reply: its callers have already been failed
+        if not self._in_flight:  # a stray reply: this connection cannot be trusted any more
+            self._drop("redis: a reply nobody asked for")
+            return
+        sent = self._in_flight.popleft()
+        if not sent.reply.done():
+            sent.reply.set_result(reply)
+
+    def _lost(self, connection: aioredis.connection.AbstractConnection, reason: str) -> None:
+        if connection is self._connection:
+            self._drop(reason)
 
     # -- failure ------------------------------------------------------------------------------------------
 
@@ -233,9 +236,7 @@ class RedisMux:
     def _drop(self, reason: str) -> None:
         """Give the connection up: everything in flight fails, the next command connects afresh."""
         connection, self._connection = self._connection, None
-        reader, self._reader = self._reader, None
-        if reader is not None and reader is not asyncio.current_task():
-            reader.cancel()
+        self._transport = None
         while self._in_flight:
             sent = self._in_flight.popleft()
             if not sent.reply.done():
@@ -243,6 +244,42 @@ class RedisMux:
         if connection is not None:
             task = asyncio.get_running_loop().create_task(connection.disconnect(nowait=True))
             task.add_done_callback(_ignore_result)
+
+
+_NOT_ENOUGH_DATA = object()
+
+
+def _reply_error(message: str) -> ResponseError:
+    """An error reply as the exception callers look for (NOSCRIPT: the script must be loaded with EVAL)."""
+    return NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message)
+
+
+class _Replies(asyncio.Protocol):
+    """The mux connection's replies, parsed as the bytes arrive and handed over in order."""
+
+    def __init__(self, mux: RedisMux, connection: aioredis.connection.AbstractConnection, *, decode: bool) -> None:
+        self._mux = mux
+        self._connection = connection
+        options: dict[str, Any] = {}
+        if decode:
+            options = {"encoding": connection.encoder.encoding, "errors": connection.encoder.encoding_errors}
+        self._parser = hiredis.Reader(
+            protocolError=InvalidResponse, replyError=_reply_error, notEnoughData=_NOT_ENOUGH_DATA, **options
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.feed(data)
+        try:
+            while (reply := self._parser.gets()) is not _NOT_ENOUGH_DATA:
+                self._mux._take_reply(self._connection, reply)
+        except InvalidResponse:
+            self._mux._lost(self._connection, "redis: a reply that could not be parsed")
+
+    def eof_received(self) -> bool:
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._mux._lost(self._connection, f"redis: {exc or 'the server closed the connection'}")
 
 
 def _pack(batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> bytes:
