@@ -86,6 +86,10 @@ class RunManager:
         self._cancel_listener: asyncio.Task[None] | None = None
         self._draining = False
         self.capacity_freed = asyncio.Event()  # the sweeper waits on it to start queued runs sooner
+        # Whether queued responses may be waiting (this instance queued one, or the sweeper's last look at the
+        # queue left some). Only then does a freed slot wake the sweeper at once; otherwise its periodic look is
+        # enough, and a finished run costs no queue read (it was two round trips per response).
+        self.queue_waiting = False
 
     def start(self) -> None:
         """Begin hearing cancel requests made on any instance."""
@@ -176,7 +180,7 @@ class RunManager:
         started = not admission.cancelled() and admission.exception() is None and admission.result().run is not None
         if holds_slot and not started:
             self._slots.give_back(tenant)  # a started run gives it back when it ends
-            self.capacity_freed.set()
+            self._slot_freed()
 
     def _after_abandoned_admission(self, admission: asyncio.Future[Admission]) -> None:
         if admission.cancelled() or admission.exception() is not None:
@@ -239,6 +243,7 @@ class RunManager:
             raise
         if lease is None:
             log.info("%s queued: this instance is at capacity", record.response_id)
+            self.queue_waiting = True
             self.capacity_freed.set()  # another instance, or this one later, starts it
             return Admission(record.response_id, run=None)
         run = self._start(request, upstream, provider_body, snapshot, len(record.events), lease, caller, caller.tenant)
@@ -287,7 +292,11 @@ class RunManager:
 
     def give_back_slot(self, tenant: str = SWEPT) -> None:
         self._slots.give_back(tenant)
-        self.capacity_freed.set()
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        if self.queue_waiting:
+            self.capacity_freed.set()
 
     async def take_over(self, response_id: str, *, needs_slot: bool) -> bool:
         """Claim `response_id` (queued, or orphaned) and end it or run it, as its stored state says. With

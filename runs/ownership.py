@@ -98,7 +98,10 @@ class Ownership:
         if self._manager.draining:
             return
         while self._manager.free_capacity > 0:
-            head = await self._store.queued_runs(self._manager.free_capacity)
+            wanted = self._manager.free_capacity
+            head = await self._store.queued_runs(wanted)
+            # A shorter head than asked for is the whole queue: once it is claimed, nothing waits.
+            self._manager.queue_waiting = len(head) >= wanted
             claimed_any = False
             for response_id in head:
                 if not self._manager.try_take_slot():
