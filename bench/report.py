@@ -281,8 +281,9 @@ def _store_lines(results: BenchResults) -> list[str]:
         "### (e) Where the embedded store's retained bytes were allocated",
         "",
         f"tracemalloc, one frame: the source lines that allocated the most of the {store.retained_bytes / 1024:,.0f} "
-        "KiB the store kept. The event log's copy line holds the events' JSON itself; the bench's `orjson.loads` line "
-        "stands for the upstream client's parse (the event's `type` string, kept by each stored event).",
+        "KiB the store kept. The store's copy line (`_kept`) holds the events' JSON itself; the bench's "
+        "`orjson.loads` line stands for the upstream client's parse (the event's `type` string, kept by each stored "
+        "event).",
         "",
         "| source line | code | KiB | allocations | B per event |",
         "|---|---|---:|---:|---:|",

@@ -54,7 +54,7 @@ class StoreBytesResult:
     retained_bytes: int = 0  # traced memory after the responses are written minus before the store existed
     json_bytes: int = 0  # sum of the stored events' `len(data)`
     delta_untrimmed_bytes: float | None = None  # memory an `orjson.dumps` result of a text delta holds, as returned
-    delta_trimmed_bytes: float | None = None  # the same, copied to its size as the event log stores it
+    delta_trimmed_bytes: float | None = None  # the same, copied to its size as the embedded store keeps it
     delta_json_bytes: float | None = None  # mean len() of those serialised deltas
     lines: list[RetainedLine] = field(default_factory=list)  # where the retained memory was allocated, largest first
     seconds: float = 0.0
@@ -167,7 +167,7 @@ def _delta_sample(count: int) -> list[dict[str, Any]]:
 
 def _measure_trimming(result: StoreBytesResult) -> None:
     """What trimming saves on a text delta: the memory an `orjson.dumps` result holds as returned, and as copied to
-    its size (what the event log stores). Needs tracemalloc running."""
+    its size (what the embedded store keeps). Needs tracemalloc running."""
     sample = _delta_sample(DELTA_SAMPLE)
     kept: list[bytes] = [b""] * len(sample)  # allocated up front: only the bytes objects are counted
     gc.collect()

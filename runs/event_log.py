@@ -43,8 +43,12 @@ class EventLog:
     """Numbers events from `next_sequence_number`, keeps the snapshot they produce, and appends them to the store.
 
     An event is visible to nobody until its append has succeeded; then it is handed to this process's subscribers
-    (`publisher`) as it is, and other instances' subscribers read it from the store. While one append is in
-    flight, later events queue and go out together in the next round trip.
+    (`publisher`) as it is, and other instances' subscribers read it from the store. One append is in flight at a
+    time; events emitted meanwhile queue and go out together in the next one.
+
+    Who appends: `flush` does, in the caller's task, when no append is in flight (the run flushes after each read
+    from the provider, so that is the common case); otherwise the log's writer task, woken once the emitting
+    step is over, appends what nobody flushed.
     """
 
     def __init__(
@@ -70,7 +74,15 @@ class EventLog:
         self._snapshot = snapshot
         self._next_sequence_number = next_sequence_number
         self._pending: list[StoredEvent] = []
-        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        # What the writer waits on while there is nothing for it to do, and whether it is about to be woken.
+        self._wakeup: asyncio.Future[None] | None = None
+        self._nudged = False
+        # Whether an append is in flight (by the writer or by a flushing caller): appends never overlap.
+        self._appending = False
+        # A batch whose append a cancelled caller left unfinished (it may or may not be stored), to be appended
+        # again exactly as it was before anything else: appends are idempotent, a merged one would not be.
+        self._interrupted: tuple[list[StoredEvent], bytes | None, str] | None = None
         self._drained = asyncio.Event()
         self._drained.set()
         self._failure: BaseException | None = None
@@ -124,11 +136,24 @@ class EventLog:
         self._bytes_since_snapshot += len(data)
         self._pending.append(stored)
         self._drained.clear()
-        self._wake.set()
+        if not self._nudged:
+            # After this step, not now: a caller that flushes right away appends the events itself.
+            self._nudged = True
+            self._loop.call_soon(self._nudge_writer)
         return stored
 
+    def _nudge_writer(self) -> None:
+        self._nudged = False
+        wakeup = self._wakeup
+        has_work = self._pending or self._interrupted is not None
+        if has_work and not self._appending and wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
     async def flush(self) -> None:
-        """Wait until every emitted event is stored; raise the store's error if one could not be."""
+        """Wait until every emitted event is stored (appending them in this task when no append is in flight);
+        raise the store's error if one could not be."""
+        if (self._pending or self._interrupted is not None) and not self._appending and self._failure is None:
+            await self._append_pending()
         await self._drained.wait()
         if self._failure is not None:
             raise self._failure
@@ -146,16 +171,37 @@ class EventLog:
                 self._publisher = None
 
     async def _write_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._pending:
-                # Take the batch and serialise the snapshot in one step (no await between), so the snapshot
-                # written is exactly the one these events produce.
-                batch, self._pending = self._pending, []
-                snapshot = self._snapshot_to_write()
+        while self._failure is None:
+            if not (self._pending or self._interrupted is not None) or self._appending:
+                self._wakeup = self._loop.create_future()
+                await self._wakeup
+                self._wakeup = None
+                continue
+            await self._append_pending()
+
+    async def _append_pending(self) -> None:
+        """Append what is pending, batch after batch, until nothing is; on a failure the log stops for good. A
+        caller cancelled meanwhile (a run being cancelled) leaves its batch to the writer, as if never taken: an
+        append is idempotent, so the one it may have sent is no harm."""
+        self._appending = True
+        try:
+            while self._pending or self._interrupted is not None:
+                if self._interrupted is not None:
+                    batch, snapshot, status = self._interrupted
+                    self._interrupted = None
+                else:
+                    # Take the batch and serialise the snapshot in one step (no await between), so the snapshot
+                    # written is exactly the one these events produce.
+                    batch, self._pending = self._pending, []
+                    snapshot = self._snapshot_to_write()
+                    status = self._snapshot["status"]
                 try:
-                    cancel_requested = await self._append_with_retries(batch, snapshot, self._snapshot["status"])
+                    cancel_requested = await self._append_with_retries(batch, snapshot, status)
+                except asyncio.CancelledError:
+                    self._interrupted = (batch, snapshot, status)
+                    self._appending = False
+                    self._nudge_writer()
+                    raise
                 except Exception as error:
                     self._failure = error
                     self._pending.clear()
@@ -167,7 +213,9 @@ class EventLog:
                     self._publisher.publish(self._response_id, batch)
                 if cancel_requested and self.on_cancel_requested is not None:
                     self.on_cancel_requested()
-            self._drained.set()
+        finally:
+            self._appending = False
+        self._drained.set()
 
     def _snapshot_to_write(self) -> bytes | None:
         """The snapshot to store with the batch being taken, when one is due (see SNAPSHOT_MIN_BYTES)."""

@@ -172,10 +172,15 @@ class ResponseRun:
         # aclosing: whatever ends this loop (a failure, a cancel) closes the provider's stream at once, so it
         # stops generating (and billing) instead of waiting for garbage collection.
         api_key = self._api_key if self._upstream.spec.forward_client_key else None
-        async with contextlib.aclosing(stream_with_retries(self._upstream, self._upstream_body, api_key)) as events:
-            async for event in events:
-                if await self._take_upstream_event(event):
-                    return
+        stream = stream_with_retries(self._upstream, self._upstream_body, api_key)
+        async with contextlib.aclosing(stream) as batches:
+            async for events in batches:
+                for event in events:
+                    if await self._take_upstream_event(event):
+                        return
+                # What arrived together is stored together, by this task, before it reads on: one append per
+                # read, and no hand-over to the log's writer (a task step per event at a model's pace).
+                await self._log.flush()
         raise UpstreamFailure("The upstream ended the stream before the response was finished.")
 
     async def _take_upstream_event(self, event: dict[str, Any]) -> bool:

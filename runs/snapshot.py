@@ -14,9 +14,9 @@ __all__ = ["LIFECYCLE_EVENT_TYPES", "Json", "apply_event", "initial_snapshot", "
 
 
 def stored_json(value: Any) -> bytes:
-    """`value` as JSON bytes of exactly their size: orjson's result keeps the larger buffer it was written into
-    (a 200-byte event can hold 4 KB), and what is stored lives for the retention period."""
-    return memoryview(orjson.dumps(value)).tobytes()
+    """`value` as the JSON bytes that are stored and sent. Not trimmed to size here: a store that keeps bytes in
+    this process (the embedded one) keeps a copy of exactly their size; Redis keeps none."""
+    return orjson.dumps(value)
 
 
 def initial_snapshot(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -104,12 +103,12 @@ class MemoryStore(MemoryConversations):
             raise ResponseAlreadyExists(new.response_id)
         lease_until = self._now_ms() + new.lease_ms if new.owner else 0
         entry = _Entry(
-            snapshot=new.snapshot,
+            snapshot=_kept(new.snapshot),
             status=new.status,
             background=new.background,
             stored=new.stored,
-            input_items=new.input_items,
-            events=list(new.events),
+            input_items=_kept(new.input_items),
+            events=[_kept_event(event, event.epoch) for event in new.events],
             expires_at=0.0,
             request=new.request,
             owner=new.owner,
@@ -148,13 +147,11 @@ class MemoryStore(MemoryConversations):
             raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
         if entry.status in TERMINAL_STATUSES:
             raise ResponseClosed(response_id)
-        entry.events.extend(
-            event if event.epoch == lease.epoch else dataclasses.replace(event, epoch=lease.epoch) for event in events
-        )
+        entry.events.extend(_kept_event(event, lease.epoch) for event in events)
         self._wake_readers()
         if snapshot is None:
             return False
-        entry.snapshot = snapshot
+        entry.snapshot = _kept(snapshot)
         entry.snapshot_seq = len(entry.events) - 1
         entry.status = status
         self._touch(response_id, entry)
@@ -409,3 +406,14 @@ class MemoryEventFeed:
 
     async def close(self) -> None:
         return None
+
+
+def _kept(data: bytes) -> bytes:
+    """A copy of exactly its size, for bytes the store keeps for the retention period: orjson's result keeps the
+    larger buffer it was written into (a 200-byte event can hold 4 KB)."""
+    return memoryview(data).tobytes()
+
+
+def _kept_event(event: StoredEvent, epoch: int) -> StoredEvent:
+    """The store's own copy of an appended event, under the epoch of the lease that appended it."""
+    return StoredEvent(event.sequence_number, event.type, _kept(event.data), epoch)

@@ -178,7 +178,7 @@ async def provider() -> AsyncIterator[Provider]:
 
 
 async def collect(client: UpstreamClient, path: str = "/chat/completions", **body: Any) -> list[dict[str, Any]]:
-    return [item async for item in client.stream_json(path, body or {"model": "m"})]
+    return [item async for items in client.stream_json(path, body or {"model": "m"}) for item in items]
 
 
 async def failure_of(client: UpstreamClient, path: str = "/chat/completions") -> UpstreamFailure:
@@ -191,8 +191,8 @@ async def read_until_failure(
     """What the stream yielded before it failed, and the failure; the test fails if it does not fail."""
     seen: list[dict[str, Any]] = []
     try:
-        async for item in client.stream_json(path, {}):
-            seen.append(item)
+        async for items in client.stream_json(path, {}):
+            seen.extend(items)
     except UpstreamFailure as failure:
         return seen, failure
     raise AssertionError(f"no failure after {seen}")
@@ -258,7 +258,7 @@ async def test_a_finished_stream_gives_its_connection_back(provider: Provider) -
 
 async def test_closing_early_drops_the_connection_at_once(provider: Provider) -> None:
     async with contextlib.aclosing(provider.client("endless").stream_json("/responses", {})) as events:
-        assert (await anext(events))["n"] == 0
+        assert (await anext(events))[0]["n"] == 0
     await asyncio.wait_for(provider.gone.wait(), 2)
 
 

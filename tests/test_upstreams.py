@@ -249,14 +249,14 @@ class FlakyUpstream:
 
     async def stream_turn(
         self, body: dict[str, Any], *, api_key: str | None = None
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         self.attempts += 1
-        yield {"type": "response.created"}
+        yield [{"type": "response.created"}]
         if self._failures:
             if self._emit_before_failing:
-                yield {"type": "response.output_text.delta", "delta": "x"}
+                yield [{"type": "response.output_text.delta", "delta": "x"}]
             raise self._failures.pop(0)
-        yield {"type": "response.completed", "response": {}}
+        yield [{"type": "response.completed", "response": {}}]
 
     async def list_models(self) -> list[str]:
         return []
@@ -279,7 +279,7 @@ async def test_retry_after_is_honoured_and_backoff_is_bounded(monkeypatch: pytes
             UpstreamFailure("way too long", status=429, retryable=True, retry_after_seconds=3600),
         ]
     )
-    events = [event async for event in stream_with_retries(upstream, {})]
+    events = [event async for events in stream_with_retries(upstream, {}) for event in events]
     assert events[-1]["type"] == "response.completed"
     assert upstream.attempts == 4
     assert slept[0] == 1.5
@@ -290,5 +290,5 @@ async def test_retry_after_is_honoured_and_backoff_is_bounded(monkeypatch: pytes
 async def test_no_retry_once_output_was_emitted() -> None:
     upstream = FlakyUpstream([UpstreamFailure("cut", retryable=True)], emit_before_failing=True)
     with pytest.raises(UpstreamFailure):
-        _ = [event async for event in stream_with_retries(upstream, {})]
+        _ = [event async for events in stream_with_retries(upstream, {}) for event in events]
     assert upstream.attempts == 1

@@ -65,7 +65,8 @@ class UpstreamFailure(Exception):
 class Upstream(Protocol):
     """A provider adapter. `prepare` turns a Responses body into the provider's request (raising InvalidRequest
     for what it cannot honour, before anything is stored); `stream_turn` sends it and yields Responses streaming
-    events (dicts with `type`), which the run renumbers. Provider errors are raised as UpstreamFailure."""
+    events (dicts with `type`), which the run renumbers, in lists of those that arrived together (the run stores
+    each list in one append). Provider errors are raised as UpstreamFailure."""
 
     spec: UpstreamSpec
 
@@ -73,7 +74,9 @@ class Upstream(Protocol):
         """The provider's request body for a Responses body."""
         ...
 
-    def stream_turn(self, body: dict[str, Any], *, api_key: str | None = None) -> AsyncGenerator[dict[str, Any], None]:
+    def stream_turn(
+        self, body: dict[str, Any], *, api_key: str | None = None
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Stream one model turn for the prepared body; `api_key` replaces the configured key (pass-through)."""
         ...
 

@@ -31,20 +31,20 @@ class ChatUpstream:
 
     async def stream_turn(
         self, body: dict[str, Any], *, api_key: str | None = None
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         translator = ChatStreamTranslator()
         # aclosing: when the run closes this turn, the connection is let go now, not when garbage is collected.
-        async with contextlib.aclosing(self._client.stream_json("/chat/completions", body, api_key)) as chunks:
-            async for chunk in chunks:
-                for event in translator.feed(chunk):
-                    yield event
+        async with contextlib.aclosing(self._client.stream_json("/chat/completions", body, api_key)) as batches:
+            async for chunks in batches:
+                events = [event for chunk in chunks for event in translator.feed(chunk)]
+                if events:
+                    yield events
         if not translator.finished:
             # A stream that just stops (a proxy's idle timeout, a crashed server) is not an answer.
             raise UpstreamFailure(
                 f"upstream {self.spec.name!r} ended the stream without a finish reason.", retryable=True
             )
-        for event in translator.finish():
-            yield event
+        yield list(translator.finish())
 
     async def list_models(self) -> list[str]:
         return await self._client.list_models()

@@ -73,10 +73,11 @@ class UpstreamClient:
 
     async def stream_json(
         self, path: str, body: dict[str, Any], api_key: str | None = None
-    ) -> AsyncGenerator[dict[str, Any], None]:
-        """POST `body` to `path` and yield each streamed JSON object as a plain dict, until `[DONE]` or the end of
-        the body. `api_key` (a client's own key, for pass-through upstreams) replaces the configured one. Closing
-        the generator early drops the connection at once, so the provider stops generating."""
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
+        """POST `body` to `path` and yield the streamed JSON objects as plain dicts, a list of those that arrived
+        together at a time (so that what arrived together is stored together), until `[DONE]` or the end of the
+        body. `api_key` (a client's own key, for pass-through upstreams) replaces the configured one. Closing the
+        generator early drops the connection at once, so the provider stops generating."""
         headers = self._stream_headers
         if api_key:
             headers = headers.copy()
@@ -86,20 +87,27 @@ class UpstreamClient:
         try:
             try:
                 async for chunk in response.content.iter_any():
+                    items: list[dict[str, Any]] = []
                     for _, data in splitter.feed(chunk):
                         try:
                             item = orjson.loads(data)
                         except orjson.JSONDecodeError:
-                            # The provider's fault, not the gateway's: a broken turn (retried if nothing was
-                            # emitted yet), named without echoing what it sent.
-                            raise UpstreamFailure(
-                                f"upstream {self._name!r} sent an event that is not JSON.", retryable=True
-                            ) from None
-                        # Any object with a truthy `error` ends the stream, as the openai SDK's reader decided.
+                            item = None
+                        if item is None or (isinstance(item, dict) and item.get("error")):
+                            if items:  # what came before the failure is the provider's answer so far
+                                yield items
+                            if item is None:
+                                # The provider's fault, not the gateway's: a broken turn (retried if nothing was
+                                # emitted yet), named without echoing what it sent.
+                                raise UpstreamFailure(
+                                    f"upstream {self._name!r} sent an event that is not JSON.", retryable=True
+                                )
+                            # Any object with a truthy `error` ends the stream, as the openai SDK's reader decided.
+                            raise stream_failure(self._name, item["error"])
                         if isinstance(item, dict):
-                            if item.get("error"):
-                                raise stream_failure(self._name, item["error"])
-                            yield item
+                            items.append(item)
+                    if items:
+                        yield items
                     if splitter.done:
                         await _drain(response)
                         return

@@ -26,13 +26,15 @@ class ResponsesUpstream:
 
     async def stream_turn(
         self, body: dict[str, Any], *, api_key: str | None = None
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    ) -> AsyncGenerator[list[dict[str, Any]], None]:
         # aclosing: leaving at the terminal event, or being closed by the run, lets go of the connection now.
-        async with contextlib.aclosing(self._client.stream_json("/responses", body, api_key)) as events:
-            async for event in events:
-                yield event
-                if event.get("type") in _TERMINAL_EVENTS:
-                    return
+        async with contextlib.aclosing(self._client.stream_json("/responses", body, api_key)) as batches:
+            async for events in batches:
+                for index, event in enumerate(events):
+                    if event.get("type") in _TERMINAL_EVENTS:
+                        yield events[: index + 1]
+                        return
+                yield events
         # A stream that just stops before the terminal event is a broken turn, retried if nothing was emitted.
         raise UpstreamFailure(
             f"upstream {self.spec.name!r} ended the stream before the response finished.", retryable=True

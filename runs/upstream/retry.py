@@ -25,19 +25,20 @@ def backoff_seconds(attempt: int, base: float) -> float:
 
 async def stream_with_retries(
     upstream: Upstream, body: dict[str, Any], api_key: str | None = None
-) -> AsyncGenerator[dict[str, Any], None]:
-    """The upstream's events. A retryable failure (connection error, 408, 409, 429, 5xx, a stream cut short)
-    before the first output event is retried up to `max_retries` times, honouring the provider's Retry-After;
-    once output has been emitted a failure is final: re-running the model would bill twice and change the text."""
+) -> AsyncGenerator[list[dict[str, Any]], None]:
+    """The upstream's events, in the lists they arrived in. A retryable failure (connection error, 408, 409,
+    429, 5xx, a stream cut short) before the first output event is retried up to `max_retries` times, honouring
+    the provider's Retry-After; once output has been emitted a failure is final: re-running the model would bill
+    twice and change the text."""
     spec = upstream.spec
     attempt = 0
     while True:
         emitted_output = False
         try:
-            async for event in upstream.stream_turn(body, api_key=api_key):
-                if event.get("type") not in _NOT_OUTPUT:
+            async for events in upstream.stream_turn(body, api_key=api_key):
+                if not emitted_output and any(event.get("type") not in _NOT_OUTPUT for event in events):
                     emitted_output = True
-                yield event
+                yield events
             return
         except UpstreamFailure as failure:
             if emitted_output or not failure.retryable or attempt >= spec.max_retries:
