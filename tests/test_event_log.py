@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import pytest
 
 from runs.event_log import EventLog
 from runs.snapshot import apply_event
@@ -76,4 +77,89 @@ async def test_appends_coalesce_while_one_is_in_flight(redis_server: str, key_pr
     assert record is not None
     assert orjson.loads(record.snapshot) == replayed
     assert replayed["output"][0]["content"][0]["text"] == "".join(f"w{n} " for n in range(200))
+    await store.close()
+
+
+class GatedStore(RedisStore):
+    """The real Redis store; the first append of more than one event stops at a gate until cancelled, before or
+    after the append has reached Redis (as if its reply were on its way back)."""
+
+    def __init__(self, *args: Any, send_before_gate: bool, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.send_before_gate = send_before_gate
+        self.at_gate = asyncio.Event()
+        self.appends: list[list[int]] = []
+
+    async def append_events(
+        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes | None, status: str, lease: Lease
+    ) -> bool:
+        self.appends.append([event.sequence_number for event in events])
+        if len(events) < 2 or self.at_gate.is_set():
+            return await super().append_events(response_id, events, snapshot=snapshot, status=status, lease=lease)
+        if self.send_before_gate:
+            await super().append_events(response_id, events, snapshot=snapshot, status=status, lease=lease)
+        self.at_gate.set()
+        await asyncio.Event().wait()  # until cancelled
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("send_before_gate", [False, True], ids=["cancelled-before-sending", "reply-lost"])
+async def test_a_flush_cancelled_mid_append_leaves_its_batch_to_the_writer(
+    redis_server: str, key_prefix: str, send_before_gate: bool
+) -> None:
+    """A run cancelled while its own flush is appending (the run's cancel lands in the consumer): the batch is
+    appended again exactly as it was, by the writer or the next flush, whether or not it had reached Redis; the
+    log stays contiguous, nothing is stored twice, and the snapshot equals the fold."""
+    import redis.asyncio as aioredis
+
+    store = GatedStore(
+        aioredis.Redis.from_url(redis_server),
+        key_prefix=key_prefix,
+        retention_seconds=60,
+        send_before_gate=send_before_gate,
+    )
+    snapshot = start_snapshot("resp_gate")
+    created = {"type": "response.created", "response": snapshot, "sequence_number": 0}
+    lease = await store.create_response(
+        NewResponse(
+            response_id="resp_gate",
+            snapshot=orjson.dumps(snapshot),
+            status="in_progress",
+            background=False,
+            stored=True,
+            input_items=b"[]",
+            events=[StoredEvent(0, "response.created", orjson.dumps(created))],
+            owner="me",
+            lease_ms=60_000,
+        )
+    )
+    assert lease is not None
+    log = EventLog(store, "resp_gate", dict(snapshot), next_sequence_number=1, lease=lease)
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+
+    async def consume() -> None:  # as the run's consumer does: emit what arrived together, then flush
+        await log.emit({"type": "response.output_item.added", "output_index": 0, "item": item})
+        await log.emit({"type": "response.content_part.added", "output_index": 0, "content_index": 0, "part": part})
+        await log.flush()
+
+    consumer = asyncio.create_task(consume())
+    await asyncio.wait_for(store.at_gate.wait(), 5)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    delta = {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "hi"}
+    await log.emit(delta)
+    await log.close()
+
+    assert store.appends[0] == store.appends[1] == [1, 2]  # the interrupted batch again, exactly, first
+    events = await store.read_events("resp_gate", -1, limit=100)
+    assert [event.sequence_number for event in events] == [0, 1, 2, 3]
+    replayed: dict[str, Any] = {}
+    for event in events:
+        replayed = apply_event(replayed, orjson.loads(event.data))
+    record = await store.get_response("resp_gate")
+    assert record is not None
+    assert orjson.loads(record.snapshot) == replayed
+    assert replayed["output"][0]["content"][0]["text"] == "hi"
     await store.close()
