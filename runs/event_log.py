@@ -93,7 +93,8 @@ class EventLog:
         self._publisher = publisher
         if publisher is not None:
             publisher.begin_writing(response_id)
-        self._writer = asyncio.create_task(self._write_loop(), name=f"event-log:{response_id}")
+        # Started on first need: a run that flushes what it emits (the common case) never needs it.
+        self._writer: asyncio.Task[None] | None = None
 
     @property
     def snapshot(self) -> Json:
@@ -144,10 +145,13 @@ class EventLog:
 
     def _nudge_writer(self) -> None:
         self._nudged = False
-        wakeup = self._wakeup
         has_work = self._pending or self._interrupted is not None
-        if has_work and not self._appending and wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+        if not has_work or self._appending or self._failure is not None:
+            return
+        if self._writer is None:
+            self._writer = self._loop.create_task(self._write_loop(), name=f"event-log:{self._response_id}")
+        elif self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
 
     async def flush(self) -> None:
         """Wait until every emitted event is stored (appending them in this task when no append is in flight);
@@ -163,9 +167,10 @@ class EventLog:
         try:
             await self.flush()
         finally:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
+            if self._writer is not None:
+                self._writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._writer
             if self._publisher is not None:
                 self._publisher.end_writing(self._response_id)
                 self._publisher = None

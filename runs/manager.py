@@ -36,6 +36,9 @@ CANCEL_CLAIM_SECONDS = 0.5
 
 log = logging.getLogger(__name__)
 
+# How long a look at the queue stays fresh enough that a freed slot need not look again at once.
+QUEUE_RECHECK_SECONDS = 0.1
+
 # The slot account of runs this instance claimed from the queue or from a dead owner (not admitted here): counted
 # against the instance's capacity, not against any API key's limit.
 SWEPT = ""
@@ -87,9 +90,11 @@ class RunManager:
         self._draining = False
         self.capacity_freed = asyncio.Event()  # the sweeper waits on it to start queued runs sooner
         # Whether queued responses may be waiting (this instance queued one, or the sweeper's last look at the
-        # queue left some). Only then does a freed slot wake the sweeper at once; otherwise its periodic look is
-        # enough, and a finished run costs no queue read (it was two round trips per response).
+        # queue left some), and when the sweeper last looked. A freed slot wakes the sweeper at once when some may
+        # wait, or when nobody has looked for QUEUE_RECHECK_SECONDS (another instance may have queued one): a
+        # burst of finished runs costs one queue read, not two round trips each.
         self.queue_waiting = False
+        self.queue_checked_at = -QUEUE_RECHECK_SECONDS
 
     def start(self) -> None:
         """Begin hearing cancel requests made on any instance."""
@@ -295,7 +300,7 @@ class RunManager:
         self._slot_freed()
 
     def _slot_freed(self) -> None:
-        if self.queue_waiting:
+        if self.queue_waiting or asyncio.get_running_loop().time() - self.queue_checked_at >= QUEUE_RECHECK_SECONDS:
             self.capacity_freed.set()
 
     async def take_over(self, response_id: str, *, needs_slot: bool) -> bool:

@@ -102,6 +102,7 @@ class Ownership:
             head = await self._store.queued_runs(wanted)
             # A shorter head than asked for is the whole queue: once it is claimed, nothing waits.
             self._manager.queue_waiting = len(head) >= wanted
+            self._manager.queue_checked_at = asyncio.get_running_loop().time()
             claimed_any = False
             for response_id in head:
                 if not self._manager.try_take_slot():
