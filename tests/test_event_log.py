@@ -34,15 +34,13 @@ def start_snapshot(response_id: str) -> dict[str, Any]:
     return {"id": response_id, "object": "response", "status": "in_progress", "output": []}
 
 
-async def test_appends_coalesce_while_one_is_in_flight(redis_server: str, key_prefix: str) -> None:
-    import redis.asyncio as aioredis
-
-    store = CountingStore(aioredis.Redis.from_url(redis_server), key_prefix=key_prefix, retention_seconds=60)
-    snapshot = start_snapshot("resp_log")
+async def open_log(store: RedisStore, response_id: str) -> EventLog:
+    """A response created in progress, owned here, with its `response.created` stored; and its log from there."""
+    snapshot = start_snapshot(response_id)
     created = {"type": "response.created", "response": snapshot, "sequence_number": 0}
     lease = await store.create_response(
         NewResponse(
-            response_id="resp_log",
+            response_id=response_id,
             snapshot=orjson.dumps(snapshot),
             status="in_progress",
             background=False,
@@ -54,7 +52,14 @@ async def test_appends_coalesce_while_one_is_in_flight(redis_server: str, key_pr
         )
     )
     assert lease is not None
-    log = EventLog(store, "resp_log", dict(snapshot), next_sequence_number=1, lease=lease)
+    return EventLog(store, response_id, dict(snapshot), next_sequence_number=1, lease=lease)
+
+
+async def test_appends_coalesce_while_one_is_in_flight(redis_server: str, key_prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    store = CountingStore(aioredis.Redis.from_url(redis_server), key_prefix=key_prefix, retention_seconds=60)
+    log = await open_log(store, "resp_log")
     item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
     await log.emit({"type": "response.output_item.added", "output_index": 0, "item": item})
     part = {"type": "output_text", "text": "", "annotations": []}
@@ -118,23 +123,7 @@ async def test_a_flush_cancelled_mid_append_leaves_its_batch_to_the_writer(
         retention_seconds=60,
         send_before_gate=send_before_gate,
     )
-    snapshot = start_snapshot("resp_gate")
-    created = {"type": "response.created", "response": snapshot, "sequence_number": 0}
-    lease = await store.create_response(
-        NewResponse(
-            response_id="resp_gate",
-            snapshot=orjson.dumps(snapshot),
-            status="in_progress",
-            background=False,
-            stored=True,
-            input_items=b"[]",
-            events=[StoredEvent(0, "response.created", orjson.dumps(created))],
-            owner="me",
-            lease_ms=60_000,
-        )
-    )
-    assert lease is not None
-    log = EventLog(store, "resp_gate", dict(snapshot), next_sequence_number=1, lease=lease)
+    log = await open_log(store, "resp_gate")
     item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
     part = {"type": "output_text", "text": "", "annotations": []}
 
