@@ -34,7 +34,10 @@ class _Entry:
     background: bool
     stored: bool
     input_items: bytes
-    events: list[StoredEvent]
+    # Each stored event as (type, data, epoch); its sequence number is its index. A tuple of a string, bytes and an
+    # int is dropped from the garbage collector's tracking once it has survived a collection, so a store holding
+    # millions of events does not make every full collection walk them (a stored object would be walked each time).
+    events: list[tuple[str, bytes, int]]
     expires_at: float
     request: bytes = b"{}"
     owner: str = ""
@@ -142,7 +145,7 @@ class MemoryStore(MemoryConversations):
             raise LeaseLost(response_id)
         if events[0].sequence_number != len(entry.events):
             final = events[-1]
-            if final.sequence_number < len(entry.events) and entry.events[final.sequence_number].data == final.data:
+            if final.sequence_number < len(entry.events) and entry.events[final.sequence_number][1] == final.data:
                 return entry.cancel_requested and snapshot is not None  # a repeated append: already stored
             raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
         if entry.status in TERMINAL_STATUSES:
@@ -245,7 +248,7 @@ class MemoryStore(MemoryConversations):
             return None
         snapshot = entry.snapshot
         if entry.snapshot_seq < len(entry.events) - 1:
-            snapshot = fold_events(snapshot, (event.data for event in entry.events[entry.snapshot_seq + 1 :]))
+            snapshot = fold_events(snapshot, (data for _, data, _ in entry.events[entry.snapshot_seq + 1 :]))
         return ResponseRecord(
             response_id=response_id,
             snapshot=snapshot,
@@ -353,7 +356,10 @@ class MemoryStore(MemoryConversations):
         if entry is None or len(entry.events) - 1 <= after:
             return []
         start = max(after + 1, 0)
-        return entry.events[start : start + limit]
+        return [
+            StoredEvent(number, kind, data, epoch)
+            for number, (kind, data, epoch) in enumerate(entry.events[start : start + limit], start)
+        ]
 
     async def ping(self) -> None:
         return None
@@ -414,6 +420,6 @@ def _kept(data: bytes) -> bytes:
     return memoryview(data).tobytes()
 
 
-def _kept_event(event: StoredEvent, epoch: int) -> StoredEvent:
+def _kept_event(event: StoredEvent, epoch: int) -> tuple[str, bytes, int]:
     """The store's own copy of an appended event, under the epoch of the lease that appended it."""
-    return StoredEvent(event.sequence_number, event.type, _kept(event.data), epoch)
+    return (event.type, _kept(event.data), epoch)

@@ -57,14 +57,14 @@ def memory_snapshot(store: MemoryStore, conversations: list[str], keys: list[str
     for response_id, entry in store._entries.items():
         snapshot.responses[response_id] = StoredResponse(
             status=entry.status,
-            snapshot=fold_events(entry.snapshot, (event.data for event in entry.events[entry.snapshot_seq + 1 :])),
+            snapshot=fold_events(entry.snapshot, (data for _, data, _ in entry.events[entry.snapshot_seq + 1 :])),
             last_sequence_number=len(entry.events) - 1,
             owner=entry.owner,
             epoch=entry.epoch,
             lease_until_ms=entry.lease_until_ms,
             stored=entry.stored,
             conversation_id=entry.conversation_id,
-            events=[(event.sequence_number, event.type, event.data) for event in entry.events],
+            events=[(number, kind, data) for number, (kind, data, _) in enumerate(entry.events)],
         )
     for conversation_id in conversations:
         conversation = store._conversations.get(conversation_id)
