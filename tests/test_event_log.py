@@ -34,6 +34,18 @@ def start_snapshot(response_id: str) -> dict[str, Any]:
     return {"id": response_id, "object": "response", "status": "in_progress", "output": []}
 
 
+async def stored_log(store: RedisStore, response_id: str) -> tuple[list[int], dict[str, Any]]:
+    """The stored events' sequence numbers and their fold, checked equal to the Response the store returns."""
+    events = await store.read_events(response_id, -1, limit=10_000)
+    replayed: dict[str, Any] = {}
+    for event in events:
+        replayed = apply_event(replayed, orjson.loads(event.data))
+    record = await store.get_response(response_id)
+    assert record is not None
+    assert orjson.loads(record.snapshot) == replayed
+    return [event.sequence_number for event in events], replayed
+
+
 async def open_log(store: RedisStore, response_id: str) -> EventLog:
     """A response created in progress, owned here, with its `response.created` stored; and its log from there."""
     snapshot = start_snapshot(response_id)
@@ -73,14 +85,8 @@ async def test_appends_coalesce_while_one_is_in_flight(redis_server: str, key_pr
 
     assert sum(store.appends) == 202
     assert len(store.appends) < 20, store.appends  # 202 events in a handful of round trips
-    events = await store.read_events("resp_log", -1, limit=1000)
-    assert [event.sequence_number for event in events] == list(range(203))
-    replayed: dict[str, Any] = {}
-    for event in events:
-        replayed = apply_event(replayed, orjson.loads(event.data))
-    record = await store.get_response("resp_log")
-    assert record is not None
-    assert orjson.loads(record.snapshot) == replayed
+    numbers, replayed = await stored_log(store, "resp_log")
+    assert numbers == list(range(203))
     assert replayed["output"][0]["content"][0]["text"] == "".join(f"w{n} " for n in range(200))
     await store.close()
 
@@ -142,13 +148,7 @@ async def test_a_flush_cancelled_mid_append_leaves_its_batch_to_the_writer(
     await log.close()
 
     assert store.appends[0] == store.appends[1] == [1, 2]  # the interrupted batch again, exactly, first
-    events = await store.read_events("resp_gate", -1, limit=100)
-    assert [event.sequence_number for event in events] == [0, 1, 2, 3]
-    replayed: dict[str, Any] = {}
-    for event in events:
-        replayed = apply_event(replayed, orjson.loads(event.data))
-    record = await store.get_response("resp_gate")
-    assert record is not None
-    assert orjson.loads(record.snapshot) == replayed
+    numbers, replayed = await stored_log(store, "resp_gate")
+    assert numbers == [0, 1, 2, 3]
     assert replayed["output"][0]["content"][0]["text"] == "hi"
     await store.close()
