@@ -78,7 +78,9 @@ def scenarios(provider: Provider) -> dict[str, Callable[[web.Request], Awaitable
 
     async def comments(request: web.Request) -> web.StreamResponse:
         return await stream_of(
-            request, b': hello\n\n:ping\nevent:x\ndata:{"type":\ndata: "a"}\n\n', b": bye\n\ndata: [DONE]\n\n"
+            request,
+            b': hello\n\n:ping\nevent:x\ndata:{"type":\ndata: "a"}\n\n',
+            b"data: null\n\n: bye\n\ndata: [DONE]\n\n",  # JSON that is no object is skipped, not a broken stream
         )
 
     async def after_done(request: web.Request) -> web.StreamResponse:

@@ -89,21 +89,23 @@ class UpstreamClient:
                 async for chunk in response.content.iter_any():
                     items: list[dict[str, Any]] = []
                     for _, data in splitter.feed(chunk):
+                        failure = None
                         try:
                             item = orjson.loads(data)
                         except orjson.JSONDecodeError:
+                            # The provider's fault, not the gateway's: a broken turn (retried if nothing was
+                            # emitted yet), named without echoing what it sent.
                             item = None
-                        if item is None or (isinstance(item, dict) and item.get("error")):
+                            failure = UpstreamFailure(
+                                f"upstream {self._name!r} sent an event that is not JSON.", retryable=True
+                            )
+                        if isinstance(item, dict) and item.get("error"):
+                            # Any object with a truthy `error` ends the stream, as the openai SDK's reader decided.
+                            failure = stream_failure(self._name, item["error"])
+                        if failure is not None:
                             if items:  # what came before the failure is the provider's answer so far
                                 yield items
-                            if item is None:
-                                # The provider's fault, not the gateway's: a broken turn (retried if nothing was
-                                # emitted yet), named without echoing what it sent.
-                                raise UpstreamFailure(
-                                    f"upstream {self._name!r} sent an event that is not JSON.", retryable=True
-                                )
-                            # Any object with a truthy `error` ends the stream, as the openai SDK's reader decided.
-                            raise stream_failure(self._name, item["error"])
+                            raise failure
                         if isinstance(item, dict):
                             items.append(item)
                     if items:
