@@ -143,10 +143,14 @@ class EventLog:
             self._loop.call_soon(self._nudge_writer)
         return stored
 
+    @property
+    def _unwritten(self) -> bool:
+        """Whether anything emitted still waits for an append: pending events, or an interrupted batch."""
+        return bool(self._pending) or self._interrupted is not None
+
     def _nudge_writer(self) -> None:
         self._nudged = False
-        has_work = self._pending or self._interrupted is not None
-        if not has_work or self._appending or self._failure is not None:
+        if not self._unwritten or self._appending or self._failure is not None:
             return
         if self._writer is None:
             self._writer = self._loop.create_task(self._write_loop(), name=f"event-log:{self._response_id}")
@@ -156,7 +160,7 @@ class EventLog:
     async def flush(self) -> None:
         """Wait until every emitted event is stored (appending them in this task when no append is in flight);
         raise the store's error if one could not be."""
-        if (self._pending or self._interrupted is not None) and not self._appending and self._failure is None:
+        if self._unwritten and not self._appending and self._failure is None:
             await self._append_pending()
         await self._drained.wait()
         if self._failure is not None:
@@ -177,7 +181,7 @@ class EventLog:
 
     async def _write_loop(self) -> None:
         while self._failure is None:
-            if not (self._pending or self._interrupted is not None) or self._appending:
+            if not self._unwritten or self._appending:
                 self._wakeup = self._loop.create_future()
                 await self._wakeup
                 self._wakeup = None
@@ -190,7 +194,7 @@ class EventLog:
         append is idempotent, so the one it may have sent is no harm."""
         self._appending = True
         try:
-            while self._pending or self._interrupted is not None:
+            while self._unwritten:
                 if self._interrupted is not None:
                     batch, snapshot, status = self._interrupted
                     self._interrupted = None

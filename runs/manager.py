@@ -299,6 +299,11 @@ class RunManager:
         self._slots.give_back(tenant)
         self._slot_freed()
 
+    def queue_seen(self, *, waiting: bool) -> None:
+        """What the sweeper's look at the queue found: whether queued responses may still wait after it."""
+        self.queue_waiting = waiting
+        self.queue_checked_at = asyncio.get_running_loop().time()
+
     def _slot_freed(self) -> None:
         if self.queue_waiting or asyncio.get_running_loop().time() - self.queue_checked_at >= QUEUE_RECHECK_SECONDS:
             self.capacity_freed.set()

@@ -101,8 +101,7 @@ class Ownership:
             wanted = self._manager.free_capacity
             head = await self._store.queued_runs(wanted)
             # A shorter head than asked for is the whole queue: once it is claimed, nothing waits.
-            self._manager.queue_waiting = len(head) >= wanted
-            self._manager.queue_checked_at = asyncio.get_running_loop().time()
+            self._manager.queue_seen(waiting=len(head) >= wanted)
             claimed_any = False
             for response_id in head:
                 if not self._manager.try_take_slot():
