@@ -229,6 +229,15 @@ def start_gateway(
     return proc
 
 
+def start_bare_proxy(group: ProcessGroup, *, simulator_url: str) -> Proc:
+    """The floor: `bench/bare_proxy.py`, a minimal renumbering proxy at the simulator."""
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.bare_proxy", "--port", str(port), "--upstream", f"{simulator_url}/v1"]
+    proc = group.start("bare", argv, port)
+    proc.wait_listening()
+    return proc
+
+
 def litellm_binary() -> Path | None:
     """The `litellm` proxy of the bench's own venv (made by `make bench-setup`), never the project's."""
     binary = LITELLM_VENV / "bin" / "litellm"

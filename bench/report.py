@@ -502,6 +502,11 @@ def derive_notes(results: BenchResults, nominal_stream_s: float) -> list[str]:
     return notes
 
 
+def _reps_text(results: BenchResults) -> str:
+    reps, light = results.params["reps"], results.params.get("light_reps", results.params["reps"])
+    return reps if light == reps else f"{light} ((a')) or {reps} (the others)"
+
+
 def render(results: BenchResults) -> str:
     out = [f"# responses-gateway benchmark, {results.date}", ""]
     out += [f"- **{key}**: {value}" for key, value in results.header.items()]
@@ -510,13 +515,14 @@ def render(results: BenchResults) -> str:
         "",
         "## Targets (issue 13, Done when)",
         "",
-        f"Medians of {results.params['reps']} interleaved repetitions. Both gateway columns are held to each line "
-        "(the embedded store: no worse); direct and LiteLLM are shown for comparison. A line without a target is "
-        "measured for information.",
+        f"Medians of {_reps_text(results)} interleaved repetitions. Both gateway columns are held to each line "
+        "(the embedded store: no worse); direct, the bare proxy (`bench/bare_proxy.py`: parse, renumber, write; "
+        "no store, nothing else: the floor for any proxy on this machine) and LiteLLM are shown for comparison. "
+        "A line without a target is measured for information.",
         "",
         targets.render(results),
         "",
-        f"## All numbers (medians of {results.params['reps']} repetitions)",
+        f"## All numbers (medians of {_reps_text(results)} repetitions)",
         "",
         _build_table(results).render(),
         "",

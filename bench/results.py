@@ -12,7 +12,13 @@ from bench.stats import median, median_of, percentile
 from bench.store_bytes import StoreBytesResult
 from bench.workloads import CeilingResult, ConcurrencyResult, MemoryResult, ReplayResult
 
-LABELS = {"direct": "direct", "redis": "gateway (Redis)", "embedded": "gateway (embedded)", "litellm": "LiteLLM"}
+LABELS = {
+    "direct": "direct",
+    "bare": "bare proxy",
+    "redis": "gateway (Redis)",
+    "embedded": "gateway (embedded)",
+    "litellm": "LiteLLM",
+}
 LIGHT, HEAVY = "light", "heavy"
 
 

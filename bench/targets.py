@@ -201,7 +201,7 @@ def _cell(goal: Goal, results: BenchResults, target: str) -> str:
 
 def render(results: BenchResults) -> str:
     """The targets table: one row per "Done when" line, medians of the repetitions."""
-    columns = [column for column in ("redis", "embedded", "direct", "litellm") if column in results.targets]
+    columns = [column for column in ("redis", "embedded", "direct", "bare", "litellm") if column in results.targets]
     header = ["Done when", "target", *(LABELS[column] for column in columns), "context"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * len(columns) + ["---"]) + "|"]
     for goal in goals(results.params):
