@@ -20,6 +20,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
+UPSTREAM_KEEPALIVE_SECONDS = 60.0
 _UPSTREAM = web.AppKey("upstream", aiohttp.ClientSession)
 _UPSTREAM_URL = web.AppKey("upstream_url", str)
 
@@ -61,7 +62,10 @@ def make_app(upstream_url: str) -> web.Application:
     app.router.add_post("/v1/responses", responses)
 
     async def clients(app: web.Application) -> AsyncIterator[None]:
-        app[_UPSTREAM] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        # Idle connections kept as long as the gateway keeps its own (runs/upstream/client.py), so that neither
+        # column pays for reconnecting where the other does not.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_SECONDS)
+        app[_UPSTREAM] = aiohttp.ClientSession(connector=connector)
         yield
         await app[_UPSTREAM].close()
 
