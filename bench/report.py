@@ -318,7 +318,11 @@ def _build_table(results: BenchResults) -> _Table:
 
 def _repetitions(results: BenchResults) -> list[str]:
     """Each repetition's headline number with the machine's load during it, so a disturbed one shows."""
-    reps = max(int(results.params["reps"]), int(results.params["replay_reps"]) if results.replay else 0)
+    reps = max(
+        int(results.params["reps"]),
+        int(results.params.get("light_reps", 0)) if results.light else 0,
+        int(results.params["replay_reps"]) if results.replay else 0,
+    )
     lines = [
         "Each cell: the repetition's headline number · busy % of all cores during its window (/proc/stat) · "
         "1-minute loadavg at its end. Repetitions ran interleaved: every target once, then every target again.",
