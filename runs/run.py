@@ -154,6 +154,8 @@ class ResponseRun:
 
     async def _settle(self, consumer: asyncio.Task[None]) -> None:
         if self._abandoned:
+            if not consumer.cancelled():
+                consumer.exception()  # seen: the run stopped on purpose, whatever its upstream task ended with
             return
         if consumer.cancelled():
             await self._end(ResponseStatus.CANCELLED)
