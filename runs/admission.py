@@ -11,6 +11,7 @@ from runs.request import CreateResponseRequest, check_request_rules
 from runs.snapshot import Json, initial_snapshot, stored_json
 from runs.status import ResponseStatus
 from storage.base import NewResponse, StoredEvent
+from storage.keys import idempotency_shard, with_shard
 
 # Fields the gateway answers itself; the rest of the request goes to the provider as given.
 _GATEWAY_FIELDS = frozenset({"background", "store", "stream", "previous_response_id", "conversation"})
@@ -67,7 +68,10 @@ def new_response(
     that names it."""
     # Only a background response that waits for capacity is stored `queued`; one this instance owns starts now.
     status = ResponseStatus.QUEUED if request.is_background and not owner else ResponseStatus.IN_PROGRESS
-    snapshot = initial_snapshot(request, response_id=new_response_id(), created_at=int(time.time()), status=status)
+    response_id = new_response_id()
+    if idempotency is not None:  # made where its key's claim lives, so that one step can change both
+        response_id = with_shard(response_id, idempotency_shard(*idempotency))
+    snapshot = initial_snapshot(request, response_id=response_id, created_at=int(time.time()), status=status)
     if conversation_id is not None:
         snapshot["conversation"] = {"id": conversation_id}
     starts_background = request.is_background and bool(owner)

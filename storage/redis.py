@@ -20,7 +20,7 @@ from storage.base import (
     StoredEvent,
 )
 from storage.fold import fold_events
-from storage.keys import KeySpace, after_entry_id
+from storage.keys import SHARDS, KeySpace, after_entry_id
 from storage.redis_appends import PlainAppends, append_refusal
 from storage.redis_conversations import RedisConversations
 from storage.redis_feed import RedisEventFeed
@@ -60,7 +60,7 @@ class RedisStore(RedisConversations):
         self._release_script = client.register_script(load_lua("release_idempotency_key.lua"))
         self._register_conversation_scripts(client)
         self._lease_script = LuaScript.of(load_lua("lease.lua"))
-        self._due_script = client.register_script(load_lua("due_runs.lua"))
+        self._due_script = LuaScript.of(load_lua("due_runs.lua"))
         self._settle_script = LuaScript.of(load_lua("settle_response.lua"))
         self._abandon_script = client.register_script(load_lua("abandon_admission.lua"))
         self._read_events_script = LuaScript.of(load_lua("read_events.lua"))
@@ -89,7 +89,7 @@ class RedisStore(RedisConversations):
 
     @unavailable_on_connection_error
     async def create_response(self, new: NewResponse) -> Lease | None:
-        keys = [*self._keys.response_keys(new.response_id), self._keys.run_index(), self._keys.run_queue()]
+        keys = [*self._keys.response_keys(new.response_id), *self._keys.response_index(new.response_id)]
         idempotency_key = self._keys.idempotency(*new.idempotency) if new.idempotency is not None else ""
         args: list[bytes | str | int] = [
             self._ttl_ms,
@@ -145,8 +145,7 @@ class RedisStore(RedisConversations):
     async def _lease(self, response_id: str, action: str, owner: str, epoch: int | str, lease_ms: int) -> list[Any]:
         keys = [
             self._keys.response_state(response_id),
-            self._keys.run_index(),
-            self._keys.run_queue(),
+            *self._keys.response_index(response_id),
             self._keys.response_events(response_id),
         ]
         args = [action, response_id, owner, epoch, lease_ms, self._ttl_ms]
@@ -175,18 +174,27 @@ class RedisStore(RedisConversations):
 
     @unavailable_on_connection_error
     async def due_runs(self, limit: int) -> list[str]:
-        reply: list[bytes] = await self._due_script(keys=[self._keys.run_index()], args=[limit])
-        return [member.decode() for member in reply]
+        # Every shard's index at once (one pipelined write), then the longest-expired first across them.
+        replies = await asyncio.gather(
+            *(self._mux.script(self._due_script, [self._keys.run_index(shard)], [limit]) for shard in range(SHARDS))
+        )
+        return _first_by_score(replies, limit)
 
     @unavailable_on_connection_error
     async def queued_runs(self, limit: int) -> list[str]:
-        reply: list[bytes] = await self._client.zrange(self._keys.run_queue(), 0, limit - 1)  # type: ignore[assignment]
-        return [member.decode() for member in reply]
+        # The head of every shard's queue, merged by admission time: the fleet's queue order, as one queue had it.
+        replies = await asyncio.gather(
+            *(
+                self._mux.execute("ZRANGE", self._keys.run_queue(shard), 0, limit - 1, "WITHSCORES")
+                for shard in range(SHARDS)
+            )
+        )
+        return _first_by_score(replies, limit)
 
     @unavailable_on_connection_error
     async def settle_response(self, response_id: str, *, idempotency_ttl_seconds: int) -> bool:
         state = self._keys.response_state(response_id)
-        keys = [state, self._keys.run_index(), self._keys.run_queue()]
+        keys = [state, *self._keys.response_index(response_id)]
         idempotency_key = await self._mux.execute("HGET", state, "idem")
         if idempotency_key:
             keys.append(idempotency_key.decode())
@@ -197,7 +205,7 @@ class RedisStore(RedisConversations):
     async def abandon_admission(
         self, response_id: str, *, idempotency: tuple[str, str] | None, conversation_id: str | None
     ) -> None:
-        keys = [*self._keys.response_keys(response_id), self._keys.run_index(), self._keys.run_queue()]
+        keys = [*self._keys.response_keys(response_id), *self._keys.response_index(response_id)]
         if idempotency is not None:
             keys.append(self._keys.idempotency(*idempotency))
         if conversation_id is not None:
@@ -260,7 +268,7 @@ class RedisStore(RedisConversations):
 
     @unavailable_on_connection_error
     async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
-        keys = [*self._keys.response_keys(response_id), self._keys.run_index(), self._keys.run_queue()]
+        keys = [*self._keys.response_keys(response_id), *self._keys.response_index(response_id)]
         result = await self._delete_script(keys=keys, args=[int(only_if_finished), response_id])
         return DeleteOutcome(result.decode().lower())
 
@@ -321,3 +329,17 @@ class RedisStore(RedisConversations):
     async def close(self) -> None:
         await self._mux.close()
         await self._client.aclose(close_connection_pool=True)
+
+
+def _first_by_score(replies: Sequence[list[Any] | Exception], limit: int) -> list[str]:
+    """The `limit` members of lowest score over several WITHSCORES replies (one per shard): flat
+    `[member, score, …]` in RESP2, `[[member, score], …]` in RESP3."""
+    scored: list[tuple[float, bytes]] = []
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+        if reply and isinstance(reply[0], list):
+            scored += [(float(score), member) for member, score in reply]
+        else:
+            scored += [(float(reply[i + 1]), reply[i]) for i in range(0, len(reply), 2)]
+    return [member.decode() for _, member in sorted(scored)[:limit]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,11 +30,11 @@ async def stored_response_ids(redis_url: str, key_prefix: str) -> list[str]:
     what a response holds is read through the API."""
     redis = aioredis.Redis.from_url(redis_url)
     try:
-        pattern = KeySpace(key_prefix).response_state("*")
-        names = [key.decode() async for key in redis.scan_iter(match=pattern, count=1000)]
+        keys = KeySpace(key_prefix)
+        names = [key.decode() async for key in redis.scan_iter(match=keys.response_state_pattern(), count=1000)]
     finally:
         await redis.aclose()
-    return sorted(match.group(1) for name in names if (match := re.search(r"\{([^}]+)\}", name)))
+    return sorted(keys.response_id_in(name) for name in names)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from gateway.state import OWNERSHIP
 from runs.faults import FaultPoints
 from runs.status import TERMINAL_EVENT_TYPES
 from storage.base import Store, StoreUnavailable
+from storage.keys import SHARDS
 from storage.memory import MemoryStore
 from storage.redis import RedisStore
 from storage.status import TERMINAL_STATUSES
@@ -32,8 +33,11 @@ async def index_members(store: Store) -> tuple[set[str], set[str]]:
     store = real_store(store)
     if isinstance(store, RedisStore):
         client = store._client
-        index = {member.decode() for member in await client.zrange(store.keys.run_index(), 0, -1)}
-        queue = {member.decode() for member in await client.zrange(store.keys.run_queue(), 0, -1)}
+        index: set[str] = set()
+        queue: set[str] = set()
+        for shard in range(SHARDS):
+            index |= {member.decode() for member in await client.zrange(store.keys.run_index(shard), 0, -1)}
+            queue |= {member.decode() for member in await client.zrange(store.keys.run_queue(shard), 0, -1)}
         return index, queue
     assert isinstance(store, MemoryStore)
     return set(store._run_index), set(store._queue)

@@ -10,7 +10,7 @@ import redis
 
 from runs.status import TERMINAL_EVENT_TYPES, ResponseStatus
 from storage.fold import fold_events
-from storage.keys import KeySpace
+from storage.keys import SHARDS, KeySpace
 from storage.memory import MemoryStore
 from storage.status import TERMINAL_STATUSES
 
@@ -80,15 +80,15 @@ def memory_snapshot(store: MemoryStore, conversations: list[str], keys: list[str
 def redis_snapshot(client: redis.Redis, keys: KeySpace, conversations: list[str], idem: list[str]) -> StoreSnapshot:
     """Find the response ids by SCAN, then read everything in one MULTI: a script in flight runs wholly before or
     after it, so the picture is one the store really passed through."""
-    prefix = f"{keys.prefix}:{{"
     ids: set[str] = set()
-    for raw in client.scan_iter(match=f"{prefix}resp_*", count=1000):
-        ids.add(raw.decode()[len(prefix) :].split("}", 1)[0])
+    for raw in client.scan_iter(match=keys.response_keys_pattern(), count=1000):
+        ids.add(keys.response_id_in(raw.decode()))
     for _ in range(5):
         ordered = sorted(ids)
         pipe = client.pipeline(transaction=True)
-        pipe.zrange(keys.run_index(), 0, -1, withscores=True)
-        pipe.zrange(keys.run_queue(), 0, -1)
+        for shard in range(SHARDS):
+            pipe.zrange(keys.run_index(shard), 0, -1, withscores=True)
+            pipe.zrange(keys.run_queue(shard), 0, -1, withscores=True)
         for response_id in ordered:
             pipe.hgetall(keys.response_state(response_id))
             pipe.xrange(keys.response_events(response_id))
@@ -99,13 +99,14 @@ def redis_snapshot(client: redis.Redis, keys: KeySpace, conversations: list[str]
         for key in idem:
             pipe.get(keys.idempotency(SCOPE, key))
         reply = pipe.execute()
-        index = {member.decode(): int(score) for member, score in reply[0]}
-        queue = [member.decode() for member in reply[1]]
+        index = {member.decode(): int(score) for shard in reply[0 : 2 * SHARDS : 2] for member, score in shard}
+        queued = sorted((score, member.decode()) for shard in reply[1 : 2 * SHARDS : 2] for member, score in shard)
+        queue = [member for _, member in queued]  # in admission order across the shards, as the sweeper takes them
         if set(index) | set(queue) <= ids:
             break
         ids |= set(index) | set(queue)  # indexed after the SCAN: read again with them
     snapshot = StoreSnapshot(run_index=index, queue=queue)
-    position = 2
+    position = 2 * SHARDS
     for response_id in ordered:
         state, entries, has_input = reply[position : position + 3]
         position += 3

@@ -16,6 +16,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.config import load_settings
+from storage.keys import KeySpace
 from tests.conftest import (
     GatewayProcess,
     eventually,
@@ -110,7 +111,7 @@ async def test_sigkill_before_output_restarts_the_run_elsewhere(
         # The restarted run asks the simulator again; with the same metadata it would wait a minute, so the
         # subscriber only checks that B took it and the stream simply goes on.
         async def taken_over() -> bool:
-            owner = await redis_client.hget(f"{key_prefix}:{{{created.id}}}:state", "recovery_count")
+            owner = await redis_client.hget(KeySpace(key_prefix).response_state(created.id), "recovery_count")
             return owner == b"1"
 
         await eventually(taken_over, within=15)
@@ -153,7 +154,7 @@ async def test_restarted_run_completes_with_the_same_text(
         await eventually(completed, within=20)
         final = await client_b.responses.retrieve(slow.id)
         assert final.output_text == expected_text("restart and finish", tokens=5)
-        assert await redis_client.hget(f"{key_prefix}:{{{slow.id}}}:state", "recovery_count") == b"1"
+        assert await redis_client.hget(KeySpace(key_prefix).response_state(slow.id), "recovery_count") == b"1"
         assert_clean_log(await stream_frames(b.url, slow.id))
         assert (await client_b.responses.retrieve(created.id)).status == "completed"
     finally:

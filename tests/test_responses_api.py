@@ -216,7 +216,7 @@ async def test_every_key_a_run_writes_has_a_ttl_and_one_hash_tag(
         ttl = await redis_client.pttl(key)
         assert 0 < ttl <= 600_000, (key, ttl)
     for response_id in (first.id, second.id, third.id):
-        assert sum(f"{{{response_id}}}".encode() in key for key in keys) == 3
+        assert sum(f":{response_id}:".encode() in key for key in keys) == 3
 
 
 async def test_unknown_response_is_a_404_envelope(gateway: Gateway) -> None:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from storage.base import (
     ConversationMissing,
@@ -623,8 +624,12 @@ async def test_redis_every_key_has_the_retention_ttl(redis_server: str, key_pref
         assert len(keys) == 8  # two responses' three keys, the run index and the queue
         for key in keys:
             assert 0 < await client.pttl(key) <= 60_000, key
-        response_keys = [key for key in keys if b"{resp_ttl}" in key]
-        assert len(response_keys) == 3  # one hash tag: one Cluster slot
+        response_keys = [key for key in keys if b":resp_ttl:" in key]
+        assert len(response_keys) == 3
+        # One Cluster slot for the response's keys and its shard's index: every script of its life touches one.
+        assert {key_slot(key) for key in [*response_keys, store.keys.response_index("resp_ttl")[0].encode()]} == {
+            key_slot(response_keys[0])
+        }
     finally:
         await client.aclose()
         await store.close()

@@ -1,7 +1,7 @@
 -- Admit a response in one step: its first events, snapshot, input items and stored request, and its place in
 -- the run index (owned, due when its lease expires) or at the tail of the queue (unowned, FIFO by Redis time).
 -- A response is never stored without being indexed or queued, so no sweeper can miss it.
--- KEYS: state hash, events stream, input string (one hash tag), run index, queue
+-- KEYS: state hash, events stream, input string, run index, queue (all of the response's shard: one hash slot)
 -- ARGV: ttl_ms, response_id, snapshot, status, background, stored, input_json, request_json, owner ('' to queue),
 --       lease_ms, tenant, idempotency key name ('' for none), conversation id of its turn ('' for none),
 --       then (entry_id, type, data) per event, from seq 0
