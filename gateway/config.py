@@ -46,8 +46,9 @@ class StorageConfig(_Section):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        if not url.startswith(("memory://", "redis://", "rediss://", "unix://")):
-            raise ValueError("must start with memory://, redis://, rediss:// or unix://")
+        schemes = ("memory://", "redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if not url.startswith(schemes):
+            raise ValueError("must start with " + ", ".join(schemes[:-1]) + " or " + schemes[-1])
         return url
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, apply_event, stored_json
-from storage.base import Lease, LeaseLost, Store, StoredEvent, StoreUnavailable
+from storage.base import Lease, LeaseLost, Store, StoreClosed, StoredEvent, StoreUnavailable
 from storage.status import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class EventLog:
                     self._response_id, batch, snapshot=snapshot, status=status, lease=self.lease
                 )
             except StoreUnavailable as error:
-                if loop.time() + delay > deadline:
+                if isinstance(error, StoreClosed) or loop.time() + delay > deadline:
                     raise
                 log.warning("append to %s failed (%s); retrying in %.2fs", self._response_id, error, delay)
                 await asyncio.sleep(delay)

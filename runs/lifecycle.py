@@ -18,7 +18,16 @@ from runs.ids import new_id
 from runs.items import Json
 from runs.run import ResponseRun, emit_terminal
 from runs.status import TERMINAL, ResponseStatus
-from storage.base import ConversationMissing, Lease, LeaseLost, NewResponse, ResponseRecord, Store, StoreUnavailable
+from storage.base import (
+    ConversationMissing,
+    Lease,
+    LeaseLost,
+    NewResponse,
+    ResponseRecord,
+    Store,
+    StoreClosed,
+    StoreUnavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +150,7 @@ class Lifecycle:
                 )
                 return
             except StoreUnavailable as error:
-                if loop.time() + delay > deadline:
+                if isinstance(error, StoreClosed) or loop.time() + delay > deadline:
                     log.error("could not undo the admission of %s: %s", response_id, error)
                     return
                 await asyncio.sleep(delay)

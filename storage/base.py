@@ -46,6 +46,10 @@ class StoreUnavailable(StoreError):
     """The backend could not be reached or did not answer in time. Safe to retry: appends are idempotent."""
 
 
+class StoreClosed(StoreUnavailable):
+    """The store was closed (this instance is shutting down): retrying will not help."""
+
+
 @dataclass(slots=True)  # not frozen: a frozen dataclass takes three times as long to build, and millions are
 class StoredEvent:
     """One event as clients see it: `data` is the exact JSON sent on the wire, including `sequence_number`.
@@ -166,7 +170,9 @@ class EventLogStore(Protocol):
     async def create_response(self, new: NewResponse) -> Lease | None:
         """Admit the response in one step: its first events (sequence numbers from 0), snapshot, input items and
         request, and its place in the run index (owned by `new.owner` under the returned lease) or at the tail of
-        the queue (unowned, None). Raises ResponseAlreadyExists."""
+        the queue (unowned, None). Raises ResponseAlreadyExists. A response named by an Idempotency-Key has an
+        id in that key's shard (`storage.keys.with_shard(id, idempotency_shard(scope, key))`), so that one step
+        can change both (admission makes it so)."""
 
     async def append_events(
         self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes | None, status: str, lease: Lease

@@ -10,9 +10,15 @@ MEMORY_URL = "memory://"
 
 
 def open_store(url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 512) -> Store:
-    """`memory://` gives the embedded store; `redis://…` and `rediss://…` the Redis backend."""
+    """`memory://` gives the embedded store; `redis://…`, `rediss://…` and `unix://…` the Redis backend on one
+    node; `redis+cluster://host:port[,host:port…]` (`rediss+cluster://` for TLS) the Redis backend on a Redis
+    Cluster."""
     if url == MEMORY_URL or url.startswith(MEMORY_URL):
         return MemoryStore(retention_seconds=retention_seconds)
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        return RedisStore.from_cluster_url(
+            url, key_prefix=key_prefix, retention_seconds=retention_seconds, max_connections=max_connections
+        )
     if url.startswith(("redis://", "rediss://", "unix://")):
         return RedisStore.from_url(
             url, key_prefix=key_prefix, retention_seconds=retention_seconds, max_connections=max_connections

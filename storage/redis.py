@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from storage.base import (
     DeleteOutcome,
@@ -20,11 +21,18 @@ from storage.base import (
     StoredEvent,
 )
 from storage.fold import fold_events
-from storage.keys import SHARDS, KeySpace, after_entry_id
+from storage.keys import SHARDS, KeySpace, after_entry_id, shard_of
 from storage.redis_appends import PlainAppends, append_refusal
+from storage.redis_cluster import (
+    ClusterAddress,
+    ClusterCommands,
+    ClusterEventFeed,
+    open_cluster_client,
+    sharded_notices,
+)
 from storage.redis_conversations import RedisConversations
 from storage.redis_feed import RedisEventFeed
-from storage.redis_mux import LuaScript, RedisMux
+from storage.redis_mux import LuaScript, RedisCommands, RedisMux
 from storage.redis_support import (
     COMMAND_TIMEOUT_SECONDS,
     CONNECT_TIMEOUT_SECONDS,
@@ -46,23 +54,37 @@ from storage.redis_support import (
 class RedisStore(RedisConversations):
     """Store backed by Redis (or any server speaking its protocol, ≥ 6.2 for exclusive XRANGE)."""
 
-    def __init__(self, client: aioredis.Redis, *, key_prefix: str, retention_seconds: int) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis | RedisCluster,
+        *,
+        key_prefix: str,
+        retention_seconds: int,
+        cluster: ClusterAddress | None = None,
+    ) -> None:
         self._client = client
         self._keys = KeySpace(key_prefix)
         self._ttl_ms = retention_seconds * 1000
-        # The hot path's scripts run over the auto-pipelined connection (storage/redis_mux.py).
-        self._mux = RedisMux(client)
+        self._cluster = cluster
+        # Every script runs through one of these. On one node, the auto-pipelined connection
+        # (storage/redis_mux.py); on a cluster, redis-py's client routing each to its slot's node.
+        self._mux: RedisCommands
+        if isinstance(client, RedisCluster):
+            assert cluster is not None, "a cluster client comes with its address"
+            self._mux = ClusterCommands(client)
+        else:
+            self._mux = RedisMux(client)
         self._create_script = LuaScript.of(load_lua("create_response.lua"))
         self._append_script = LuaScript.of(load_lua("append_events.lua"))
-        self._delete_script = client.register_script(load_lua("delete_response.lua"))
-        self._cancel_script = client.register_script(load_lua("request_cancel.lua"))
-        self._claim_script = client.register_script(load_lua("claim_idempotency_key.lua"))
-        self._release_script = client.register_script(load_lua("release_idempotency_key.lua"))
-        self._register_conversation_scripts(client)
+        self._delete_script = LuaScript.of(load_lua("delete_response.lua"))
+        self._cancel_script = LuaScript.of(load_lua("request_cancel.lua"))
+        self._claim_script = LuaScript.of(load_lua("claim_idempotency_key.lua"))
+        self._release_script = LuaScript.of(load_lua("release_idempotency_key.lua"))
+        self._register_conversation_scripts()
         self._lease_script = LuaScript.of(load_lua("lease.lua"))
         self._due_script = LuaScript.of(load_lua("due_runs.lua"))
         self._settle_script = LuaScript.of(load_lua("settle_response.lua"))
-        self._abandon_script = client.register_script(load_lua("abandon_admission.lua"))
+        self._abandon_script = LuaScript.of(load_lua("abandon_admission.lua"))
         self._read_events_script = LuaScript.of(load_lua("read_events.lua"))
         self._read_response_script = LuaScript.of(load_lua("read_response.lua"))
         self._plain_appends = PlainAppends(self._mux, self._keys)
@@ -81,6 +103,16 @@ class RedisStore(RedisConversations):
         )
         client = aioredis.Redis(connection_pool=pool)
         return cls(client, key_prefix=key_prefix, retention_seconds=retention_seconds)
+
+    @classmethod
+    def from_cluster_url(
+        cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 512
+    ) -> RedisStore:
+        """A store on the Redis Cluster at `url` (`redis+cluster://[user:password@]host:port[,host:port…]`, or
+        `rediss+cluster://` for TLS): any of its nodes will do as seeds, the rest is discovered."""
+        address = ClusterAddress.parse(url)
+        client = open_cluster_client(address, max_connections=max_connections)
+        return cls(client, key_prefix=key_prefix, retention_seconds=retention_seconds, cluster=address)
 
     @property
     def keys(self) -> KeySpace:
@@ -208,10 +240,12 @@ class RedisStore(RedisConversations):
         keys = [*self._keys.response_keys(response_id), *self._keys.response_index(response_id)]
         if idempotency is not None:
             keys.append(self._keys.idempotency(*idempotency))
-        if conversation_id is not None:
-            keys.append(self._keys.conversation_keys(conversation_id)[0])
-        flags = [int(idempotency is not None), int(conversation_id is not None)]
-        await self._abandon_script(keys=keys, args=[response_id, *flags])
+        result = await self._mux.script(self._abandon_script, keys, [response_id, int(idempotency is not None)])
+        if result == b"OK" and conversation_id is not None:
+            # The turn lives in the conversation's own slot, so it is released in a step of its own. Lost between
+            # the two, it is held by a response that no longer exists, and the next turn clears it
+            # (Lifecycle.take_turn); a retry of this undo releases it too.
+            await self.clear_conversation_turn(conversation_id, response_id)
 
     @unavailable_on_connection_error
     async def get_response(self, response_id: str) -> ResponseRecord | None:
@@ -269,16 +303,26 @@ class RedisStore(RedisConversations):
     @unavailable_on_connection_error
     async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
         keys = [*self._keys.response_keys(response_id), *self._keys.response_index(response_id)]
-        result = await self._delete_script(keys=keys, args=[int(only_if_finished), response_id])
+        result = await self._mux.script(self._delete_script, keys, [int(only_if_finished), response_id])
         return DeleteOutcome(result.decode().lower())
 
     @unavailable_on_connection_error
     async def request_cancel(self, response_id: str) -> str | None:
-        channel = self._keys.cancel_channel()
-        status = await self._cancel_script(keys=[self._keys.response_state(response_id)], args=[channel, response_id])
+        if self._cluster is None:
+            channel, publish = self._keys.cancel_channel(), "PUBLISH"
+        else:  # sharded pub/sub: only the nodes that serve the shard's slot pass it on, not the whole cluster
+            channel, publish = self._keys.cancel_channel(shard_of(response_id)), "SPUBLISH"
+        keys = [self._keys.response_state(response_id)]
+        status = await self._mux.script(self._cancel_script, keys, [channel, response_id, publish])
         return status.decode() if status else None
 
     async def cancel_requests(self) -> AsyncIterator[str]:
+        if isinstance(self._client, RedisCluster):
+            assert self._cluster is not None
+            channels = [self._keys.cancel_channel(shard) for shard in range(SHARDS)]
+            async for response_id in sharded_notices(self._client, self._cluster, channels):
+                yield response_id
+            return
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
@@ -300,8 +344,8 @@ class RedisStore(RedisConversations):
         self, scope: str, key: str, *, fingerprint: str, response_id: str, ttl_seconds: int
     ) -> IdempotencyClaim | None:
         claim = claim_json(IdempotencyClaim(fingerprint, response_id, now_ms()))
-        existing = await self._claim_script(
-            keys=[self._keys.idempotency(scope, key)], args=[claim, ttl_seconds * 1000, ""]
+        existing = await self._mux.script(
+            self._claim_script, [self._keys.idempotency(scope, key)], [claim, ttl_seconds * 1000, ""]
         )
         return parse_claim(existing) if existing else None
 
@@ -309,17 +353,21 @@ class RedisStore(RedisConversations):
     async def replace_idempotency_claim(
         self, scope: str, key: str, *, expected_response_id: str, claim: IdempotencyClaim, ttl_seconds: int
     ) -> bool:
-        result = await self._claim_script(
-            keys=[self._keys.idempotency(scope, key)],
-            args=[claim_json(claim), ttl_seconds * 1000, expected_response_id],
+        result = await self._mux.script(
+            self._claim_script,
+            [self._keys.idempotency(scope, key)],
+            [claim_json(claim), ttl_seconds * 1000, expected_response_id],
         )
         return bool(result == b"REPLACED")
 
     @unavailable_on_connection_error
     async def release_idempotency_key(self, scope: str, key: str, *, response_id: str) -> None:
-        await self._release_script(keys=[self._keys.idempotency(scope, key)], args=[response_id])
+        await self._mux.script(self._release_script, [self._keys.idempotency(scope, key)], [response_id])
 
-    def open_event_feed(self) -> RedisEventFeed:
+    def open_event_feed(self) -> RedisEventFeed | ClusterEventFeed:
+        if isinstance(self._client, RedisCluster):
+            assert self._cluster is not None
+            return ClusterEventFeed(self._client, self._keys, self._cluster)
         return RedisEventFeed(self._client, self._keys)
 
     @unavailable_on_connection_error
@@ -328,7 +376,10 @@ class RedisStore(RedisConversations):
 
     async def close(self) -> None:
         await self._mux.close()
-        await self._client.aclose(close_connection_pool=True)
+        if isinstance(self._client, RedisCluster):
+            await self._client.aclose()
+        else:
+            await self._client.aclose(close_connection_pool=True)
 
 
 def _first_by_score(replies: Sequence[list[Any] | Exception], limit: int) -> list[str]:

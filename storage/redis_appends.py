@@ -28,14 +28,14 @@ from storage.base import (
     StoreUnavailable,
 )
 from storage.keys import KeySpace, event_entry_id
-from storage.redis_mux import LuaScript, RedisMux
+from storage.redis_mux import LuaScript, RedisCommands
 from storage.redis_support import load_lua
 
 
 class PlainAppends:
     """Snapshotless appends: the events as XADDs, and what a refusal means."""
 
-    def __init__(self, mux: RedisMux, keys: KeySpace) -> None:
+    def __init__(self, mux: RedisCommands, keys: KeySpace) -> None:
         self._mux = mux
         self._keys = keys
         self._check_script = LuaScript.of(load_lua("check_append.lua"))

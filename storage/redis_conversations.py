@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from storage.base import (
     ConversationMissing,
@@ -13,20 +14,22 @@ from storage.base import (
     ResponseAlreadyExists,
 )
 from storage.keys import KeySpace
+from storage.redis_mux import LuaScript, RedisCommands
 from storage.redis_support import item_pairs, load_lua, unavailable_on_connection_error
 
 
 class RedisConversations:
     """The conversation half of RedisStore (a mixin: it shares the store's client, keys and retention)."""
 
-    _client: aioredis.Redis
+    _client: aioredis.Redis | RedisCluster
+    _mux: RedisCommands
     _keys: KeySpace
     _ttl_ms: int
 
-    def _register_conversation_scripts(self, client: aioredis.Redis) -> None:
-        self._create_conversation_script = client.register_script(load_lua("create_conversation.lua"))
-        self._conversation_script = client.register_script(load_lua("conversation.lua"))
-        self._list_items_script = client.register_script(load_lua("list_conversation_items.lua"))
+    def _register_conversation_scripts(self) -> None:
+        self._create_conversation_script = LuaScript.of(load_lua("create_conversation.lua"))
+        self._conversation_script = LuaScript.of(load_lua("conversation.lua"))
+        self._list_items_script = LuaScript.of(load_lua("list_conversation_items.lua"))
 
     @unavailable_on_connection_error
     async def create_conversation(
@@ -40,7 +43,7 @@ class RedisConversations:
     ) -> None:
         args: list[bytes | str | int] = [self._ttl_ms, created_at, metadata, tenant, *item_pairs(items)]
         keys = list(self._keys.conversation_keys(conversation_id))
-        if await self._create_conversation_script(keys=keys, args=args) == b"EXISTS":
+        if await self._mux.script(self._create_conversation_script, keys, args) == b"EXISTS":
             raise ResponseAlreadyExists(conversation_id)
 
     @unavailable_on_connection_error
@@ -60,7 +63,7 @@ class RedisConversations:
 
     async def _change_conversation(self, conversation_id: str, action: str, *args: bytes | str) -> bytes:
         keys = list(self._keys.conversation_keys(conversation_id))
-        result: bytes = await self._conversation_script(keys=keys, args=[self._ttl_ms, action, *args])
+        result: bytes = await self._mux.script(self._conversation_script, keys, [self._ttl_ms, action, *args])
         if result == b"MISSING":
             raise ConversationMissing(conversation_id)
         return result
@@ -105,8 +108,8 @@ class RedisConversations:
         self, conversation_id: str, *, after: str | None, limit: int, order: str
     ) -> tuple[list[bytes], bool]:
         _, items_key, order_key = self._keys.conversation_keys(conversation_id)
-        reply: list[bytes] = await self._list_items_script(
-            keys=[items_key, order_key], args=[after or "", limit, order]
+        reply: list[bytes] = await self._mux.script(
+            self._list_items_script, [items_key, order_key], [after or "", limit, order]
         )
         if reply and reply[0] == b"NO_AFTER":
             raise CursorNotFound(after or "")

@@ -21,7 +21,7 @@ import contextlib
 import hashlib
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import hiredis
 import redis.asyncio as aioredis
@@ -29,7 +29,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from storage.base import StoreUnavailable
+from storage.base import StoreClosed, StoreUnavailable
 from storage.redis_support import COMMAND_TIMEOUT_SECONDS
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
@@ -47,6 +47,30 @@ class LuaScript:
     @classmethod
     def of(cls, source: str) -> LuaScript:
         return cls(source, hashlib.sha1(source.encode()).hexdigest())
+
+
+class RedisCommands(Protocol):
+    """How the store runs its commands: over one node's auto-pipelined connection (RedisMux) or routed over a
+    cluster (storage.redis_cluster.ClusterCommands). Raw replies; an error reply is returned, not raised, except
+    by `script`; a lost connection is StoreUnavailable."""
+
+    async def execute(self, *args: Any) -> Any: ...
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]: ...
+
+    async def script(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any: ...
+
+    async def close(self) -> None: ...
+
+
+async def run_script(commands: RedisCommands, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
+    """Run a script by its SHA, loading it with EVAL when Redis does not know it yet; an error reply raises."""
+    reply = await commands.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+    if isinstance(reply, NoScriptError):
+        reply = await commands.execute("EVAL", script.source, len(keys), *keys, *args)
+    if isinstance(reply, ResponseError):
+        raise reply
+    return reply
 
 
 @dataclass(slots=True)
@@ -81,7 +105,7 @@ class RedisMux:
         """The raw reply to one command (a ResponseError instance for an error reply). Raises StoreUnavailable
         when the connection fails before the reply arrives."""
         if self._closed:
-            raise StoreUnavailable("redis: the store is closed")
+            raise StoreClosed("redis: the store is closed")
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queued.append((args, reply))
         self._schedule_flush()
@@ -90,7 +114,7 @@ class RedisMux:
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The raw replies to several commands, sent together and in order."""
         if self._closed:
-            raise StoreUnavailable("redis: the store is closed")
+            raise StoreClosed("redis: the store is closed")
         loop = asyncio.get_running_loop()
         replies = [loop.create_future() for _ in commands]
         self._queued.extend(zip(commands, replies, strict=True))
@@ -102,13 +126,7 @@ class RedisMux:
                 reply.cancel()  # no-op for those done; the rest are skipped or their replies dropped
 
     async def script(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
-        """Run a script by its SHA, loading it with EVAL when Redis does not know it yet; an error reply raises."""
-        reply = await self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        if isinstance(reply, NoScriptError):
-            reply = await self.execute("EVAL", script.source, len(keys), *keys, *args)
-        if isinstance(reply, ResponseError):
-            raise reply
-        return reply
+        return await run_script(self, script, keys, args)
 
     async def close(self) -> None:
         self._closed = True

@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 # How long to wait before re-subscribing after the pub/sub connection failed.
 RESUBSCRIBE_DELAY_SECONDS = 1.0
 
+
+# What means "the store could not be reached, or not answer now": a lost or refused connection, a timeout, and on
+# a cluster a slot without a master for now (a failover in progress) or a slot that is being moved.
+UNAVAILABLE_ERRORS = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
 
 # How often the pub/sub loop wakes up without a message (to notice a cancellation redis-py swallowed).
 PUBSUB_POLL_SECONDS = 1.0
@@ -60,7 +72,7 @@ def unavailable_on_connection_error(
     async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
         try:
             return await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        except UNAVAILABLE_ERRORS as error:
             raise StoreUnavailable(f"redis: {error}") from error
 
     return wrapper

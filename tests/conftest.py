@@ -30,6 +30,7 @@ from gateway.app import create_app
 from gateway.config import Settings, load_settings
 from gateway.state import FAULTS
 from runs.faults import FaultPoints
+from tests.redis_cluster import RedisCluster
 from tests.tcp_proxy import TcpProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +95,17 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     wait_for_port(port, process)
     yield f"redis://127.0.0.1:{port}/0"
     stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis Cluster (3 masters, 3 replicas) on free loopback ports for the whole session; its URL
+    (`redis+cluster://…`, every node a seed)."""
+    cluster = RedisCluster.start(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture(scope="session")

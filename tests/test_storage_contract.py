@@ -26,6 +26,7 @@ from storage.base import (
     Store,
     StoredEvent,
 )
+from storage.keys import idempotency_shard, with_shard
 from storage.memory import MemoryStore
 from storage.redis import RedisStore
 
@@ -40,12 +41,17 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(params=["redis", "memory"])
+@pytest.fixture(params=["redis", "cluster", "memory"])
 async def store(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Store]:
     backend: Store
     if request.param == "redis":
         url = request.getfixturevalue("redis_server")
         backend = RedisStore.from_url(url, key_prefix=key_prefix, retention_seconds=60)
+    elif request.param == "cluster":
+        # Every script of the store runs here against a real cluster: one whose keys were not all of one slot
+        # would fail (CROSSSLOT).
+        url = request.getfixturevalue("redis_cluster_url")
+        backend = RedisStore.from_cluster_url(url, key_prefix=key_prefix, retention_seconds=60)
     else:
         backend = MemoryStore(retention_seconds=60)
     yield backend
@@ -582,15 +588,16 @@ async def test_settling_needs_a_stored_end_and_drops_the_index_entry(store: Stor
 
 
 async def test_an_abandoned_admission_leaves_nothing(store: Store) -> None:
+    keyed = with_shard("resp_ab00", idempotency_shard("t", "k"))  # as admission makes a keyed response's id
     await store.create_conversation("conv_ab", created_at=1, metadata=b"{}", items=[])
-    assert await store.claim_idempotency_key("t", "k", fingerprint="f", response_id="resp_ab", ttl_seconds=60) is None
+    assert await store.claim_idempotency_key("t", "k", fingerprint="f", response_id=keyed, ttl_seconds=60) is None
     await store.create_response(
-        NewResponse(**vars_of(queued_response("resp_ab")) | {"idempotency": ("t", "k"), "conversation_id": "conv_ab"})
+        NewResponse(**vars_of(queued_response(keyed)) | {"idempotency": ("t", "k"), "conversation_id": "conv_ab"})
     )
-    assert await store.begin_conversation_turn("conv_ab", "resp_ab") is None
-    assert await store.begin_conversation_turn("conv_ab", "resp_ab") is None  # its own turn again: a no-op
-    await store.abandon_admission("resp_ab", idempotency=("t", "k"), conversation_id="conv_ab")
-    assert await store.get_response("resp_ab") is None
+    assert await store.begin_conversation_turn("conv_ab", keyed) is None
+    assert await store.begin_conversation_turn("conv_ab", keyed) is None  # its own turn again: a no-op
+    await store.abandon_admission(keyed, idempotency=("t", "k"), conversation_id="conv_ab")
+    assert await store.get_response(keyed) is None
     assert await store.queued_runs(10) == []
     conversation = await store.get_conversation("conv_ab")
     assert conversation is not None
@@ -598,7 +605,7 @@ async def test_an_abandoned_admission_leaves_nothing(store: Store) -> None:
     assert await store.claim_idempotency_key("t", "k", fingerprint="f", response_id="resp_2", ttl_seconds=60) is None
     # An undo never takes what another response holds.
     assert await store.begin_conversation_turn("conv_ab", "resp_other") is None
-    await store.abandon_admission("resp_ab", idempotency=("t", "k"), conversation_id="conv_ab")
+    await store.abandon_admission(keyed, idempotency=("t", "k"), conversation_id="conv_ab")
     held = await store.claim_idempotency_key("t", "k", fingerprint="f", response_id="resp_3", ttl_seconds=60)
     assert held is not None
     assert held.response_id == "resp_2"
