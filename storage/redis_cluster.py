@@ -245,9 +245,14 @@ async def sharded_notices(client: RedisCluster, address: ClusterAddress, channel
                 pubsub = connection.pubsub(ignore_subscribe_messages=True)
                 for channel in node_channels:  # a shard channel per call: SSUBSCRIBE takes channels of one slot
                     await pubsub.ssubscribe(channel)
+                    raise_if_cancelling()  # redis-py can swallow a cancel that lands while it connects
                 listeners.append(asyncio.create_task(_listen(pubsub, received)))
             while True:
-                item = await received.get()
+                raise_if_cancelling()
+                try:
+                    item = await asyncio.wait_for(received.get(), PUBSUB_POLL_SECONDS)
+                except TimeoutError:
+                    continue
                 if isinstance(item, BaseException):
                     raise item
                 yield item
@@ -267,6 +272,7 @@ async def sharded_notices(client: RedisCluster, address: ClusterAddress, channel
 async def _listen(pubsub: PubSub, received: asyncio.Queue[str | BaseException]) -> None:
     try:
         while True:
+            raise_if_cancelling()
             message = await pubsub.get_message(ignore_subscribe_messages=False, timeout=PUBSUB_POLL_SECONDS)
             if message is None:
                 continue

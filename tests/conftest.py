@@ -25,11 +25,13 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from gateway.app import create_app
 from gateway.config import Settings, load_settings
 from gateway.state import FAULTS
 from runs.faults import FaultPoints
+from storage.redis_cluster import ClusterAddress, open_cluster_client
 from tests.redis_cluster import RedisCluster
 from tests.tcp_proxy import TcpProxy
 
@@ -145,6 +147,18 @@ async def redis_proxy(redis_server: str) -> AsyncIterator[TcpProxy]:
 
 
 @pytest.fixture
+async def shared_redis_client(shared_redis_url: str) -> AsyncIterator[aioredis.Redis | RedisClusterClient]:
+    """A client of what `shared_redis_url` names, for tests that look at keys."""
+    client: aioredis.Redis | RedisClusterClient
+    if shared_redis_url.startswith("redis+cluster://"):
+        client = open_cluster_client(ClusterAddress.parse(shared_redis_url), max_connections=16)
+    else:
+        client = aioredis.Redis.from_url(shared_redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
 def key_prefix() -> str:
     """A key prefix of this test's own, so tests sharing the Redis never see each other's keys."""
     return f"t{uuid.uuid4().hex[:10]}"
@@ -176,12 +190,19 @@ class Gateway:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@pytest.fixture(params=["redis", "memory"])
+@pytest.fixture(params=["redis", "cluster", "memory"])
 def storage_url(request: pytest.FixtureRequest) -> str:
-    """Each end-to-end test runs against both backends."""
+    """Each end-to-end test runs against every backend: one Redis, a Redis Cluster, the embedded store."""
     if request.param == "memory":
         return "memory://"
-    url: str = request.getfixturevalue("redis_server")
+    url: str = request.getfixturevalue("redis_cluster_url" if request.param == "cluster" else "redis_server")
+    return url
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared_redis_url(request: pytest.FixtureRequest) -> str:
+    """What several gateway processes share: one Redis, or a Redis Cluster (the same tests run on both)."""
+    url: str = request.getfixturevalue("redis_cluster_url" if request.param == "cluster" else "redis_server")
     return url
 
 
@@ -276,10 +297,10 @@ def start_gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProce
 
 @pytest.fixture
 def two_gateways(
-    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
+    start_gateway_process: Callable[..., GatewayProcess], shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> tuple[GatewayProcess, GatewayProcess]:
-    """Two gateway processes sharing one Redis."""
-    env = redis_gateway_env(redis_server, simulator_url, key_prefix)
+    """Two gateway processes sharing one Redis, or one Redis Cluster."""
+    env = redis_gateway_env(shared_redis_url, simulator_url, key_prefix)
     return start_gateway_process(env), start_gateway_process(env)
 
 

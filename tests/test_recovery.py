@@ -14,6 +14,7 @@ import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.config import load_settings
 from storage.keys import KeySpace
@@ -45,12 +46,13 @@ def assert_clean_log(frames: list[Frame]) -> None:
 
 @pytest.fixture
 def fleet(
-    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
+    start_gateway_process: Callable[..., GatewayProcess], shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> Callable[..., GatewayProcess]:
-    """Start gateway processes on the shared Redis with short leases."""
+    """Start gateway processes on the shared Redis (one node, or a cluster) with short leases."""
 
     def start(**extra: str) -> GatewayProcess:
-        return start_gateway_process(redis_gateway_env(redis_server, simulator_url, key_prefix, **FAST_LEASES, **extra))
+        env = redis_gateway_env(shared_redis_url, simulator_url, key_prefix, **FAST_LEASES, **extra)
+        return start_gateway_process(env)
 
     return start
 
@@ -93,7 +95,7 @@ async def test_sigkill_after_output_ends_the_run_failed_on_another_instance(
 
 
 async def test_sigkill_before_output_restarts_the_run_elsewhere(
-    fleet: Callable[..., GatewayProcess], redis_client: aioredis.Redis, key_prefix: str
+    fleet: Callable[..., GatewayProcess], shared_redis_client: aioredis.Redis | RedisCluster, key_prefix: str
 ) -> None:
     a, b = fleet(), fleet()
     client_a, client_b = sdk_for(a.url), sdk_for(b.url)
@@ -111,7 +113,7 @@ async def test_sigkill_before_output_restarts_the_run_elsewhere(
         # The restarted run asks the simulator again; with the same metadata it would wait a minute, so the
         # subscriber only checks that B took it and the stream simply goes on.
         async def taken_over() -> bool:
-            owner = await redis_client.hget(KeySpace(key_prefix).response_state(created.id), "recovery_count")
+            owner = await shared_redis_client.hget(KeySpace(key_prefix).response_state(created.id), "recovery_count")
             return owner == b"1"
 
         await eventually(taken_over, within=15)
@@ -125,7 +127,7 @@ async def test_sigkill_before_output_restarts_the_run_elsewhere(
 
 
 async def test_restarted_run_completes_with_the_same_text(
-    fleet: Callable[..., GatewayProcess], redis_client: aioredis.Redis, key_prefix: str
+    fleet: Callable[..., GatewayProcess], shared_redis_client: aioredis.Redis | RedisCluster, key_prefix: str
 ) -> None:
     """With no output emitted yet, the instance that takes over restarts the run and it completes."""
     a = fleet(GATEWAY_SHUTDOWN__GRACE_SECONDS="0")
@@ -154,7 +156,7 @@ async def test_restarted_run_completes_with_the_same_text(
         await eventually(completed, within=20)
         final = await client_b.responses.retrieve(slow.id)
         assert final.output_text == expected_text("restart and finish", tokens=5)
-        assert await redis_client.hget(KeySpace(key_prefix).response_state(slow.id), "recovery_count") == b"1"
+        assert await shared_redis_client.hget(KeySpace(key_prefix).response_state(slow.id), "recovery_count") == b"1"
         assert_clean_log(await stream_frames(b.url, slow.id))
         assert (await client_b.responses.retrieve(created.id)).status == "completed"
     finally:
