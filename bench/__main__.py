@@ -34,7 +34,7 @@ MIN_STEP_SECONDS = 10.0
 ALL_WORKLOADS = frozenset({"a", "b", "c", "d", "e"})
 # The workloads that need the processes; (e) runs in this process alone.
 PROCESS_WORKLOADS = frozenset({"a", "b", "c", "d"})
-ALL_TARGETS = ("direct", "bare", "redis", "embedded", "litellm")
+ALL_TARGETS = ("direct", "bare", "redis", "embedded", "cluster", "litellm")
 BENCH_DIR = Path(__file__).resolve().parent
 MEASURED_CODE = ("gateway", "runs", "storage", "simulator", "pyproject.toml")
 PROFILE_BEFORE = BENCH_DIR / "results" / "profile-before-issue13.md"
@@ -242,12 +242,17 @@ class Bench:
         self.redis: procs.Proc | None = None
         self.simulator: procs.Proc | None = None
         self.gateways: dict[str, procs.Proc] = {}
+        self.cluster_url: str | None = None
         self.observed: Observed | None = None
 
     # -- processes ------------------------------------------------------------------------------------------------
 
     def _storage_url(self, name: str) -> str:
         assert self.redis is not None
+        if name == "cluster":
+            if self.cluster_url is None:
+                self.cluster_url = procs.start_redis_cluster(self.group)
+            return self.cluster_url
         return f"redis://{procs.LOOPBACK}:{self.redis.port}/0" if name == "redis" else "memory://"
 
     def start(self) -> None:
@@ -266,7 +271,7 @@ class Bench:
         if "bare" in config.targets:
             bare = procs.start_bare_proxy(group, simulator_url=simulator.url)
             self.targets.append(Target("bare", f"{bare.url}/v1", pid=bare.pid, background=False))
-        for name in ("redis", "embedded"):
+        for name in ("redis", "embedded", "cluster"):
             if name not in config.targets:
                 continue
             gateway = procs.start_gateway(

@@ -195,6 +195,62 @@ def start_redis(group: ProcessGroup) -> Proc:
     return proc
 
 
+CLUSTER_MASTERS = 3  # each with one replica, as a production cluster would have
+CLUSTER_BUS_OFFSET = 10_000
+
+
+def _cluster_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port in taken or port + CLUSTER_BUS_OFFSET >= 65_536:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port + CLUSTER_BUS_OFFSET))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+def start_redis_cluster(group: ProcessGroup) -> str:
+    """A Redis Cluster of 3 masters and 3 replicas on loopback (persistence off, as the single node); its
+    storage URL for the gateway."""
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        raise RuntimeError("redis-server and redis-cli are not on PATH (Debian: apt-get install redis-server)")
+    nodes: list[Proc] = []
+    taken: set[int] = set()
+    for index in range(CLUSTER_MASTERS * 2):
+        port = _cluster_port(taken)
+        taken |= {port, port + CLUSTER_BUS_OFFSET}
+        directory = group.workdir / f"redis-cluster-{index}"
+        directory.mkdir(exist_ok=True)
+        argv = [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
+        argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--dir", str(directory)]
+        nodes.append(group.start(f"redis-cluster-{index}", argv, port))
+    for node in nodes:
+        node.wait_listening()
+    addresses = [f"{LOOPBACK}:{node.port}" for node in nodes]
+    subprocess.run(
+        [cli, "--cluster", "create", *addresses, "--cluster-replicas", "1", "--cluster-yes"],
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        infos = [
+            subprocess.run([cli, "-p", str(node.port), "CLUSTER", "INFO"], capture_output=True, text=True).stdout
+            for node in nodes
+        ]
+        if all("cluster_state:ok" in info for info in infos):
+            return "redis+cluster://" + ",".join(addresses)
+        time.sleep(0.1)
+    raise RuntimeError("the Redis Cluster did not become ok within 30 s")
+
+
 def start_simulator(group: ProcessGroup, *, tokens: int, token_delay_ms: float, ttft_ms: float) -> Proc:
     port = free_port()
     argv = [sys.executable, "-m", "gateway", "simulate", "--port", str(port), "--tokens", str(tokens)]

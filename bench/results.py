@@ -17,6 +17,7 @@ LABELS = {
     "bare": "bare proxy",
     "redis": "gateway (Redis)",
     "embedded": "gateway (embedded)",
+    "cluster": "gateway (Redis Cluster)",
     "litellm": "LiteLLM",
 }
 LIGHT, HEAVY = "light", "heavy"

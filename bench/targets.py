@@ -36,7 +36,10 @@ def _proxy_cpu_light(results: BenchResults, target: str) -> float | None:
 
 
 def _redis_per_event_light(results: BenchResults, target: str) -> float | None:
-    return None if target == "embedded" else results.conc(LIGHT, target, lambda run: run.redis_per_event())
+    # The probe reads the single node's INFO: the embedded store has no Redis, the cluster's nodes are not probed.
+    if target in ("embedded", "cluster"):
+        return None
+    return results.conc(LIGHT, target, lambda run: run.redis_per_event())
 
 
 def _versus_litellm(results: BenchResults, target: str) -> float | None:
@@ -201,7 +204,8 @@ def _cell(goal: Goal, results: BenchResults, target: str) -> str:
 
 def render(results: BenchResults) -> str:
     """The targets table: one row per "Done when" line, medians of the repetitions."""
-    columns = [column for column in ("redis", "embedded", "direct", "bare", "litellm") if column in results.targets]
+    order = ("redis", "embedded", "cluster", "direct", "bare", "litellm")
+    columns = [column for column in order if column in results.targets]
     header = ["Done when", "target", *(LABELS[column] for column in columns), "context"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---", "---"] + ["---:"] * len(columns) + ["---"]) + "|"]
     for goal in goals(results.params):
