@@ -8,6 +8,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError
 
 from storage.base import (
     DeleteOutcome,
@@ -206,22 +207,19 @@ class RedisStore(RedisConversations):
 
     @unavailable_on_connection_error
     async def due_runs(self, limit: int) -> list[str]:
-        # Every shard's index at once (one pipelined write), then the longest-expired first across them.
-        replies = await asyncio.gather(
-            *(self._mux.script(self._due_script, [self._keys.run_index(shard)], [limit]) for shard in range(SHARDS))
-        )
+        # Every shard's index in one pipeline (one round trip per node), then the longest-expired first across them.
+        indexes = [self._keys.run_index(shard) for shard in range(SHARDS)]
+        script = self._due_script
+        replies = await self._mux.execute_many([("EVALSHA", script.sha, 1, index, limit) for index in indexes])
+        if any(isinstance(reply, NoScriptError) for reply in replies):  # not loaded on some node yet
+            replies = await asyncio.gather(*(self._mux.script(script, [index], [limit]) for index in indexes))
         return _first_by_score(replies, limit)
 
     @unavailable_on_connection_error
     async def queued_runs(self, limit: int) -> list[str]:
         # The head of every shard's queue, merged by admission time: the fleet's queue order, as one queue had it.
-        replies = await asyncio.gather(
-            *(
-                self._mux.execute("ZRANGE", self._keys.run_queue(shard), 0, limit - 1, "WITHSCORES")
-                for shard in range(SHARDS)
-            )
-        )
-        return _first_by_score(replies, limit)
+        commands = [("ZRANGE", self._keys.run_queue(shard), 0, limit - 1, "WITHSCORES") for shard in range(SHARDS)]
+        return _first_by_score(await self._mux.execute_many(commands), limit)
 
     @unavailable_on_connection_error
     async def settle_response(self, response_id: str, *, idempotency_ttl_seconds: int) -> bool:

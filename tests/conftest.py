@@ -19,6 +19,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+
+# Imported up front: otherwise the hypothesis plugin imports it at the session's end, and under CPython 3.11.7
+# that import's AST parse failed ("AST constructor recursion depth mismatch") after test_cluster_failover.py
+# had run on its own, failing a session whose tests had all passed.
+import hypothesis  # noqa: F401
 import openai
 import orjson
 import pytest

@@ -129,21 +129,34 @@ async def test_sdk_stream_by_id_on_a_finished_and_a_running_response(
         await client_b.close()
 
 
-async def test_stream_after_the_end_is_an_empty_200(gateway: Gateway) -> None:
+async def test_stream_after_the_end_is_an_empty_200_and_past_it_a_400(gateway: Gateway) -> None:
     response = await gateway.client.responses.create(model="sim-1", input="past the end", background=True)
     async with gateway.client.responses.stream(response_id=response.id) as stream:
-        final = await stream.get_final_response()
-    last = final.model_dump()  # the final response; its events end at some sequence number
+        await stream.get_final_response()
     async with gateway.http.get(f"/v1/responses/{response.id}", params={"stream": "true"}) as full:
         frames = await read_frames(full)
-    assert last["id"] == response.id
     end = int(frames[-1].id or 0)
-    for after in (end, end + 100):
-        async with gateway.http.get(
-            f"/v1/responses/{response.id}", params={"stream": "true", "starting_after": str(after)}
-        ) as empty:
-            assert empty.status == 200
-            assert await read_frames(empty) == []
+    async with gateway.http.get(
+        f"/v1/responses/{response.id}", params={"stream": "true", "starting_after": str(end)}
+    ) as empty:
+        assert empty.status == 200
+        assert await read_frames(empty) == []
+    # Past the last stored event no client can have read (events are stored before they are sent) unless the
+    # store lost them: told at once, changing nothing, in the SDK's own call as well as by header.
+    with pytest.raises(openai.BadRequestError) as refused:
+        await gateway.client.responses.retrieve(response.id, stream=True, starting_after=end + 100)
+    assert refused.value.code == "cursor_past_last_event"
+    assert refused.value.param == "starting_after"
+    headers = {"Last-Event-ID": str(end + 1)}
+    async with gateway.http.get(f"/v1/responses/{response.id}", params={"stream": "true"}, headers=headers) as past:
+        assert past.status == 400
+        error = (await past.json())["error"]
+    assert (error["param"], error["code"], error["type"]) == (
+        "Last-Event-ID",
+        "cursor_past_last_event",
+        "invalid_request_error",
+    )
+    assert (await gateway.client.responses.retrieve(response.id)).status == "completed"
 
 
 @pytest.mark.parametrize(

@@ -551,11 +551,11 @@ async def test_admission_indexes_or_queues_in_the_same_step(store: Store) -> Non
 async def test_claiming_a_queued_response_moves_it_from_the_queue_to_the_run_index(store: Store) -> None:
     await store.create_response(queued_response("resp_qa"))
     await store.create_response(queued_response("resp_qb"))
-    claimed = await store.claim_response("resp_qb", "instance-b", lease_ms=100)
+    claimed = await store.claim_response("resp_qb", "instance-b", lease_ms=500)
     assert claimed is not None
     assert await store.queued_runs(10) == ["resp_qa"]
-    assert await store.claim_response("resp_qb", "instance-c", lease_ms=100) is None  # held now
-    await asyncio.sleep(0.2)
+    assert await store.claim_response("resp_qb", "instance-c", lease_ms=500) is None  # held now
+    await asyncio.sleep(0.6)
     assert await store.due_runs(10) == ["resp_qb"]  # its new owner's lease lapsed: an orphan
 
 

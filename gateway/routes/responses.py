@@ -216,6 +216,17 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
     _validate_include(request)
     cursor = resume_cursor(request)
     record = await responses.visible_response(request.app[STORE], response_id, tenant=request[PRINCIPAL].tenant)
+    if stream and cursor > record.last_sequence_number:
+        # Every event is stored before anyone sees it, so no client can have seen past the stored tail, unless the
+        # store lost its last writes (a Redis failover to a replica that lagged behind). Told at once, rather than
+        # left waiting for numbers that would be reused for other events.
+        raise InvalidRequest(
+            f"The cursor ({cursor}) is past the last stored event of this response "
+            f"({record.last_sequence_number}): the store no longer has events this client saw, or the cursor is "
+            "wrong. Read the response again from an earlier event.",
+            param="starting_after" if request.query.get("starting_after") is not None else "Last-Event-ID",
+            code="cursor_past_last_event",
+        )
     if stream:
         return await stream_response(request, response_id, cursor)
     return raw_json_response(record.snapshot)
