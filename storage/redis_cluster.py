@@ -21,9 +21,9 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, ResponseError
 
-from storage.base import StoredEvent, StoreUnavailable
+from storage.base import StoreClosed, StoredEvent, StoreUnavailable
 from storage.keys import KeySpace, shard_of
 from storage.redis_feed import RedisEventFeed
 from storage.redis_mux import LuaScript, run_script
@@ -112,8 +112,11 @@ class ClusterCommands:
 
     def __init__(self, client: RedisCluster) -> None:
         self._client = client
+        self._closed = False
 
     async def execute(self, *args: Any) -> Any:
+        if self._closed:  # else redis-py would quietly connect again
+            raise StoreClosed("redis cluster: the store is closed")
         try:
             return await self._client.execute_command(*args)
         except UNAVAILABLE_ERRORS as error:  # first: a cluster that is down answers with an error reply too
@@ -122,21 +125,40 @@ class ClusterCommands:
             return error
 
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """In order: one pipeline, which sends each node its commands in the order given."""
+        """In order: one pipeline, which sends each node its commands in the order given. All or nothing, as on
+        one node: a command that met a lost node, a cluster without a master for its slot, or a slot that moved
+        makes the whole call StoreUnavailable (after the slot map is read again), so the caller sends the whole
+        batch again. (redis-py would re-send redirected commands one by one, and an append could then store
+        event n+1 without event n.)"""
+        if self._closed:
+            raise StoreClosed("redis cluster: the store is closed")
         pipe = self._client.pipeline(transaction=False)
         for command in commands:
             pipe.execute_command(*command)
         try:
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            replies: list[Any] = await pipe.execute(raise_on_error=False, allow_redirections=False)
         except UNAVAILABLE_ERRORS as error:
             raise StoreUnavailable(f"redis cluster: {error}") from error
+        lost = next((reply for reply in replies if isinstance(reply, (*UNAVAILABLE_ERRORS, AskError))), None)
+        if lost is not None:
+            await relearn_slots(self._client, lost)
+            raise StoreUnavailable(f"redis cluster: {lost}")
         return replies
 
     async def script(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
         return await run_script(self, script, keys, args)
 
     async def close(self) -> None:
-        """The cluster client is closed by its store."""
+        """Refuse every later command (the cluster client itself is closed by its store)."""
+        self._closed = True
+
+
+async def relearn_slots(client: RedisCluster, failure: BaseException) -> None:
+    """Read the cluster's slot map again. redis-py does so when its own single commands meet MOVED or a dead node;
+    pipelines sent without redirections and the connections of the feed and notices are not its own, so they ask."""
+    log.warning("a Redis Cluster node failed or a slot moved (%s); reading the slot map again", failure)
+    with contextlib.suppress(Exception):
+        await client.nodes_manager.initialize()
 
 
 class ClusterEventFeed:
@@ -184,6 +206,8 @@ class ClusterEventFeed:
         finally:
             for pending in reads:
                 pending.cancel()
+            # Each shard's read drops its connection when it is cancelled: done before its feed is used again.
+            await asyncio.gather(*reads, return_exceptions=True)
         found: dict[str, list[StoredEvent]] = {}
         failure: BaseException | None = None
         for result in results:
@@ -192,19 +216,12 @@ class ClusterEventFeed:
             else:
                 found.update(result)
         if failure is not None:
-            await self._relearn_slots(failure)
+            await relearn_slots(self._client, failure)
             if not found:
-                if isinstance(failure, ResponseError):  # MOVED / ASK: the slot moved; nothing was lost
+                if isinstance(failure, AskError):  # MOVED / ASK: the slot moved; nothing was lost
                     return {}
                 raise failure
         return found
-
-    async def _relearn_slots(self, failure: BaseException) -> None:
-        log.warning("live feed: a cluster node failed (%s); reading the slot map again", failure)
-        with contextlib.suppress(Exception):
-            # redis-py refreshes its map when one of its own commands meets MOVED or a dead node; the feed's
-            # connections are its own, so it asks for the refresh itself.
-            await self._client.nodes_manager.initialize()
 
     async def interrupt(self) -> None:
         await asyncio.gather(*(feed.interrupt() for _, feed, _ in self._feeds.values()), return_exceptions=True)
@@ -256,9 +273,10 @@ async def sharded_notices(client: RedisCluster, address: ClusterAddress, channel
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-        except (ConnectionError, OSError, aioredis.RedisError, StoreUnavailable) as error:
+        except (*UNAVAILABLE_ERRORS, aioredis.RedisError, StoreUnavailable) as error:
             raise_if_cancelling()
             log.warning("cancel channels lost (%s); subscribing again", error)
+            await relearn_slots(client, error)  # `initialize()` alone keeps a map it already has
             await asyncio.sleep(RESUBSCRIBE_DELAY_SECONDS)
         finally:
             for listener in listeners:

@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
-from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+from redis.exceptions import ClusterDownError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -31,14 +31,14 @@ RESUBSCRIBE_DELAY_SECONDS = 1.0
 
 
 # What means "the store could not be reached, or not answer now": a lost or refused connection, a timeout, and on
-# a cluster a slot without a master for now (a failover in progress) or a slot that is being moved.
+# a cluster a slot without a master for now (a failover in progress), a slot being moved, no node reachable.
 UNAVAILABLE_ERRORS = (
     RedisConnectionError,
     RedisTimeoutError,
     OSError,
     ClusterDownError,
     TryAgainError,
-    SlotNotCoveredError,
+    RedisClusterException,  # no node reachable, slots not all covered (SlotNotCoveredError is one)
 )
 
 # How often the pub/sub loop wakes up without a message (to notice a cancellation redis-py swallowed).
