@@ -36,6 +36,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         key_prefix=storage.key_prefix,
         retention_seconds=storage.retention_seconds,
         max_connections=storage.max_connections,
+        replica_acks=storage.replica_acks,
+        replica_ack_timeout_ms=storage.replica_ack_timeout_ms,
     )
     faults = app.get(FAULTS)
     if faults is not None and faults.wrap_store is not None:

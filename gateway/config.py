@@ -42,6 +42,9 @@ class StorageConfig(_Section):
     key_prefix: str = Field("rgw", min_length=1)
     retention_seconds: int = Field(86400, ge=1)
     max_connections: int = Field(512, ge=4)
+    # Redis replicas that must have a response's terminal event before any client is told of it (WAIT); 0 = none.
+    replica_acks: int = Field(0, ge=0)
+    replica_ack_timeout_ms: int = Field(1000, ge=1)
 
     @field_validator("url")
     @classmethod
@@ -50,6 +53,12 @@ class StorageConfig(_Section):
         if not url.startswith(schemes):
             raise ValueError("must start with " + ", ".join(schemes[:-1]) + " or " + schemes[-1])
         return url
+
+    @model_validator(mode="after")
+    def _replicas_only_on_redis(self) -> StorageConfig:
+        if self.replica_acks and self.url.startswith("memory://"):
+            raise ValueError("replica_acks needs a Redis storage url: the embedded store has no replicas")
+        return self
 
 
 class UpstreamConfig(_Section):

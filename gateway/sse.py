@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from runs.errors import EventsLost
 from runs.status import TERMINAL_EVENT_TYPES
 from runs.store import StoredEvent
 
@@ -37,10 +39,17 @@ class StreamSettings:
 
 
 def event_frame(event: StoredEvent) -> bytes:
-    """`event:`, `id:` (the sequence number, for Last-Event-ID) and `data:` lines. The stored JSON has no raw
-    newline (JSON escapes them), so it is always one `data:` line and model text cannot forge a frame. The same
-    event is the same bytes on every stream, on every instance."""
-    return b"event: %s\nid: %d\ndata: %s\n\n" % (event.type.encode(), event.sequence_number, event.data)
+    """`event:`, `id:` and `data:` lines. The id, `<sequence number>.<epoch>`, is what a reconnecting client sends
+    back as Last-Event-ID: the epoch (of the lease its writer held) tells which event of that number the client
+    has, so one that a store failover lost and a later owner replaced is recognised (runs/subscription.py). The
+    stored JSON has no raw newline (JSON escapes them), so it is always one `data:` line and model text cannot
+    forge a frame. The same event is the same bytes on every stream, on every instance."""
+    return b"event: %s\nid: %d.%d\ndata: %s\n\n" % (
+        event.type.encode(),
+        event.sequence_number,
+        event.epoch,
+        event.data,
+    )
 
 
 def retry_preamble(retry_ms: int) -> bytes:
@@ -165,6 +174,10 @@ async def write_events(
         await response.write_eof(preamble + final)
     except ConnectionResetError:
         log.debug("subscriber gone after %d (cut off for stalling: %s)", last, watch.cut)
+    except EventsLost as error:
+        log.warning("event stream ended after %d: %s", last, error.message)
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof(error_frame(error.code or "events_lost", error.message))
     except Exception:
         log.exception("event stream broke after %d", last)
         try:

@@ -109,3 +109,20 @@ class Unavailable(ApiError):
 def response_not_found(response_id: str) -> NotFound:
     """The 404 OpenAI returns for an unknown response id."""
     return NotFound(f"Response with id '{response_id}' not found.", param="response_id")
+
+
+class EventsLost(Conflict):
+    """409: events a client has seen are no longer the stored ones. The store failed over to a replica that had
+    not received them, and the response went on (or ended) with other events under their numbers: resuming after
+    the client's cursor would mix two histories."""
+
+    code = "events_lost"
+
+    def __init__(self, response_id: str, sequence_number: int) -> None:
+        super().__init__(
+            f"The events of response '{response_id}' up to sequence number {sequence_number} that this client "
+            "received are no longer stored: the store failed over to a replica that had not received them, and "
+            "the response has since gone on differently. Read it again from its first event, or fetch it with "
+            f"GET /v1/responses/{response_id}.",
+            param="Last-Event-ID",
+        )

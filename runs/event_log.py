@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, apply_event, stored_json
-from storage.base import Lease, LeaseLost, Store, StoreClosed, StoredEvent, StoreUnavailable
+from storage.base import Lease, LeaseLost, LogRewound, Store, StoreClosed, StoredEvent, StoreUnavailable
 from storage.status import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,12 @@ class EventLog:
         self._bytes_since_snapshot = 0
         self._last_snapshot_bytes = 0
         self._publisher = publisher
+        # The last event the store has acknowledged (the lease keeper checks that the store still has it).
+        self.stored_through = next_sequence_number - 1
+        # After the store lost acknowledged events (LogRewound): what was emitted and never stored, and whether the
+        # log now appends past the hole (see continue_past_loss).
+        self._unstored: list[StoredEvent] = []
+        self._after_loss = False
         if publisher is not None:
             publisher.begin_writing(response_id)
         # Started on first need: a run that flushes what it emits (the common case) never needs it.
@@ -213,11 +219,14 @@ class EventLog:
                     raise
                 except Exception as error:
                     self._failure = error
+                    if isinstance(error, LogRewound):
+                        self._unstored = [*batch, *self._pending]
                     self._pending.clear()
                     self._drained.set()
                     if isinstance(error, LeaseLost) and self.on_lease_lost is not None:
                         self.on_lease_lost()
                     return
+                self.stored_through = batch[-1].sequence_number
                 if self._publisher is not None:
                     self._publisher.publish(self._response_id, batch)
                 if cancel_requested and self.on_cancel_requested is not None:
@@ -237,16 +246,39 @@ class EventLog:
         self._last_snapshot_bytes = len(snapshot)
         return snapshot
 
+    def continue_past_loss(self) -> None:
+        """After LogRewound: the store lost events this log had stored, so the log goes on past the hole instead,
+        numbered after everything it stored, and no number a client has seen is given to another event. What was
+        emitted and never stored is appended again first. For the run's end only: a log with a hole in it is
+        ended, not written on."""
+        self._after_loss = True
+        self._failure = None
+        self._pending = [*self._unstored, *self._pending]
+        self._unstored = []
+        self._snapshot_due = True
+        if self._pending:
+            self._drained.clear()
+
     async def _append_with_retries(self, batch: list[StoredEvent], snapshot: bytes | None, status: str) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._write_retry_seconds
         delay = WRITE_RETRY_FIRST_DELAY_SECONDS
+        # Once the store has failed, appends check that it still has what it acknowledged before: a failover to a
+        # replica that lagged behind loses the last writes, and plain appends would not notice.
+        checked = False
         while True:
             try:
                 return await self._store.append_events(
-                    self._response_id, batch, snapshot=snapshot, status=status, lease=self.lease
+                    self._response_id,
+                    batch,
+                    snapshot=snapshot,
+                    status=status,
+                    lease=self.lease,
+                    checked=checked,
+                    after_loss=self._after_loss,
                 )
             except StoreUnavailable as error:
+                checked = True
                 if isinstance(error, StoreClosed) or loop.time() + delay > deadline:
                     raise
                 log.warning("append to %s failed (%s); retrying in %.2fs", self._response_id, error, delay)

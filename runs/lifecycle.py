@@ -22,6 +22,7 @@ from storage.base import (
     ConversationMissing,
     Lease,
     LeaseLost,
+    LogRewound,
     NewResponse,
     ResponseRecord,
     Store,
@@ -228,6 +229,15 @@ class Lifecycle:
         )
         try:
             await emit_terminal(event_log, status, error=error)
+            try:
+                await event_log.flush()
+            except LogRewound:
+                # A hole in the log: a failover lost events its last owner had stored, and that owner wrote on
+                # past them before it died. End it past the hole all the same: the claim's new epoch already
+                # tells clients that saw the lost events.
+                log.warning("%s: its stored log has a hole (a storage failover); ending it past it", record.response_id)
+                event_log.continue_past_loss()
+                await event_log.flush()
         finally:
             await event_log.close()
         await self.finish(record.response_id, lease)
@@ -238,7 +248,13 @@ class Lifecycle:
         """Extend a local run's lease. The renewal also tells of a cancel requested anywhere (so a run waiting a
         long time for its first token still hears it), and a lost lease stops the run at once."""
         try:
-            renewal = await self._store.renew_lease(run.response_id, run.lease, lease_ms=self.settings.lease_ms)
+            renewal = await self._store.renew_lease(
+                run.response_id, run.lease, lease_ms=self.settings.lease_ms, stored_through=run.stored_through
+            )
+        except LogRewound as error:
+            log.error("%s: %s (a storage failover?); ending it", run.response_id, error)
+            run.events_lost()
+            return
         except LeaseLost:
             if run.abandoned:
                 return  # handed over (its lease released) while this renewal was on its way: nothing was lost

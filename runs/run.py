@@ -15,9 +15,14 @@ from runs.snapshot import LIFECYCLE_EVENT_TYPES
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
 from runs.upstream.base import Upstream, UpstreamFailure
 from runs.upstream.retry import stream_with_retries
-from storage.base import Lease, LeaseLost
+from storage.base import Lease, LeaseLost, LogRewound
 
 log = logging.getLogger(__name__)
+
+EVENTS_LOST_MESSAGE = (
+    "The response's most recent events were lost when its storage failed over to a replica that had not received "
+    "them. It was ended rather than go on with event numbers that clients had already seen."
+)
 
 _UPSTREAM_TERMINAL_STATUS = {
     "response.completed": ResponseStatus.COMPLETED,
@@ -57,6 +62,8 @@ class ResponseRun:
         self._abandoned = False
         self._consumer: asyncio.Task[None] | None = None
         self._cancel_requested = False
+        # The store lost events this run had stored: it stops and ends past them.
+        self._events_lost = False
         self._finished = asyncio.Event()
         self.failure: UpstreamFailure | None = None
         self.emitted_output = False
@@ -94,6 +101,11 @@ class ResponseRun:
         self._log.lease = lease
 
     @property
+    def stored_through(self) -> int:
+        """The last of its events the store has acknowledged."""
+        return self._log.stored_through
+
+    @property
     def abandoned(self) -> bool:
         return self._abandoned
 
@@ -107,6 +119,13 @@ class ResponseRun:
     def cancel(self) -> None:
         """Stop the upstream call; the run ends `cancelled` with one terminal event."""
         self._cancel_requested = True
+        if self._consumer is not None:
+            self._consumer.cancel()
+
+    def events_lost(self) -> None:
+        """The store no longer has events this run stored (found by the lease keeper): stop the upstream call; the
+        run ends `failed`, past the events that were lost."""
+        self._events_lost = True
         if self._consumer is not None:
             self._consumer.cancel()
 
@@ -126,7 +145,7 @@ class ResponseRun:
                     # waiting, so a cancelled queued request is never sent upstream.
                     await self._log.flush()
                 self._consumer = asyncio.create_task(self._consume_upstream(), name=f"upstream:{self.response_id}")
-            if self._cancel_requested:
+            if self._cancel_requested or self._events_lost:
                 self._consumer.cancel()
             try:
                 await asyncio.wait({self._consumer})
@@ -139,6 +158,12 @@ class ResponseRun:
                     await self._fail("server_error", "The gateway shut down before the response finished.")
                 raise
             await self._settle(self._consumer)
+        except LogRewound as error:  # found by the append of the run's own terminal event
+            log.error("run %s: %s; ending it past them", self.response_id, error)
+            try:
+                await self._end_after_loss()
+            except Exception:
+                log.exception("run %s: could not end it after the store lost its events", self.response_id)
         except LeaseLost:
             log.warning("run %s: lease lost; stopped without writing", self.response_id)
         except Exception:
@@ -157,10 +182,14 @@ class ResponseRun:
             if not consumer.cancelled():
                 consumer.exception()  # seen: the run stopped on purpose, whatever its upstream task ended with
             return
+        error = None if consumer.cancelled() else consumer.exception()
+        if self._events_lost or isinstance(error, LogRewound):
+            log.error("run %s: the store lost events it had stored; ending it past them", self.response_id)
+            await self._end_after_loss()
+            return
         if consumer.cancelled():
             await self._end(ResponseStatus.CANCELLED)
             return
-        error = consumer.exception()
         if error is None:
             return
         if isinstance(error, UpstreamFailure):
@@ -217,6 +246,17 @@ class ResponseRun:
             error=upstream_response.get("error"),
             incomplete_details=upstream_response.get("incomplete_details"),
         )
+
+    async def _end_after_loss(self) -> None:
+        """End past a hole the store's failover left: whatever was emitted goes out numbered after everything
+        this run stored, closed by `failed` unless the run had already emitted its own terminal event."""
+        with contextlib.suppress(LogRewound):
+            await self._log.flush()  # plain appends may not have noticed the hole; whatever they stored stays
+        self._log.continue_past_loss()
+        if self.status in TERMINAL:
+            await self._log.flush()
+        else:
+            await self._fail("server_error", EVENTS_LOST_MESSAGE)
 
     async def _fail(self, code: str, message: str) -> None:
         await self._end(ResponseStatus.FAILED, error={"code": code, "message": message})

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from storage.base import Store, StoredEvent, StoreUnavailable
+from storage.base import ResponseRecord, Store, StoredEvent, StoreUnavailable
 from storage.factory import open_store
 
-__all__ = ["Store", "StoreUnavailable", "StoredEvent", "check_reachable", "open_store"]
+__all__ = ["ResponseRecord", "Store", "StoreUnavailable", "StoredEvent", "check_reachable", "open_store"]
 
 
 async def check_reachable(store: Store, *, timeout_seconds: float) -> None:

@@ -34,6 +34,18 @@ class LeaseLost(StoreError):
     write it tries is refused, so it must stop."""
 
 
+class LogRewound(SequenceConflict):
+    """The store holds fewer of the response's events than it acknowledged to their writer: a failover to a replica
+    that had not received the last of them (replication is asynchronous). Appending on would leave a hole or give
+    numbers clients have seen to other events; the writer ends the response past them instead
+    (`append_events(..., after_loss=True)`)."""
+
+    def __init__(self, response_id: str, last_stored: int) -> None:
+        super().__init__(f"{response_id}: the stored log ends at {last_stored}, before events already stored")
+        self.response_id = response_id
+        self.last_stored = last_stored
+
+
 class ConversationMissing(StoreError):
     """The conversation does not exist (never created, deleted, or expired)."""
 
@@ -81,6 +93,7 @@ class ResponseRecord:
     cancel_requested: bool = False
     conversation_id: str | None = None  # the conversation whose turn it holds
     keyed: bool = False  # created under an Idempotency-Key
+    last_epoch: int = 1  # the epoch its last stored event was written under (which event that number is)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +188,15 @@ class EventLogStore(Protocol):
         can change both (admission makes it so)."""
 
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes | None, status: str, lease: Lease
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        snapshot: bytes | None,
+        status: str,
+        lease: Lease,
+        checked: bool = False,
+        after_loss: bool = False,
     ) -> bool:
         """Append events continuing the log, if `lease` still holds: nobody has claimed the response since (same
         owner and epoch) and it has not ended. The events are stored under the lease's epoch.
@@ -188,7 +209,13 @@ class EventLogStore(Protocol):
 
         Repeating an append that already happened (a retry after a lost reply) succeeds without writing again.
         Raises ResponseMissing, SequenceConflict (the first event's number is not last + 1; a snapshotless append
-        may be refused for it only at the next append that carries a snapshot), ResponseClosed or LeaseLost.
+        may be refused for it only at the next append that carries a snapshot), ResponseClosed or LeaseLost, and
+        LogRewound when the log ends before the first event's number - 1 (it lost events it had acknowledged).
+
+        `checked`: a snapshotless append that still checks continuity first, as one with a snapshot does (a
+        writer's first append after its store failed, which may have failed over). `after_loss`: the writer knows
+        the log lost events (LogRewound) and appends past the hole, numbered after everything it had stored; only
+        for its terminal event.
         """
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
@@ -197,8 +224,13 @@ class EventLogStore(Protocol):
     async def get_input_items(self, response_id: str) -> bytes | None:
         """The response's input items as a JSON array, or None when it does not exist."""
 
-    async def read_events(self, response_id: str, after: int, *, limit: int = 512) -> list[StoredEvent]:
-        """Events with sequence_number > after, oldest first, at most `limit`."""
+    async def read_events(
+        self, response_id: str, after: int, *, limit: int = 512, after_epoch: int | None = None
+    ) -> list[StoredEvent]:
+        """Events with sequence_number > after, oldest first, at most `limit`. With `after_epoch` (the epoch of the
+        event numbered `after` that the reader has), the events that follow *that* event in the log: when the log
+        lost it and a later owner wrote other events in its place, those come back too, numbered `after` or less,
+        which is how a reader learns that what it saw is gone."""
 
     async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
         """Remove every key of the response and its place in the run index and queue, atomically refusing
@@ -213,9 +245,10 @@ class RunQueueStore(Protocol):
     """Who runs what: the FIFO queue of unowned responses, the run index of owned ones, leases with fencing epochs,
     cancel requests, and the follow-ups of a durable end."""
 
-    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Renewal:
+    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int, stored_through: int = -1) -> Renewal:
         """Extend a held lease, and move the response's run index entry to the new expiry (a finished or vanished
-        response keeps `lease` as it is). Raises LeaseLost when another instance owns it or the lease expired."""
+        response keeps `lease` as it is). Raises LeaseLost when another instance owns it or the lease expired, and
+        LogRewound when the log ends before `stored_through` (the last event its owner has stored)."""
 
     async def release_lease(self, response_id: str, lease: Lease) -> None:
         """Give the response up now (it is due at once), so another instance claims it without waiting."""

@@ -9,18 +9,27 @@ from storage.redis import RedisStore
 MEMORY_URL = "memory://"
 
 
-def open_store(url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 512) -> Store:
+def open_store(
+    url: str,
+    *,
+    key_prefix: str,
+    retention_seconds: int,
+    max_connections: int = 512,
+    replica_acks: int = 0,
+    replica_ack_timeout_ms: int = 1000,
+) -> Store:
     """`memory://` gives the embedded store; `redis://…`, `rediss://…` and `unix://…` the Redis backend on one
     node; `redis+cluster://host:port[,host:port…]` (`rediss+cluster://` for TLS) the Redis backend on a Redis
-    Cluster."""
+    Cluster. `replica_acks` (Redis only): replicas that must have a terminal event before it is published."""
     if url == MEMORY_URL or url.startswith(MEMORY_URL):
         return MemoryStore(retention_seconds=retention_seconds)
-    if url.startswith(("redis+cluster://", "rediss+cluster://")):
-        return RedisStore.from_cluster_url(
-            url, key_prefix=key_prefix, retention_seconds=retention_seconds, max_connections=max_connections
-        )
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    if url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")):
         return RedisStore.from_url(
-            url, key_prefix=key_prefix, retention_seconds=retention_seconds, max_connections=max_connections
+            url,
+            key_prefix=key_prefix,
+            retention_seconds=retention_seconds,
+            max_connections=max_connections,
+            replica_acks=replica_acks,
+            replica_ack_timeout_ms=replica_ack_timeout_ms,
         )
     raise ValueError(f"unsupported storage URL scheme: {url.split(':', 1)[0]!r}")

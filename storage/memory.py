@@ -13,6 +13,7 @@ from storage.base import (
     IdempotencyClaim,
     Lease,
     LeaseLost,
+    LogRewound,
     NewResponse,
     Renewal,
     ResponseAlreadyExists,
@@ -130,8 +131,18 @@ class MemoryStore(MemoryConversations):
         return Lease(new.owner, 1, lease_until) if new.owner else None
 
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes | None, status: str, lease: Lease
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        snapshot: bytes | None,
+        status: str,
+        lease: Lease,
+        checked: bool = False,
+        after_loss: bool = False,
     ) -> bool:
+        # `checked` and `after_loss` concern a log that lost acknowledged events, which this in-process one never
+        # does: every append here is checked, and none is ever past a hole.
         if not events:
             return False
         entry = self._live(response_id)
@@ -147,6 +158,8 @@ class MemoryStore(MemoryConversations):
             final = events[-1]
             if final.sequence_number < len(entry.events) and entry.events[final.sequence_number][1] == final.data:
                 return entry.cancel_requested and snapshot is not None  # a repeated append: already stored
+            if events[0].sequence_number > len(entry.events):
+                raise LogRewound(response_id, len(entry.events) - 1)  # a hole: as in Redis
             raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
         if entry.status in TERMINAL_STATUSES:
             raise ResponseClosed(response_id)
@@ -163,7 +176,7 @@ class MemoryStore(MemoryConversations):
     def _holds(self, entry: _Entry, lease: Lease) -> bool:
         return entry.owner == lease.owner and entry.epoch == lease.epoch and entry.lease_until_ms >= self._now_ms()
 
-    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Renewal:
+    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int, stored_through: int = -1) -> Renewal:
         entry = self._live(response_id)
         if entry is None or entry.status in TERMINAL_STATUSES:
             return Renewal(lease, False)  # it ended (or expired away) meanwhile: nothing to renew, nothing lost
@@ -264,14 +277,17 @@ class MemoryStore(MemoryConversations):
             cancel_requested=entry.cancel_requested,
             conversation_id=entry.conversation_id,
             keyed=entry.idempotency is not None,
+            last_epoch=entry.events[-1][2] if entry.events else 1,
         )
 
     async def get_input_items(self, response_id: str) -> bytes | None:
         entry = self._live(response_id)
         return None if entry is None else entry.input_items
 
-    async def read_events(self, response_id: str, after: int, *, limit: int = 512) -> list[StoredEvent]:
-        return self.events_after(response_id, after, limit)
+    async def read_events(
+        self, response_id: str, after: int, *, limit: int = 512, after_epoch: int | None = None
+    ) -> list[StoredEvent]:
+        return self.events_after(response_id, after, limit)  # never rewound: the epoch adds nothing here
 
     async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
         entry = self._live(response_id)

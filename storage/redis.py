@@ -15,6 +15,7 @@ from storage.base import (
     IdempotencyClaim,
     Lease,
     LeaseLost,
+    LogRewound,
     NewResponse,
     Renewal,
     ResponseAlreadyExists,
@@ -25,6 +26,7 @@ from storage.fold import fold_events
 from storage.keys import SHARDS, KeySpace, after_entry_id, shard_of
 from storage.redis_appends import PlainAppends, append_refusal
 from storage.redis_cluster import (
+    CLUSTER_SCHEMES,
     ClusterAddress,
     ClusterCommands,
     ClusterEventFeed,
@@ -34,6 +36,7 @@ from storage.redis_cluster import (
 from storage.redis_conversations import RedisConversations
 from storage.redis_feed import RedisEventFeed
 from storage.redis_mux import LuaScript, RedisCommands, RedisMux
+from storage.redis_replicas import ReplicaAcks
 from storage.redis_support import (
     COMMAND_TIMEOUT_SECONDS,
     CONNECT_TIMEOUT_SECONDS,
@@ -50,6 +53,7 @@ from storage.redis_support import (
     raise_if_cancelling,
     unavailable_on_connection_error,
 )
+from storage.status import TERMINAL_STATUSES
 
 
 class RedisStore(RedisConversations):
@@ -62,6 +66,8 @@ class RedisStore(RedisConversations):
         key_prefix: str,
         retention_seconds: int,
         cluster: ClusterAddress | None = None,
+        replica_acks: int = 0,
+        replica_ack_timeout_ms: int = 1000,
     ) -> None:
         self._client = client
         self._keys = KeySpace(key_prefix)
@@ -89,31 +95,54 @@ class RedisStore(RedisConversations):
         self._read_events_script = LuaScript.of(load_lua("read_events.lua"))
         self._read_response_script = LuaScript.of(load_lua("read_response.lua"))
         self._plain_appends = PlainAppends(self._mux, self._keys)
-
-    @classmethod
-    def from_url(cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 512) -> RedisStore:
-        """A store on the Redis at `url` (`redis://…`, `rediss://…`, `unix://…`). Requests beyond
-        `max_connections` in flight wait for a free connection instead of failing."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=POOL_WAIT_SECONDS,
-            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            socket_timeout=COMMAND_TIMEOUT_SECONDS,
-            health_check_interval=30,
+        self._replica_acks = ReplicaAcks(
+            client, replicas=replica_acks, timeout_ms=replica_ack_timeout_ms, ttl_ms=self._ttl_ms, cluster=cluster
         )
-        client = aioredis.Redis(connection_pool=pool)
-        return cls(client, key_prefix=key_prefix, retention_seconds=retention_seconds)
 
     @classmethod
-    def from_cluster_url(
-        cls, url: str, *, key_prefix: str, retention_seconds: int, max_connections: int = 512
+    def from_url(
+        cls,
+        url: str,
+        *,
+        key_prefix: str,
+        retention_seconds: int,
+        max_connections: int = 512,
+        replica_acks: int = 0,
+        replica_ack_timeout_ms: int = 1000,
     ) -> RedisStore:
-        """A store on the Redis Cluster at `url` (`redis+cluster://[user:password@]host:port[,host:port…]`, or
-        `rediss+cluster://` for TLS): any of its nodes will do as seeds, the rest is discovered."""
-        address = ClusterAddress.parse(url)
-        client = open_cluster_client(address, max_connections=max_connections)
-        return cls(client, key_prefix=key_prefix, retention_seconds=retention_seconds, cluster=address)
+        """A store on the Redis at `url`: one node (`redis://…`, `rediss://…`, `unix://…`), or a Redis Cluster
+        (`redis+cluster://[user:password@]host:port[,host:port…]`, `rediss+cluster://` for TLS; any of its nodes
+        will do as seeds, the rest is discovered). Requests beyond `max_connections` in flight wait for a free
+        connection instead of failing. With `replica_acks`, a terminal event is published only once that many
+        replicas have it (or `replica_ack_timeout_ms` passed)."""
+        client: aioredis.Redis | RedisCluster
+        cluster = None
+        if url.startswith(tuple(f"{scheme}://" for scheme in CLUSTER_SCHEMES)):
+            cluster = ClusterAddress.parse(url)
+            client = open_cluster_client(cluster, max_connections=max_connections)
+        else:
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=POOL_WAIT_SECONDS,
+                socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                socket_timeout=COMMAND_TIMEOUT_SECONDS,
+                health_check_interval=30,
+            )
+            client = aioredis.Redis(connection_pool=pool)
+        return cls(
+            client,
+            key_prefix=key_prefix,
+            retention_seconds=retention_seconds,
+            cluster=cluster,
+            replica_acks=replica_acks,
+            replica_ack_timeout_ms=replica_ack_timeout_ms,
+        )
+
+    @property
+    def replica_ack_shortfalls(self) -> int:
+        """Terminal events published with fewer replica acknowledgements than `replica_acks` asked for."""
+        return self._replica_acks.shortfalls
 
     @property
     def keys(self) -> KeySpace:
@@ -147,47 +176,75 @@ class RedisStore(RedisConversations):
         return Lease(new.owner, int(epoch), int(until)) if new.owner else None
 
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes | None, status: str, lease: Lease
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        snapshot: bytes | None,
+        status: str,
+        lease: Lease,
+        checked: bool = False,
+        after_loss: bool = False,
     ) -> bool:
         if not events:
             return False
-        if snapshot is None:
+        if snapshot is None and not (checked or after_loss):
             await self._plain_appends.append(response_id, events, lease)
             return False
-        return await self._append_with_snapshot(response_id, events, snapshot, status, lease)
+        cancel_requested = await self._checked_append(response_id, events, snapshot, status, lease, after_loss)
+        if self._replica_acks and status in TERMINAL_STATUSES:
+            await self._wait_for_replicas(response_id)
+        return cancel_requested and snapshot is not None
 
     @unavailable_on_connection_error
-    async def _append_with_snapshot(
-        self, response_id: str, events: Sequence[StoredEvent], snapshot: bytes, status: str, lease: Lease
+    async def _wait_for_replicas(self, response_id: str) -> None:
+        await self._replica_acks.wait(self._keys.response_state(response_id))
+
+    @unavailable_on_connection_error
+    async def _checked_append(
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        snapshot: bytes | None,
+        status: str,
+        lease: Lease,
+        after_loss: bool,
     ) -> bool:
         keys = self._keys.response_keys(response_id)
         args: list[bytes | str | int] = [
             self._ttl_ms,
-            snapshot,
+            snapshot or b"",
             status,
             events[0].sequence_number,
             lease.owner,
             lease.epoch,
+            int(after_loss),
         ]
         args += event_args(events, lease.epoch)
         result = await self._mux.script(self._append_script, list(keys), args)
         if result in (b"OK", b"CANCEL"):
             return bool(result == b"CANCEL")
+        if isinstance(result, list) and result[0] == b"REWOUND":
+            raise LogRewound(response_id, int(result[1]))
         raise append_refusal(result, response_id, events[0].sequence_number)
 
-    async def _lease(self, response_id: str, action: str, owner: str, epoch: int | str, lease_ms: int) -> list[Any]:
+    async def _lease(
+        self, response_id: str, action: str, owner: str, epoch: int | str, lease_ms: int, stored_through: int = -1
+    ) -> list[Any]:
         keys = [
             self._keys.response_state(response_id),
             *self._keys.response_index(response_id),
             self._keys.response_events(response_id),
         ]
-        args = [action, response_id, owner, epoch, lease_ms, self._ttl_ms]
+        args = [action, response_id, owner, epoch, lease_ms, self._ttl_ms, stored_through]
         reply: list[Any] = await self._mux.script(self._lease_script, keys, args)
         return reply
 
     @unavailable_on_connection_error
-    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int) -> Renewal:
-        reply = await self._lease(response_id, "renew", lease.owner, lease.epoch, lease_ms)
+    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int, stored_through: int = -1) -> Renewal:
+        reply = await self._lease(response_id, "renew", lease.owner, lease.epoch, lease_ms, stored_through)
+        if reply[0] == b"REWOUND":
+            raise LogRewound(response_id, int(reply[1]))
         if reply[0] == b"GONE":
             return Renewal(lease, False)  # it ended (or expired away) meanwhile: nothing to renew, nothing lost
         if reply[0] != b"OK":
@@ -255,10 +312,11 @@ class RedisStore(RedisConversations):
         fields: dict[bytes, bytes] = dict(zip(flat[::2], flat[1::2], strict=True))
         snapshot = fields[b"snapshot"]
         last_sequence_number = int(fields[b"snap_seq"])
+        last_epoch = int(fields.get(b"snap_id", b"1-0").partition(b"-")[0])
         if after_snapshot:
             events = parse_entries(after_snapshot)
             snapshot = fold_events(snapshot, (event.data for event in events))
-            last_sequence_number = events[-1].sequence_number
+            last_sequence_number, last_epoch = events[-1].sequence_number, events[-1].epoch
         return ResponseRecord(
             response_id=response_id,
             snapshot=snapshot,
@@ -274,6 +332,7 @@ class RedisStore(RedisConversations):
             cancel_requested=fields.get(b"cancel_requested") == b"1",
             conversation_id=fields.get(b"conv", b"").decode() or None,
             keyed=bool(fields.get(b"idem")),
+            last_epoch=last_epoch,
         )
 
     @unavailable_on_connection_error
@@ -282,12 +341,23 @@ class RedisStore(RedisConversations):
         return value
 
     @unavailable_on_connection_error
-    async def read_events(self, response_id: str, after: int, *, limit: int = 512) -> list[StoredEvent]:
+    async def read_events(
+        self, response_id: str, after: int, *, limit: int = 512, after_epoch: int | None = None
+    ) -> list[StoredEvent]:
+        key = self._keys.response_events(response_id)
+        if after_epoch is not None and after >= 0:
+            # After the very entry the reader has: events a later owner wrote in place of lost ones sort after it
+            # (their epoch is higher) and come back numbered `after` or less, for the reader to notice.
+            entries = await self._mux.execute(
+                "XRANGE", key, f"({after_entry_id(after, after_epoch)}", "+", "COUNT", limit
+            )
+            if isinstance(entries, Exception):
+                raise entries
+            return parse_entries(entries)
         # Most responses are written under one epoch, where `1-<after>` is exactly the entry to start after: one
         # plain XRANGE (a script's reply costs Redis several times as much to build). After a takeover, entries of a
         # later epoch sort after it whatever their number; seeing one at or before `after` means the claim record
         # must be read to find the right entry, which the script does.
-        key = self._keys.response_events(response_id)
         start = "-" if after < 0 else f"({after_entry_id(after)}"
         entries = await self._mux.execute("XRANGE", key, start, "+", "COUNT", limit)
         if isinstance(entries, Exception):
@@ -374,6 +444,7 @@ class RedisStore(RedisConversations):
 
     async def close(self) -> None:
         await self._mux.close()
+        await self._replica_acks.close()
         if isinstance(self._client, RedisCluster):
             await self._client.aclose()
         else:

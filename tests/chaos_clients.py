@@ -260,7 +260,7 @@ class Workload:
                 if frame.id is None:  # the `error` event of a stream that broke: reattach
                     self._note(request, f"error event from {url}: {(frame.data or {}).get('message')}")
                     continue
-                sequence_number = int(frame.id)
+                sequence_number = frame.number
                 if response_id is None:
                     response_id = frame.data["response"]["id"]  # response.created comes first
                     request.response_ids.add(response_id)

@@ -135,7 +135,7 @@ class Reader:
             stored = Stored(response_id, snapshot, frames, ended)
             if ended and frames and frames[-1].event in TERMINAL_EVENTS:
                 # A replay stops at the first terminal event: anything stored after it shows only from there on.
-                after = int(frames[-1].id or 0)
+                after = max(frames[-1].number, 0)
                 stored.after_terminal, _ = await self.replay(response_id, after, GLANCE_SECONDS, start)
             return stored
         except Unreadable as error:
@@ -171,7 +171,7 @@ def check_log(stored: Stored, report: Report, fleet: Fleet, requests: dict[str, 
         request = requests[stored.tag].describe() if stored.tag in requests else "no request"
         logs = fleet.logs_mentioning(rid)
         report.add("(a) non-terminal", f"{rid} status={stored.status} last stored event {last}; {request}; {logs}")
-    numbers = [int(frame.id or -1) for frame in stored.frames]
+    numbers = [frame.number for frame in stored.frames]
     if numbers != list(range(len(numbers))):
         report.add("(b) stored log", f"{rid} sequence numbers are not 0..n contiguous: {numbers}")
     terminals = [frame for frame in stored.frames + stored.after_terminal if frame.event in TERMINAL_EVENTS]
@@ -196,7 +196,7 @@ def check_observed(request: Request, stored_by_id: dict[str, Stored], report: Re
         if stored.snapshot is None:
             report.add("(b) observed vs stored", f"{response_id} was streamed to a client but is {stored.status}")
             continue
-        by_number = {int(frame.id): frame for frame in stored.frames if frame.id is not None}
+        by_number = {frame.number: frame for frame in stored.frames if frame.id is not None}
         for event in observed:
             frame = by_number.get(event.sequence_number)
             if frame is None or frame.raw != event.raw:

@@ -35,6 +35,11 @@ class Frame:
     data: dict[str, Any] | None
     retry_seen: bool = False
 
+    @property
+    def number(self) -> int:
+        """The sequence number in the frame's `id:` (`<sequence number>.<epoch>`); -1 without one."""
+        return int(self.id.partition(".")[0]) if self.id else -1
+
 
 def parse_frame(raw: bytes) -> Frame:
     """Parse one frame. Lines that are not part of the event itself (the stream's `retry:` preamble, comment

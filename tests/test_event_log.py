@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from runs.event_log import EventLog
+from runs.event_log import EventLog, EventPublisher
 from runs.snapshot import apply_event
 from storage.base import Lease, NewResponse, StoredEvent
 from storage.redis import RedisStore
@@ -23,11 +23,20 @@ class CountingStore(RedisStore):
         self.appends: list[int] = []
 
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes, status: str, lease: Lease
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        snapshot: bytes | None,
+        status: str,
+        lease: Lease,
+        **options: bool,
     ) -> bool:
         self.appends.append(len(events))
         await asyncio.sleep(0.01)
-        return await super().append_events(response_id, events, snapshot=snapshot, status=status, lease=lease)
+        return await super().append_events(
+            response_id, events, snapshot=snapshot, status=status, lease=lease, **options
+        )
 
 
 def start_snapshot(response_id: str) -> dict[str, Any]:
@@ -46,7 +55,7 @@ async def stored_log(store: RedisStore, response_id: str) -> tuple[list[int], di
     return [event.sequence_number for event in events], replayed
 
 
-async def open_log(store: RedisStore, response_id: str) -> EventLog:
+async def open_log(store: RedisStore, response_id: str, publisher: EventPublisher | None = None) -> EventLog:
     """A response created in progress, owned here, with its `response.created` stored; and its log from there."""
     snapshot = start_snapshot(response_id)
     created = {"type": "response.created", "response": snapshot, "sequence_number": 0}
@@ -64,7 +73,7 @@ async def open_log(store: RedisStore, response_id: str) -> EventLog:
         )
     )
     assert lease is not None
-    return EventLog(store, response_id, dict(snapshot), next_sequence_number=1, lease=lease)
+    return EventLog(store, response_id, dict(snapshot), next_sequence_number=1, lease=lease, publisher=publisher)
 
 
 async def test_appends_coalesce_while_one_is_in_flight(redis_server: str, key_prefix: str) -> None:
@@ -102,13 +111,22 @@ class GatedStore(RedisStore):
         self.appends: list[list[int]] = []
 
     async def append_events(
-        self, response_id: str, events: Sequence[StoredEvent], *, snapshot: bytes | None, status: str, lease: Lease
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        snapshot: bytes | None,
+        status: str,
+        lease: Lease,
+        **options: bool,
     ) -> bool:
         self.appends.append([event.sequence_number for event in events])
         if len(events) < 2 or self.at_gate.is_set():
-            return await super().append_events(response_id, events, snapshot=snapshot, status=status, lease=lease)
+            return await super().append_events(
+                response_id, events, snapshot=snapshot, status=status, lease=lease, **options
+            )
         if self.send_before_gate:
-            await super().append_events(response_id, events, snapshot=snapshot, status=status, lease=lease)
+            await super().append_events(response_id, events, snapshot=snapshot, status=status, lease=lease, **options)
         self.at_gate.set()
         await asyncio.Event().wait()  # until cancelled
         raise AssertionError("unreachable")

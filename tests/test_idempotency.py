@@ -177,7 +177,7 @@ async def test_streaming_retry_after_a_disconnect_replays_the_whole_stream_then_
         assert (await gateway.client.responses.retrieve(response_id)).status == "in_progress"  # still live
         frames = await read_frames(retry)
     assert [frame.raw for frame in frames[:4]] == [frame.raw for frame in head]
-    assert [int(frame.id or -1) for frame in frames] == list(range(len(frames)))
+    assert [frame.number for frame in frames] == list(range(len(frames)))
     assert frames[-1].event == "response.completed"
     text = "".join(f.data["delta"] for f in frames if f.event == "response.output_text.delta")  # type: ignore[index]
     assert text == expected_text("stream once")

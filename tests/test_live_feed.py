@@ -96,7 +96,7 @@ async def test_a_half_open_feed_connection_is_replaced_and_events_keep_flowing(
 
     assert frozen is not None, f"the stream ended after {len(arrivals)} events, before the fault"
     frames = [frame for _, frame in arrivals]
-    assert [int(frame.id or -1) for frame in frames] == list(range(len(frames)))
+    assert [frame.number for frame in frames] == list(range(len(frames)))
     assert frames[-1].event in TERMINAL_EVENTS
     assert sum(frame.event in TERMINAL_EVENTS for frame in frames) == 1
     text = "".join(f.data["delta"] for f in frames if f.event == "response.output_text.delta")  # type: ignore[index]

@@ -42,7 +42,7 @@ async def get_stream(
 
 
 def assert_contiguous(frames: list[Frame], first: int) -> None:
-    assert [int(frame.id or -1) for frame in frames] == list(range(first, first + len(frames)))
+    assert [frame.number for frame in frames] == list(range(first, first + len(frames)))
     terminal = {"response.completed", "response.failed", "response.incomplete"}
     assert frames[-1].event in terminal
     assert sum(frame.event in terminal for frame in frames) == 1
@@ -66,14 +66,14 @@ async def test_disconnect_at_k_then_reattach_on_the_other_instance(
     async with http.post(f"{a.url}/v1/responses", json=body) as response:
         head = await read_frames(response, limit=k + 1)
     # The connection is closed here, at event k; the run goes on.
-    assert head[-1].id == str(k)
+    assert head[-1].id == f"{k}.1"  # `<sequence number>.<epoch>`: the lease epoch of its writer, the first
     response_id = head[0].data["response"]["id"]  # type: ignore[index]
     uninterrupted = asyncio.create_task(get_stream(http, f"{a.url}/v1/responses/{response_id}"))
     async with http.get(f"{b.url}/v1/responses/{response_id}") as snapshot:
         assert (await snapshot.json())["status"] == "in_progress"  # reattaching mid-run, not after the fact
     via_query, via_header = await asyncio.gather(
         get_stream(http, f"{b.url}/v1/responses/{response_id}", params={"starting_after": str(k)}),
-        get_stream(http, f"{b.url}/v1/responses/{response_id}", headers={"Last-Event-ID": str(k)}),
+        get_stream(http, f"{b.url}/v1/responses/{response_id}", headers={"Last-Event-ID": head[-1].id or ""}),
     )
     full = await uninterrupted
     assert_contiguous(full, 0)
@@ -96,7 +96,7 @@ async def test_starting_after_wins_over_last_event_id(gateway: Gateway) -> None:
         f"/v1/responses/{created.id}", params={"stream": "true", "starting_after": "7"}, headers={"Last-Event-ID": "3"}
     ) as response:
         frames = await read_frames(response)
-    assert frames[0].id == "8"
+    assert frames[0].id == "8.1"
 
 
 async def test_sdk_stream_by_id_on_a_finished_and_a_running_response(
@@ -135,7 +135,7 @@ async def test_stream_after_the_end_is_an_empty_200_and_past_it_a_400(gateway: G
         await stream.get_final_response()
     async with gateway.http.get(f"/v1/responses/{response.id}", params={"stream": "true"}) as full:
         frames = await read_frames(full)
-    end = int(frames[-1].id or 0)
+    end = max(frames[-1].number, 0)
     async with gateway.http.get(
         f"/v1/responses/{response.id}", params={"stream": "true", "starting_after": str(end)}
     ) as empty:

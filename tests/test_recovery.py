@@ -39,7 +39,7 @@ TERMINAL = {"response.completed", "response.failed", "response.incomplete"}
 
 def assert_clean_log(frames: list[Frame]) -> None:
     """Contiguous from 0, no duplicate, exactly one terminal event, and it is the last."""
-    assert [int(frame.id or -1) for frame in frames] == list(range(len(frames)))
+    assert [frame.number for frame in frames] == list(range(len(frames)))
     assert sum(frame.event in TERMINAL for frame in frames) == 1
     assert frames[-1].event in TERMINAL
 

@@ -85,7 +85,7 @@ async def test_raw_sse_frames_carry_event_id_and_sdk_valid_json(gateway: Gateway
     for number, frame in enumerate(frames):
         assert frame.data is not None
         assert frame.event == frame.data["type"]
-        assert frame.id == str(number) == str(frame.data["sequence_number"])
+        assert frame.id == f"{number}.1" == f"{frame.data['sequence_number']}.1"  # `<sequence number>.<epoch>`
         EVENT_MODEL.validate_python(frame.data)
     assert frames[-1].event == "response.completed"
     Response.model_validate(frames[-1].data["response"])  # type: ignore[index]

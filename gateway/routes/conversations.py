@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from gateway.auth import PRINCIPAL
 from gateway.errors import invalid_body, json_response, raw_json_response
 from gateway.pagination import PageQuery, list_object
-from gateway.routes.responses import query_flag, read_json_object, resume_cursor, stream_response
+from gateway.routes.responses import query_flag, read_json_object, resume_cursor, resume_stream
 from gateway.state import STORE
 from runs import conversations
 from runs.conversations import (
@@ -105,10 +105,10 @@ async def active_response(request: web.Request) -> web.StreamResponse:
     as JSON or, with `stream=true` (and `starting_after` / Last-Event-ID), as its event stream."""
     conversation_id = request.match_info["conversation_id"]
     stream = query_flag(request, "stream")
-    cursor = resume_cursor(request)
+    cursor, cursor_epoch = resume_cursor(request)
     response = await conversations.active_response(request.app[STORE], conversation_id, tenant=_tenant(request))
     if stream:
-        return await stream_response(request, response.response_id, cursor)
+        return await resume_stream(request, response, cursor, cursor_epoch)
     return raw_json_response(response.snapshot)
 
 

@@ -20,8 +20,8 @@ from runs import idempotency, responses
 from runs.errors import InvalidRequest
 from runs.manager import Admission
 from runs.request import INCLUDABLE, CreateResponseRequest
-from runs.store import Store, StoredEvent
-from runs.subscription import follow_events, wait_for_end
+from runs.store import ResponseRecord, Store, StoredEvent
+from runs.subscription import check_resume_point, follow_events, until_ended, wait_for_end
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +77,10 @@ async def stream_response(
     headers: dict[str, str] | None = None,
     *,
     known: Sequence[StoredEvent] = (),
+    after_epoch: int | None = None,
 ) -> web.StreamResponse:
-    """Replay the stored events after `after` (starting with `known` ones, which need no reading), then follow live
-    ones until the terminal event."""
+    """Replay the stored events after `after` (of epoch `after_epoch`, when the client's cursor says: starting with
+    `known` ones, which need no reading), then follow live ones until the terminal event."""
     settings = _stream_settings(request)
     live = request.app[LIVE_EVENTS]
     # Subscribed before the first await, so nothing stored after `known` can be missed.
@@ -92,6 +93,7 @@ async def stream_response(
         idle_seconds=settings.heartbeat_seconds,
         known=known,
         subscription=subscription,
+        after_epoch=after_epoch,
     )
     response = await open_stream(request, settings, headers, events_at_hand=bool(known))
     async with contextlib.aclosing(events):  # unsubscribe at once when the client goes
@@ -148,10 +150,7 @@ async def _serve_by_id(
         return await stream_response(request, response_id, -1, headers)
     store = request.app[STORE]
     if not create.is_background:
-        events = follow_events(store, request.app[LIVE_EVENTS], response_id, -1, idle_seconds=60)
-        async with contextlib.aclosing(events):
-            async for _ in events:
-                pass  # until the terminal event
+        await until_ended(store, request.app[LIVE_EVENTS], response_id)
     record = await responses.visible_response(store, response_id, tenant=request[PRINCIPAL].tenant)
     return raw_json_response(record.snapshot, headers=headers)
 
@@ -193,19 +192,26 @@ def _validate_include(request: web.Request) -> None:
             raise InvalidRequest(f"Invalid value for 'include': {value!r} is not supported.", param="include")
 
 
-def resume_cursor(request: web.Request) -> int:
-    """Where a GET stream starts: after `starting_after`, else after `Last-Event-ID`, else from the first event."""
+def resume_cursor(request: web.Request) -> tuple[int, int | None]:
+    """Where a GET stream starts: after `starting_after`, else after `Last-Event-ID`, else from the first event;
+    with the epoch of that event when the cursor is an SSE `id:` (`<sequence number>.<epoch>`, see
+    gateway/sse.py), which tells exactly which event the client has."""
     starting_after = _query_int(request, "starting_after")
     if starting_after is not None:
         if starting_after < 0:
             raise InvalidRequest("'starting_after' must be at least 0.", param="starting_after")
-        return starting_after
+        return starting_after, None
     last_event_id = request.headers.get("Last-Event-ID", "").strip()
     if last_event_id:
-        if not last_event_id.isdigit():
-            raise InvalidRequest("Last-Event-ID must be a sequence number.", param="Last-Event-ID")
-        return int(last_event_id)
-    return -1
+        number, dot, epoch = last_event_id.partition(".")
+        if not number.isdigit() or (dot and not epoch.isdigit()):
+            raise InvalidRequest(
+                "Last-Event-ID must be the id of an event of this stream (a sequence number, optionally followed "
+                "by '.' and its epoch).",
+                param="Last-Event-ID",
+            )
+        return int(number), int(epoch) if dot else None
+    return -1, None
 
 
 async def retrieve_response(request: web.Request) -> web.StreamResponse:
@@ -214,22 +220,34 @@ async def retrieve_response(request: web.Request) -> web.StreamResponse:
     response_id = request.match_info["response_id"]
     stream = query_flag(request, "stream")
     _validate_include(request)
-    cursor = resume_cursor(request)
-    record = await responses.visible_response(request.app[STORE], response_id, tenant=request[PRINCIPAL].tenant)
-    if stream and cursor > record.last_sequence_number:
-        # Every event is stored before anyone sees it, so no client can have seen past the stored tail, unless the
-        # store lost its last writes (a Redis failover to a replica that lagged behind). Told at once, rather than
-        # left waiting for numbers that would be reused for other events.
+    cursor, cursor_epoch = resume_cursor(request)
+    store = request.app[STORE]
+    record = await responses.visible_response(store, response_id, tenant=request[PRINCIPAL].tenant)
+    if stream:
+        return await resume_stream(request, record, cursor, cursor_epoch)
+    return raw_json_response(record.snapshot)
+
+
+async def resume_stream(
+    request: web.Request, record: ResponseRecord, cursor: int, cursor_epoch: int | None
+) -> web.StreamResponse:
+    """A response's event stream after a client's cursor, once the cursor is known to name an event the store
+    still has: past the stored tail, or (with its epoch) an event replaced since, it is refused before the stream
+    starts. Every event is stored before anyone sees it, so only a store that lost its last writes (a Redis
+    failover to a replica that lagged behind) gets here; the client is told, rather than left waiting for numbers
+    that would be given to other events, or handed a mix of two histories."""
+    param = "starting_after" if request.query.get("starting_after") is not None else "Last-Event-ID"
+    if cursor > record.last_sequence_number:
         raise InvalidRequest(
             f"The cursor ({cursor}) is past the last stored event of this response "
             f"({record.last_sequence_number}): the store no longer has events this client saw, or the cursor is "
             "wrong. Read the response again from an earlier event.",
-            param="starting_after" if request.query.get("starting_after") is not None else "Last-Event-ID",
+            param=param,
             code="cursor_past_last_event",
         )
-    if stream:
-        return await stream_response(request, response_id, cursor)
-    return raw_json_response(record.snapshot)
+    if cursor_epoch is not None:
+        await check_resume_point(request.app[STORE], record.response_id, cursor, cursor_epoch)
+    return await stream_response(request, record.response_id, cursor, after_epoch=cursor_epoch)
 
 
 async def cancel_response(request: web.Request) -> web.Response:

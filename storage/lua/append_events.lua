@@ -1,11 +1,16 @@
--- Append events that continue the log and replace the snapshot in one step; refresh the retention TTL. This is
--- the append that carries a snapshot (status changes, and now and then between them); the
--- hot path appends deltas with plain XADDs instead, fenced by their entry ids (see storage/keys.py).
+-- Append events that continue the log and, with a snapshot, replace the snapshot in one step; refresh the retention
+-- TTL. This is the append that carries a snapshot (status changes, and now and then between them), and the
+-- checked append a writer sends after its store failed (the hot path appends deltas with plain XADDs instead,
+-- fenced by their entry ids: see storage/keys.py).
 -- Only the current owner, with the current epoch and an unexpired lease, may append (fencing): a writer that
 -- was paused past its lease and taken over can never write again.
 -- KEYS: state hash, events stream, input string
--- ARGV: ttl_ms, snapshot, status, first_seq, owner, epoch, then (entry_id, type, data) per event
--- Returns 'OK', or 'CANCEL' (appended, and a cancel was requested), 'MISSING', 'CLOSED', 'CONFLICT', 'FENCED'.
+-- ARGV: ttl_ms, snapshot ('' to keep the stored one), status, first_seq, owner, epoch,
+--       after_loss ('1': the writer knows the log lost its last events and ends it past them),
+--       then (entry_id, type, data) per event
+-- Returns 'OK', or 'CANCEL' (appended, and a cancel was requested), 'MISSING', 'CLOSED', 'CONFLICT', 'FENCED',
+-- or {'REWOUND', last stored sequence number}: the log ends before events this writer had stored (a failover
+-- to a replica that had not received them), so appending would leave a hole or reuse numbers already seen.
 local state = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until', 'status', 'cancel_requested')
 if not state[4] then
   return 'MISSING'
@@ -14,39 +19,56 @@ end
 if state[1] ~= ARGV[5] or state[2] ~= ARGV[6] or tonumber(state[3]) < now_ms() then
   return 'FENCED'
 end
-local count = (#ARGV - 6) / 3
+local first_event = 8
+local count = (#ARGV - first_event + 1) / 3
 local first = tonumber(ARGV[4])
-local final_id = ARGV[7 + 3 * (count - 1)]
 local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 local last = -1
 if #top == 1 then
   last = tonumber(string.match(top[1][1], '-(%d+)$'))
 end
+-- How many of this batch are stored already: a retry of an append whose reply was lost, or of plain XADDs cut
+-- off part way. The last of them is compared byte for byte, and only the rest is written.
+local skip = 0
+-- Numbers run from 0 without a hole, so a whole log has last + 1 entries; fewer means events were lost and plain
+-- appends went on after the hole (they check nothing).
+if ARGV[7] ~= '1' and redis.call('XLEN', KEYS[2]) ~= last + 1 then
+  return {'REWOUND', last}
+end
 if last + 1 ~= first then
-  -- A client retry of an append whose reply was lost: the same events are already there, so report success
-  -- instead of a conflict (the batch's last entry is compared byte for byte).
-  if last >= first + count - 1 then
-    local stored = redis.call('XRANGE', KEYS[2], final_id, final_id)
-    if #stored == 1 and stored[1][2][4] == ARGV[7 + 3 * (count - 1) + 2] then
+  if last + 1 < first then
+    if ARGV[7] ~= '1' then
+      return {'REWOUND', last}
+    end
+  else
+    skip = math.min(last - first + 1, count)
+    local base = first_event + 3 * (skip - 1)
+    local stored = redis.call('XRANGE', KEYS[2], ARGV[base], ARGV[base])
+    if #stored ~= 1 or stored[1][2][4] ~= ARGV[base + 2] then
+      return 'CONFLICT'
+    end
+    if skip == count then
       return 'OK'
     end
   end
-  return 'CONFLICT'
 end
 if TERMINAL[state[4]] then
   return 'CLOSED'
 end
 local ttl = ARGV[1]
-for i = 0, count - 1 do
-  local base = 7 + 3 * i
+for i = skip, count - 1 do
+  local base = first_event + 3 * i
   redis.call('XADD', KEYS[2], ARGV[base], 't', ARGV[base + 1], 'd', ARGV[base + 2])
 end
-redis.call('HSET', KEYS[1], 'snapshot', ARGV[2], 'status', ARGV[3], 'snap_seq', first + count - 1,
-  'snap_id', final_id)
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'snapshot', ARGV[2], 'snap_seq', first + count - 1,
+    'snap_id', ARGV[first_event + 3 * (count - 1)])
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[3])
 if TERMINAL[ARGV[3]] then
   -- Nothing may follow the terminal event: move the stream's last id past every id of this epoch, so even a
   -- plain XADD of this writer is refused from here on.
-  redis.call('XSETID', KEYS[2], (tonumber(ARGV[6]) + 1) .. '-0')
+  redis.call('XSETID', KEYS[2], string.format('%d-0', tonumber(ARGV[6]) + 1))
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)

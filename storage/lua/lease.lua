@@ -3,8 +3,9 @@
 -- lease has expired, or that waits unowned in the queue, which bumps the epoch and so fences the old owner out.
 -- KEYS: state hash, run index, queue, events stream
 -- ARGV: action ('renew' | 'release' | 'claim'), response_id, owner, epoch (renew/release) or '' (claim), lease_ms,
---       ttl_ms
+--       ttl_ms, and for renew the last sequence number the owner has stored (-1: none to check)
 -- renew   -> {'OK', lease_until, cancel_requested} | {'LOST'} | {'GONE'}
+--            | {'REWOUND', last stored sequence number} (the log lost events its owner had stored: a failover)
 -- release -> {'OK', 0, cancel_requested} | {'LOST'} | {'GONE'}   (due now: someone else may claim it at once)
 -- claim   -> {'OK', epoch, lease_until, recovery_count, cancel_requested} | {'BUSY'} | {'GONE'}
 local state = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until', 'status', 'cancel_requested')
@@ -24,6 +25,18 @@ if action == 'renew' or action == 'release' then
   if state[1] ~= ARGV[3] or state[2] ~= ARGV[4] or tonumber(state[3]) < now then
     return {'LOST'}
   end
+  if action == 'renew' and tonumber(ARGV[7]) >= 0 then
+    local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
+    local last = -1
+    if #top == 1 then
+      last = tonumber(string.match(top[1][1], '-(%d+)$'))
+    end
+    -- Numbers run from 0 without a hole, so a whole log has last + 1 entries. Fewer: events were lost and the
+    -- owner's plain appends went on after the hole, unaware.
+    if last < tonumber(ARGV[7]) or redis.call('XLEN', KEYS[4]) ~= last + 1 then
+      return {'REWOUND', last}
+    end
+  end
   local lease_until = now + tonumber(ARGV[5])
   if action == 'release' then
     lease_until = 0
@@ -37,7 +50,10 @@ end
 if state[1] ~= '' and tonumber(state[3]) >= now then
   return {'BUSY'}
 end
-local epoch = tonumber(state[2]) + 1
+-- Epochs grow with time as well as by one: a claim that a failover lost (with the events written under it) is
+-- never made again under the same number, so an event a client saw and one written in its place never share an
+-- entry id, and a client's cursor (`<sequence number>.<epoch>`) tells which of them it saw.
+local epoch = math.max(tonumber(state[2]) + 1, now_ms())
 local lease_until = now + tonumber(ARGV[5])
 local recovery = 0
 if state[1] ~= '' then
@@ -45,16 +61,16 @@ if state[1] ~= '' then
 else
   recovery = tonumber(redis.call('HGET', KEYS[1], 'recovery_count') or '0')
 end
-redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'epoch', epoch, 'lease_until', lease_until)
+redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'epoch', string.format('%d', epoch), 'lease_until', lease_until)
 -- Fence the old owner out of the event stream too: its appends' ids start with its own, older epoch, so once the
 -- stream's last id is `<epoch>-<last>` Redis refuses them. Record where this epoch starts writing, for readers
 -- that turn a sequence number into an entry id.
 local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
 if #top == 1 then
   local last = tonumber(string.match(top[1][1], '-(%d+)$'))
-  redis.call('XSETID', KEYS[4], epoch .. '-' .. last)
+  redis.call('XSETID', KEYS[4], string.format('%d-%d', epoch, last))
   local epochs = redis.call('HGET', KEYS[1], 'epochs') or '1:0'
-  redis.call('HSET', KEYS[1], 'epochs', epochs .. ',' .. epoch .. ':' .. (last + 1))
+  redis.call('HSET', KEYS[1], 'epochs', string.format('%s,%d:%d', epochs, epoch, last + 1))
 end
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('ZADD', KEYS[2], lease_until, ARGV[2])
