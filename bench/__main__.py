@@ -25,15 +25,15 @@ from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 
-from bench import procs, profile, report, store_bytes, workloads
+from bench import procs, profile, replica_acks, report, store_bytes, workloads
 from bench.sse import error_label
 from bench.workloads import Knobs, Observed, Target
 
 T = TypeVar("T")
 MIN_STEP_SECONDS = 10.0
-ALL_WORKLOADS = frozenset({"a", "b", "c", "d", "e"})
+ALL_WORKLOADS = frozenset({"a", "b", "c", "d", "e", "f"})
 # The workloads that need the processes; (e) runs in this process alone.
-PROCESS_WORKLOADS = frozenset({"a", "b", "c", "d"})
+PROCESS_WORKLOADS = frozenset({"a", "b", "c", "d", "f"})
 ALL_TARGETS = ("direct", "bare", "redis", "embedded", "cluster", "litellm")
 BENCH_DIR = Path(__file__).resolve().parent
 MEASURED_CODE = ("gateway", "runs", "storage", "simulator", "pyproject.toml")
@@ -42,6 +42,8 @@ PROFILE_BEFORE = BENCH_DIR / "results" / "profile-before-issue13.md"
 MEMORY_ESTIMATE_S = 40.0
 REPLAY_ESTIMATE_S = 30.0
 STORE_BYTES_ESTIMATE_S = 25.0
+REPLICA_ACKS_ESTIMATE_S = 40.0
+REPLICA_ACKS_REQUESTS = 300
 
 
 def _env_int(name: str, default: int) -> int:
@@ -111,7 +113,7 @@ class Config:
             store_events=_env_int("BENCH_STORE_EVENTS", 100_000),
             store_tokens=_env_int("BENCH_STORE_TOKENS", 2000),
             budget_seconds=_env_float("BENCH_BUDGET_SECONDS", 900),
-            workloads=frozenset(_env_list("BENCH_WORKLOADS", "a,b,c,d,e")),
+            workloads=frozenset(_env_list("BENCH_WORKLOADS", "a,b,c,d,e,f")),
             results_dir=Path(os.environ.get("BENCH_RESULTS_DIR", BENCH_DIR / "results")),
             results_name=os.environ.get("BENCH_RESULTS_NAME") or None,
             profile_before=Path(os.environ.get("BENCH_PROFILE_BEFORE", PROFILE_BEFORE)),
@@ -331,6 +333,8 @@ class Bench:
             reserve += MEMORY_ESTIMATE_S * len(self.gateways)
         if workload < "e" and "e" in config.workloads:
             reserve += STORE_BYTES_ESTIMATE_S
+        if workload < "f" and "f" in config.workloads and "cluster" in config.targets:
+            reserve += REPLICA_ACKS_ESTIMATE_S
         return reserve
 
     # -- workloads ------------------------------------------------------------------------------------------------
@@ -493,6 +497,41 @@ class Bench:
                 f"{result.json_per_event or 0:,.0f} B, overhead {result.overhead_per_event or 0:,.0f} B per event",
             )
 
+    async def replica_acks(self) -> None:
+        """(f) Two fresh gateways on the cluster, the same but for `storage.replica_acks: 1`, in turn."""
+        config, simulator = self.config, self.simulator
+        if "cluster" not in config.targets or simulator is None:
+            self.results.notes.append("(f) skipped: BENCH_TARGETS has no cluster to wait for replicas on")
+            return
+        started = []
+        for name, extra in (("cluster", {}), ("cluster-acks", {"GATEWAY_STORAGE__REPLICA_ACKS": "1"})):
+            proc = procs.start_gateway(
+                self.group,
+                name=f"gateway-{name}-acks-workload",
+                storage_url=self._storage_url("cluster"),
+                simulator_url=simulator.url,
+                key_prefix="rgwacks",
+                extra_env=extra,
+            )
+            started.append((proc, Target(name, f"{proc.url}/v1", pid=proc.pid, background=False, stored=True)))
+        targets = [target for _, target in started]
+
+        async def step() -> replica_acks.AckLatency:
+            for target in targets:
+                await workloads.warm_up(target)
+            return await replica_acks.measure(
+                targets,
+                requests=REPLICA_ACKS_REQUESTS,
+                repetitions=config.reps,
+                limit_s=self.budget.cap(REPLICA_ACKS_ESTIMATE_S * 2),
+            )
+
+        try:
+            self.results.replica_acks = await _phase(self.results, self.budget, "(f) replica acks", step)
+        finally:
+            for proc, _ in started:
+                self.group.stop(proc)
+
     async def run(self) -> None:
         chosen = self.config.workloads
         if chosen & PROCESS_WORKLOADS:
@@ -511,6 +550,8 @@ class Bench:
             await self.memory()
         if "e" in chosen:
             await self.store_bytes()
+        if "f" in chosen:
+            await self.replica_acks()
 
     def close(self) -> None:
         if self.observed is not None and self.observed.redis is not None:

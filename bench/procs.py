@@ -261,10 +261,16 @@ def start_simulator(group: ProcessGroup, *, tokens: int, token_delay_ms: float, 
 
 
 def start_gateway(
-    group: ProcessGroup, *, name: str, storage_url: str, simulator_url: str, key_prefix: str = "rgw"
+    group: ProcessGroup,
+    *,
+    name: str,
+    storage_url: str,
+    simulator_url: str,
+    key_prefix: str = "rgw",
+    extra_env: dict[str, str] | None = None,
 ) -> Proc:
     """A gateway with one `kind: responses` upstream at the simulator; `storage_url` is a redis:// URL or
-    `memory://` (the embedded in-process store)."""
+    `memory://` (the embedded in-process store); `extra_env` more GATEWAY_* settings."""
     port = free_port()
     upstreams = [{"name": "sim", "kind": "responses", "base_url": f"{simulator_url}/v1", "max_retries": 0}]
     env = {
@@ -276,6 +282,7 @@ def start_gateway(
         "GATEWAY_SERVER__MAX_BODY_BYTES": str(4 * 1024 * 1024),
         # Runs still in flight when the benchmark stops are not worth waiting for.
         "GATEWAY_SHUTDOWN__GRACE_SECONDS": "1",
+        **(extra_env or {}),
     }
     if os.environ.get("BENCH_EVENT_LOOP"):  # else the gateway's default (uvloop)
         env["GATEWAY_SERVER__EVENT_LOOP"] = os.environ["BENCH_EVENT_LOOP"]

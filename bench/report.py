@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from bench import profile, targets
+from bench import profile, replica_acks, targets
 from bench.results import HEAVY, LABELS, LIGHT, BenchResults, total_errors
 from bench.stats import median, percentile
 from bench.workloads import CeilingResult, ConcurrencyResult, Measured
@@ -531,6 +531,7 @@ def render(results: BenchResults) -> str:
         _build_table(results).render(),
         "",
         *_store_lines(results),
+        *(replica_acks.render(results.replica_acks, LABELS) if results.replica_acks is not None else []),
         "## Repetitions and machine load",
         "",
         *_repetitions(results),

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bench.profile import Profile
+from bench.replica_acks import AckLatency
 from bench.stats import median, median_of, percentile
 from bench.store_bytes import StoreBytesResult
 from bench.workloads import CeilingResult, ConcurrencyResult, MemoryResult, ReplayResult
@@ -18,6 +19,7 @@ LABELS = {
     "redis": "gateway (Redis)",
     "embedded": "gateway (embedded)",
     "cluster": "gateway (Redis Cluster)",
+    "cluster-acks": "gateway (Redis Cluster, replica_acks 1)",
     "litellm": "LiteLLM",
 }
 LIGHT, HEAVY = "light", "heavy"
@@ -36,6 +38,7 @@ class BenchResults:
     replay: dict[str, ReplayResult] = field(default_factory=dict)
     memory: dict[str, MemoryResult] = field(default_factory=dict)
     store: StoreBytesResult | None = None  # (e), the embedded store's bytes per event (the "embedded" column)
+    replica_acks: AckLatency | None = None  # (f), the cost of `storage.replica_acks` on the cluster
     profile: Profile | None = None
     profile_window: CeilingResult | None = None  # the ceiling window py-spy sampled (not in the medians)
     profile_target: str | None = None
