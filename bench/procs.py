@@ -239,16 +239,19 @@ def start_redis_cluster(group: ProcessGroup) -> str:
         timeout=60,
         check=True,
     )
+    def ask(node: Proc, *command: str) -> str:
+        return subprocess.run([cli, "-p", str(node.port), *command], capture_output=True, text=True).stdout
+
+    # Ready once every slot is served and every replica's link is up (a replica still syncing would make the
+    # first WAITs of (f) time out).
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        infos = [
-            subprocess.run([cli, "-p", str(node.port), "CLUSTER", "INFO"], capture_output=True, text=True).stdout
-            for node in nodes
-        ]
-        if all("cluster_state:ok" in info for info in infos):
+        ok = all("cluster_state:ok" in ask(node, "CLUSTER", "INFO") for node in nodes)
+        linked = sum("master_link_status:up" in ask(node, "INFO", "replication") for node in nodes)
+        if ok and linked == CLUSTER_MASTERS:
             return "redis+cluster://" + ",".join(addresses)
         time.sleep(0.1)
-    raise RuntimeError("the Redis Cluster did not become ok within 30 s")
+    raise RuntimeError("the Redis Cluster did not become ok, its replicas attached, within 30 s")
 
 
 def start_simulator(group: ProcessGroup, *, tokens: int, token_delay_ms: float, ttft_ms: float) -> Proc:
