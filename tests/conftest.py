@@ -240,8 +240,16 @@ async def gateway(storage_url: str, simulator_url: str, key_prefix: str) -> Asyn
 
 
 @pytest.fixture
-async def redis_gateway(redis_server: str, simulator_url: str, key_prefix: str) -> AsyncIterator[Gateway]:
-    """A gateway on the Redis backend only, for tests that look at the keys."""
+async def redis_gateway(shared_redis_url: str, simulator_url: str, key_prefix: str) -> AsyncIterator[Gateway]:
+    """A gateway on the Redis backend only (one node, and a cluster), for tests that look at the keys."""
+    settings = gateway_settings(storage_url=shared_redis_url, simulator_url=simulator_url, key_prefix=key_prefix)
+    async with serve_gateway(settings) as served:
+        yield served
+
+
+@pytest.fixture
+async def single_node_gateway(redis_server: str, simulator_url: str, key_prefix: str) -> AsyncIterator[Gateway]:
+    """A gateway on one Redis node, for tests that count what that node received."""
     settings = gateway_settings(storage_url=redis_server, simulator_url=simulator_url, key_prefix=key_prefix)
     async with serve_gateway(settings) as served:
         yield served

@@ -11,6 +11,7 @@ import aiohttp
 import openai
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from simulator import SimulatorSettings, input_text_of, simulated_text
 
@@ -80,7 +81,8 @@ async def read_frames(response: aiohttp.ClientResponse, limit: int | None = None
     return frames
 
 
-async def keys_with_prefix(client: aioredis.Redis, prefix: str) -> list[bytes]:
+async def keys_with_prefix(client: aioredis.Redis | RedisCluster, prefix: str) -> list[bytes]:
+    """Every key under `prefix`: on a cluster, of every master."""
     return [key async for key in client.scan_iter(match=f"{prefix}:*")]
 
 

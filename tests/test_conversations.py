@@ -10,6 +10,7 @@ import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.config import load_settings
 from simulator import simulated_text
@@ -224,14 +225,14 @@ async def test_conversation_crud_and_pagination(gateway: Gateway) -> None:
 
 
 async def test_deleting_a_conversation_removes_all_its_keys(
-    redis_gateway: Gateway, key_prefix: str, redis_client: aioredis.Redis
+    redis_gateway: Gateway, key_prefix: str, shared_redis_client: aioredis.Redis | RedisCluster
 ) -> None:
     client = redis_gateway.client
     conversation = await client.conversations.create(items=[{"role": "user", "content": "hello"}])
     await client.responses.create(model="sim-1", input="turn", conversation=conversation.id)
-    assert any(conversation.id.encode() in key for key in await keys_with_prefix(redis_client, key_prefix))
+    assert any(conversation.id.encode() in key for key in await keys_with_prefix(shared_redis_client, key_prefix))
     await client.conversations.delete(conversation.id)
-    assert not any(conversation.id.encode() in key for key in await keys_with_prefix(redis_client, key_prefix))
+    assert not any(conversation.id.encode() in key for key in await keys_with_prefix(shared_redis_client, key_prefix))
 
 
 async def test_two_instances_racing_a_turn_start_exactly_one(

@@ -39,34 +39,34 @@ async def _stored_events(gateway: Gateway, response_id: str) -> list[bytes]:
 
 
 async def test_a_long_response_writes_about_its_events_bytes_not_a_snapshot_per_event(
-    redis_gateway: Gateway, redis_client: aioredis.Redis
+    single_node_gateway: Gateway, redis_client: aioredis.Redis
 ) -> None:
     """8,000 deltas: the snapshot is rewritten only at item boundaries and once the events since the last one add
     up to its size, so what reaches Redis stays within 3x the events themselves (it was ~180x when every append
     rewrote the whole snapshot)."""
     before = await _bytes_received(redis_client)
-    response = await redis_gateway.client.responses.create(
+    response = await single_node_gateway.client.responses.create(
         model="sim-1",
         input="a long one",
         metadata={"sim_tokens": str(LONG_RESPONSE_DELTAS), "sim_token_delay_ms": "0"},
     )
     assert response.status == "completed"
     written = await _bytes_received(redis_client) - before
-    events = await _stored_events(redis_gateway, response.id)
+    events = await _stored_events(single_node_gateway, response.id)
     assert len(events) >= LONG_RESPONSE_DELTAS
     event_bytes = sum(len(data) for data in events)
     assert written <= 3 * event_bytes, (written, event_bytes)
 
 
 async def test_a_run_costs_at_most_two_redis_commands_per_event_and_no_read_back(
-    redis_gateway: Gateway, redis_client: aioredis.Redis
+    single_node_gateway: Gateway, redis_client: aioredis.Redis
 ) -> None:
     """A streamed response on the instance that runs it: each delta is one XADD (scripts only at status changes,
     item boundaries and now and then), and its subscriber gets the events handed over, not read back from Redis
     (no XREAD, no CLIENT UNBLOCK)."""
     before = await _command_calls(redis_client)
     received = 0
-    async with redis_gateway.client.responses.stream(
+    async with single_node_gateway.client.responses.stream(
         model="sim-1", input="count me", metadata={"sim_tokens": "2000", "sim_token_delay_ms": "0"}
     ) as stream:
         async for _ in stream:

@@ -207,11 +207,11 @@ async def test_after_the_ttl_the_key_creates_a_new_response(
 
 
 async def test_fifty_concurrent_posts_with_one_key_over_two_instances_make_one_run(
-    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
+    start_gateway_process: Callable[..., GatewayProcess], shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """Done-when: 50 concurrent identical POSTs with one key, spread over two gateway processes → exactly one
     request reaches the simulator and all 50 get the same response id and the same final text."""
-    env = redis_gateway_env(redis_server, simulator_url, key_prefix)
+    env = redis_gateway_env(shared_redis_url, simulator_url, key_prefix)
     gateways = [start_gateway_process(env), start_gateway_process(env)]
     clients = [
         openai.AsyncOpenAI(base_url=f"{g.url}/v1", api_key="test-key", max_retries=0, timeout=60) for g in gateways

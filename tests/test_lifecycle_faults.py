@@ -106,14 +106,14 @@ async def _abandon(request: asyncio.Future[Any]) -> None:
 
 @pytest.mark.parametrize("boundary", [b for b in BOUNDARIES if b not in ("admit.key_claimed", "cancel.flagged")])
 async def test_a_gateway_stopped_at_any_boundary_leaves_nothing_stuck(
-    boundary: str, redis_server: str, simulator_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+    boundary: str, shared_redis_url: str, simulator_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A background conversation turn with an Idempotency-Key on A; A stops dead at `boundary`; B (started only
     then, so it cannot race A to the boundary) finishes it within lease + sweep, and the conversation, the key and
     the index agree with its end."""
     faults = frozen_at(boundary)
     sim_tag = tag()
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults, max_concurrent=1) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults, max_concurrent=1) as a:
         conversation = await a.client.conversations.create()
         if boundary == "start.claimed":
             # A starts a queued response itself once its only slot frees: fill the slot first.
@@ -129,7 +129,7 @@ async def test_a_gateway_stopped_at_any_boundary_leaves_nothing_stuck(
             )
         )
         response_id = await asyncio.wait_for(faults.freezer.reached, 20)
-        async with instance(redis_server, simulator_url, key_prefix) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             events = await eventually_settled(
                 store_of(b),
                 response_id,
@@ -156,19 +156,19 @@ async def test_a_gateway_stopped_at_any_boundary_leaves_nothing_stuck(
 
 
 async def test_a_key_claimed_by_a_dead_admission_is_taken_over(
-    redis_server: str, simulator_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+    shared_redis_url: str, simulator_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A stops right after claiming an Idempotency-Key, before its response exists: nothing is stored, and a retry
     on B takes the abandoned claim over (after ABANDONED_CLAIM_MS) and runs once."""
     monkeypatch.setattr(runs.idempotency, "ABANDONED_CLAIM_MS", 1000)
     faults = frozen_at("admit.key_claimed")
     sim_tag = tag()
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         body: dict[str, Any] = {"model": "sim-1", "input": "hi", "metadata": slow(sim_tag)}
         headers = {"Idempotency-Key": sim_tag}
         creating = asyncio.ensure_future(a.client.responses.create(**body, extra_headers=headers))
         dead_id = await asyncio.wait_for(faults.freezer.reached, 20)
-        async with instance(redis_server, simulator_url, key_prefix) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             assert await store_of(b).get_response(dead_id) is None
             await asyncio.sleep(1.1)
             retried = await b.client.responses.create(**body, extra_headers=headers)
@@ -181,17 +181,19 @@ async def test_a_key_claimed_by_a_dead_admission_is_taken_over(
 # -- the thirteen scenarios ---------------------------------------------------------------------------------------
 
 
-async def test_1_a_response_is_never_stored_unindexed(redis_server: str, simulator_url: str, key_prefix: str) -> None:
+async def test_1_a_response_is_never_stored_unindexed(
+    shared_redis_url: str, simulator_url: str, key_prefix: str
+) -> None:
     """Scenario 1 (queued forever): the response and its index entry are one step, so a sweeper looking right after
     the create finds it indexed; stopped there, it still runs."""
     faults = frozen_at("admit.created")
     sim_tag = tag()
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         creating = asyncio.ensure_future(background(a.client, sim_tag))
         response_id = await asyncio.wait_for(faults.freezer.reached, 20)
         index, queue = await index_members(store_of(a))
         assert response_id in index | queue
-        async with instance(redis_server, simulator_url, key_prefix) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             await eventually_settled(store_of(b), response_id, within=TAKEOVER_SECONDS, status="completed")
         await _abandon(creating)
 
@@ -237,12 +239,12 @@ async def test_2_a_refused_terminal_write_is_never_settled_from_memory(
 
 
 async def test_3_an_unresumable_response_ends_failed_and_the_sweep_goes_on(
-    redis_server: str, simulator_url: str, key_prefix: str
+    shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """Scenario 3: an orphan whose conversation was deleted cannot be resumed. It ends failed with a clear error
     (once), its turn is gone with its conversation, and the rest of the sweep batch is taken over as usual."""
     faults = frozen_at("admit.turn_taken")
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         doomed_conversation = await a.client.conversations.create()
         kept_conversation = await a.client.conversations.create()
         first = asyncio.ensure_future(
@@ -259,7 +261,7 @@ async def test_3_an_unresumable_response_ends_failed_and_the_sweep_goes_on(
             )
         )
         kept_id = await asyncio.wait_for(faults.freezer.reached, 20)
-        async with instance(redis_server, simulator_url, key_prefix) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             await b.client.conversations.delete(doomed_conversation.id)
             events = await eventually_settled(store_of(b), doomed_id, within=TAKEOVER_SECONDS, status="failed")
             error = events[-1]["response"]["error"]
@@ -272,15 +274,17 @@ async def test_3_an_unresumable_response_ends_failed_and_the_sweep_goes_on(
         await _abandon(second)
 
 
-async def test_3_a_model_no_longer_routed_ends_failed(redis_server: str, simulator_url: str, key_prefix: str) -> None:
+async def test_3_a_model_no_longer_routed_ends_failed(
+    shared_redis_url: str, simulator_url: str, key_prefix: str
+) -> None:
     """Scenario 3: the instance that takes over no longer routes the orphan's model: failed, once, not re-claimed
     every lease period."""
     faults = frozen_at("admit.created")
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         creating = asyncio.ensure_future(background(a.client, tag()))
         response_id = await asyncio.wait_for(faults.freezer.reached, 20)
         settings = gateway_settings(
-            storage_url=redis_server, simulator_url=simulator_url, key_prefix=key_prefix, runs=FAST_RUNS
+            storage_url=shared_redis_url, simulator_url=simulator_url, key_prefix=key_prefix, runs=FAST_RUNS
         )
         settings.upstreams[0].models = ["other-*"]
         async with serve_gateway(settings) as b:
@@ -319,31 +323,31 @@ async def test_4_cancelling_a_queued_response_ends_it_at_once_and_never_upstream
 
 
 async def test_4_a_cancel_stored_while_its_owner_dies_still_ends_it(
-    redis_server: str, simulator_url: str, key_prefix: str
+    shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """The instance that stored the cancel request stops right there; the owner's next renewal (or whoever takes
     it over) reads the request: cancelled, once."""
     faults = frozen_at("cancel.flagged")
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         sim_tag = tag()
         response = await a.client.responses.create(
             model="sim-1", input="hi", background=True, metadata=slow(sim_tag, 200, 50)
         )
         cancelling = asyncio.ensure_future(a.client.responses.cancel(response.id))
         await asyncio.wait_for(faults.freezer.reached, 20)
-        async with instance(redis_server, simulator_url, key_prefix) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             await eventually_settled(store_of(b), response.id, within=TAKEOVER_SECONDS, status="cancelled")
         await _abandon(cancelling)
 
 
 async def test_4_a_running_response_hears_the_cancel_during_a_long_first_token(
-    redis_server: str, simulator_url: str, key_prefix: str
+    shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """A cancel sent to B for a run on A that waits 30 s for its first token: A stops the upstream call within a
     second (the notice), or at its next renewal if the notice is lost."""
     async with (
-        instance(redis_server, simulator_url, key_prefix) as a,
-        instance(redis_server, simulator_url, key_prefix) as b,
+        instance(shared_redis_url, simulator_url, key_prefix) as a,
+        instance(shared_redis_url, simulator_url, key_prefix) as b,
     ):
         sim_tag = tag()
         response = await a.client.responses.create(
@@ -358,11 +362,11 @@ async def test_4_a_running_response_hears_the_cancel_during_a_long_first_token(
 
 
 async def test_4_the_renewal_carries_a_cancel_whose_notice_was_lost(
-    redis_server: str, simulator_url: str, key_prefix: str
+    shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """The cancel flag alone (no pub/sub notice, as when the subscriber was reconnecting) reaches a run waiting for
     its first token through its lease renewal."""
-    async with instance(redis_server, simulator_url, key_prefix) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix) as a:
         response = await a.client.responses.create(
             model="sim-1", input="hi", background=True, metadata=slow(tag(), 5, 5, ttft_ms=30_000)
         )
@@ -373,13 +377,13 @@ async def test_4_the_renewal_carries_a_cancel_whose_notice_was_lost(
 
 
 async def test_5_capacity_is_never_overbooked_and_the_queue_is_fifo(
-    redis_server: str, simulator_url: str, key_prefix: str
+    shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """Scenario 5 and 6: `runs.max_concurrent: 1`, 10 concurrent POSTs over two instances: never more than one run
     in flight per instance; queued responses start in admission order."""
     async with (
-        instance(redis_server, simulator_url, key_prefix, max_concurrent=1) as a,
-        instance(redis_server, simulator_url, key_prefix, max_concurrent=1) as b,
+        instance(shared_redis_url, simulator_url, key_prefix, max_concurrent=1) as a,
+        instance(shared_redis_url, simulator_url, key_prefix, max_concurrent=1) as b,
     ):
         managers = [a.app[RUN_MANAGER], b.app[RUN_MANAGER]]  # type: ignore[index]
         peak = [0, 0]
@@ -423,15 +427,15 @@ async def test_5_capacity_is_never_overbooked_and_the_queue_is_fifo(
 
 
 async def test_6_orphans_are_ended_however_long_the_queue(
-    redis_server: str, simulator_url: str, key_prefix: str
+    shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """Scenario 6: B is full and has a long queue; an orphan that had begun answering still ends within lease +
     sweep (ending it needs no run slot)."""
     faults = frozen_at("run.output")
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         creating = asyncio.ensure_future(background(a.client, tag()))
         orphan_id = await asyncio.wait_for(faults.freezer.reached, 20)
-        async with instance(redis_server, simulator_url, key_prefix, max_concurrent=1) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix, max_concurrent=1) as b:
             await b.client.responses.create(model="sim-1", input="long", background=True, metadata=slow(tag(), 400, 50))
             for _ in range(20):
                 queued = await b.client.responses.create(
@@ -443,18 +447,18 @@ async def test_6_orphans_are_ended_however_long_the_queue(
 
 
 async def test_7_a_dead_instances_store_false_response_is_discarded_not_rerun(
-    redis_server: str, simulator_url: str, key_prefix: str
+    shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """Scenario 7: a `store=false` response's client left with its instance: nobody would read a re-run. The
     sweeper discards it (no upstream call, no keys left) instead of resuming it."""
     faults = frozen_at("admit.created")
     sim_tag = tag()
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         creating = asyncio.ensure_future(
             a.client.responses.create(model="sim-1", input="hi", store=False, metadata=slow(sim_tag))
         )
         response_id = await asyncio.wait_for(faults.freezer.reached, 20)
-        async with instance(redis_server, simulator_url, key_prefix) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             store = store_of(b)
 
             async def gone() -> bool:
@@ -469,11 +473,11 @@ async def test_7_a_dead_instances_store_false_response_is_discarded_not_rerun(
         await _abandon(creating)
 
 
-async def test_8_a_resumed_run_takes_its_turn(redis_server: str, simulator_url: str, key_prefix: str) -> None:
+async def test_8_a_resumed_run_takes_its_turn(shared_redis_url: str, simulator_url: str, key_prefix: str) -> None:
     """Scenario 8: a conversation turn restarted by another instance holds the turn while it runs (a new turn
     meanwhile is 409) and appends its items once when it completes."""
     faults = frozen_at("admit.turn_taken")
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         conversation = await a.client.conversations.create()
         creating = asyncio.ensure_future(
             a.client.responses.create(
@@ -485,7 +489,7 @@ async def test_8_a_resumed_run_takes_its_turn(redis_server: str, simulator_url: 
             )
         )
         response_id = await asyncio.wait_for(faults.freezer.reached, 20)
-        async with instance(redis_server, simulator_url, key_prefix) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             store = store_of(b)
             deadline = time.monotonic() + TAKEOVER_SECONDS
             while (record := await store.get_response(response_id)) is not None and record.owner != b.app[
@@ -541,11 +545,13 @@ async def test_8_an_undo_that_first_fails_still_leaves_nothing(
         assert await upstream_calls(simulator_url, sim_tag) == 1
 
 
-async def test_9_a_hung_sweeper_holds_up_no_takeover(redis_server: str, simulator_url: str, key_prefix: str) -> None:
+async def test_9_a_hung_sweeper_holds_up_no_takeover(
+    shared_redis_url: str, simulator_url: str, key_prefix: str
+) -> None:
     """Scenario 9: A hangs in the middle of a sweep (it has claimed an orphan). B takes over another orphan at
     once, and A's claimed one when A's claim lapses: no fleet-wide lock outlives a hung holder."""
     killer = frozen_at("admit.created")
-    async with instance(redis_server, simulator_url, key_prefix, faults=killer) as dead:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=killer) as dead:
         orphans = []
         for _ in range(2):
             killer.freezer.reached = asyncio.get_running_loop().create_future()
@@ -553,10 +559,10 @@ async def test_9_a_hung_sweeper_holds_up_no_takeover(redis_server: str, simulato
             orphans.append((await asyncio.wait_for(killer.freezer.reached, 20), creating))
         first, second = orphans[0][0], orphans[1][0]
         hung = frozen_at("start.claimed", only=lambda response_id: response_id == first)
-        async with instance(redis_server, simulator_url, key_prefix, faults=hung):
+        async with instance(shared_redis_url, simulator_url, key_prefix, faults=hung):
             claimed = await asyncio.wait_for(hung.freezer.reached, TAKEOVER_SECONDS)
             assert claimed == first
-            async with instance(redis_server, simulator_url, key_prefix) as b:
+            async with instance(shared_redis_url, simulator_url, key_prefix) as b:
                 await eventually_settled(store_of(b), second, within=TAKEOVER_SECONDS, status="completed")
                 await eventually_settled(store_of(b), first, within=TAKEOVER_SECONDS, status="completed")
         for _, creating in orphans:
@@ -564,13 +570,13 @@ async def test_9_a_hung_sweeper_holds_up_no_takeover(redis_server: str, simulato
 
 
 async def test_11_a_synchronous_caller_gets_the_real_outcome_after_a_lost_lease(
-    redis_server: str, simulator_url: str, key_prefix: str
+    shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """Scenario 11: A's lease lapses (its keeper stops) while it serves a synchronous request; B takes the
     response over. The caller waiting on A gets the stored outcome with a 200 — not a 503 its SDK would retry into
     a second run."""
     sim_tag = tag()
-    async with instance(redis_server, simulator_url, key_prefix) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix) as a:
         asking = asyncio.ensure_future(
             a.http.post(
                 "/v1/responses",
@@ -580,7 +586,7 @@ async def test_11_a_synchronous_caller_gets_the_real_outcome_after_a_lost_lease(
         await asyncio.sleep(0.5)
         for task in a.app[OWNERSHIP]._tasks:  # type: ignore[index]
             task.cancel()  # A stops renewing: to the fleet it is dead, though its run goes on
-        async with instance(redis_server, simulator_url, key_prefix) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             reply: aiohttp.ClientResponse = await asyncio.wait_for(asking, 30)
             body = await reply.json()
             assert reply.status == 200, body
@@ -592,7 +598,7 @@ async def test_11_a_synchronous_caller_gets_the_real_outcome_after_a_lost_lease(
 
 @pytest.mark.parametrize("kind", ["sync", "sync_keyed", "sync_stream"])
 async def test_11_a_dead_instances_synchronous_response_runs_again_only_if_someone_can_read_it(
-    kind: str, redis_server: str, simulator_url: str, key_prefix: str
+    kind: str, shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """A synchronous non-streaming client learns its response's id only from the answer: once its instance dies,
     nobody can read a re-run, and its own retry would be a second run. So the orphan ends failed without an
@@ -604,10 +610,10 @@ async def test_11_a_dead_instances_synchronous_response_runs_again_only_if_someo
     if kind == "sync_stream":
         body["stream"] = True
     headers = {"Idempotency-Key": sim_tag} if kind == "sync_keyed" else {}
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         creating = asyncio.ensure_future(a.http.post("/v1/responses", json=body, headers=headers))
         response_id = await asyncio.wait_for(faults.freezer.reached, 20)
-        async with instance(redis_server, simulator_url, key_prefix) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             expected = "failed" if kind == "sync" else "completed"
             events = await eventually_settled(store_of(b), response_id, within=TAKEOVER_SECONDS, status=expected)
             assert await upstream_calls(simulator_url, sim_tag) == (0 if kind == "sync" else 1)
@@ -620,13 +626,13 @@ async def test_11_a_dead_instances_synchronous_response_runs_again_only_if_someo
 
 
 async def test_a_real_process_killed_between_the_end_and_its_follow_ups(
-    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
+    start_gateway_process: Callable[..., GatewayProcess], shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """A real gateway process SIGKILLs itself (GATEWAY_FAULT_KILL_AT) right after a conversation turn's terminal
     event is stored, before its follow-ups: another process settles it from what is stored — the turn released,
     its items appended once, the response out of the run index — and the conversation goes on."""
     fast = {f"GATEWAY_RUNS__{name.upper()}": str(value) for name, value in FAST_RUNS.items()}
-    env = redis_gateway_env(redis_server, simulator_url, key_prefix, **fast)
+    env = redis_gateway_env(shared_redis_url, simulator_url, key_prefix, **fast)
     a = start_gateway_process({**env, KILL_AT_ENV: "finish.terminal_stored"})
     b = start_gateway_process(env)
     client_a, client_b = sdk_for(a.url), sdk_for(b.url)
@@ -637,7 +643,7 @@ async def test_a_real_process_killed_between_the_end_and_its_follow_ups(
     a.process.wait(timeout=20)
     assert a.process.returncode == -signal.SIGKILL
     assert "fault injection: killing this process at finish.terminal_stored" in a.log()
-    store = RedisStore.from_url(redis_server, key_prefix=key_prefix, retention_seconds=600)
+    store = RedisStore.from_url(shared_redis_url, key_prefix=key_prefix, retention_seconds=600)
     try:
         await eventually_settled(
             store, created.id, within=TAKEOVER_SECONDS, conversation_id=conversation.id, status="completed"
@@ -680,18 +686,18 @@ async def test_8_a_create_whose_reply_was_lost_is_undone(storage_url: str, simul
 
 
 async def test_deleting_an_ended_response_before_its_follow_ups_releases_its_turn(
-    redis_server: str, simulator_url: str, key_prefix: str
+    shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
     """A client deletes a completed turn while its instance is stopped between the stored end and the follow-ups:
     the follow-ups happen first (its items join the conversation, the turn is released), then the delete."""
     faults = frozen_at("finish.terminal_stored")
-    async with instance(redis_server, simulator_url, key_prefix, faults=faults) as a:
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         conversation = await a.client.conversations.create()
         created = await a.client.responses.create(
             model="sim-1", input="hi", background=True, conversation=conversation.id, metadata=slow(tag(), 5, 5)
         )
         await asyncio.wait_for(faults.freezer.reached, 20)
-        async with instance(redis_server, simulator_url, key_prefix) as b:
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             await b.client.responses.delete(created.id)
             record = await store_of(b).get_conversation(conversation.id)
             assert record is not None

@@ -15,9 +15,9 @@ from tests.helpers import expected_text, sdk_for
 
 
 async def test_background_response_created_on_one_instance_is_retrievable_on_another(
-    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
+    start_gateway_process: Callable[..., GatewayProcess], shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
-    env = redis_gateway_env(redis_server, simulator_url, key_prefix)
+    env = redis_gateway_env(shared_redis_url, simulator_url, key_prefix)
     first, second = start_gateway_process(env), start_gateway_process(env)
     client_a, client_b = sdk_for(first.url), sdk_for(second.url)
     try:

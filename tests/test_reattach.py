@@ -12,6 +12,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 from openai.types.responses import Response
+from redis.asyncio.cluster import RedisCluster
 
 from tests.conftest import (
     Gateway,
@@ -301,7 +302,9 @@ async def test_cancel_of_a_queued_or_streaming_local_run(gateway: Gateway, simul
     assert (await gateway.client.responses.retrieve(events[0].response.id)).output_text == partial  # type: ignore[union-attr]
 
 
-async def test_delete(redis_gateway: Gateway, key_prefix: str, redis_client: aioredis.Redis) -> None:
+async def test_delete(
+    redis_gateway: Gateway, key_prefix: str, shared_redis_client: aioredis.Redis | RedisCluster
+) -> None:
     running = await redis_gateway.client.responses.create(
         model="sim-1", input="still going", background=True, metadata={"sim_fault": "hang"}
     )
@@ -314,13 +317,13 @@ async def test_delete(redis_gateway: Gateway, key_prefix: str, redis_client: aio
     async with redis_gateway.http.delete(f"/v1/responses/{finished.id}") as reply:
         assert reply.status == 200
         assert await reply.json() == {"id": finished.id, "object": "response.deleted", "deleted": True}
-    assert not any(finished.id.encode() in key for key in await keys_with_prefix(redis_client, key_prefix))
+    assert not any(finished.id.encode() in key for key in await keys_with_prefix(shared_redis_client, key_prefix))
     with pytest.raises(openai.NotFoundError):
         await redis_gateway.client.responses.retrieve(finished.id)
     with pytest.raises(openai.NotFoundError):
         await redis_gateway.client.responses.delete(finished.id)
     await redis_gateway.client.responses.delete(running.id)  # the SDK's own call, once it has ended
-    assert await keys_with_prefix(redis_client, key_prefix) == []
+    assert await keys_with_prefix(shared_redis_client, key_prefix) == []
 
 
 async def test_input_items_paginate_in_both_orders_with_stable_ids(gateway: Gateway) -> None:

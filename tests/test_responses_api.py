@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.state import STORE
 from runs.snapshot import apply_event
@@ -195,25 +196,25 @@ async def test_sdk_raises_bad_request_for_background_without_store(gateway: Gate
 
 
 async def test_invalid_request_leaves_no_key_in_redis(
-    redis_gateway: Gateway, key_prefix: str, redis_client: aioredis.Redis
+    redis_gateway: Gateway, key_prefix: str, shared_redis_client: aioredis.Redis | RedisCluster
 ) -> None:
     for body in ({"model": "sim-1", "input": "x", "background": True, "store": False}, {"input": "x"}):
         async with redis_gateway.http.post("/v1/responses", json=body) as response:
             assert response.status == 400
-    assert await keys_with_prefix(redis_client, key_prefix) == []
+    assert await keys_with_prefix(shared_redis_client, key_prefix) == []
 
 
 async def test_every_key_a_run_writes_has_a_ttl_and_one_hash_tag(
-    redis_gateway: Gateway, key_prefix: str, redis_client: aioredis.Redis
+    redis_gateway: Gateway, key_prefix: str, shared_redis_client: aioredis.Redis | RedisCluster
 ) -> None:
     first = await redis_gateway.client.responses.create(model="sim-1", input="keys one")
     second = await redis_gateway.client.responses.create(model="sim-1", input="keys two", background=True)
     async with redis_gateway.client.responses.stream(model="sim-1", input="keys three") as stream:
         third = await stream.get_final_response()
-    keys = await keys_with_prefix(redis_client, key_prefix)
+    keys = await keys_with_prefix(shared_redis_client, key_prefix)
     assert len(keys) == 9
     for key in keys:
-        ttl = await redis_client.pttl(key)
+        ttl = await shared_redis_client.pttl(key)
         assert 0 < ttl <= 600_000, (key, ttl)
     for response_id in (first.id, second.id, third.id):
         assert sum(f":{response_id}:".encode() in key for key in keys) == 3
