@@ -120,6 +120,12 @@ class RedisMux:
         self._queued.extend(zip(commands, replies, strict=True))
         self._schedule_flush()
         try:
+            # The last reply first. Cancelling this task cancels the one future it awaits at once, and the others
+            # only when it next runs: a flush in between writes the commands whose futures are not done. Awaiting
+            # the last, a cancel can drop only a suffix of the batch (a retry completes a stored prefix); awaiting
+            # the first, it dropped a command and sent the ones after it (an event log got a hole). Replies arrive
+            # in order, so once the last is done every one is.
+            await replies[-1]
             return [await reply for reply in replies]
         finally:
             for reply in replies:
