@@ -239,6 +239,7 @@ def start_redis_cluster(group: ProcessGroup) -> str:
         timeout=60,
         check=True,
     )
+
     def ask(node: Proc, *command: str) -> str:
         return subprocess.run([cli, "-p", str(node.port), *command], capture_output=True, text=True).stdout
 

@@ -16,6 +16,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from runs.store import STORAGE_URL_PREFIXES
 from runs.upstream.base import UpstreamSpec
 
 CONFIG_ENV = "GATEWAY_CONFIG"
@@ -49,7 +50,7 @@ class StorageConfig(_Section):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, url: str) -> str:
-        schemes = ("memory://", "redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        schemes = STORAGE_URL_PREFIXES
         if not url.startswith(schemes):
             raise ValueError("must start with " + ", ".join(schemes[:-1]) + " or " + schemes[-1])
         return url

@@ -5,9 +5,17 @@ from __future__ import annotations
 import asyncio
 
 from storage.base import ResponseRecord, Store, StoredEvent, StoreUnavailable
-from storage.factory import open_store
+from storage.factory import STORAGE_URL_PREFIXES, open_store
 
-__all__ = ["ResponseRecord", "Store", "StoreUnavailable", "StoredEvent", "check_reachable", "open_store"]
+__all__ = [
+    "STORAGE_URL_PREFIXES",
+    "ResponseRecord",
+    "Store",
+    "StoreUnavailable",
+    "StoredEvent",
+    "check_reachable",
+    "open_store",
+]
 
 
 async def check_reachable(store: Store, *, timeout_seconds: float) -> None:

@@ -5,8 +5,12 @@ from __future__ import annotations
 from storage.base import Store
 from storage.memory import MemoryStore
 from storage.redis import RedisStore
+from storage.redis_cluster import CLUSTER_SCHEMES
 
 MEMORY_URL = "memory://"
+REDIS_URL_PREFIXES = ("redis://", "rediss://", "unix://", *(f"{scheme}://" for scheme in CLUSTER_SCHEMES))
+# What `storage.url` may start with.
+STORAGE_URL_PREFIXES = (MEMORY_URL, *REDIS_URL_PREFIXES)
 
 
 def open_store(
@@ -23,7 +27,7 @@ def open_store(
     Cluster. `replica_acks` (Redis only): replicas that must have a terminal event before it is published."""
     if url == MEMORY_URL or url.startswith(MEMORY_URL):
         return MemoryStore(retention_seconds=retention_seconds)
-    if url.startswith(("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")):
+    if url.startswith(REDIS_URL_PREFIXES):
         return RedisStore.from_url(
             url,
             key_prefix=key_prefix,

@@ -69,6 +69,11 @@ class ClusterAddress:
         username, _, password = credentials.partition(":") if credentials else ("", "", "")
         return cls(seeds, unquote(username) or None, unquote(password) or None, scheme == "rediss+cluster")
 
+    def node_client(self, node: ClusterNode) -> aioredis.Redis:
+        """A plain client of one node (for what redis-py's cluster client does not do: a blocking read of many
+        streams, shard-channel subscriptions, a WAIT on the connection that wrote)."""
+        return aioredis.Redis(host=node.host, port=int(node.port), **self.options())
+
     def options(self) -> dict[str, Any]:
         """Connection options every connection to a node of this cluster takes."""
         return {
@@ -180,7 +185,7 @@ class ClusterEventFeed:
             return known[1]
         if known is not None:  # the slot moved: leave the old node
             await _close_feed(known[1], known[2])
-        client = aioredis.Redis(host=node.host, port=int(node.port), **self._address.options())
+        client = self._address.node_client(node)
         feed = RedisEventFeed(client, self._keys)
         self._feeds[shard] = (node.name, feed, client)
         return feed
@@ -257,7 +262,7 @@ async def sharded_notices(client: RedisCluster, address: ClusterAddress, channel
                     raise StoreUnavailable(f"redis cluster: no node serves {channel}")
                 by_node.setdefault(node.name, (node, []))[1].append(channel)
             for node, node_channels in by_node.values():
-                connection = aioredis.Redis(host=node.host, port=int(node.port), **address.options())
+                connection = address.node_client(node)
                 connections.append(connection)
                 pubsub = connection.pubsub(ignore_subscribe_messages=True)
                 for channel in node_channels:  # a shard channel per call: SSUBSCRIBE takes channels of one slot

@@ -84,7 +84,7 @@ class ReplicaAcks:
             raise StoreUnavailable(f"redis cluster: no node holds {key}")
         client = self._node_clients.get(node.name)
         if client is None:
-            client = aioredis.Redis(host=node.host, port=int(node.port), **self._cluster.options())
+            client = self._cluster.node_client(node)
             self._node_clients[node.name] = client
         return client
 
