@@ -143,6 +143,36 @@ class RedisCluster:
             time.sleep(0.1)
         raise TimeoutError("the Redis Cluster's replicas did not all attach")
 
+    def owner_of(self, slot: int) -> ClusterNode:
+        """The master that serves `slot` now."""
+        for line in self.nodes[0].cli("CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            if "master" not in fields[2] or "fail" in fields[2]:
+                continue
+            for served in fields[8:]:
+                first, _, last = served.partition("-")
+                if first.isdigit() and int(first) <= slot <= int(last or first):
+                    port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(node for node in self.nodes if node.port == port)
+        raise LookupError(f"no master serves slot {slot}")
+
+    def migrate_slot(self, slot: int, *, keys_per_step: int = 1, pause: float = 0.05) -> ClusterNode:
+        """Move `slot` to another master the way `redis-cli --cluster reshard` does (IMPORTING / MIGRATING, its
+        keys a few at a time, then the new owner announced), slowly, so clients meet ASK and TRYAGAIN meanwhile;
+        returns the new owner."""
+        source = self.owner_of(slot)
+        masters = {node.port: node for node in (self.owner_of(first) for first in (0, 8000, 16000))}
+        target = next(node for port, node in masters.items() if port != source.port)
+        source_id, target_id = source.cli("CLUSTER", "MYID").strip(), target.cli("CLUSTER", "MYID").strip()
+        target.cli("CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id)
+        source.cli("CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id)
+        while keys := source.cli("CLUSTER", "GETKEYSINSLOT", str(slot), str(keys_per_step)).split():
+            source.cli("MIGRATE", "127.0.0.1", str(target.port), "", "0", "5000", "KEYS", *keys)
+            time.sleep(pause)
+        for node in (target, source, *(node for node in masters.values() if node not in (target, source))):
+            node.cli("CLUSTER", "SETSLOT", str(slot), "NODE", target_id)
+        return target
+
     def stop(self) -> None:
         for node in self.nodes:
             if node.process is not None and node.process.poll() is None:

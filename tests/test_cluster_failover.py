@@ -13,12 +13,14 @@ from typing import Any
 import orjson
 import pytest
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
+from redis.crc import key_slot
 
 from storage.keys import KeySpace
 from storage.redis_cluster import ClusterAddress, open_cluster_client
 from tests.conftest import GatewayProcess, redis_gateway_env
 from tests.helpers import sdk_for
 from tests.redis_cluster import RedisCluster
+from tests.test_lifecycle_faults import instance
 
 TERMINAL = {"response.completed", "response.failed", "response.incomplete", "response.cancelled"}
 # When the master dies: well into the output, well before its end.
@@ -116,3 +118,46 @@ async def test_a_master_killed_under_a_running_response(
     stored = [orjson.dumps(event) for event in replayed]
     streamed = [orjson.dumps(seen[number]) for number in numbers]
     assert stored == streamed
+
+
+@pytest.mark.timeout(120)
+async def test_a_slot_moved_under_a_running_response(
+    own_cluster: RedisCluster, simulator_url: str, key_prefix: str
+) -> None:
+    """The response's slot (its shard: its keys, its shard's run index and queue) moves to another master, a key
+    at a time, while it streams: its owner's appends and the other instance's live feed follow ASK, TRYAGAIN and
+    then MOVED, and the client sees every event once."""
+    async with (
+        instance(own_cluster.url, simulator_url, key_prefix) as owner,
+        instance(own_cluster.url, simulator_url, key_prefix) as other,
+    ):
+        created = await owner.client.responses.create(
+            model="sim-1",
+            input="a slot on the move",
+            background=True,
+            metadata={"sim_tokens": "120", "sim_token_delay_ms": "25"},
+        )
+        state_key = KeySpace(key_prefix).response_state(created.id)
+        slot = key_slot(state_key.encode())
+        before = own_cluster.owner_of(slot)
+        seen: dict[int, dict[str, Any]] = {}
+        moving: asyncio.Task[Any] | None = None
+        async with await other.client.responses.retrieve(created.id, stream=True) as stream:
+            async for event in stream:
+                dumped = event.model_dump(mode="json")
+                assert seen.setdefault(event.sequence_number, dumped) == dumped
+                if event.sequence_number == 10:
+                    moving = asyncio.create_task(asyncio.to_thread(own_cluster.migrate_slot, slot))
+                if event.type in TERMINAL:
+                    break
+        assert moving is not None
+        after = await moving
+        assert after.port != before.port
+        assert own_cluster.owner_of(slot).port == after.port
+        numbers = sorted(seen)
+        assert numbers == list(range(len(numbers)))
+        assert seen[numbers[-1]]["type"] == "response.completed"
+        # Read back from the new owner of the slot, from the first instance: what the client saw.
+        async with await owner.client.responses.retrieve(created.id, stream=True) as replay:
+            replayed = [event.model_dump(mode="json") async for event in replay]
+        assert replayed == [seen[number] for number in numbers]
