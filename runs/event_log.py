@@ -97,6 +97,10 @@ class EventLog:
         # log now appends past the hole (see continue_past_loss).
         self._unstored: list[StoredEvent] = []
         self._after_loss = False
+        # Whether the next append checks that the log still holds what it stored: after the store failed, it may
+        # have come back as a replica that lacks the last writes, and plain appends would not notice.
+        self._check_next = False
+        self._closed = False
         if publisher is not None:
             publisher.begin_writing(response_id)
         # Started on first need: a run that flushes what it emits (the common case) never needs it.
@@ -156,9 +160,9 @@ class EventLog:
 
     def _nudge_writer(self) -> None:
         self._nudged = False
-        if not self._unwritten or self._appending or self._failure is not None:
+        if not self._unwritten or self._appending or self._failure is not None or self._closed:
             return
-        if self._writer is None:
+        if self._writer is None or self._writer.done():  # done: it stopped at a failure the log has since left
             self._writer = self._loop.create_task(self._write_loop(), name=f"event-log:{self._response_id}")
         elif self._wakeup is not None and not self._wakeup.done():
             self._wakeup.set_result(None)
@@ -177,6 +181,7 @@ class EventLog:
         try:
             await self.flush()
         finally:
+            self._closed = True
             if self._writer is not None:
                 self._writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -246,6 +251,10 @@ class EventLog:
         self._last_snapshot_bytes = len(snapshot)
         return snapshot
 
+    def check_next_append(self) -> None:
+        """The store failed somewhere else (a lease renewal): check the log is whole at the next append."""
+        self._check_next = True
+
     def continue_past_loss(self) -> None:
         """After LogRewound: the store lost events this log had stored, so the log goes on past the hole instead,
         numbered after everything it stored, and no number a client has seen is given to another event. What was
@@ -258,27 +267,27 @@ class EventLog:
         self._snapshot_due = True
         if self._pending:
             self._drained.clear()
+            self._nudge_writer()  # the writer may have stopped at the failure: whoever waits for room is served
 
     async def _append_with_retries(self, batch: list[StoredEvent], snapshot: bytes | None, status: str) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._write_retry_seconds
         delay = WRITE_RETRY_FIRST_DELAY_SECONDS
-        # Once the store has failed, appends check that it still has what it acknowledged before: a failover to a
-        # replica that lagged behind loses the last writes, and plain appends would not notice.
-        checked = False
         while True:
             try:
-                return await self._store.append_events(
+                cancel_requested = await self._store.append_events(
                     self._response_id,
                     batch,
                     snapshot=snapshot,
                     status=status,
                     lease=self.lease,
-                    checked=checked,
+                    checked=self._check_next,
                     after_loss=self._after_loss,
                 )
+                self._check_next = False
+                return cancel_requested
             except StoreUnavailable as error:
-                checked = True
+                self._check_next = True
                 if isinstance(error, StoreClosed) or loop.time() + delay > deadline:
                     raise
                 log.warning("append to %s failed (%s); retrying in %.2fs", self._response_id, error, delay)

@@ -253,8 +253,13 @@ class Lifecycle:
             )
         except LogRewound as error:
             log.error("%s: %s (a storage failover?); ending it", run.response_id, error)
+            if error.renewed is not None:
+                run.lease = error.renewed
             run.events_lost()
             return
+        except StoreUnavailable:
+            run.check_next_append()  # the store failed: it may come back as a replica that lacks the last writes
+            raise
         except LeaseLost:
             if run.abandoned:
                 return  # handed over (its lease released) while this renewal was on its way: nothing was lost

@@ -129,6 +129,10 @@ class ResponseRun:
         if self._consumer is not None:
             self._consumer.cancel()
 
+    def check_next_append(self) -> None:
+        """The store failed (seen by the lease keeper): the run's next append checks the log is whole first."""
+        self._log.check_next_append()
+
     def call_upstream_now(self) -> None:
         """For a run admitted `in_progress`: start the upstream call in this very step, ahead of the run task's
         first turn, since the provider's first token is what its client waits for."""

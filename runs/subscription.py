@@ -71,6 +71,11 @@ async def follow_events(
                 _check_tail(record, cursor, cursor_epoch)
                 if record is None or (record.status in TERMINAL_STATUSES and record.last_sequence_number <= cursor):
                     return  # gone, or finished with nothing left after the cursor: nothing will ever come live
+                if cursor_epoch is not None and record.last_sequence_number > cursor:
+                    # Events follow the cursor's number but none followed the cursor's own event: it may be gone
+                    # (replaced under an epoch that sorts lower, a clock behind), or they were just appended.
+                    await check_resume_point(store, response_id, cursor, cursor_epoch)
+                    continue  # there is more to read
             read_store = True
             live.follow(subscription, cursor)
             while True:
@@ -104,7 +109,7 @@ async def follow_events(
                         gap = True
                         break
                     batch.append(event)
-                    cursor = event.sequence_number
+                    cursor, cursor_epoch = event.sequence_number, event.epoch
                     if event.type in TERMINAL_EVENT_TYPES:
                         break
                 if batch:

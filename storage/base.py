@@ -40,10 +40,12 @@ class LogRewound(SequenceConflict):
     numbers clients have seen to other events; the writer ends the response past them instead
     (`append_events(..., after_loss=True)`)."""
 
-    def __init__(self, response_id: str, last_stored: int) -> None:
+    def __init__(self, response_id: str, last_stored: int, *, renewed: Lease | None = None) -> None:
         super().__init__(f"{response_id}: the stored log ends at {last_stored}, before events already stored")
         self.response_id = response_id
         self.last_stored = last_stored
+        # From a renewal: the lease was extended all the same, so its owner has the time to end the response.
+        self.renewed = renewed
 
 
 class ConversationMissing(StoreError):

@@ -152,8 +152,8 @@ class MemoryStore(MemoryConversations):
         # (its entry ids would be below the stream's); one with a snapshot also once the lease has expired.
         if entry.owner != lease.owner or entry.epoch != lease.epoch:
             raise LeaseLost(response_id)
-        if snapshot is not None and not self._holds(entry, lease):
-            raise LeaseLost(response_id)
+        if (snapshot is not None or checked or after_loss) and not self._holds(entry, lease):
+            raise LeaseLost(response_id)  # as the Redis script, which every such append runs
         if events[0].sequence_number != len(entry.events):
             final = events[-1]
             if final.sequence_number < len(entry.events) and entry.events[final.sequence_number][1] == final.data:

@@ -244,7 +244,7 @@ class RedisStore(RedisConversations):
     async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int, stored_through: int = -1) -> Renewal:
         reply = await self._lease(response_id, "renew", lease.owner, lease.epoch, lease_ms, stored_through)
         if reply[0] == b"REWOUND":
-            raise LogRewound(response_id, int(reply[1]))
+            raise LogRewound(response_id, int(reply[1]), renewed=Lease(lease.owner, lease.epoch, int(reply[2])))
         if reply[0] == b"GONE":
             return Renewal(lease, False)  # it ended (or expired away) meanwhile: nothing to renew, nothing lost
         if reply[0] != b"OK":

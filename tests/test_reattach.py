@@ -166,6 +166,9 @@ async def test_stream_after_the_end_is_an_empty_200_and_past_it_a_400(gateway: G
         ({"starting_after": "x"}, {}, "starting_after"),
         ({"starting_after": "-1"}, {}, "starting_after"),
         ({}, {"Last-Event-ID": "abc"}, "Last-Event-ID"),
+        ({}, {"Last-Event-ID": "3.x"}, "Last-Event-ID"),
+        ({}, {"Last-Event-ID": "3.99999999999999999999999"}, "Last-Event-ID"),  # past a stream id's 64 bits
+        ({}, {"Last-Event-ID": "\u00b2"}, "Last-Event-ID"),  # a digit to str.isdigit, not to int()
         ({"stream": "maybe"}, {}, "stream"),
         ({"include[]": "nonsense"}, {}, "include"),
     ],

@@ -192,6 +192,14 @@ def _validate_include(request: web.Request) -> None:
             raise InvalidRequest(f"Invalid value for 'include': {value!r} is not supported.", param="include")
 
 
+# A sequence number or an epoch: ASCII digits that fit a stream entry id's 64-bit halves.
+_MAX_CURSOR_DIGITS = 18
+
+
+def _cursor_part(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= _MAX_CURSOR_DIGITS
+
+
 def resume_cursor(request: web.Request) -> tuple[int, int | None]:
     """Where a GET stream starts: after `starting_after`, else after `Last-Event-ID`, else from the first event;
     with the epoch of that event when the cursor is an SSE `id:` (`<sequence number>.<epoch>`, see
@@ -204,7 +212,7 @@ def resume_cursor(request: web.Request) -> tuple[int, int | None]:
     last_event_id = request.headers.get("Last-Event-ID", "").strip()
     if last_event_id:
         number, dot, epoch = last_event_id.partition(".")
-        if not number.isdigit() or (dot and not epoch.isdigit()):
+        if not _cursor_part(number) or (dot and not _cursor_part(epoch)):
             raise InvalidRequest(
                 "Last-Event-ID must be the id of an event of this stream (a sequence number, optionally followed "
                 "by '.' and its epoch).",

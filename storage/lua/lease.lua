@@ -5,7 +5,8 @@
 -- ARGV: action ('renew' | 'release' | 'claim'), response_id, owner, epoch (renew/release) or '' (claim), lease_ms,
 --       ttl_ms, and for renew the last sequence number the owner has stored (-1: none to check)
 -- renew   -> {'OK', lease_until, cancel_requested} | {'LOST'} | {'GONE'}
---            | {'REWOUND', last stored sequence number} (the log lost events its owner had stored: a failover)
+--            | {'REWOUND', last stored sequence number, lease_until} (renewed, but the log lost events its owner
+--              had stored: a failover)
 -- release -> {'OK', 0, cancel_requested} | {'LOST'} | {'GONE'}   (due now: someone else may claim it at once)
 -- claim   -> {'OK', epoch, lease_until, recovery_count, cancel_requested} | {'BUSY'} | {'GONE'}
 local state = redis.call('HMGET', KEYS[1], 'owner', 'epoch', 'lease_until', 'status', 'cancel_requested')
@@ -25,6 +26,13 @@ if action == 'renew' or action == 'release' then
   if state[1] ~= ARGV[3] or state[2] ~= ARGV[4] or tonumber(state[3]) < now then
     return {'LOST'}
   end
+  local lease_until = now + tonumber(ARGV[5])
+  if action == 'release' then
+    lease_until = 0
+  end
+  redis.call('HSET', KEYS[1], 'lease_until', lease_until)
+  redis.call('ZADD', KEYS[2], lease_until, ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
   if action == 'renew' and tonumber(ARGV[7]) >= 0 then
     local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
     local last = -1
@@ -34,16 +42,10 @@ if action == 'renew' or action == 'release' then
     -- Numbers run from 0 without a hole, so a whole log has last + 1 entries. Fewer: events were lost and the
     -- owner's plain appends went on after the hole, unaware.
     if last < tonumber(ARGV[7]) or redis.call('XLEN', KEYS[4]) ~= last + 1 then
-      return {'REWOUND', last}
+      -- Renewed all the same: the owner needs the time to end the response past the loss.
+      return {'REWOUND', last, lease_until}
     end
   end
-  local lease_until = now + tonumber(ARGV[5])
-  if action == 'release' then
-    lease_until = 0
-  end
-  redis.call('HSET', KEYS[1], 'lease_until', lease_until)
-  redis.call('ZADD', KEYS[2], lease_until, ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
   return {'OK', lease_until, cancel}
 end
 -- claim
