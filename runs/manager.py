@@ -12,8 +12,9 @@ from dataclasses import dataclass
 import orjson
 
 from runs.admission import check_admissible, new_response, upstream_body
+from runs.cancellation import cancel_response
 from runs.conversations import get_conversation
-from runs.errors import ApiError, InvalidRequest, TooManyRequests, Unavailable, response_not_found
+from runs.errors import ApiError, TooManyRequests, Unavailable
 from runs.history import conversation_id_of, history_for
 from runs.idempotency import IdempotencyKey, claim_key
 from runs.items import Json
@@ -21,18 +22,11 @@ from runs.lifecycle import Lifecycle, RunSettings, TakeOver
 from runs.request import CreateResponseRequest
 from runs.run import ResponseRun
 from runs.slots import RunSlots
-from runs.status import TERMINAL, ResponseStatus
 from runs.upstream.base import Upstream
 from runs.upstream.router import UpstreamRouter
 from storage.base import Lease, ResponseRecord, Store, StoredEvent
 
 __all__ = ["Admission", "RunManager", "RunSettings"]
-
-# How long a cancel request waits for the owning instance to write the terminal event.
-CANCEL_WAIT_SECONDS = 10.0
-CANCEL_POLL_SECONDS = 0.02
-# While it waits, how often it tries to claim the response (its owner may have died after the request).
-CANCEL_CLAIM_SECONDS = 0.5
 
 log = logging.getLogger(__name__)
 
@@ -363,59 +357,8 @@ class RunManager:
     # -- cancel --------------------------------------------------------------------------------------------
 
     async def cancel(self, response_id: str, *, tenant: str = "default") -> ResponseRecord:
-        """Cancel a background response, wherever it runs and whatever its state, and return it once it has
-        ended. A queued (or orphaned) one is ended right here, never sent upstream.
-
-        Follows OpenAI's rules: cancelling a cancelled response returns it again; a finished one or a synchronous
-        one cannot be cancelled (400); an unknown one is 404.
-        """
-        record = await self._store.get_response(response_id)
-        if record is None or not record.stored or record.tenant != tenant:
-            raise response_not_found(response_id)
-        if not record.background:
-            raise InvalidRequest("Cannot cancel a synchronous response.", code="response_not_cancellable")
-        self._refuse_if_finished(record)
-        if ResponseStatus(record.status) in TERMINAL:
-            return record
-        status = await self.lifecycle.request_cancel(response_id)
-        if status is None:
-            raise response_not_found(response_id)
-        if ResponseStatus(status) in TERMINAL:  # it ended meanwhile
-            current = await self._store.get_response(response_id)
-            if current is None:
-                raise response_not_found(response_id)
-            self._refuse_if_finished(current)
-            return current
-        run = self._runs.get(response_id)
-        if run is not None:
-            run.cancel()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(run.wait_finished(), CANCEL_WAIT_SECONDS)
-        elif record.status == ResponseStatus.QUEUED or record.lease_until_ms == 0:
-            await self.lifecycle.cancel_unowned(response_id)
-        return await self._wait_until_finished(response_id)
-
-    @staticmethod
-    def _refuse_if_finished(record: ResponseRecord) -> None:
-        status = ResponseStatus(record.status)
-        if status in TERMINAL and status is not ResponseStatus.CANCELLED:
-            raise InvalidRequest(f"Cannot cancel a {status.value} response.", code="response_not_cancellable")
-
-    async def _wait_until_finished(self, response_id: str) -> ResponseRecord:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + CANCEL_WAIT_SECONDS
-        next_claim = loop.time() + CANCEL_CLAIM_SECONDS
-        while True:
-            record = await self._store.get_response(response_id)
-            if record is None:
-                raise response_not_found(response_id)
-            if ResponseStatus(record.status) in TERMINAL or loop.time() > deadline:
-                return record
-            if loop.time() >= next_claim and response_id not in self._runs:
-                # An owner that died after the request: once its lease lapses the response is ours to end.
-                next_claim = loop.time() + CANCEL_CLAIM_SECONDS
-                await self.lifecycle.cancel_unowned(response_id)
-            await asyncio.sleep(CANCEL_POLL_SECONDS)
+        """Cancel a background response wherever it runs (see runs/cancellation.py)."""
+        return await cancel_response(self, response_id, tenant=tenant)
 
     # -- shutdown --------------------------------------------------------------------------------------------
 
