@@ -2,28 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
 
 from storage.base import (
     DeleteOutcome,
     IdempotencyClaim,
     Lease,
-    LeaseLost,
     LogRewound,
     NewResponse,
-    Renewal,
     ResponseAlreadyExists,
     ResponseRecord,
     StoredEvent,
 )
 from storage.fold import fold_events
-from storage.keys import SHARDS, KeySpace, after_entry_id, shard_of
+from storage.keys import KeySpace, after_entry_id
 from storage.redis_appends import PlainAppends, append_refusal
 from storage.redis_cluster import (
     CLUSTER_SCHEMES,
@@ -31,32 +27,28 @@ from storage.redis_cluster import (
     ClusterCommands,
     ClusterEventFeed,
     open_cluster_client,
-    sharded_notices,
 )
 from storage.redis_conversations import RedisConversations
 from storage.redis_feed import RedisEventFeed
 from storage.redis_mux import LuaScript, RedisCommands, RedisMux
 from storage.redis_replicas import ReplicaAcks
+from storage.redis_runs import RedisRunQueue
 from storage.redis_support import (
     COMMAND_TIMEOUT_SECONDS,
     CONNECT_TIMEOUT_SECONDS,
     POOL_WAIT_SECONDS,
-    PUBSUB_POLL_SECONDS,
-    RESUBSCRIBE_DELAY_SECONDS,
     claim_json,
     event_args,
     load_lua,
-    log,
     now_ms,
     parse_claim,
     parse_entries,
-    raise_if_cancelling,
     unavailable_on_connection_error,
 )
 from storage.status import TERMINAL_STATUSES
 
 
-class RedisStore(RedisConversations):
+class RedisStore(RedisConversations, RedisRunQueue):
     """Store backed by Redis (or any server speaking its protocol, ≥ 6.2 for exclusive XRANGE)."""
 
     def __init__(
@@ -84,13 +76,10 @@ class RedisStore(RedisConversations):
         self._create_script = LuaScript.of(load_lua("create_response.lua"))
         self._append_script = LuaScript.of(load_lua("append_events.lua"))
         self._delete_script = LuaScript.of(load_lua("delete_response.lua"))
-        self._cancel_script = LuaScript.of(load_lua("request_cancel.lua"))
         self._claim_script = LuaScript.of(load_lua("claim_idempotency_key.lua"))
         self._release_script = LuaScript.of(load_lua("release_idempotency_key.lua"))
         self._register_conversation_scripts()
-        self._lease_script = LuaScript.of(load_lua("lease.lua"))
-        self._due_script = LuaScript.of(load_lua("due_runs.lua"))
-        self._settle_script = LuaScript.of(load_lua("settle_response.lua"))
+        self._register_run_queue_scripts()
         self._abandon_script = LuaScript.of(load_lua("abandon_admission.lua"))
         self._read_events_script = LuaScript.of(load_lua("read_events.lua"))
         self._read_response_script = LuaScript.of(load_lua("read_response.lua"))
@@ -228,66 +217,6 @@ class RedisStore(RedisConversations):
             raise LogRewound(response_id, int(result[1]))
         raise append_refusal(result, response_id, events[0].sequence_number)
 
-    async def _lease(
-        self, response_id: str, action: str, owner: str, epoch: int | str, lease_ms: int, stored_through: int = -1
-    ) -> list[Any]:
-        keys = [
-            self._keys.response_state(response_id),
-            *self._keys.response_index(response_id),
-            self._keys.response_events(response_id),
-        ]
-        args = [action, response_id, owner, epoch, lease_ms, self._ttl_ms, stored_through]
-        reply: list[Any] = await self._mux.script(self._lease_script, keys, args)
-        return reply
-
-    @unavailable_on_connection_error
-    async def renew_lease(self, response_id: str, lease: Lease, *, lease_ms: int, stored_through: int = -1) -> Renewal:
-        reply = await self._lease(response_id, "renew", lease.owner, lease.epoch, lease_ms, stored_through)
-        if reply[0] == b"REWOUND":
-            raise LogRewound(response_id, int(reply[1]), renewed=Lease(lease.owner, lease.epoch, int(reply[2])))
-        if reply[0] == b"GONE":
-            return Renewal(lease, False)  # it ended (or expired away) meanwhile: nothing to renew, nothing lost
-        if reply[0] != b"OK":
-            raise LeaseLost(response_id)
-        return Renewal(Lease(lease.owner, lease.epoch, int(reply[1])), reply[2] == b"1")
-
-    @unavailable_on_connection_error
-    async def release_lease(self, response_id: str, lease: Lease) -> None:
-        await self._lease(response_id, "release", lease.owner, lease.epoch, 0)
-
-    @unavailable_on_connection_error
-    async def claim_response(self, response_id: str, owner: str, *, lease_ms: int) -> tuple[Lease, int] | None:
-        reply = await self._lease(response_id, "claim", owner, "", lease_ms)
-        if reply[0] != b"OK":
-            return None
-        return Lease(owner, int(reply[1]), int(reply[2])), int(reply[3])
-
-    @unavailable_on_connection_error
-    async def due_runs(self, limit: int) -> list[str]:
-        # Every shard's index in one pipeline (one round trip per node), then the longest-expired first across them.
-        indexes = [self._keys.run_index(shard) for shard in range(SHARDS)]
-        script = self._due_script
-        replies = await self._mux.execute_many([("EVALSHA", script.sha, 1, index, limit) for index in indexes])
-        if any(isinstance(reply, NoScriptError) for reply in replies):  # not loaded on some node yet
-            replies = await asyncio.gather(*(self._mux.script(script, [index], [limit]) for index in indexes))
-        return _first_by_score(replies, limit)
-
-    @unavailable_on_connection_error
-    async def queued_runs(self, limit: int) -> list[str]:
-        # The head of every shard's queue, merged by admission time: the fleet's queue order, as one queue had it.
-        commands = [("ZRANGE", self._keys.run_queue(shard), 0, limit - 1, "WITHSCORES") for shard in range(SHARDS)]
-        return _first_by_score(await self._mux.execute_many(commands), limit)
-
-    @unavailable_on_connection_error
-    async def settle_response(self, response_id: str, *, idempotency_ttl_seconds: int) -> bool:
-        state = self._keys.response_state(response_id)
-        keys = [state, *self._keys.response_index(response_id)]
-        idempotency_key = await self._mux.execute("HGET", state, "idem")
-        if idempotency_key:
-            keys.append(idempotency_key.decode())
-        result = await self._mux.script(self._settle_script, keys, [response_id, idempotency_ttl_seconds * 1000])
-        return bool(result == b"OK")
-
     @unavailable_on_connection_error
     async def abandon_admission(
         self, response_id: str, *, idempotency: tuple[str, str] | None, conversation_id: str | None
@@ -375,39 +304,6 @@ class RedisStore(RedisConversations):
         return DeleteOutcome(result.decode().lower())
 
     @unavailable_on_connection_error
-    async def request_cancel(self, response_id: str) -> str | None:
-        if self._cluster is None:
-            channel, publish = self._keys.cancel_channel(), "PUBLISH"
-        else:  # sharded pub/sub: only the nodes that serve the shard's slot pass it on, not the whole cluster
-            channel, publish = self._keys.cancel_channel(shard_of(response_id)), "SPUBLISH"
-        keys = [self._keys.response_state(response_id)]
-        status = await self._mux.script(self._cancel_script, keys, [channel, response_id, publish])
-        return status.decode() if status else None
-
-    async def cancel_requests(self) -> AsyncIterator[str]:
-        if isinstance(self._client, RedisCluster):
-            assert self._cluster is not None
-            channels = [self._keys.cancel_channel(shard) for shard in range(SHARDS)]
-            async for response_id in sharded_notices(self._client, self._cluster, channels):
-                yield response_id
-            return
-        while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self._keys.cancel_channel())
-                while True:
-                    raise_if_cancelling()
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=PUBSUB_POLL_SECONDS)
-                    if message is not None and message.get("type") == "message":
-                        yield message["data"].decode()
-            except (ConnectionError, OSError, aioredis.RedisError) as error:
-                raise_if_cancelling()
-                log.warning("cancel channel lost (%s); resubscribing", error)
-                await asyncio.sleep(RESUBSCRIBE_DELAY_SECONDS)
-            finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    @unavailable_on_connection_error
     async def claim_idempotency_key(
         self, scope: str, key: str, *, fingerprint: str, response_id: str, ttl_seconds: int
     ) -> IdempotencyClaim | None:
@@ -449,17 +345,3 @@ class RedisStore(RedisConversations):
             await self._client.aclose()
         else:
             await self._client.aclose(close_connection_pool=True)
-
-
-def _first_by_score(replies: Sequence[list[Any] | Exception], limit: int) -> list[str]:
-    """The `limit` members of lowest score over several WITHSCORES replies (one per shard): flat
-    `[member, score, …]` in RESP2, `[[member, score], …]` in RESP3."""
-    scored: list[tuple[float, bytes]] = []
-    for reply in replies:
-        if isinstance(reply, Exception):
-            raise reply
-        if reply and isinstance(reply[0], list):
-            scored += [(float(score), member) for member, score in reply]
-        else:
-            scored += [(float(reply[i + 1]), reply[i]) for i in range(0, len(reply), 2)]
-    return [member.decode() for _, member in sorted(scored)[:limit]]
