@@ -59,6 +59,7 @@ async def follow_events(
             if read_store:
                 while True:
                     events = await read_after(store, response_id, cursor, cursor_epoch)
+                    read_nothing = not events
                     batch, finished = _until_terminal(events)
                     if batch:
                         yield batch
@@ -71,7 +72,7 @@ async def follow_events(
                 _check_tail(record, cursor, cursor_epoch)
                 if record is None or (record.status in TERMINAL_STATUSES and record.last_sequence_number <= cursor):
                     return  # gone, or finished with nothing left after the cursor: nothing will ever come live
-                if cursor_epoch is not None and record.last_sequence_number > cursor:
+                if read_nothing and cursor_epoch is not None and record.last_sequence_number > cursor:
                     # Events follow the cursor's number but none followed the cursor's own event: it may be gone
                     # (replaced under an epoch that sorts lower, a clock behind), or they were just appended.
                     await check_resume_point(store, response_id, cursor, cursor_epoch)
@@ -167,18 +168,19 @@ def _until_terminal(events: list[StoredEvent]) -> tuple[list[StoredEvent], bool]
     return events, False
 
 
-async def until_ended(store: Store, live: LiveEvents, response_id: str) -> None:
-    """Return once the response's terminal event is stored (or it is gone), wherever it runs."""
+async def until_ended(store: Store, live: LiveEvents, response_id: str) -> ResponseRecord | None:
+    """Return once the response's terminal event is stored, wherever it runs: the record as last read when that
+    read already showed the end (or that it is gone), else None (the caller reads it, if it wants it)."""
     while True:
         record = await store.get_response(response_id)
         if record is None or record.status in TERMINAL_STATUSES:
-            return
+            return record
         events = follow_events(store, live, response_id, record.last_sequence_number, idle_seconds=1.0)
         try:
             async with contextlib.aclosing(events):
                 async for _ in events:
                     pass  # until the terminal event
-            return
+            return None
         except EventsLost:
             continue  # the store failed over under the follower: follow the response as it is stored now
 
@@ -187,10 +189,12 @@ async def wait_for_end(store: Store, live: LiveEvents, response_id: str, timeout
     """The response once its terminal event is stored, wherever it runs (a synchronous caller whose instance lost
     the run follows the store, never re-runs it). Past `timeout_seconds` a 503 that names the response, marked not
     to be retried (a retry would run the model again): the client can fetch the response by its id."""
+    record = None
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout_seconds):
-            await until_ended(store, live, response_id)
-    record = await store.get_response(response_id)
+            record = await until_ended(store, live, response_id)
+    if record is None:  # followed to its end (or timed out): read it as it is now
+        record = await store.get_response(response_id)
     if record is None:
         raise response_not_found(response_id)
     if record.status not in TERMINAL_STATUSES:
