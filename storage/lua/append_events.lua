@@ -22,19 +22,13 @@ end
 local first_event = 8
 local count = (#ARGV - first_event + 1) / 3
 local first = tonumber(ARGV[4])
-local top = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-local last = -1
-if #top == 1 then
-  last = tonumber(string.match(top[1][1], '-(%d+)$'))
+local last, whole = log_tail(KEYS[2])
+if ARGV[7] ~= '1' and not whole then
+  return {'REWOUND', last}
 end
 -- How many of this batch are stored already: a retry of an append whose reply was lost, or of plain XADDs cut
 -- off part way. The last of them is compared byte for byte, and only the rest is written.
 local skip = 0
--- Numbers run from 0 without a hole, so a whole log has last + 1 entries; fewer means events were lost and plain
--- appends went on after the hole (they check nothing).
-if ARGV[7] ~= '1' and redis.call('XLEN', KEYS[2]) ~= last + 1 then
-  return {'REWOUND', last}
-end
 if last + 1 ~= first then
   if last + 1 < first then
     if ARGV[7] ~= '1' then

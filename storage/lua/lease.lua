@@ -34,14 +34,8 @@ if action == 'renew' or action == 'release' then
   redis.call('ZADD', KEYS[2], lease_until, ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[6])
   if action == 'renew' and tonumber(ARGV[7]) >= 0 then
-    local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
-    local last = -1
-    if #top == 1 then
-      last = tonumber(string.match(top[1][1], '-(%d+)$'))
-    end
-    -- Numbers run from 0 without a hole, so a whole log has last + 1 entries. Fewer: events were lost and the
-    -- owner's plain appends went on after the hole, unaware.
-    if last < tonumber(ARGV[7]) or redis.call('XLEN', KEYS[4]) ~= last + 1 then
+    local last, whole = log_tail(KEYS[4])
+    if last < tonumber(ARGV[7]) or not whole then
       -- Renewed all the same: the owner needs the time to end the response past the loss.
       return {'REWOUND', last, lease_until}
     end
@@ -67,9 +61,8 @@ redis.call('HSET', KEYS[1], 'owner', ARGV[3], 'epoch', string.format('%d', epoch
 -- Fence the old owner out of the event stream too: its appends' ids start with its own, older epoch, so once the
 -- stream's last id is `<epoch>-<last>` Redis refuses them. Record where this epoch starts writing, for readers
 -- that turn a sequence number into an entry id.
-local top = redis.call('XREVRANGE', KEYS[4], '+', '-', 'COUNT', 1)
-if #top == 1 then
-  local last = tonumber(string.match(top[1][1], '-(%d+)$'))
+local last = log_tail(KEYS[4])
+if last >= 0 then
   redis.call('XSETID', KEYS[4], string.format('%d-%d', epoch, last))
   local epochs = redis.call('HGET', KEYS[1], 'epochs') or '1:0'
   redis.call('HSET', KEYS[1], 'epochs', string.format('%s,%d:%d', epochs, epoch, last + 1))
