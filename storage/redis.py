@@ -181,7 +181,7 @@ class RedisStore(RedisConversations, RedisRunQueue):
             await self._plain_appends.append(response_id, events, lease)
             return False
         cancel_requested = await self._checked_append(response_id, events, snapshot, status, lease, after_loss)
-        if self._replica_acks and status in TERMINAL_STATUSES:
+        if self._replica_acks.replicas and status in TERMINAL_STATUSES:
             await self._wait_for_replicas(response_id)
         return cancel_requested and snapshot is not None
 
@@ -273,26 +273,19 @@ class RedisStore(RedisConversations, RedisRunQueue):
     async def read_events(
         self, response_id: str, after: int, *, limit: int = 512, after_epoch: int | None = None
     ) -> list[StoredEvent]:
+        # `<epoch>-<after>` is exactly the entry to start after. Most responses are written under one epoch, so
+        # without a known epoch the reader tries epoch 1: one plain XRANGE (a script's reply costs Redis several
+        # times as much to build). After a takeover, entries of a later epoch sort after it whatever their number;
+        # seeing one at or before `after` means the claim record must be read to find the right entry (the
+        # script). A reader that knows its epoch wants exactly those: events a later owner wrote in place of lost
+        # ones come back numbered `after` or less, for it to notice.
         key = self._keys.response_events(response_id)
-        if after_epoch is not None and after >= 0:
-            # After the very entry the reader has: events a later owner wrote in place of lost ones sort after it
-            # (their epoch is higher) and come back numbered `after` or less, for the reader to notice.
-            entries = await self._mux.execute(
-                "XRANGE", key, f"({after_entry_id(after, after_epoch)}", "+", "COUNT", limit
-            )
-            if isinstance(entries, Exception):
-                raise entries
-            return parse_entries(entries)
-        # Most responses are written under one epoch, where `1-<after>` is exactly the entry to start after: one
-        # plain XRANGE (a script's reply costs Redis several times as much to build). After a takeover, entries of a
-        # later epoch sort after it whatever their number; seeing one at or before `after` means the claim record
-        # must be read to find the right entry, which the script does.
-        start = "-" if after < 0 else f"({after_entry_id(after)}"
+        start = "-" if after < 0 else f"({after_entry_id(after, 1 if after_epoch is None else after_epoch)}"
         entries = await self._mux.execute("XRANGE", key, start, "+", "COUNT", limit)
         if isinstance(entries, Exception):
             raise entries
         events = parse_entries(entries)
-        if events and events[0].sequence_number <= after:
+        if after_epoch is None and events and events[0].sequence_number <= after:
             keys = [self._keys.response_state(response_id), key]
             events = parse_entries(await self._mux.script(self._read_events_script, keys, [after, limit]))
         return events

@@ -46,9 +46,6 @@ class ReplicaAcks:
         # Terminal events published with fewer acknowledgements than asked for (WAIT timed out).
         self.shortfalls = 0
 
-    def __bool__(self) -> bool:
-        return self.replicas > 0
-
     async def wait(self, key: str) -> None:
         """Returns once `replicas` replicas have every write made to `key` so far, or the timeout has passed (then
         logged and counted: the event is published anyway). Raises StoreUnavailable when the node cannot be
