@@ -11,6 +11,7 @@ later, which is the state a promoted replica would serve if replication had stal
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -136,15 +137,24 @@ async def test_a_rewound_log_taken_over_tells_each_client_that_saw_lost_events(
     seen: dict[int, dict[str, Any]] = {}
     told: dict[str, Any] | None = None
     kept = -1
+
+    async def replica_stops_at_the_owner() -> None:
+        # Timed by a client on the owner's instance, which hears each event as it is stored: the "replica" stops
+        # at event SNAPSHOT_AT of the store, however far the client below lags behind it.
+        async for event in events_of(await owner.client.responses.retrieve(response_id, stream=True)):
+            if event["sequence_number"] == SNAPSHOT_AT:
+                await replica.stop_receiving()
+                return
+
+    stopping = asyncio.create_task(replica_stops_at_the_owner())
     # A client following on the other instance (through its live feed from the store).
     async for event in events_of(await other.client.responses.retrieve(response_id, stream=True)):
         if event["type"] == "error":
             told = event
             break
         taken(seen, event)
-        if event["sequence_number"] == SNAPSHOT_AT:
-            await replica.stop_receiving()
-        if event["sequence_number"] == LOSE_AT:
+        if event["sequence_number"] == LOSE_AT:  # it has seen events past the replica's: those are lost now
+            await stopping
             await _kill(owner, response_id)
             kept = await replica.promote()
         assert event["type"] not in TERMINAL, "told of the loss before any terminal event"
