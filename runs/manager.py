@@ -20,11 +20,13 @@ from runs.idempotency import IdempotencyKey, claim_key
 from runs.items import Json
 from runs.lifecycle import Lifecycle, RunSettings, TakeOver
 from runs.request import CreateResponseRequest
-from runs.run import ResponseRun
+from runs.run import ResponseRun, upstream_api_key
 from runs.slots import RunSlots
 from runs.upstream.base import Upstream
+from runs.upstream.head_start import HeadStart
+from runs.upstream.retry import stream_with_retries
 from runs.upstream.router import UpstreamRouter
-from storage.base import Lease, ResponseRecord, Store, StoredEvent
+from storage.base import Lease, NoticeKind, ResponseRecord, Store, StoredEvent
 
 __all__ = ["Admission", "RunManager", "RunSettings"]
 
@@ -80,7 +82,7 @@ class RunManager:
         # Cancel notices for responses not running here (yet), oldest first, kept for a lease period.
         self._early_cancels: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._cancel_listener: asyncio.Task[None] | None = None
+        self._notice_listener: asyncio.Task[None] | None = None
         self._draining = False
         self.capacity_freed = asyncio.Event()  # the sweeper waits on it to start queued runs sooner
         # Whether queued responses may be waiting (this instance queued one, or the sweeper's last look at the
@@ -91,11 +93,19 @@ class RunManager:
         self.queue_checked_at = -QUEUE_RECHECK_SECONDS
 
     def start(self) -> None:
-        """Begin hearing cancel requests made on any instance."""
-        self._cancel_listener = asyncio.create_task(self._listen_for_cancels(), name="cancel-listener")
+        """Begin hearing cancel requests and queued responses on any instance."""
+        self._notice_listener = asyncio.create_task(self._listen_for_notices(), name="notice-listener")
 
-    async def _listen_for_cancels(self) -> None:
-        async for response_id in self._store.cancel_requests():
+    async def _listen_for_notices(self) -> None:
+        async for notice in self._store.run_notices():
+            if notice.kind is NoticeKind.QUEUED:
+                # Queued somewhere: a background request admitted here now queues behind it, and a free slot here
+                # starts the queue's head now rather than at the next sweep.
+                self.queue_waiting = True
+                if self.free_capacity > 0:
+                    self.capacity_freed.set()
+                continue
+            response_id = notice.response_id
             run = self._runs.get(response_id)
             if run is not None:
                 log.info("cancelling %s at another instance's request", response_id)
@@ -158,8 +168,10 @@ class RunManager:
                 "Too many responses running for this API key; retry when one has finished.",
                 headers={"Retry-After": "1"},
             )
-        # The slot is taken here, before any await: concurrent admissions see each other's at once.
-        queued = self.free_capacity == 0
+        # The slot is taken here, before any await: concurrent admissions see each other's at once. A background
+        # request queues behind responses that may still be waiting, even when a slot is free: the slot is the
+        # queue's head's (first come, first served), which the sweeper woken below claims.
+        queued = self.free_capacity == 0 or (request.is_background and self.queue_waiting)
         if queued and not request.is_background:
             raise TooManyRequests(
                 "This gateway instance is running as many responses as it may; retry shortly.",
@@ -222,6 +234,12 @@ class RunManager:
             if holder is not None:
                 return Admission(holder, run=None, replayed=True)
             await self.lifecycle.faults.reach("admit.key_claimed", record.response_id)
+        # The provider call goes out now, in parallel with the store's round trip (the body is final unless the
+        # response takes a conversation's turn, whose history is read once the turn is ours).
+        head_start = None
+        if not queued and turn is None:
+            api_key = upstream_api_key(upstream, caller.api_key)
+            head_start = HeadStart(stream_with_retries(upstream, provider_body, api_key))
         # Undone on any failure from here on, the create included: its reply may have been lost after it ran
         # (undoing what does not exist changes nothing).
         try:
@@ -234,6 +252,8 @@ class RunManager:
                 history = await history_for(self._store, request, tenant=caller.tenant)
                 provider_body = upstream.prepare(upstream_body(request, history))
         except (Exception, asyncio.CancelledError):
+            if head_start is not None:
+                await head_start.discard()
             await self.lifecycle.undo_admission(
                 record.response_id,
                 idempotency=(idempotency.scope, idempotency.key) if idempotency is not None else None,
@@ -241,11 +261,19 @@ class RunManager:
             )
             raise
         if lease is None:
+            if head_start is not None:
+                await head_start.discard()
             log.info("%s queued: this instance is at capacity", record.response_id)
             self.queue_waiting = True
-            self.capacity_freed.set()  # another instance, or this one later, starts it
+            self.capacity_freed.set()  # this instance later, or another now (told below), starts it
+            try:
+                await self._store.announce_queued(record.response_id)
+            except Exception as error:  # only a quick path: every instance's sweep finds it anyway
+                log.warning("could not announce queued %s: %s", record.response_id, error)
             return Admission(record.response_id, run=None)
-        run = self._start(request, upstream, provider_body, snapshot, len(record.events), lease, caller, caller.tenant)
+        run = self._start(
+            request, upstream, provider_body, snapshot, len(record.events), lease, caller, caller.tenant, head_start
+        )
         return Admission(run.response_id, run=run, first_events=record.events)
 
     def _start(
@@ -258,6 +286,7 @@ class RunManager:
         lease: Lease,
         caller: _Caller,
         slot_tenant: str,
+        head_start: HeadStart | None = None,
     ) -> ResponseRun:
         """Start a run in a slot the caller has taken (counted against `slot_tenant`)."""
         event_log = self.lifecycle.open_log(snapshot, next_sequence_number=next_sequence_number, lease=lease)
@@ -269,6 +298,7 @@ class RunManager:
             tenant=caller.tenant,
             api_key=caller.api_key,
             faults=self.lifecycle.faults,
+            head_start=head_start,
         )
         if self._early_cancels.pop(run.response_id, None) is not None:
             run.cancel()
@@ -381,10 +411,10 @@ class RunManager:
     async def close(self) -> None:
         """Stop every run; each ends with a terminal event if the store can still take it."""
         self._draining = True
-        if self._cancel_listener is not None:
-            self._cancel_listener.cancel()
+        if self._notice_listener is not None:
+            self._notice_listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._cancel_listener
+                await self._notice_listener
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -14,6 +14,7 @@ from runs.request import CreateResponseRequest
 from runs.snapshot import LIFECYCLE_EVENT_TYPES
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
 from runs.upstream.base import Upstream, UpstreamFailure
+from runs.upstream.head_start import HeadStart
 from runs.upstream.retry import stream_with_retries
 from storage.base import Lease, LeaseLost, LogRewound
 
@@ -29,6 +30,12 @@ _UPSTREAM_TERMINAL_STATUS = {
     "response.incomplete": ResponseStatus.INCOMPLETE,
     "response.failed": ResponseStatus.FAILED,
 }
+
+
+def upstream_api_key(upstream: Upstream, client_key: str | None) -> str | None:
+    """The key the provider call carries instead of the configured one: the client's own, for a pass-through
+    upstream."""
+    return client_key if upstream.spec.forward_client_key else None
 
 
 class ResponseRun:
@@ -48,6 +55,7 @@ class ResponseRun:
         tenant: str = "default",
         api_key: str | None = None,
         faults: FaultPoints | None = None,
+        head_start: HeadStart | None = None,
     ) -> None:
         self.request = request
         self.tenant = tenant
@@ -56,6 +64,8 @@ class ResponseRun:
         self.response_id: str = log.snapshot["id"]
         self._upstream = upstream
         self._upstream_body = upstream_body
+        # The provider call, when admission already sent it (runs/upstream/head_start.py).
+        self._head_start = head_start
         self._log = log
         log.on_cancel_requested = self.cancel
         log.on_lease_lost = self.abandon
@@ -173,6 +183,8 @@ class ResponseRun:
         except Exception:
             log.exception("run %s could not be finished cleanly", self.response_id)
         finally:
+            if self._head_start is not None:  # a run stopped before it read its provider call
+                await self._head_start.discard()
             try:
                 await self._log.close()
             except LeaseLost:
@@ -206,8 +218,11 @@ class ResponseRun:
     async def _consume_upstream(self) -> None:
         # aclosing: whatever ends this loop (a failure, a cancel) closes the provider's stream at once, so it
         # stops generating (and billing) instead of waiting for garbage collection.
-        api_key = self._api_key if self._upstream.spec.forward_client_key else None
-        stream = stream_with_retries(self._upstream, self._upstream_body, api_key)
+        if self._head_start is not None:
+            stream = self._head_start.batches()
+        else:
+            api_key = upstream_api_key(self._upstream, self._api_key)
+            stream = stream_with_retries(self._upstream, self._upstream_body, api_key)
         async with contextlib.aclosing(stream) as batches:
             async for events in batches:
                 for event in events:

@@ -126,6 +126,20 @@ class NewResponse:
     conversation_id: str | None = None  # the conversation whose turn it takes
 
 
+class NoticeKind(Enum):
+    CANCEL = "cancel"  # a cancel was requested for the response
+    QUEUED = "queued"  # the response was queued: an instance with a free slot should start the queue's head
+
+
+@dataclass(frozen=True, slots=True)
+class RunNotice:
+    """What one instance tells every other about a response, as it happens. Only a quick path: the store holds
+    what it says (the cancel flag, the queue), and a notice may be missed."""
+
+    kind: NoticeKind
+    response_id: str
+
+
 @dataclass(frozen=True, slots=True)
 class Renewal:
     """A renewed (or released) lease, and whether a cancel of the response has been requested meanwhile."""
@@ -279,11 +293,16 @@ class RunQueueStore(Protocol):
         another instance has claimed meanwhile is not deleted under it: its cancel is requested instead."""
 
     async def request_cancel(self, response_id: str) -> str | None:
-        """Mark the response as to be cancelled and notify every instance; returns its status at that moment (None
-        when it does not exist). A terminal response is left untouched."""
+        """Mark the response as to be cancelled and notify every instance (a CANCEL notice); returns its status at
+        that moment (None when it does not exist). A terminal response is left untouched."""
 
-    def cancel_requests(self) -> AsyncIterator[str]:
-        """Response ids whose cancellation was requested from any instance, as the requests happen."""
+    async def announce_queued(self, response_id: str) -> None:
+        """Tell every instance (a QUEUED notice) that the response waits in the queue, once its admission is
+        complete (its conversation turn taken): an instance with a free slot then starts it without waiting for
+        its next sweep."""
+
+    def run_notices(self) -> AsyncIterator[RunNotice]:
+        """Cancels requested and responses queued, on any instance, as they happen."""
         ...
 
 

@@ -140,7 +140,8 @@ class KeySpace:
         shard = shard_of(response_id)
         return self.run_index(shard), self.run_queue(shard)
 
-    def cancel_channel(self, shard: int | None = None) -> str:
-        """Pub/sub channel (not a key: nothing stored, no TTL) on which cancel requests reach the owning instance:
-        one for all on a single node; on a cluster, one per shard in its slot, for sharded pub/sub."""
-        return f"{self.prefix}:cancel" if shard is None else f"{self.shard_tag(shard)}:cancel"
+    def notice_channel(self, shard: int | None = None) -> str:
+        """Pub/sub channel (not a key: nothing stored, no TTL) on which run notices (a cancel requested, a response
+        queued) reach every instance: one for all on a single node; on a cluster, one per shard in its slot, for
+        sharded pub/sub."""
+        return f"{self.prefix}:notices" if shard is None else f"{self.shard_tag(shard)}:notices"

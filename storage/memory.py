@@ -15,11 +15,13 @@ from storage.base import (
     LeaseLost,
     LogRewound,
     NewResponse,
+    NoticeKind,
     Renewal,
     ResponseAlreadyExists,
     ResponseClosed,
     ResponseMissing,
     ResponseRecord,
+    RunNotice,
     SequenceConflict,
     StoredEvent,
 )
@@ -64,7 +66,7 @@ class MemoryStore(MemoryConversations):
         self._expiry: OrderedDict[str, None] = OrderedDict()
         # Set (and replaced) on every append, for event feeds waiting on any response: see next_append.
         self._any_append = asyncio.Event()
-        self._cancel_listeners: set[asyncio.Queue[str]] = set()
+        self._notice_listeners: set[asyncio.Queue[RunNotice]] = set()
         # (scope, key) -> (claim, expires_at)
         self._claims: dict[tuple[str, str], tuple[IdempotencyClaim, float]] = {}
         self._claims_sweep_at = 1024
@@ -307,18 +309,24 @@ class MemoryStore(MemoryConversations):
             return None
         if entry.status not in TERMINAL_STATUSES:
             entry.cancel_requested = True
-            for listener in self._cancel_listeners:
-                listener.put_nowait(response_id)
+            self._notify(RunNotice(NoticeKind.CANCEL, response_id))
         return entry.status
 
-    async def cancel_requests(self) -> AsyncIterator[str]:
-        listener: asyncio.Queue[str] = asyncio.Queue()
-        self._cancel_listeners.add(listener)
+    async def run_notices(self) -> AsyncIterator[RunNotice]:
+        listener: asyncio.Queue[RunNotice] = asyncio.Queue()
+        self._notice_listeners.add(listener)
         try:
             while True:
                 yield await listener.get()
         finally:
-            self._cancel_listeners.discard(listener)
+            self._notice_listeners.discard(listener)
+
+    async def announce_queued(self, response_id: str) -> None:
+        self._notify(RunNotice(NoticeKind.QUEUED, response_id))
+
+    def _notify(self, notice: RunNotice) -> None:
+        for listener in self._notice_listeners:
+            listener.put_nowait(notice)
 
     def _live_claim(self, scope: str, key: str) -> IdempotencyClaim | None:
         held = self._claims.get((scope, key))

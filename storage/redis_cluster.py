@@ -280,7 +280,7 @@ async def sharded_notices(client: RedisCluster, address: ClusterAddress, channel
                 yield item
         except (*UNAVAILABLE_ERRORS, aioredis.RedisError, StoreUnavailable) as error:
             raise_if_cancelling()
-            log.warning("cancel channels lost (%s); subscribing again", error)
+            log.warning("notice channels lost (%s); subscribing again", error)
             await relearn_slots(client, error)  # `initialize()` alone keeps a map it already has
             await asyncio.sleep(RESUBSCRIBE_DELAY_SECONDS)
         finally:

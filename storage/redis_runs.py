@@ -1,5 +1,5 @@
 """The run queue in Redis: leases with fencing epochs, the run index and queue of every shard, the sweep's view
-of them, the follow-ups of a durable end, and cancel notices (pub/sub on one node, sharded pub/sub on a cluster)."""
+of them, the follow-ups of a durable end, and run notices (pub/sub on one node, sharded pub/sub on a cluster)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
-from storage.base import Lease, LeaseLost, LogRewound, Renewal
+from storage.base import Lease, LeaseLost, LogRewound, NoticeKind, Renewal, RunNotice
 from storage.keys import SHARDS, KeySpace, shard_of
 from storage.redis_cluster import ClusterAddress, sharded_notices
 from storage.redis_mux import LuaScript, RedisCommands
@@ -102,25 +102,40 @@ class RedisRunQueue:
 
     @unavailable_on_connection_error
     async def request_cancel(self, response_id: str) -> str | None:
-        if self._cluster is None:
-            channel, publish = self._keys.cancel_channel(), "PUBLISH"
-        else:  # sharded pub/sub: only the nodes that serve the shard's slot pass it on, not the whole cluster
-            channel, publish = self._keys.cancel_channel(shard_of(response_id)), "SPUBLISH"
+        channel, publish = self.notice_channel(response_id)
         keys = [self._keys.response_state(response_id)]
         status = await self._mux.script(self._cancel_script, keys, [channel, response_id, publish])
         return status.decode() if status else None
 
-    async def cancel_requests(self) -> AsyncIterator[str]:
+    @unavailable_on_connection_error
+    async def announce_queued(self, response_id: str) -> None:
+        channel, publish = self.notice_channel(response_id)
+        await self._mux.execute(publish, channel, f"queued {response_id}")
+
+    def notice_channel(self, response_id: str) -> tuple[str, str]:
+        """The channel a script publishes the response's notices on, and the command: sharded pub/sub on a cluster
+        (only the nodes that serve the shard's slot pass it on, not the whole cluster)."""
+        if self._cluster is None:
+            return self._keys.notice_channel(), "PUBLISH"
+        return self._keys.notice_channel(shard_of(response_id)), "SPUBLISH"
+
+    async def run_notices(self) -> AsyncIterator[RunNotice]:
+        async for message in self._notice_messages():
+            kind, _, response_id = message.rpartition(" ")
+            yield RunNotice(NoticeKind.QUEUED if kind == "queued" else NoticeKind.CANCEL, response_id)
+
+    async def _notice_messages(self) -> AsyncIterator[str]:
+        """`<response id>` for a cancel, `queued <response id>` for a queued response."""
         if isinstance(self._client, RedisCluster):
             assert self._cluster is not None
-            channels = [self._keys.cancel_channel(shard) for shard in range(SHARDS)]
-            async for response_id in sharded_notices(self._client, self._cluster, channels):
-                yield response_id
+            channels = [self._keys.notice_channel(shard) for shard in range(SHARDS)]
+            async for message in sharded_notices(self._client, self._cluster, channels):
+                yield message
             return
         while True:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.subscribe(self._keys.cancel_channel())
+                await pubsub.subscribe(self._keys.notice_channel())
                 while True:
                     raise_if_cancelling()
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=PUBSUB_POLL_SECONDS)
@@ -128,7 +143,7 @@ class RedisRunQueue:
                         yield message["data"].decode()
             except (ConnectionError, OSError, aioredis.RedisError) as error:
                 raise_if_cancelling()
-                log.warning("cancel channel lost (%s); resubscribing", error)
+                log.warning("notice channel lost (%s); resubscribing", error)
                 await asyncio.sleep(RESUBSCRIBE_DELAY_SECONDS)
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]

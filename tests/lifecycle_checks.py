@@ -129,7 +129,7 @@ class FaultyStore:
         target = getattr(self.inner, name)
         if not callable(target) or name.startswith("_"):
             return target
-        if name in ("cancel_requests", "open_event_feed"):
+        if name in ("run_notices", "open_event_feed"):
             return target
 
         async def call(*args: Any, **kwargs: Any) -> Any:

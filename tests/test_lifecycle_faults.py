@@ -22,8 +22,8 @@ from gateway.state import OWNERSHIP, RUN_MANAGER, STORE
 from runs.faults import BOUNDARIES, KILL_AT_ENV, FaultPoints
 from storage.base import SequenceConflict, Store, StoreUnavailable
 from storage.redis import RedisStore
-from tests.conftest import Gateway, GatewayProcess, gateway_settings, redis_gateway_env, serve_gateway
-from tests.helpers import sdk_for, sim_requests, upstream_calls
+from tests.conftest import Gateway, GatewayProcess, eventually, gateway_settings, redis_gateway_env, serve_gateway
+from tests.helpers import sdk_for, sim_requests, sim_stats, upstream_calls
 from tests.lifecycle_checks import (
     FaultyStore,
     Freezer,
@@ -66,6 +66,10 @@ class FreezerFaults(FaultPoints):
 
 def frozen_at(*boundaries: str, only: Callable[[str], bool] | None = None) -> FreezerFaults:
     return FreezerFaults(Freezer(*boundaries, only=only))
+
+
+async def _calls_are(simulator_url: str, sim_tag: str, count: int) -> bool:
+    return await upstream_calls(simulator_url, sim_tag) == count
 
 
 def store_of(gateway: Gateway) -> Store:
@@ -458,6 +462,8 @@ async def test_7_a_dead_instances_store_false_response_is_discarded_not_rerun(
             a.client.responses.create(model="sim-1", input="hi", store=False, metadata=slow(sim_tag))
         )
         response_id = await asyncio.wait_for(faults.freezer.reached, 20)
+        # A's own call, sent alongside the create (runs/upstream/head_start.py), dies with A; B makes none.
+        await eventually(lambda: _calls_are(simulator_url, sim_tag, 1))
         async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             store = store_of(b)
 
@@ -469,7 +475,7 @@ async def test_7_a_dead_instances_store_false_response_is_discarded_not_rerun(
             while not await gone():
                 assert time.monotonic() < deadline, "the dead instance's store=false response is still there"
                 await asyncio.sleep(0.1)
-            assert await upstream_calls(simulator_url, sim_tag) == 0
+            assert await upstream_calls(simulator_url, sim_tag) == 1
         await _abandon(creating)
 
 
@@ -613,10 +619,13 @@ async def test_11_a_dead_instances_synchronous_response_runs_again_only_if_someo
     async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
         creating = asyncio.ensure_future(a.http.post("/v1/responses", json=body, headers=headers))
         response_id = await asyncio.wait_for(faults.freezer.reached, 20)
+        # A's own provider call went out alongside the create (runs/upstream/head_start.py), so it dies with A:
+        # counted first, so that what follows counts only B's.
+        await eventually(lambda: _calls_are(simulator_url, sim_tag, 1))
         async with instance(shared_redis_url, simulator_url, key_prefix) as b:
             expected = "failed" if kind == "sync" else "completed"
             events = await eventually_settled(store_of(b), response_id, within=TAKEOVER_SECONDS, status=expected)
-            assert await upstream_calls(simulator_url, sim_tag) == (0 if kind == "sync" else 1)
+            assert await upstream_calls(simulator_url, sim_tag) == (1 if kind == "sync" else 2)
             if kind == "sync":
                 assert "not run again" in events[-1]["response"]["error"]["message"]
             if kind == "sync_keyed":
@@ -682,7 +691,49 @@ async def test_8_a_create_whose_reply_was_lost_is_undone(storage_url: str, simul
         index, queue = await index_members(store_of(a))
         assert index | queue == set()
         await asyncio.sleep(1.0)  # several sweeps
-        assert await upstream_calls(simulator_url, sim_tag) == 0
+        # The provider call sent alongside the create (runs/upstream/head_start.py), if it got out before the
+        # create failed, was dropped then; nothing called the provider again.
+        stats = await sim_stats(simulator_url)
+        calls = stats["requests_by_tag"].get(sim_tag, 0)
+        assert calls == stats["disconnects_by_tag"].get(sim_tag, 0) <= 1
+
+
+async def test_the_provider_is_asked_while_the_create_is_stored_and_heard_only_after(
+    storage_url: str, simulator_url: str, key_prefix: str
+) -> None:
+    """The provider call goes out alongside the create (runs/upstream/head_start.py): while the store has not
+    answered, the provider has been asked and has answered in full, and nothing is stored or sent to the client;
+    once the create is stored, that same call's answer is the response (no second call), numbered from 0."""
+    stored = asyncio.Event()
+
+    def wrap(store: Store) -> Store:
+        faulty = FaultyStore(store)
+        inner_create = store.create_response
+
+        async def create_when_released(new: Any) -> Any:
+            await stored.wait()
+            return await inner_create(new)
+
+        faulty.create_response = create_when_released  # type: ignore[method-assign]
+        return faulty  # type: ignore[return-value]
+
+    sim_tag = tag()
+    async with instance(storage_url, simulator_url, key_prefix, faults=FaultPoints(wrap_store=wrap)) as a:
+        creating = asyncio.ensure_future(
+            a.client.responses.create(
+                model="sim-1", input="hi", stream=True, metadata=slow(sim_tag, tokens=3, delay_ms=0, ttft_ms=0)
+            )
+        )
+        await eventually(lambda: _calls_are(simulator_url, sim_tag, 1))
+        await asyncio.sleep(0.3)  # the provider's whole answer is in by now
+        assert not creating.done()
+        assert await index_members(store_of(a)) == (set(), set())
+        stored.set()
+        stream = await creating
+        events = [event async for event in stream]
+        assert [event.sequence_number for event in events] == list(range(len(events)))
+        assert events[-1].type == "response.completed"
+        assert await upstream_calls(simulator_url, sim_tag) == 1
 
 
 async def test_deleting_an_ended_response_before_its_follow_ups_releases_its_turn(

@@ -192,7 +192,7 @@ class LifecycleMachine(RuleBasedStateMachine):
         current = asyncio.current_task()
         for run in instance.manager.local_runs():
             run.abandon()
-        listener = instance.manager._cancel_listener
+        listener = instance.manager._notice_listener
         doomed = [*instance.ownership._tasks, *instance.manager._tasks, *instance.requests]
         for task in [*doomed, *([listener] if listener is not None else [])]:
             if task is not current:

@@ -20,9 +20,11 @@ from storage.base import (
     LeaseLost,
     LogRewound,
     NewResponse,
+    NoticeKind,
     ResponseAlreadyExists,
     ResponseClosed,
     ResponseMissing,
+    RunNotice,
     SequenceConflict,
     Store,
     StoredEvent,
@@ -225,8 +227,8 @@ async def test_cancel_request_reaches_listeners_and_reports_status(store: Store)
     )
     assert await store.request_cancel("resp_done") == "completed"
     assert await store.request_cancel("resp_missing") is None
-    requests = store.cancel_requests()
-    first = asyncio.ensure_future(anext(requests))
+    notices = store.run_notices()
+    first = asyncio.ensure_future(anext(notices))
     try:
         # The listener subscribes in the background; ask until it hears (a notice before that is not kept).
         for _ in range(100):
@@ -234,10 +236,38 @@ async def test_cancel_request_reaches_listeners_and_reports_status(store: Store)
             done, _ = await asyncio.wait({first}, timeout=0.05)
             if done:
                 break
-        assert first.result() == "resp_run"
+        assert first.result() == RunNotice(NoticeKind.CANCEL, "resp_run")
     finally:
         first.cancel()
-        await requests.aclose()
+        await notices.aclose()
+
+
+async def test_a_queued_response_is_announced_to_every_instance(store: Store) -> None:
+    """Announcing a queued response tells every listener, so that an instance with a free slot starts it now;
+    creating one (queued or not) announces nothing by itself (its admission is not complete yet)."""
+    notices = store.run_notices()
+    first = asyncio.ensure_future(anext(notices))
+    try:
+        for attempt in range(100):  # as above: until the listener has subscribed
+            await store.create_response(dataclasses.replace(new_response(f"resp_queued{attempt}"), owner=""))
+            await store.create_response(new_response(f"resp_mine{attempt}"))
+            await store.announce_queued(f"resp_owned{attempt}")
+            done, _ = await asyncio.wait({first}, timeout=0.05)
+            if done:
+                break
+        notice = first.result()
+        assert notice.kind is NoticeKind.QUEUED, notice
+        assert notice.response_id.startswith("resp_owned"), notice
+        heard = [notice]
+        while True:
+            try:
+                heard.append(await asyncio.wait_for(anext(notices), 0.2))
+            except TimeoutError:
+                break
+        assert all(n.kind is NoticeKind.QUEUED and n.response_id.startswith("resp_owned") for n in heard), heard
+    finally:
+        first.cancel()
+        await notices.aclose()
 
 
 async def test_event_feed_reads_many_responses_at_once(store: Store) -> None:

@@ -2,7 +2,7 @@
 -- what counts (the owner also reads it on every append and lease renewal); the message only makes it quick.
 -- KEYS: state hash
 -- ARGV: channel, response id, the publishing command ('PUBLISH', or 'SPUBLISH' on a cluster, where the channel is
---       the response's shard's, in its slot)
+--       the response's shard's, in its slot). The message is the bare id: a cancel notice (storage/redis_runs.py).
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   return false
