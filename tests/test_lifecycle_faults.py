@@ -736,6 +736,42 @@ async def test_the_provider_is_asked_while_the_create_is_stored_and_heard_only_a
         assert await upstream_calls(simulator_url, sim_tag) == 1
 
 
+async def test_output_a_provider_sent_before_crashing_while_the_create_was_stored_is_kept(
+    storage_url: str, simulator_url: str, key_prefix: str
+) -> None:
+    """The provider streams some output and crashes while the create is still being stored: the run, reading the
+    call only after admission, still gets every event sent before the crash (the call is read meanwhile, not left
+    unread: aiohttp drops a failed connection's buffered bytes) and ends failed with that partial output."""
+    stored = asyncio.Event()
+
+    def wrap(store: Store) -> Store:
+        faulty = FaultyStore(store)
+        inner_create = store.create_response
+
+        async def create_when_released(new: Any) -> Any:
+            await stored.wait()
+            return await inner_create(new)
+
+        faulty.create_response = create_when_released  # type: ignore[method-assign]
+        return faulty  # type: ignore[return-value]
+
+    sim_tag = tag()
+    metadata = {**slow(sim_tag, tokens=20, delay_ms=0, ttft_ms=0), "sim_fail_after": "8"}
+    async with instance(storage_url, simulator_url, key_prefix, faults=FaultPoints(wrap_store=wrap)) as a:
+        creating = asyncio.ensure_future(
+            a.client.responses.create(model="sim-1", input="hi", stream=True, metadata=metadata)
+        )
+        await eventually(lambda: _calls_are(simulator_url, sim_tag, 1))
+        await asyncio.sleep(0.3)  # the provider has sent its 8 events and crashed by now
+        stored.set()
+        stream = await creating
+        events = [event async for event in stream]
+        assert events[-1].type == "response.failed"
+        deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+        assert len(deltas) == 4, [event.type for event in events]  # events 5-8 of the provider's 8
+        assert await upstream_calls(simulator_url, sim_tag) == 1
+
+
 async def test_deleting_an_ended_response_before_its_follow_ups_releases_its_turn(
     shared_redis_url: str, simulator_url: str, key_prefix: str
 ) -> None:
