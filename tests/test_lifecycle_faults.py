@@ -698,6 +698,23 @@ async def test_8_a_create_whose_reply_was_lost_is_undone(storage_url: str, simul
         assert calls == stats["disconnects_by_tag"].get(sim_tag, 0) <= 1
 
 
+def create_held_until(released: asyncio.Event) -> Callable[[Store], Store]:
+    """A store wrapper whose creates wait for `released` before they run."""
+
+    def wrap(store: Store) -> Store:
+        faulty = FaultyStore(store)
+        inner_create = store.create_response
+
+        async def create_when_released(new: Any) -> Any:
+            await released.wait()
+            return await inner_create(new)
+
+        faulty.create_response = create_when_released  # type: ignore[method-assign]
+        return faulty  # type: ignore[return-value]
+
+    return wrap
+
+
 async def test_the_provider_is_asked_while_the_create_is_stored_and_heard_only_after(
     storage_url: str, simulator_url: str, key_prefix: str
 ) -> None:
@@ -705,18 +722,7 @@ async def test_the_provider_is_asked_while_the_create_is_stored_and_heard_only_a
     answered, the provider has been asked and has answered in full, and nothing is stored or sent to the client;
     once the create is stored, that same call's answer is the response (no second call), numbered from 0."""
     stored = asyncio.Event()
-
-    def wrap(store: Store) -> Store:
-        faulty = FaultyStore(store)
-        inner_create = store.create_response
-
-        async def create_when_released(new: Any) -> Any:
-            await stored.wait()
-            return await inner_create(new)
-
-        faulty.create_response = create_when_released  # type: ignore[method-assign]
-        return faulty  # type: ignore[return-value]
-
+    wrap = create_held_until(stored)
     sim_tag = tag()
     async with instance(storage_url, simulator_url, key_prefix, faults=FaultPoints(wrap_store=wrap)) as a:
         creating = asyncio.ensure_future(
@@ -743,18 +749,7 @@ async def test_output_a_provider_sent_before_crashing_while_the_create_was_store
     call only after admission, still gets every event sent before the crash (the call is read meanwhile, not left
     unread: aiohttp drops a failed connection's buffered bytes) and ends failed with that partial output."""
     stored = asyncio.Event()
-
-    def wrap(store: Store) -> Store:
-        faulty = FaultyStore(store)
-        inner_create = store.create_response
-
-        async def create_when_released(new: Any) -> Any:
-            await stored.wait()
-            return await inner_create(new)
-
-        faulty.create_response = create_when_released  # type: ignore[method-assign]
-        return faulty  # type: ignore[return-value]
-
+    wrap = create_held_until(stored)
     sim_tag = tag()
     metadata = {**slow(sim_tag, tokens=20, delay_ms=0, ttft_ms=0), "sim_fail_after": "8"}
     async with instance(storage_url, simulator_url, key_prefix, faults=FaultPoints(wrap_store=wrap)) as a:
