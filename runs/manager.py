@@ -260,9 +260,7 @@ class RunManager:
                 conversation_id=turn,
             )
             raise
-        if lease is None:
-            if head_start is not None:
-                await head_start.discard()
+        if lease is None:  # queued: no head start was made for it
             log.info("%s queued: this instance is at capacity", record.response_id)
             self.queue_waiting = True
             self.capacity_freed.set()  # this instance later, or another now (told below), starts it
