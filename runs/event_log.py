@@ -270,7 +270,7 @@ class EventLog:
             self._nudge_writer()  # the writer may have stopped at the failure: whoever waits for room is served
 
     async def _append_with_retries(self, batch: list[StoredEvent], snapshot: bytes | None, status: str) -> bool:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         deadline = loop.time() + self._write_retry_seconds
         delay = WRITE_RETRY_FIRST_DELAY_SECONDS
         while True:

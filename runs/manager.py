@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -38,6 +39,11 @@ QUEUE_RECHECK_SECONDS = 0.1
 # The slot account of runs this instance claimed from the queue or from a dead owner (not admitted here): counted
 # against the instance's capacity, not against any API key's limit.
 SWEPT = ""
+
+
+def _needs_history(request: CreateResponseRequest) -> bool:
+    """Whether the provider's body waits for items read from the store (a conversation's, or a chain's)."""
+    return conversation_id_of(request) is not None or request.previous_response_id is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +183,25 @@ class RunManager:
                 "This gateway instance is running as many responses as it may; retry shortly.",
                 headers={"Retry-After": "1"},
             )
+        # The request's own checks, done before anything is stored or sent: a 400 here changes nothing.
+        check_admissible(request)
+        upstream = self._router.route(request.model)
+        # Without history this is the body sent; with it, the body is made again once the history is read.
+        provider_body = upstream.prepare(upstream_body(request))
+        caller = _Caller(tenant, api_key)
+        # The provider call goes out now, before the response is built and stored, when its body is final and
+        # nothing may yet decide against it (a used Idempotency-Key, a conversation's turn, a history to read):
+        # the provider's first token is what the client waits for, and admission's work and round trip overlap
+        # it. Nothing it sends is emitted before the response is stored (see HeadStart).
+        head_start = None
+        if not queued and idempotency is None and not _needs_history(request):
+            head_start = HeadStart(stream_with_retries(upstream, provider_body, upstream_api_key(upstream, api_key)))
         if not queued:
             self._slots.take(tenant)
-        admission = asyncio.ensure_future(self._admit(request, _Caller(tenant, api_key), idempotency, queued=queued))
+        admitting = self._admit(request, caller, idempotency, upstream, provider_body, head_start, queued=queued)
+        if head_start is not None:
+            admitting = self._after_head_start(head_start, admitting)
+        admission = asyncio.ensure_future(admitting)
         admission.add_done_callback(lambda done: self._after_admission(done, tenant, holds_slot=not queued))
         try:
             return await asyncio.shield(admission)
@@ -200,13 +222,31 @@ class RunManager:
         if run is not None and not run.request.is_stored:
             self.release_connection_owned(run)
 
+    @staticmethod
+    async def _after_head_start(head_start: HeadStart, admission: Coroutine[Any, Any, Admission]) -> Admission:
+        """`admission` run behind a provider call already made: the call is dropped if admission fails."""
+        try:
+            # One turn of the loop first: on Python < 3.12 aiohttp writes a request's body in a task of its own,
+            # started by the head start's first step, and it should leave before admission's work runs.
+            await asyncio.sleep(0)
+            return await admission
+        except (Exception, asyncio.CancelledError):
+            await head_start.discard()
+            raise
+        finally:
+            admission.close()  # no-op once it ran; a coroutine never started is not reported as never awaited
+
     async def _admit(
-        self, request: CreateResponseRequest, caller: _Caller, idempotency: IdempotencyKey | None, *, queued: bool
+        self,
+        request: CreateResponseRequest,
+        caller: _Caller,
+        idempotency: IdempotencyKey | None,
+        upstream: Upstream,
+        provider_body: Json,
+        head_start: HeadStart | None,
+        *,
+        queued: bool,
     ) -> Admission:
-        check_admissible(request)
-        upstream = self._router.route(request.model)
-        # The request's own parameters: a 400 before anything is stored. Without history this is the body sent.
-        provider_body = upstream.prepare(upstream_body(request))
         conversation_id = conversation_id_of(request)
         # store=false responses never touch conversation state: they only read it as context.
         turn = conversation_id if conversation_id is not None and request.is_stored else None
@@ -234,10 +274,9 @@ class RunManager:
             if holder is not None:
                 return Admission(holder, run=None, replayed=True)
             await self.lifecycle.faults.reach("admit.key_claimed", record.response_id)
-        # The provider call goes out now, in parallel with the store's round trip (the body is final unless the
-        # response takes a conversation's turn, whose history is read once the turn is ours).
-        head_start = None
-        if not queued and turn is None:
+        # Where admit() could not send the provider call yet, it goes out now, in parallel with the store's round
+        # trip (unless the response takes a conversation's turn, whose history is read once the turn is ours).
+        if head_start is None and not queued and turn is None:
             api_key = upstream_api_key(upstream, caller.api_key)
             head_start = HeadStart(stream_with_retries(upstream, provider_body, api_key))
         # Undone on any failure from here on, the create included: its reply may have been lost after it ran
@@ -253,7 +292,7 @@ class RunManager:
                 provider_body = upstream.prepare(upstream_body(request, history))
         except (Exception, asyncio.CancelledError):
             if head_start is not None:
-                await head_start.discard()
+                await head_start.discard()  # before the undo: the provider stops generating at once
             await self.lifecycle.undo_admission(
                 record.response_id,
                 idempotency=(idempotency.scope, idempotency.key) if idempotency is not None else None,

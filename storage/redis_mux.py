@@ -100,13 +100,22 @@ class RedisMux:
         self._watchdog: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
         self._closed = False
+        self._bound_loop: asyncio.AbstractEventLoop | None = None
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this mux runs on, looked up once: on Python 3.11 every `get_running_loop()` is a `getpid()`
+        system call (its check for a fork), and this is called for every command."""
+        loop = self._bound_loop
+        if loop is None:
+            loop = self._bound_loop = asyncio.get_running_loop()
+        return loop
 
     async def execute(self, *args: Any) -> Any:
         """The raw reply to one command (a ResponseError instance for an error reply). Raises StoreUnavailable
         when the connection fails before the reply arrives."""
         if self._closed:
             raise StoreClosed("redis: the store is closed")
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        reply: asyncio.Future[Any] = self._loop().create_future()
         self._queued.append((args, reply))
         self._schedule_flush()
         return await reply
@@ -115,7 +124,7 @@ class RedisMux:
         """The raw replies to several commands, sent together and in order."""
         if self._closed:
             raise StoreClosed("redis: the store is closed")
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         replies = [loop.create_future() for _ in commands]
         self._queued.extend(zip(commands, replies, strict=True))
         self._schedule_flush()
@@ -153,7 +162,7 @@ class RedisMux:
         a connection that is up (the common case); the writer task connects first when it is not."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -167,7 +176,7 @@ class RedisMux:
         batch = [(args, reply) for args, reply in batch if not reply.done()]
         if not batch:
             return
-        now = asyncio.get_running_loop().time()
+        now = self._loop().time()
         self._in_flight.extend(_Sent(reply, now) for _, reply in batch)
         self._arm_watchdog()
         try:
@@ -200,7 +209,7 @@ class RedisMux:
                 if not reply.done():
                     reply.set_exception(StoreUnavailable(f"redis: {error or type(error).__name__}"))
             return
-        now = asyncio.get_running_loop().time()
+        now = self._loop().time()
         # In line for their replies before the write, so a reply can never arrive before its future.
         self._in_flight.extend(_Sent(reply, now) for _, reply in batch)
         self._arm_watchdog()
@@ -245,13 +254,13 @@ class RedisMux:
     def _arm_watchdog(self) -> None:
         if self._watchdog is None:
             interval = min(WATCHDOG_SECONDS, self._reply_timeout / 4)
-            self._watchdog = asyncio.get_running_loop().call_later(interval, self._check_oldest)
+            self._watchdog = self._loop().call_later(interval, self._check_oldest)
 
     def _check_oldest(self) -> None:
         self._watchdog = None
         if not self._in_flight:
             return
-        waited = asyncio.get_running_loop().time() - self._in_flight[0].at
+        waited = self._loop().time() - self._in_flight[0].at
         if waited >= self._reply_timeout:
             self._drop(f"redis: no reply in {self._reply_timeout:g}s")
             return
@@ -266,7 +275,7 @@ class RedisMux:
             if not sent.reply.done():
                 sent.reply.set_exception(StoreUnavailable(reason))
         if connection is not None:
-            task = asyncio.get_running_loop().create_task(connection.disconnect(nowait=True))
+            task = self._loop().create_task(connection.disconnect(nowait=True))
             task.add_done_callback(_ignore_result)
 
 
