@@ -114,7 +114,23 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             limit = request.app[MAX_BODY_BYTES]
             return error_response(PayloadTooLarge(f"The request body is larger than the {limit}-byte limit."))
         if error.status == 404:
-            return error_response(NotFound(f"Unknown route: {request.method} {request.path}"))
+            return error_response(
+                NotFound(
+                    f"Unknown request URL: {request.method} {request.path}. Please check the URL for typos.",
+                    code="unknown_url",  # as OpenAI's own 404 for a path it does not serve
+                )
+            )
+        if isinstance(error, web.HTTPMethodNotAllowed):
+            allowed = ", ".join(sorted(error.allowed_methods))
+            return error_response(
+                ApiError(
+                    f"Method {request.method} is not allowed for {request.path}; allowed: {allowed}.",
+                    status=405,
+                    type="invalid_request_error",
+                    code="method_not_allowed",
+                    headers={"Allow": allowed},
+                )
+            )
         if error.status < 400:
             raise
         kind = "invalid_request_error" if error.status < 500 else "server_error"

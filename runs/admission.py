@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from runs.ids import new_response_id
-from runs.items import as_model_input, normalise_items
+from runs.items import as_model_input, check_tool_outputs, normalise_items
 from runs.request import CreateResponseRequest, check_request_rules
 from runs.snapshot import Json, initial_snapshot, stored_json
 from runs.status import ResponseStatus
@@ -18,8 +18,16 @@ _GATEWAY_FIELDS = frozenset({"background", "store", "stream", "previous_response
 
 
 def check_admissible(request: CreateResponseRequest) -> None:
-    """Every rule a request must pass before anything is stored."""
+    """Every rule a request must pass before anything is stored (those that need its history: `check_history`)."""
     check_request_rules(request)
+    if request.previous_response_id is None and request.conversation is None:
+        check_history(request, [])
+
+
+def check_history(request: CreateResponseRequest, history: list[Json]) -> None:
+    """The rules that hold between a request's input and the history it continues."""
+    if isinstance(request.input, list):
+        check_tool_outputs(request.input, history)
 
 
 def upstream_body(request: CreateResponseRequest, history: list[Json] | None = None) -> dict[str, Any]:

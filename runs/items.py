@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from runs.errors import InvalidRequest
 from runs.ids import new_item_id
 
 Json = dict[str, Any]
@@ -30,6 +32,29 @@ def normalise_items(raw: str | list[Json] | None) -> list[Json]:
             item["id"] = new_item_id(_ID_PREFIXES.get(item["type"], "item"))
         items.append(item)
     return items
+
+
+# Each kind of tool output a client sends, and the kind of call it answers.
+_ANSWERED_CALL = {"function_call_output": "function_call", "custom_tool_call_output": "custom_tool_call"}
+
+
+def check_tool_outputs(items: Sequence[Any], history: Sequence[Json] = ()) -> None:
+    """Every tool output in `items` (a request's input) answers a call made in `history` or in the input itself,
+    as OpenAI checks; otherwise a 400 naming the output, before anything is stored or sent."""
+    calls = {
+        (item.get("type"), item.get("call_id"))
+        for item in (*history, *items)
+        if isinstance(item, dict) and item.get("type") in _ANSWERED_CALL.values()
+    }
+    for index, item in enumerate(items):
+        if not isinstance(item, dict) or item.get("type") not in _ANSWERED_CALL:
+            continue
+        call_id = item.get("call_id")
+        if (_ANSWERED_CALL[item["type"]], call_id) not in calls:
+            raise InvalidRequest(
+                f"No tool call found for {item['type'].replace('_', ' ')} with call_id {call_id}.",
+                param=f"input[{index}].call_id",
+            )
 
 
 def stored_in_conversation(items: list[Json]) -> list[Json]:

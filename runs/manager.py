@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from runs.admission import check_admissible, new_response, upstream_body
+from runs.admission import check_admissible, check_history, new_response, upstream_body
 from runs.cancellation import cancel_response
 from runs.conversations import get_conversation
 from runs.errors import ApiError, TooManyRequests, Unavailable
@@ -257,6 +257,7 @@ class RunManager:
             # A previous_response_id chain (or a read-only conversation) does not change: read it before anything
             # is stored, so that a refusal leaves nothing to undo.
             history = await history_for(self._store, request, tenant=caller.tenant)
+            check_history(request, history)
             if history:
                 provider_body = upstream.prepare(upstream_body(request, history))
         owner = "" if queued else self.settings.instance_id
@@ -289,6 +290,9 @@ class RunManager:
                 # turn's items are in by then.
                 await self.lifecycle.take_turn(turn, record.response_id)
                 history = await history_for(self._store, request, tenant=caller.tenant)
+                # Only now: a call the previous turn made is in the conversation once that turn has ended. A refusal
+                # here is undone like any failure below.
+                check_history(request, history)
                 provider_body = upstream.prepare(upstream_body(request, history))
         except (Exception, asyncio.CancelledError):
             if head_start is not None:
@@ -398,6 +402,7 @@ class RunManager:
             if turn is not None:
                 await self.lifecycle.take_turn(turn, record.response_id)
             history = await history_for(self._store, request, tenant=record.tenant)
+            check_history(request, history)
             provider_body = upstream.prepare(upstream_body(request, history))
         except (ApiError, ValueError) as error:
             await self.lifecycle.fail_unresumable(record, lease, _reason(error))

@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from gateway.state import STORE
 from runs.snapshot import apply_event
 from tests.conftest import Gateway, eventually
-from tests.helpers import expected_text, keys_with_prefix, read_frames, sim_stats
+from tests.helpers import expected_text, keys_with_prefix, read_frames, sim_stats, upstream_calls
 
 EVENT_MODEL: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
 
@@ -239,7 +239,30 @@ async def test_unknown_response_is_a_404_envelope(gateway: Gateway) -> None:
 async def test_unknown_route_is_a_404_envelope(gateway: Gateway) -> None:
     async with gateway.http.get("/v1/nothing-here") as response:
         assert response.status == 404
-        assert set((await response.json())["error"]) == {"message", "type", "param", "code"}
+        assert (await response.json())["error"] == {
+            "message": "Unknown request URL: GET /v1/nothing-here. Please check the URL for typos.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "unknown_url",
+        }
+    with pytest.raises(openai.NotFoundError) as raised:
+        await gateway.client.post("/nothing-here", body={"model": "sim-1"}, cast_to=object)
+    assert raised.value.code == "unknown_url"
+
+
+async def test_a_method_a_route_does_not_serve_is_a_405_that_names_the_allowed_ones(gateway: Gateway) -> None:
+    created = await gateway.client.responses.create(model="sim-1", input="one")
+    with pytest.raises(openai.APIStatusError) as raised:
+        await gateway.client.post(f"/responses/{created.id}", body={"model": "sim-1"}, cast_to=object)
+    assert raised.value.status_code == 405
+    assert raised.value.response.headers["Allow"] == "DELETE, GET, HEAD"
+    assert raised.value.body == {
+        "message": f"Method POST is not allowed for /v1/responses/{created.id}; allowed: DELETE, GET, HEAD.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "method_not_allowed",
+    }
+    assert await gateway.client.responses.retrieve(created.id) == created
 
 
 async def test_store_false_answers_but_keeps_nothing(gateway: Gateway) -> None:
@@ -407,3 +430,65 @@ async def test_health_and_readiness(gateway: Gateway) -> None:
         assert response.status == 200
     async with gateway.http.get("/readyz") as response:
         assert response.status == 200
+
+
+_WEATHER_TOOL: Any = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+# A turn whose model called the tool: the call made part of the history (the simulator's Responses endpoint does
+# not make calls itself).
+_CALLED: Any = [
+    {"role": "user", "content": "weather?"},
+    {"type": "function_call", "call_id": "call_weather", "name": "get_weather", "arguments": "{}"},
+]
+
+
+def _output_for(call_id: str) -> Any:
+    return [{"type": "function_call_output", "call_id": call_id, "output": "sunny"}]
+
+
+async def test_a_tool_output_must_answer_a_call_of_its_history(
+    gateway: Gateway, simulator_url: str, key_prefix: str
+) -> None:
+    tagged = {"sim_tag": key_prefix}
+    first = await gateway.client.responses.create(model="sim-1", input=_CALLED, tools=[_WEATHER_TOOL], metadata=tagged)
+    calls_before = await upstream_calls(simulator_url, key_prefix)
+
+    for refused in (
+        {"previous_response_id": first.id, "input": _output_for("call_unknown")},  # not in the chain
+        {"input": _output_for("call_weather")},  # no history at all: the call is not in this request
+        {"input": [*_CALLED, *_output_for("call_x")]},
+    ):
+        with pytest.raises(openai.BadRequestError) as raised:
+            await gateway.client.responses.create(model="sim-1", tools=[_WEATHER_TOOL], metadata=tagged, **refused)
+        assert raised.value.param in ("input[0].call_id", "input[2].call_id")
+        assert "No tool call found for function call output with call_id" in raised.value.message
+    assert await upstream_calls(simulator_url, key_prefix) == calls_before  # nothing was sent, nothing stored
+
+    for answered in (
+        {"previous_response_id": first.id, "input": _output_for("call_weather")},
+        {"input": [*_CALLED, *_output_for("call_weather")]},
+    ):
+        response = await gateway.client.responses.create(model="sim-1", metadata=tagged, **answered)
+        assert response.status == "completed"
+
+
+async def test_a_conversation_turn_whose_tool_output_answers_no_call_is_refused_and_leaves_the_conversation(
+    gateway: Gateway, key_prefix: str
+) -> None:
+    tagged = {"sim_tag": key_prefix}
+    conversation = await gateway.client.conversations.create()
+    await gateway.client.responses.create(
+        model="sim-1", input=_CALLED, tools=[_WEATHER_TOOL], conversation=conversation.id, metadata=tagged
+    )
+    items_before = [item.id async for item in gateway.client.conversations.items.list(conversation.id)]
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        await gateway.client.responses.create(
+            model="sim-1", conversation=conversation.id, input=_output_for("call_unknown"), metadata=tagged
+        )
+    assert raised.value.param == "input[0].call_id"
+    assert [item.id async for item in gateway.client.conversations.items.list(conversation.id)] == items_before
+
+    answered = await gateway.client.responses.create(
+        model="sim-1", conversation=conversation.id, input=_output_for("call_weather"), metadata=tagged
+    )
+    assert answered.status == "completed"  # the refused turn left the conversation free
