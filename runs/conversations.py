@@ -12,7 +12,7 @@ from runs.errors import Conflict, InvalidRequest, NotFound
 from runs.ids import new_id
 from runs.items import Json, normalise_items, stored_in_conversation
 from runs.request import Metadata
-from runs.status import ResponseStatus
+from runs.status import CONTINUABLE, ResponseStatus
 from storage.base import ConversationMissing, ConversationRecord, CursorNotFound, ResponseRecord, Store
 
 MAX_INITIAL_ITEMS = 20
@@ -200,10 +200,11 @@ def busy_error(active_response_id: str) -> Conflict:
 async def end_turn(
     store: Store, conversation_id: str, response_id: str, *, status: str, input_items: list[Json], output: list[Json]
 ) -> None:
-    """Release the turn; a completed response's input and output join the conversation in the same step, and it
-    becomes the conversation's latest completed response. Failed, cancelled and incomplete turns add nothing."""
+    """Release the turn; a completed or incomplete response's input and output (so far) join the conversation in
+    the same step, as at OpenAI, and a completed one becomes the conversation's latest completed response. Failed
+    and cancelled turns add nothing."""
     completed = status == ResponseStatus.COMPLETED
-    items = stored_in_conversation(input_items + output) if completed else []
+    items = stored_in_conversation(input_items + output) if ResponseStatus(status) in CONTINUABLE else []
     try:
         await store.end_conversation_turn(conversation_id, response_id, completed=completed, items=_pairs(items))
     except ConversationMissing:

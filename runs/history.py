@@ -10,7 +10,7 @@ from runs.conversations import all_items, get_conversation
 from runs.errors import Conflict, InvalidRequest, NotFound
 from runs.items import Json
 from runs.request import CreateResponseRequest
-from runs.status import ResponseStatus
+from runs.status import CONTINUABLE, ResponseStatus
 from storage.base import Store
 
 log = logging.getLogger(__name__)
@@ -29,9 +29,10 @@ def conversation_id_of(request: CreateResponseRequest) -> str | None:
 async def previous_response_history(store: Store, previous_response_id: str, *, tenant: str) -> list[Json]:
     """Inputs and outputs of every response in the chain ending at `previous_response_id`, oldest first.
 
-    Only a `completed` response can be continued: one still running has no final output yet (409, and the SDK is
-    told not to retry blindly), and a failed, cancelled or incomplete one is not a checkpoint to build on (400).
-    Instructions are not carried over, as in the OpenAI API.
+    A `completed` or `incomplete` response can be continued (an incomplete one's output so far is history, as at
+    OpenAI: a turn cut by `max_output_tokens` is continued, not lost). One still running has no final output yet
+    (409, and the SDK is told not to retry blindly), and a failed or cancelled one is not a checkpoint to build on
+    (400). Instructions are not carried over, as in the OpenAI API.
     """
     record = await store.get_response(previous_response_id)
     if record is None or not record.stored or record.tenant != tenant:
@@ -48,10 +49,10 @@ async def previous_response_history(store: Store, previous_response_id: str, *, 
             code="previous_response_in_progress",
             headers={"x-should-retry": "false"},
         )
-    if status is not ResponseStatus.COMPLETED:
+    if status not in CONTINUABLE:
         raise InvalidRequest(
-            f"Previous response with id '{previous_response_id}' is {status.value}; only a completed response "
-            "can be continued.",
+            f"Previous response with id '{previous_response_id}' is {status.value}; only a completed or incomplete "
+            "response can be continued.",
             param="previous_response_id",
             code="previous_response_not_completed",
         )

@@ -7,6 +7,7 @@ from storage.status import ACTIVE, TERMINAL, ResponseStatus
 
 __all__ = [
     "ACTIVE",
+    "CONTINUABLE",
     "STATUS_EVENT_TYPE",
     "TERMINAL",
     "TERMINAL_EVENT_TYPES",
@@ -33,6 +34,10 @@ STATUS_EVENT_TYPE: dict[ResponseStatus, str] = {
 }
 
 TERMINAL_EVENT_TYPES = frozenset(STATUS_EVENT_TYPE[status] for status in TERMINAL)
+
+# The ends a later turn builds on (by previous_response_id, or in a conversation): the output so far is history.
+# A failed or cancelled turn is not a checkpoint.
+CONTINUABLE = frozenset({ResponseStatus.COMPLETED, ResponseStatus.INCOMPLETE})
 
 
 class InvalidTransition(Exception):

@@ -361,8 +361,9 @@ class ConversationStore(Protocol):
     async def end_conversation_turn(
         self, conversation_id: str, response_id: str, *, completed: bool, items: Sequence[tuple[str, bytes]]
     ) -> bool:
-        """Release the turn held by `response_id`; if it completed, append its items (input then output) and make
-        it the latest completed response, in the same step. False when it no longer held the turn."""
+        """Release the turn held by `response_id` and append `items` (its input then output, or none), and if it
+        completed make it the latest completed response, in the same step. False when it no longer held the
+        turn."""
 
     async def clear_conversation_turn(self, conversation_id: str, response_id: str) -> bool:
         """Release the turn if `response_id` (found gone) still holds it."""

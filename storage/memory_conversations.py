@@ -100,8 +100,8 @@ class MemoryConversations:
         if conversation.active != response_id:
             return False
         conversation.active = None
+        conversation.items.update(items)
         if completed:
-            conversation.items.update(items)
             conversation.latest = response_id
         return True
 

@@ -157,7 +157,7 @@ async def test_previous_response_id_rules(gateway: Gateway) -> None:
     assert no_conversation.value.param == "conversation"
 
 
-async def test_only_completed_turns_join_the_conversation(
+async def test_completed_and_incomplete_turns_join_the_conversation_failed_ones_do_not(
     gateway: Gateway, simulator_url: str, key_prefix: str
 ) -> None:
     client = gateway.client
@@ -170,18 +170,46 @@ async def test_only_completed_turns_join_the_conversation(
         model="sim-1", input="this is cut", conversation=conversation.id, max_output_tokens=16
     )
     assert incomplete.status == "incomplete"
+    assert incomplete.output_text  # a part of the answer
     unstored = await client.responses.create(
         model="sim-1", input="not stored", conversation=conversation.id, store=False
     )
     assert unstored.status == "completed"
-    items = [item async for item in client.conversations.items.list(conversation.id)]
-    assert [item.content[0].text for item in items] == ["start"]  # type: ignore[union-attr]
+    items = [item async for item in client.conversations.items.list(conversation.id, order="asc")]
+    # The user's input and the answer so far are kept, as OpenAI keeps them: the next turn continues from there.
+    assert [item.content[0].text for item in items] == [  # type: ignore[union-attr]
+        "start",
+        "this is cut",
+        incomplete.output_text,
+    ]
     # The turn lock was released each time: a completed turn still goes through.
     done = await client.responses.create(
         model="sim-1", input="works", conversation=conversation.id, metadata={"sim_tag": key_prefix}
     )
     assert done.status == "completed"
-    assert texts_sent((await sim_requests(simulator_url, key_prefix))[-1]) == [("user", "start"), ("user", "works")]
+    assert texts_sent((await sim_requests(simulator_url, key_prefix))[-1]) == [
+        ("user", "start"),
+        ("user", "this is cut"),
+        ("assistant", incomplete.output_text),
+        ("user", "works"),
+    ]
+
+
+async def test_an_incomplete_response_is_continued_by_previous_response_id(
+    gateway: Gateway, simulator_url: str, key_prefix: str
+) -> None:
+    client = gateway.client
+    cut = await client.responses.create(model="sim-1", input="a long answer", max_output_tokens=16)
+    assert (cut.status, cut.incomplete_details and cut.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+    going_on = await client.responses.create(
+        model="sim-1", input="go on", previous_response_id=cut.id, metadata={"sim_tag": key_prefix}
+    )
+    assert going_on.status == "completed"
+    assert texts_sent((await sim_requests(simulator_url, key_prefix))[-1]) == [
+        ("user", "a long answer"),
+        ("assistant", cut.output_text),
+        ("user", "go on"),
+    ]
 
 
 async def test_conversation_crud_and_pagination(gateway: Gateway) -> None:

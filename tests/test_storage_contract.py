@@ -453,14 +453,24 @@ async def test_conversation_turns_have_one_holder(store: Store) -> None:
     assert [orjson.loads(item)["id"] for item in page] == ["u0", "in1", "out1"]
 
 
-async def test_a_failed_turn_adds_nothing_and_a_dead_holder_can_be_cleared(store: Store) -> None:
+async def test_a_turn_that_did_not_complete_adds_what_it_is_given_and_a_dead_holder_can_be_cleared(
+    store: Store,
+) -> None:
     await store.create_conversation("conv_f", created_at=1, metadata=b"{}", items=[])
     assert await store.begin_conversation_turn("conv_f", "resp_1") is None
-    assert await store.end_conversation_turn("conv_f", "resp_1", completed=False, items=items("lost")) is True
+    assert await store.end_conversation_turn("conv_f", "resp_1", completed=False, items=[]) is True  # a failed one
     record = await store.get_conversation("conv_f")
     assert record is not None
     assert (record.active_response_id, record.latest_completed_response_id) == (None, None)
     assert (await store.list_conversation_items("conv_f", after=None, limit=10, order="asc"))[0] == []
+    assert await store.begin_conversation_turn("conv_f", "resp_cut") is None
+    # An incomplete one: its items join, but it is not the latest completed response.
+    assert await store.end_conversation_turn("conv_f", "resp_cut", completed=False, items=items("cut")) is True
+    record = await store.get_conversation("conv_f")
+    assert record is not None
+    assert (record.active_response_id, record.latest_completed_response_id) == (None, None)
+    page, _ = await store.list_conversation_items("conv_f", after=None, limit=10, order="asc")
+    assert [orjson.loads(item)["id"] for item in page] == ["cut"]
     assert await store.begin_conversation_turn("conv_f", "resp_2") is None
     assert await store.clear_conversation_turn("conv_f", "resp_other") is False
     assert await store.clear_conversation_turn("conv_f", "resp_2") is True
