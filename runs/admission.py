@@ -17,10 +17,17 @@ from storage.keys import idempotency_shard, with_shard
 _GATEWAY_FIELDS = frozenset({"background", "store", "stream", "previous_response_id", "conversation"})
 
 
+def needs_history(request: CreateResponseRequest) -> bool:
+    """Whether the request continues items read from the store (a conversation's, or a previous_response_id
+    chain's): its provider body, and `check_history`, wait for them."""
+    return request.conversation is not None or request.previous_response_id is not None
+
+
 def check_admissible(request: CreateResponseRequest) -> None:
-    """Every rule a request must pass before anything is stored (those that need its history: `check_history`)."""
+    """Every rule a request must pass before anything is stored (with a history to read: `check_history` once it
+    is read)."""
     check_request_rules(request)
-    if request.previous_response_id is None and request.conversation is None:
+    if not needs_history(request):
         check_history(request, [])
 
 

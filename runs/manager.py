@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from runs.admission import check_admissible, check_history, new_response, upstream_body
+from runs.admission import check_admissible, check_history, needs_history, new_response, upstream_body
 from runs.cancellation import cancel_response
 from runs.conversations import get_conversation
 from runs.errors import ApiError, TooManyRequests, Unavailable
@@ -39,11 +39,6 @@ QUEUE_RECHECK_SECONDS = 0.1
 # The slot account of runs this instance claimed from the queue or from a dead owner (not admitted here): counted
 # against the instance's capacity, not against any API key's limit.
 SWEPT = ""
-
-
-def _needs_history(request: CreateResponseRequest) -> bool:
-    """Whether the provider's body waits for items read from the store (a conversation's, or a chain's)."""
-    return conversation_id_of(request) is not None or request.previous_response_id is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +189,7 @@ class RunManager:
         # the provider's first token is what the client waits for, and admission's work and round trip overlap
         # it. Nothing it sends is emitted before the response is stored (see HeadStart).
         head_start = None
-        if not queued and idempotency is None and not _needs_history(request):
+        if not queued and idempotency is None and not needs_history(request):
             head_start = HeadStart(stream_with_retries(upstream, provider_body, upstream_api_key(upstream, api_key)))
         if not queued:
             self._slots.take(tenant)
@@ -257,7 +252,8 @@ class RunManager:
             # A previous_response_id chain (or a read-only conversation) does not change: read it before anything
             # is stored, so that a refusal leaves nothing to undo.
             history = await history_for(self._store, request, tenant=caller.tenant)
-            check_history(request, history)
+            if needs_history(request):  # (without, check_admissible checked the input alone)
+                check_history(request, history)
             if history:
                 provider_body = upstream.prepare(upstream_body(request, history))
         owner = "" if queued else self.settings.instance_id

@@ -5,7 +5,8 @@
 --       for 'append': (item_id, item_json) pairs
 -- action 'begin': take the turn unless another response holds it (returns the holder's id).
 -- action 'end': release the turn if this response holds it and append the items given (its input and output,
---   for a turn that others build on); when completed, make it the latest completed response. action 'clear': release the turn if `response_id` (a dead holder) still has it.
+--   for a turn that others build on); when completed, make it the latest completed response.
+-- action 'clear': release the turn if `response_id` (a dead holder) still has it.
 -- action 'append': append items (POST .../items) unless a turn is running.
 -- action 'metadata': ARGV[3] is the new metadata JSON. action 'delete_item': ARGV[3] is the item id.
 if redis.call('EXISTS', KEYS[1]) == 0 then
