@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--tokens", type=int, default=defaults.tokens, help="output tokens per response")
     simulate.add_argument("--token-delay-ms", type=float, default=defaults.token_delay_ms)
     simulate.add_argument("--ttft-ms", type=float, default=defaults.ttft_ms)
+    simulate.add_argument(
+        "--no-compact",
+        dest="compact",
+        action="store_false",
+        help="answer /v1/responses/compact and /v1/responses/input_tokens with 404, like a provider without them",
+    )
     return parser
 
 
@@ -139,7 +145,9 @@ def _exit_now(reason: str) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     _configure_logging("INFO")
-    settings = SimulatorSettings(tokens=args.tokens, token_delay_ms=args.token_delay_ms, ttft_ms=args.ttft_ms)
+    settings = SimulatorSettings(
+        tokens=args.tokens, token_delay_ms=args.token_delay_ms, ttft_ms=args.ttft_ms, compact=args.compact
+    )
     log.info("simulated model server on http://%s:%d/v1", args.host, args.port)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_simulator(args.host, args.port, settings))

@@ -13,7 +13,11 @@ How the shared knobs read here: ``sim_ttft_ms`` delays the first chunk after the
 content (or tool call) chunk and ends without ``[DONE]`` (a non-streaming request gets a 500 error envelope,
 as chat has no failed-completion object); ``sim_fail_after`` counts frames (the opening chunk is the 1st).
 
-Chat-only knobs (whole numbers, 0 = off; the Responses endpoint ignores them):
+Tools and ``response_format`` work as ``simulator.answers`` describes (the Responses rules, in Chat's spelling):
+with function ``tools`` and no call in the messages yet, the answer is one call streamed as the knob below
+streams it; a ``json_schema`` or ``json_object`` format makes the content JSON, in pieces of a few characters.
+
+Chat-only knobs (whole numbers, 0 = none; the Responses endpoint ignores them):
 
 ``sim_reasoning``
     ``R``: before the answer, R tokens of ``simulated_reasoning`` as ``reasoning_content`` deltas, as DeepSeek,
@@ -25,6 +29,7 @@ Chat-only knobs (whole numbers, 0 = off; the Responses endpoint ignores them):
     Without reasoning before it, the first call's chunk opens the message (``role``, ``content: null``) in
     place of the usual opening chunk. Each call streams its id and name first, then its arguments in
     pieces of a few characters (each piece counts as a completion token). The token cap does not apply.
+    When given, it overrides the tools default above: ``0`` answers in text even with tools.
 """
 
 from __future__ import annotations
@@ -41,29 +46,33 @@ from typing import Any, Literal
 import orjson
 from aiohttp import web
 
+from simulator.answers import (
+    Answer,
+    ToolCall,
+    chat_called_before,
+    chat_format,
+    chat_tool_choice,
+    chat_tools,
+    decide,
+    new_call_id,
+    text_answer,
+)
 from simulator.plan import (
     FAILURE_MESSAGE,
     FAULT_ERROR_EVENT,
     FAULT_HANG,
     SIM_SETTINGS_KEY,
     _json,
+    _knob,
     _metadata,
     _number,
     _Plan,
     _plan,
     _RequestError,
 )
-from simulator.server import (
-    _VOCABULARY,
-    SIM_MODEL_ID,
-    Event,
-    _serve,
-    chat_input_text_of,
-    simulated_text,
-)
+from simulator.server import SIM_MODEL_ID, Event, _serve
+from simulator.text import VOCABULARY, chat_input_text_of, simulated_text, token_count
 
-# Small enough that every call's arguments arrive in several chunks, which is what clients must reassemble.
-ARGUMENT_PIECE_CHARS = 5
 _DONE_FRAME = b"data: [DONE]\n\n"
 _ERROR_CHUNK: Event = {"error": {"message": FAILURE_MESSAGE, "type": "server_error", "code": "server_error"}}
 
@@ -81,19 +90,8 @@ def simulated_reasoning(input_text: str, tokens: int) -> list[str]:
 def simulated_tool_arguments(input_text: str, index: int) -> str:
     """The JSON arguments of the ``index``-th simulated call answering ``input_text``."""
     digest = hashlib.sha256(f"call {index}\n{input_text}".encode()).digest()
-    word = _VOCABULARY[int.from_bytes(digest, "big") % len(_VOCABULARY)]
+    word = VOCABULARY[int.from_bytes(digest, "big") % len(VOCABULARY)]
     return json.dumps({"city": word, "n": index})
-
-
-@dataclass(frozen=True, slots=True)
-class _ToolCall:
-    id: str
-    name: str
-    arguments: str
-
-    def pieces(self) -> list[str]:
-        text = self.arguments
-        return [text[start : start + ARGUMENT_PIECE_CHARS] for start in range(0, len(text), ARGUMENT_PIECE_CHARS)]
 
 
 @dataclass(slots=True)
@@ -106,7 +104,8 @@ class _SimulatedChat:
     prompt_tokens: int
     reasoning: list[str]
     content: list[str]  # empty when answering with tool calls
-    calls: list[_ToolCall]
+    truncated: bool  # the token cap cut the content short
+    calls: list[ToolCall]
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -114,7 +113,7 @@ class _SimulatedChat:
     def finish_reason(self) -> str:
         if self.calls:
             return "tool_calls"
-        return "length" if self.plan.cap is not None else "stop"
+        return "length" if self.truncated else "stop"
 
     def usage(self) -> Event:
         completion_tokens = len(self.reasoning) + len(self.content) + sum(len(call.pieces()) for call in self.calls)
@@ -144,7 +143,7 @@ class _SimulatedChat:
             yield "output", self._chunk({"reasoning_content": token})
         for index, call in enumerate(self.calls):
             function = {"name": call.name, "arguments": ""}
-            opening = {"index": index, "id": call.id, "type": "function", "function": function}
+            opening = {"index": index, "id": call.call_id, "type": "function", "function": function}
             role = {} if index or self.reasoning else {"role": "assistant", "content": None}
             yield "output", self._chunk({**role, "tool_calls": [opening]})
             if failing:
@@ -180,7 +179,7 @@ class _SimulatedChat:
         if plan.fault != FAULT_ERROR_EVENT:
             yield 0.0, _DONE_FRAME
 
-    def answer(self) -> web.Response:
+    def respond(self) -> web.Response:
         if self.plan.fault == FAULT_ERROR_EVENT:
             # Chat has no failed-completion object, so a generation breaking off answers as a provider error.
             return _RequestError(500, FAILURE_MESSAGE, code="server_error").response()
@@ -193,7 +192,7 @@ class _SimulatedChat:
             message["reasoning_content"] = "".join(self.reasoning)
         if self.calls:
             message["tool_calls"] = [
-                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+                {"id": call.call_id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
                 for call in self.calls
             ]
         choice = {"index": 0, "message": message, "finish_reason": self.finish_reason, "logprobs": None}
@@ -208,17 +207,6 @@ def _count(request: web.Request, metadata: Mapping[str, Any], name: str) -> int:
     return int(value)
 
 
-def _function_names(tools: Any) -> list[str]:
-    """The names of the function tools in ``tools`` (others, e.g. custom tools, cannot be simulated)."""
-    names: list[str] = []
-    for tool in tools if isinstance(tools, list) else ():
-        function = tool.get("function") if isinstance(tool, Mapping) and tool.get("type") == "function" else None
-        name = function.get("name") if isinstance(function, Mapping) else None
-        if isinstance(name, str) and name:
-            names.append(name)
-    return names
-
-
 def _prepare(request: web.Request, body: dict[str, Any]) -> _SimulatedChat:
     # max_tokens is the deprecated spelling; servers such as vLLM prefer max_completion_tokens when both come.
     cap_fields = ("max_completion_tokens", "max_tokens")
@@ -227,16 +215,31 @@ def _prepare(request: web.Request, body: dict[str, Any]) -> _SimulatedChat:
     if not isinstance(messages, list) or not messages:
         raise _RequestError(400, "messages must be a non-empty array", param="messages")
     metadata = _metadata(body)
-    call_count = _count(request, metadata, "sim_tool_calls")
     reasoning_count = _count(request, metadata, "sim_reasoning")
-    names = _function_names(body.get("tools"))
-    if call_count and not names:
-        raise _RequestError(400, "sim_tool_calls needs function tools in the request", param="tools")
+    tools = chat_tools(body)
     input_text = chat_input_text_of(body)
-    calls = [
-        _ToolCall(f"call_{uuid.uuid4().hex}", names[index % len(names)], simulated_tool_arguments(input_text, index))
-        for index in range(call_count)
-    ]
+    output_format = chat_format(body)
+    if _knob(request, metadata, "sim_tool_calls") is not None:
+        # The knob decides outright: N calls, or (0) text whatever the tools.
+        call_count = _count(request, metadata, "sim_tool_calls")
+        if call_count and not tools:
+            raise _RequestError(400, "sim_tool_calls needs function tools in the request", param="tools")
+        calls = [
+            ToolCall(new_call_id(), tools[index % len(tools)].name, simulated_tool_arguments(input_text, index))
+            for index in range(call_count)
+        ]
+        answer = Answer(text=[]) if calls else text_answer(input_text, plan.tokens, plan.cap, output_format)
+    else:
+        answer = decide(
+            input_text=input_text,
+            tokens=plan.tokens,
+            cap=plan.cap,
+            tools=tools,
+            choice=chat_tool_choice(body),
+            called_before=chat_called_before(body),
+            output_format=output_format,
+        )
+        calls = [answer.call] if answer.call is not None else []
     stream_options = body.get("stream_options")
     include_usage = (
         bool(body.get("stream")) and isinstance(stream_options, Mapping) and bool(stream_options.get("include_usage"))
@@ -245,9 +248,10 @@ def _prepare(request: web.Request, body: dict[str, Any]) -> _SimulatedChat:
         plan=plan,
         model=str(body.get("model") or SIM_MODEL_ID),
         include_usage=include_usage,
-        prompt_tokens=len(input_text.split()),
+        prompt_tokens=token_count(input_text),
         reasoning=simulated_reasoning(input_text, reasoning_count),
-        content=[] if calls else simulated_text(input_text, plan.tokens)[: plan.cap],
+        content=answer.text,
+        truncated=answer.truncated,
         calls=calls,
     )
 

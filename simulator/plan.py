@@ -1,11 +1,11 @@
 """The simulator's knobs: server settings, the per-request plan read from metadata or headers, injected faults,
-and the counters tests assert on."""
+the counters tests assert on, and ``json_route``, through which the non-generating routes answer."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +14,9 @@ from aiohttp import web
 
 RESPONSES_PATH = "/v1/responses"
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+COMPACT_PATH = "/v1/responses/compact"
+INPUT_TOKENS_PATH = "/v1/responses/input_tokens"
+TOKENIZE_PATH = "/tokenize"
 REQUEST_LOG_SIZE = 200
 
 FAULT_HANG = "hang"
@@ -30,6 +33,9 @@ class SimulatorSettings:
     tokens: int = 20  # output tokens per response by default
     token_delay_ms: float = 20  # delay between tokens
     ttft_ms: float = 50  # delay before the first output event (after response.created/in_progress)
+    # Serve /v1/responses/compact and /v1/responses/input_tokens; False (``simulate --no-compact``) answers
+    # them 404, like a Responses provider without them, so a gateway's fallback can be tested.
+    compact: bool = True
 
 
 @dataclass(slots=True)
@@ -71,8 +77,12 @@ class SimulatorStats:
             "completed": self.completed,
             "disconnects": self.disconnects,
             "requests_by_tag": dict(self.requests_by_tag),
-            # Both endpoints always appear, so a test can compare the whole dict without knowing which ran.
-            "requests_by_path": {path: self.requests_by_path[path] for path in (RESPONSES_PATH, CHAT_COMPLETIONS_PATH)},
+            # Both generation endpoints always appear, so a test can compare the whole dict without knowing which
+            # ran; the side routes (compact, counting) appear once used.
+            "requests_by_path": {
+                **{path: 0 for path in (RESPONSES_PATH, CHAT_COMPLETIONS_PATH)},
+                **self.requests_by_path,
+            },
             "disconnects_by_tag": dict(self.disconnects_by_tag),
         }
 
@@ -113,7 +123,7 @@ class _Plan:
     """The knobs of one request, resolved against the settings."""
 
     tokens: int
-    cap: int | None
+    cap: int | None  # the body's output-token limit; the answer is cut short (incomplete) when it is longer
     token_delay_s: float
     ttft_s: float
     fault: str | None
@@ -175,7 +185,7 @@ def _plan(
     if _faults_spent(request, metadata):
         return _Plan(
             tokens=tokens,
-            cap=cap if cap is not None and cap < tokens else None,
+            cap=cap,
             token_delay_s=_number(request, metadata, "sim_token_delay_ms", settings.token_delay_ms) / 1000,
             ttft_s=_number(request, metadata, "sim_ttft_ms", settings.ttft_ms) / 1000,
             fault=None,
@@ -196,9 +206,30 @@ def _plan(
             raise _RequestError(400, "sim_fail_after must be >= 1", param="metadata.sim_fail_after")
     return _Plan(
         tokens=tokens,
-        cap=cap if cap is not None and cap < tokens else None,
+        cap=cap,
         token_delay_s=_number(request, metadata, "sim_token_delay_ms", settings.token_delay_ms) / 1000,
         ttft_s=_number(request, metadata, "sim_ttft_ms", settings.ttft_ms) / 1000,
         fault=fault,
         fail_after=fail_after,
     )
+
+
+async def json_route(
+    request: web.Request, handle: Callable[[web.Request, dict[str, Any]], Awaitable[Any]]
+) -> web.Response:
+    """Answer a plain (non-generating) JSON route: log and count the request like a generation, then answer
+    ``handle``'s result as JSON, or its ``_RequestError`` (an ``http_*`` ``sim_fault`` too) as an envelope."""
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        body = None
+    metadata = _metadata(body)
+    request.app[SIM_STATS_KEY].record(_knob(request, metadata, "sim_tag"), body, request.path)
+    try:
+        if not isinstance(body, dict):
+            raise _RequestError(400, "The request body must be a JSON object.")
+        # Only the HTTP faults mean anything here; this raises them (and refuses bad knobs), the plan is unused.
+        _plan(request, {"metadata": metadata}, request.app[SIM_SETTINGS_KEY])
+        return _json(await handle(request, body))
+    except _RequestError as error:
+        return error.response()

@@ -4,8 +4,13 @@ The gateway reaches it over HTTP exactly like a real provider: ``POST /v1/respon
 that only speak Chat Completions, ``POST /v1/chat/completions`` (see ``simulator.chat``), streaming or
 not. The text is a pure function of the input (``simulated_text(input_text_of(body), tokens)``, or
 ``chat_input_text_of`` for chat, which flattens equivalent requests to the same string), so tests can predict
-it. Side routes let tests look inside: ``GET /sim/stats``, ``POST /sim/reset`` and
-``GET /sim/requests?tag=T`` (the last 200 request bodies of both endpoints, newest last).
+it. With function ``tools`` the model calls one once, and a structured-output format makes the text JSON
+(``simulator.answers`` says how). Side routes let tests look inside: ``GET /sim/stats``, ``POST /sim/reset``
+and ``GET /sim/requests?tag=T`` (the last 200 request bodies of every model route, newest last).
+
+Beside generation: ``POST /v1/responses/compact`` (``simulator.compaction``), ``POST /v1/responses/input_tokens``
+and ``POST /tokenize`` (``simulator.counting``); the first two answer 404 under ``SimulatorSettings.compact``
+False. Any other ``/v1/responses/...`` route is a 404 in OpenAI's error envelope (the simulator stores nothing).
 
 Per-request knobs, read from the request's ``metadata`` (string values) or, overriding it, from the header
 ``x-sim-<name with - for _>`` (e.g. ``sim_ttft_ms`` -> ``x-sim-ttft-ms``):
@@ -17,9 +22,10 @@ Per-request knobs, read from the request's ``metadata`` (string values) or, over
     Pace overrides: delay between tokens; delay before the first output event (after ``in_progress``).
 ``sim_fault``
     ``http_<code>`` (400-599): answer that status with an OpenAI error envelope before any streaming
-    (429 also carries ``retry-after-ms: 10``). ``hang``: after ``response.in_progress`` send nothing more and
-    hold the connection until the client goes away. ``error_event``: after the first text delta, send a flat
-    ``error`` event then ``response.failed`` and end (a non-streaming request gets the failed Response, 200).
+    (429 also carries ``retry-after-ms: 10``; the side routes honour this one too). ``hang``: after
+    ``response.in_progress`` send nothing more and hold the connection until the client goes away.
+    ``error_event``: after the first text (or arguments) delta, send a flat ``error`` event then
+    ``response.failed`` and end (a non-streaming request gets the failed Response, 200).
 ``sim_fail_after``
     ``k`` >= 1: after the k-th event (``response.created`` is the 1st) abort the TCP connection with no
     terminal event, like a provider crashing mid-stream. A non-streaming request is aborted at the same point.
@@ -32,8 +38,8 @@ Per-request knobs, read from the request's ``metadata`` (string values) or, over
 The chat endpoint honours all of these, in its own wire format, and adds ``sim_tool_calls`` and
 ``sim_reasoning``; ``simulator.chat`` describes how.
 
-Stats: ``requests`` counts every generation request (faulted and malformed ones too), on either endpoint
-(by endpoint: ``requests_by_path``); ``active`` the ones generating right now (streaming or not);
+Stats: ``requests`` counts every request to a model route (faulted and malformed ones too): generation on
+either endpoint and the side routes (by route: ``requests_by_path``); ``active`` the generations running now;
 ``completed`` the ones that reached a terminal event; ``disconnects`` the ones whose client went away first
 (by tag: ``disconnects_by_tag``). ``/sim/reset`` zeroes the counters and the request log (``active`` is a
 gauge of live requests, so it is left alone).
@@ -42,9 +48,7 @@ gauge of live requests, so it is left alone).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import math
-import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -54,14 +58,26 @@ from typing import Any, Protocol
 import orjson
 from aiohttp import web
 
+from simulator.answers import (
+    Answer,
+    ToolCall,
+    decide,
+    responses_called_before,
+    responses_format,
+    responses_tool_choice,
+    responses_tools,
+)
 from simulator.plan import (
     CHAT_COMPLETIONS_PATH,
+    COMPACT_PATH,
     FAILURE_MESSAGE,
     FAULT_ERROR_EVENT,
     FAULT_HANG,
+    INPUT_TOKENS_PATH,
     RESPONSES_PATH,
     SIM_SETTINGS_KEY,
     SIM_STATS_KEY,
+    TOKENIZE_PATH,
     SimulatorSettings,
     SimulatorStats,
     _ClientGone,
@@ -73,6 +89,10 @@ from simulator.plan import (
     _plan,
     _RequestError,
 )
+from simulator.text import chat_input_text_of, input_text_of, simulated_text, token_count
+
+# The text functions moved to simulator.text; these names stay importable from here (the benchmarks do).
+__all__ = ["chat_input_text_of", "create_simulator_app", "input_text_of", "run_simulator", "simulated_text"]
 
 SIM_MODEL_ID = "sim-1"
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -89,79 +109,7 @@ _ECHOED_FIELDS = (
     "previous_response_id",
 )
 
-_VOCABULARY = (
-    "the", "a", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then", "runs", "to",
-    "river", "under", "bright", "blue", "sky", "while", "small", "birds", "sing", "in", "green", "trees",
-    "near", "old", "stone", "bridge", "where", "children", "play", "with", "red", "kites", "every", "warm",
-    "summer", "day", "as", "soft", "wind", "moves", "tall", "grass", "across", "quiet", "hills", "far",
-    "away",
-)  # fmt: skip
-
 Event = dict[str, Any]
-
-
-def simulated_text(input_text: str, tokens: int) -> list[str]:
-    """The deterministic tokens answering ``input_text``; ``"".join(...)`` is the full text."""
-    rng = random.Random(int.from_bytes(hashlib.sha256(input_text.encode()).digest(), "big"))
-    words = [rng.choice(_VOCABULARY) for _ in range(tokens)]
-    if not words:
-        return []
-    out = [words[0].capitalize()] + [" " + word for word in words[1:]]
-    out[-1] += "."
-    return out
-
-
-def input_text_of(body: Mapping[str, Any]) -> str:
-    """Flatten ``instructions`` and ``input`` (a string or message items) into the text seeding the answer."""
-    pieces: list[str] = []
-    instructions = body.get("instructions")
-    if isinstance(instructions, str):
-        pieces.append(instructions)
-    input_ = body.get("input")
-    if isinstance(input_, str):
-        pieces.append(input_)
-    elif isinstance(input_, list):
-        for item in input_:
-            content = item.get("content") if isinstance(item, Mapping) else None
-            if isinstance(content, str):
-                pieces.append(content)
-            elif isinstance(content, list):
-                pieces.extend(
-                    part["text"]
-                    for part in content
-                    if isinstance(part, Mapping)
-                    and part.get("type") in ("input_text", "output_text")
-                    and isinstance(part.get("text"), str)
-                )
-    return "\n".join(pieces)
-
-
-def chat_input_text_of(body: Mapping[str, Any]) -> str:
-    """Flatten chat ``messages`` into the text seeding the answer, equal to ``input_text_of`` of the same
-    conversation as a Responses request (``instructions`` <-> a leading system message).
-
-    The pieces mirror ``input_text_of`` exactly, since the gateway expects the same text from either provider
-    kind: every message in order (system included) gives its string content as one piece (even ``""``, as an
-    input item would) or each ``text`` part of a part list as its own piece (not concatenated: input_text_of
-    keeps parts apart). A tool-call turn (role ``tool``, or ``tool_calls`` set) adds nothing when its content
-    is empty, since its Responses twin (a ``function_call`` item) has no content at all.
-    """
-    pieces: list[str] = []
-    messages = body.get("messages")
-    for message in messages if isinstance(messages, list) else ():
-        if not isinstance(message, Mapping):
-            continue
-        content = message.get("content")
-        if isinstance(content, str):
-            if content or not (message.get("role") == "tool" or message.get("tool_calls")):
-                pieces.append(content)
-        elif isinstance(content, list):
-            pieces.extend(
-                part["text"]
-                for part in content
-                if isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            )
-    return "\n".join(pieces)
 
 
 @dataclass(slots=True)
@@ -170,16 +118,18 @@ class _SimulatedResponse:
 
     body: Mapping[str, Any]
     plan: _Plan
+    answer: Answer
+    item_id: str  # the one output item's: ``msg_...`` for a message, ``fc_...`` for a function call
     response_id: str = field(default_factory=lambda: f"resp_sim_{uuid.uuid4().hex}")
-    item_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex}")
     created_at: int = field(default_factory=lambda: int(time.time()))
+    last: Event = field(default_factory=dict)
 
     def snapshot(self, status: str, output: list[Event], output_tokens: int | None = None) -> Event:
         """The Response object as it stands; ``output_tokens`` is given once generation has ended."""
         body = self.body
         usage = None
         if output_tokens is not None:
-            input_tokens = len(input_text_of(body).split())
+            input_tokens = token_count(input_text_of(body))
             usage = {
                 "input_tokens": input_tokens,
                 # cache_write_tokens is required by newer SDK models; older ones ignore it.
@@ -198,18 +148,17 @@ class _SimulatedResponse:
             "model": body.get("model") or SIM_MODEL_ID,
             "output": output,
             "usage": usage,
-            "parallel_tool_calls": True,
-            "tool_choice": "auto",
-            "tools": [],
+            # What the request asked for, as OpenAI echoes it (its defaults when absent).
+            "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
+            "tool_choice": body.get("tool_choice") or "auto",
+            "tools": body.get("tools") or [],
             **{key: body.get(key) for key in _ECHOED_FIELDS},
             "background": bool(body.get("background", False)),
             "store": bool(body.get("store", True)),
-            "text": {"format": {"type": "text"}},
+            "text": body.get("text") or {"format": {"type": "text"}},
             "error": {"code": "server_error", "message": FAILURE_MESSAGE} if failed else None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         }
-
-    last: Event = field(default_factory=dict)
 
     def frames(self) -> Iterator[tuple[float, bytes]]:
         """The numbered events as SSE frames, remembering the last one for ``answer``."""
@@ -218,43 +167,77 @@ class _SimulatedResponse:
             self.last = event
             yield delay_s, _sse_frame(event)
 
-    def answer(self) -> web.Response:
+    def respond(self) -> web.Response:
         return _json(self.last["response"])
 
     def steps(self) -> Iterator[tuple[float, Event]]:
         """(seconds to wait first, event) pairs, in the order API_NOTES.md gives, not yet numbered."""
+        yield 0.0, {"type": "response.created", "response": self.snapshot("in_progress", [])}
+        yield 0.0, {"type": "response.in_progress", "response": self.snapshot("in_progress", [])}
+        # A hang is a time to first token that never ends; _wait notices the client leaving meanwhile.
+        ttft_s = math.inf if self.plan.fault == FAULT_HANG else self.plan.ttft_s
+        if self.answer.call is not None:
+            yield from self._call_steps(self.answer.call, ttft_s)
+        else:
+            yield from self._message_steps(ttft_s)
+
+    def _failure(self, partial: Event, output_tokens: int) -> Iterator[tuple[float, Event]]:
+        """The ``error_event`` fault's ending: a flat error event, then the failed response."""
+        yield 0.0, {"type": "error", "code": "server_error", "message": FAILURE_MESSAGE, "param": None}
+        yield 0.0, {"type": "response.failed", "response": self.snapshot("failed", [partial], output_tokens)}
+
+    def _message_steps(self, ttft_s: float) -> Iterator[tuple[float, Event]]:
         plan = self.plan
-        tokens = simulated_text(input_text_of(self.body), plan.tokens)[: plan.cap]
-        if plan.fault == FAULT_ERROR_EVENT:
+        tokens = self.answer.text
+        failing = plan.fault == FAULT_ERROR_EVENT
+        if failing:
             tokens = tokens[:1]
         in_part = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
         message = {"id": self.item_id, "type": "message", "status": "in_progress", "role": "assistant"}
         part: Event = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-        yield 0.0, {"type": "response.created", "response": self.snapshot("in_progress", [])}
-        yield 0.0, {"type": "response.in_progress", "response": self.snapshot("in_progress", [])}
-        # A hang is a time to first token that never ends; _wait notices the client leaving meanwhile.
-        ttft_s = math.inf if plan.fault == FAULT_HANG else plan.ttft_s
-        added = {**message, "content": []}
-        yield ttft_s, {"type": "response.output_item.added", "output_index": 0, "item": added}
+        yield ttft_s, {"type": "response.output_item.added", "output_index": 0, "item": {**message, "content": []}}
         yield 0.0, {"type": "response.content_part.added", **in_part, "part": part}
         for index, token in enumerate(tokens):
             delta = {"type": "response.output_text.delta", **in_part, "delta": token, "logprobs": []}
             yield (plan.token_delay_s if index else 0.0), delta
         part = {**part, "text": "".join(tokens)}
-        if plan.fault == FAULT_ERROR_EVENT:
-            partial = {**message, "status": "incomplete", "content": [part]}
-            yield 0.0, {"type": "error", "code": "server_error", "message": FAILURE_MESSAGE, "param": None}
-            yield (
-                0.0,
-                {"type": "response.failed", "response": self.snapshot("failed", [partial], len(tokens))},
-            )
+        if failing:
+            yield from self._failure({**message, "status": "incomplete", "content": [part]}, len(tokens))
             return
-        status = "incomplete" if plan.cap is not None else "completed"
+        status = "incomplete" if self.answer.truncated else "completed"
         item = {**message, "status": status, "content": [part]}
         yield 0.0, {"type": "response.output_text.done", **in_part, "text": part["text"], "logprobs": []}
         yield 0.0, {"type": "response.content_part.done", **in_part, "part": part}
         yield 0.0, {"type": "response.output_item.done", "output_index": 0, "item": item}
         yield 0.0, {"type": f"response.{status}", "response": self.snapshot(status, [item], len(tokens))}
+
+    def _call_steps(self, call: ToolCall, ttft_s: float) -> Iterator[tuple[float, Event]]:
+        """A function call as OpenAI streams one; each argument piece counts as an output token. The done
+        event carries no ``name``: the SDK's model of it has none (the item does)."""
+        plan = self.plan
+        failing = plan.fault == FAULT_ERROR_EVENT
+        argument_pieces = call.pieces()[:1] if failing else call.pieces()
+        on_item = {"item_id": self.item_id, "output_index": 0}
+        item = {
+            "id": self.item_id,
+            "type": "function_call",
+            "status": "in_progress",
+            "call_id": call.call_id,
+            "name": call.name,
+            "arguments": "",
+        }
+        yield ttft_s, {"type": "response.output_item.added", "output_index": 0, "item": item}
+        for index, piece in enumerate(argument_pieces):
+            delta = {"type": "response.function_call_arguments.delta", **on_item, "delta": piece}
+            yield (plan.token_delay_s if index else 0.0), delta
+        if failing:
+            partial = {**item, "status": "incomplete", "arguments": "".join(argument_pieces)}
+            yield from self._failure(partial, len(argument_pieces))
+            return
+        done = {**item, "status": "completed", "arguments": call.arguments}
+        yield 0.0, {"type": "response.function_call_arguments.done", **on_item, "arguments": call.arguments}
+        yield 0.0, {"type": "response.output_item.done", "output_index": 0, "item": done}
+        yield 0.0, {"type": "response.completed", "response": self.snapshot("completed", [done], len(argument_pieces))}
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -288,7 +271,7 @@ class _Generation(Protocol):
         """(seconds to wait first, SSE frame) pairs; also played, unwritten, for a non-streaming request."""
         ...
 
-    def answer(self) -> web.Response:
+    def respond(self) -> web.Response:
         """The non-streaming reply, once every frame has been played."""
         ...
 
@@ -349,14 +332,31 @@ async def _serve(
         stats.active -= 1
     stats.completed += 1
     # aiohttp finishes a returned stream itself and shrugs off a client that left just now.
-    return stream if stream is not None else generation.answer()
+    return stream if stream is not None else generation.respond()
 
 
 async def _create_response(request: web.Request) -> web.StreamResponse:
     def prepare(request: web.Request, body: dict[str, Any]) -> _Generation:
-        return _SimulatedResponse(body=body, plan=_plan(request, body, request.app[SIM_SETTINGS_KEY]))
+        plan = _plan(request, body, request.app[SIM_SETTINGS_KEY])
+        answer = decide(
+            input_text=input_text_of(body),
+            tokens=plan.tokens,
+            cap=plan.cap,
+            tools=responses_tools(body),
+            choice=responses_tool_choice(body),
+            called_before=responses_called_before(body),
+            output_format=responses_format(body),
+        )
+        item_id = f"fc_{uuid.uuid4().hex}" if answer.call is not None else f"msg_{uuid.uuid4().hex}"
+        return _SimulatedResponse(body=body, plan=plan, answer=answer, item_id=item_id)
 
     return await _serve(request, prepare)
+
+
+async def _unknown_route(request: web.Request) -> web.Response:
+    """Any other ``/v1/responses/...`` route (or a side route turned off): OpenAI's answer to an unknown URL."""
+    message = f"Invalid URL ({request.method} {request.path})"
+    return _RequestError(404, message).response()
 
 
 async def _list_models(request: web.Request) -> web.Response:
@@ -382,8 +382,10 @@ async def _requests(request: web.Request) -> web.Response:
 
 def create_simulator_app(settings: SimulatorSettings) -> web.Application:
     """The simulator as an aiohttp application, with fresh stats."""
-    # The chat endpoint is built on this module's machinery, so it can only be imported once that exists.
+    # These routes are built on this module's machinery, so they can only be imported once that exists.
     from simulator.chat import create_chat_completion
+    from simulator.compaction import compact_response
+    from simulator.counting import count_input_tokens, tokenize
 
     # Long conversations make big bodies; aiohttp's 1 MiB default would turn them into 413s.
     app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -392,6 +394,12 @@ def create_simulator_app(settings: SimulatorSettings) -> web.Application:
     app.router.add_get("/v1/models", _list_models)
     app.router.add_post(RESPONSES_PATH, _create_response)
     app.router.add_post(CHAT_COMPLETIONS_PATH, create_chat_completion)
+    if settings.compact:
+        app.router.add_post(COMPACT_PATH, compact_response)
+        app.router.add_post(INPUT_TOKENS_PATH, count_input_tokens)
+    # After the routes above, which take precedence: aiohttp tries resources in the order they were added.
+    app.router.add_route("*", RESPONSES_PATH + "/{rest:.+}", _unknown_route)
+    app.router.add_post(TOKENIZE_PATH, tokenize)
     app.router.add_get("/sim/stats", _stats)
     app.router.add_post("/sim/reset", _reset)
     app.router.add_get("/sim/requests", _requests)

@@ -23,7 +23,14 @@ from openai.types.chat import (
     ChatCompletionMessageFunctionToolCall,
     ChatCompletionMessageParam,
 )
-from openai.types.responses import Response, ResponseStreamEvent
+from openai.types.responses import (
+    CompactedResponse,
+    Response,
+    ResponseCompactionItem,
+    ResponseInputItemParam,
+    ResponseStreamEvent,
+    ResponseUsage,
+)
 from pydantic import TypeAdapter
 
 import simulator
@@ -36,6 +43,8 @@ from simulator import (
     simulated_text,
 )
 from simulator.chat import simulated_reasoning, simulated_tool_arguments
+from simulator.compaction import SUMMARY_TOKENS
+from simulator.text import compaction_summary, token_count
 
 EVENT_ADAPTER: TypeAdapter[ResponseStreamEvent] = TypeAdapter(ResponseStreamEvent)
 HAPPY_PATH_TYPES = [
@@ -838,3 +847,212 @@ async def test_responses_endpoint_ignores_the_chat_only_knobs(client: openai.Asy
     )
     assert response.status == "completed"
     assert response.output_text == "".join(simulated_text("x", 20))
+
+
+# --- side routes: /v1/responses/input_tokens, /tokenize, /v1/responses/compact ---
+
+CONVERSATION: list[ResponseInputItemParam] = [
+    {"role": "user", "content": "Plan a trip to Rome"},
+    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Sure, when do you go?"}]},
+    {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": "{}"},
+    {"type": "function_call_output", "call_id": "call_1", "output": "ok"},
+    {"role": "user", "content": [{"type": "input_text", "text": "In May, for a week"}]},
+]
+# "Be brief." + the three texts above, in words.
+CONVERSATION_TOKENS = 2 + 5 + 5 + 5
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "tokens"),
+    [
+        pytest.param({"input": "Hello there, how are you"}, 5, id="string"),
+        pytest.param({"input": CONVERSATION, "instructions": "Be brief."}, CONVERSATION_TOKENS, id="items"),
+    ],
+)
+async def test_input_tokens_count_equals_the_usage_of_a_create(
+    client: openai.AsyncOpenAI, request_fields: dict[str, Any], tokens: int
+) -> None:
+    counted = await client.responses.input_tokens.count(model="sim-1", **request_fields)
+    assert counted.object == "response.input_tokens"
+    assert counted.input_tokens == tokens
+    created = await client.responses.create(model="sim-1", **request_fields)
+    assert created.usage is not None
+    assert created.usage.input_tokens == counted.input_tokens
+
+
+async def test_input_tokens_refuses_bad_and_stateful_bodies(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    async with http.post("/v1/responses/input_tokens", data=b"not json") as resp:
+        assert resp.status == 400
+        assert set((await resp.json())["error"]) == {"message", "type", "param", "code"}
+    for body, param in (
+        ({"input": 5}, "input"),
+        ({"input": ["not an item"]}, "input[0]"),
+        ({"input": "x", "instructions": ["no"]}, "instructions"),
+        ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"input": "x", "conversation": "conv_1"}, "conversation"),
+    ):
+        async with http.post("/v1/responses/input_tokens", json=body) as resp:
+            assert resp.status == 400, body
+            error = (await resp.json())["error"]
+        assert (error["type"], error["param"]) == ("invalid_request_error", param)
+
+
+async def test_tokenize_counts_as_the_chat_usage_counts(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there friend"},
+    ]
+    completion = await client.chat.completions.create(model="sim-1", messages=messages)
+    assert completion.usage is not None
+    async with http.post("/tokenize", json={"model": "sim-1", "messages": messages}) as resp:
+        assert resp.status == 200
+        chat = await resp.json()
+    assert set(chat) == {"count", "max_model_len", "tokens"}  # vLLM's shape
+    assert chat["count"] == completion.usage.prompt_tokens == 5
+    assert chat["max_model_len"] == 32768
+    assert len(chat["tokens"]) == 5
+    assert all(isinstance(token, int) and token >= 0 for token in chat["tokens"])
+
+    async with http.post("/tokenize", json={"model": "sim-1", "prompt": "Hi there friend"}) as resp:
+        prompt = await resp.json()
+    assert prompt["count"] == 3
+    assert prompt["tokens"] == chat["tokens"][2:]  # the same words, the same ids
+    async with http.post("/tokenize", json={"content": "Hi there friend"}) as resp:
+        assert await resp.json() == {"tokens": prompt["tokens"]}  # llama.cpp's shape: tokens only
+
+    for body, param in (({"model": "sim-1"}, "prompt"), ({"prompt": 5}, "prompt"), ({"messages": []}, "messages")):
+        async with http.post("/tokenize", json=body) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["param"] == param
+
+
+async def test_compact_keeps_the_user_messages_and_folds_the_rest(
+    client: openai.AsyncOpenAI, http: ClientSession
+) -> None:
+    compacted = await client.responses.compact(model="sim-1", input=CONVERSATION, instructions="Be brief.")
+    assert isinstance(compacted, CompactedResponse)
+    assert compacted.object == "response.compaction"
+    assert compacted.id.startswith("cmp_")
+    assert abs(compacted.created_at - time.time()) < 60
+    assert [item.type for item in compacted.output] == ["message", "message", "compaction"]
+    compaction = compacted.output[-1]
+    assert isinstance(compaction, ResponseCompactionItem)
+    assert compaction.id.startswith("cmpitem_")
+    assert compaction.encrypted_content
+    assert compacted.usage.input_tokens == CONVERSATION_TOKENS
+    assert compacted.usage.output_tokens == SUMMARY_TOKENS
+    assert compacted.usage.total_tokens == CONVERSATION_TOKENS + SUMMARY_TOKENS
+
+    # The raw body: user messages verbatim, as OpenAI lists them; the rest validates against the SDK's models.
+    async with http.post("/v1/responses/compact", json={"model": "sim-1", "input": CONVERSATION}) as resp:
+        raw = await resp.json()
+    assert set(raw) == {"id", "object", "created_at", "output", "usage"}
+    assert [(item["type"], item["role"], item["status"], item["content"]) for item in raw["output"][:-1]] == [
+        ("message", "user", "completed", [{"type": "input_text", "text": "Plan a trip to Rome"}]),
+        ("message", "user", "completed", [{"type": "input_text", "text": "In May, for a week"}]),
+    ]
+    assert all(item["id"].startswith("msg_") for item in raw["output"][:-1])
+    assert not ResponseCompactionItem.model_validate(raw["output"][-1]).model_extra
+    usage = ResponseUsage.model_validate(raw["usage"])
+    assert not usage.model_extra
+    assert usage.input_tokens == CONVERSATION_TOKENS - 2  # no instructions this time
+
+
+async def test_a_compaction_item_round_trips_as_input(client: openai.AsyncOpenAI) -> None:
+    # As JSON: the SDK's output model has no user message, so dumping the parsed items warns.
+    raw = await client.responses.with_raw_response.compact(model="sim-1", input=CONVERSATION)
+    output = raw.http_response.json()["output"]
+    compaction = ResponseCompactionItem.model_validate(output[-1])
+    summary = compaction_summary(compaction.encrypted_content)
+    assert summary is not None
+    assert token_count(summary) == SUMMARY_TOKENS
+    assert compaction_summary("Zm9yZWlnbg==") is None  # content the simulator did not make counts for nothing
+
+    next_input: list[Any] = [*output, {"role": "user", "content": "And June?"}]
+    response = await client.responses.create(model="sim-1", input=next_input)
+    # The summary stands in for what was compacted: it is counted, and it seeds the answer.
+    expected_input = "\n".join(["Plan a trip to Rome", "In May, for a week", summary, "And June?"])
+    assert input_text_of({"input": next_input}) == expected_input
+    assert response.usage is not None
+    assert response.usage.input_tokens == 5 + 5 + SUMMARY_TOKENS + 2
+    assert response.output_text == "".join(simulated_text(expected_input, 20))
+    counted = await client.responses.input_tokens.count(model="sim-1", input=next_input)
+    assert counted.input_tokens == response.usage.input_tokens
+
+    # Compacting again folds the earlier compaction into the new one.
+    again = await client.responses.compact(model="sim-1", input=next_input)
+    assert [item.type for item in again.output] == ["message", "message", "message", "compaction"]
+    assert again.output[-1].id != compaction.id
+
+
+async def test_compact_refuses_previous_response_id(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.responses.compact(model="sim-1", previous_response_id="resp_1")
+    assert caught.value.param == "previous_response_id"
+    for body, param in (({"model": "sim-1"}, "input"), ({"input": {"role": "user"}}, "input")):
+        async with http.post("/v1/responses/compact", json=body) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["param"] == param
+
+
+async def test_side_routes_share_the_stats_and_the_http_faults(client: openai.AsyncOpenAI, http: ClientSession) -> None:
+    tagged = {"x-sim-tag": "side"}
+    await client.responses.compact(model="sim-1", input="x", extra_headers=tagged)
+    await client.responses.input_tokens.count(model="sim-1", input="x", extra_headers=tagged)
+    async with http.post("/tokenize", json={"prompt": "x"}, headers=tagged) as resp:
+        assert resp.status == 200
+    with pytest.raises(openai.InternalServerError):
+        await client.responses.compact(model="sim-1", input="x", extra_headers={**tagged, "x-sim-fault": "http_500"})
+    current = await stats(http)
+    assert current["requests_by_tag"] == {"side": 4}
+    assert current["requests_by_path"] == {
+        "/v1/responses": 0,
+        "/v1/chat/completions": 0,
+        "/v1/responses/compact": 2,
+        "/v1/responses/input_tokens": 1,
+        "/tokenize": 1,
+    }
+    async with http.get("/sim/requests", params={"tag": "side"}) as resp:
+        assert [body["input"] for body in await resp.json() if "input" in body] == ["x", "x", "x"]
+
+
+async def test_no_compact_answers_404_where_a_provider_lacks_the_routes(aiohttp_server: ServerFactory) -> None:
+    server = await aiohttp_server(create_simulator_app(SimulatorSettings(ttft_ms=0, token_delay_ms=0, compact=False)))
+    async with openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key="x", max_retries=0) as client:
+        with pytest.raises(openai.NotFoundError) as compact_refused:
+            await client.responses.compact(model="sim-1", input="x")
+        with pytest.raises(openai.NotFoundError) as count_refused:
+            await client.responses.input_tokens.count(model="sim-1", input="x")
+        assert (await client.responses.create(model="sim-1", input="x")).status == "completed"
+    assert compact_refused.value.body == {
+        "message": "Invalid URL (POST /v1/responses/compact)",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": None,
+    }
+    assert "Invalid URL (POST /v1/responses/input_tokens)" in count_refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/responses/resp_123"),
+        ("DELETE", "/v1/responses/resp_123"),
+        ("POST", "/v1/responses/resp_123/cancel"),
+        ("GET", "/v1/responses/resp_123/input_items"),
+        ("GET", "/v1/responses/compact"),
+        ("POST", "/v1/responses/nonsense"),
+    ],
+)
+async def test_other_responses_routes_are_404_envelopes(http: ClientSession, method: str, path: str) -> None:
+    # The simulator stores nothing, so there is never a response to retrieve, cancel or list.
+    async with http.request(method, path) as resp:
+        assert resp.status == 404
+        assert await resp.json() == {
+            "error": {
+                "message": f"Invalid URL ({method} {path})",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+        }
