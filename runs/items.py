@@ -11,6 +11,26 @@ from runs.ids import new_item_id
 Json = dict[str, Any]
 
 _ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+# Tool items that OpenAI lists with a status (`input_items`, conversation items), whatever the client sent.
+_LISTED_WITH_STATUS = frozenset(
+    {
+        "function_call",
+        "function_call_output",
+        "custom_tool_call",
+        "custom_tool_call_output",
+        "computer_call",
+        "computer_call_output",
+        "local_shell_call",
+        "shell_call",
+        "shell_call_output",
+        "apply_patch_call",
+        "apply_patch_call_output",
+        "web_search_call",
+        "file_search_call",
+        "image_generation_call",
+        "code_interpreter_call",
+    }
+)
 
 
 def normalise_items(raw: str | list[Json] | None) -> list[Json]:
@@ -26,10 +46,22 @@ def normalise_items(raw: str | list[Json] | None) -> list[Json]:
     for item in source:
         item.setdefault("type", "message")
         if item["type"] == "message" and isinstance(item.get("content"), str):
-            part_type = "output_text" if item.get("role") == "assistant" else "input_text"
-            item["content"] = [{"type": part_type, "text": item["content"]}]
+            if item.get("role") == "assistant":
+                item["content"] = [{"type": "output_text", "text": item["content"], "annotations": []}]
+            else:
+                item["content"] = [{"type": "input_text", "text": item["content"]}]
+        elif item["type"] == "message" and isinstance(item.get("content"), list):
+            # An output text part is listed with its annotations (OpenAI's schema requires them), none when sent.
+            item["content"] = [
+                {**part, "annotations": []}
+                if isinstance(part, dict) and part.get("type") == "output_text" and "annotations" not in part
+                else part
+                for part in item["content"]
+            ]
         if "id" not in item:
             item["id"] = new_item_id(_ID_PREFIXES.get(item["type"], "item"))
+        if item["type"] in _LISTED_WITH_STATUS and item.get("status") is None:
+            item["status"] = "completed"
         items.append(item)
     return items
 

@@ -11,7 +11,7 @@ from typing import Any
 from runs.event_log import EventLog
 from runs.faults import FaultPoints
 from runs.request import CreateResponseRequest
-from runs.snapshot import LIFECYCLE_EVENT_TYPES
+from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, complete_usage, upstream_reported
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
 from runs.upstream.base import Upstream, UpstreamFailure
 from runs.upstream.head_start import HeadStart
@@ -264,6 +264,7 @@ class ResponseRun:
             usage=upstream_response.get("usage"),
             error=upstream_response.get("error"),
             incomplete_details=upstream_response.get("incomplete_details"),
+            reported=upstream_reported(upstream_response),
         )
 
     async def _end_after_loss(self) -> None:
@@ -288,12 +289,19 @@ class ResponseRun:
         usage: Any = None,
         error: Any = None,
         incomplete_details: Any = None,
+        reported: Json | None = None,
     ) -> None:
         """Emit the single terminal event. The partial output is kept when the upstream gave no final one."""
         if self.status in TERMINAL:
             return
         await emit_terminal(
-            self._log, status, output=output, usage=usage, error=error, incomplete_details=incomplete_details
+            self._log,
+            status,
+            output=output,
+            usage=usage,
+            error=error,
+            incomplete_details=incomplete_details,
+            reported=reported,
         )
         await self._log.flush()
 
@@ -306,14 +314,15 @@ async def emit_terminal(
     usage: Any = None,
     error: Any = None,
     incomplete_details: Any = None,
+    reported: Json | None = None,
 ) -> None:
-    """Emit the response's terminal event: the current snapshot with its final status and outcome. The partial
-    output is kept when no final one is given."""
+    """Emit the response's terminal event: the current snapshot with its final status and outcome, and what the
+    upstream `reported` about how it ran. The partial output is kept when no final one is given."""
     check_transition(ResponseStatus(event_log.snapshot["status"]), status)
-    response = {**event_log.snapshot, "status": status.value}
+    response = {**event_log.snapshot, **(reported or {}), "status": status.value}
     if output is not None:
         response["output"] = output
-    response["usage"] = usage
+    response["usage"] = complete_usage(usage)
     response["error"] = error
     response["incomplete_details"] = incomplete_details
     if status is ResponseStatus.COMPLETED:

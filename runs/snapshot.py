@@ -22,8 +22,10 @@ def stored_json(value: Any) -> bytes:
 def initial_snapshot(
     request: CreateResponseRequest, *, response_id: str, created_at: int, status: ResponseStatus
 ) -> Json:
-    """The Response object for a just-admitted request: every field the SDK and Open Responses expect, null when
-    unknown, echoing what the request set."""
+    """The Response object for a just-admitted request: every field of the SDK's `Response` model (and the three
+    OpenAI returns beyond it: `store`, `presence_penalty`, `frequency_penalty`), echoing what the request set and
+    OpenAI's defaults otherwise, null when unknown. Strict clients require every one of them."""
+    extra = request.model_extra or {}
     return {
         "id": response_id,
         "object": "response",
@@ -42,18 +44,125 @@ def initial_snapshot(
         "output": [],
         "parallel_tool_calls": request.parallel_tool_calls is not False,
         "previous_response_id": request.previous_response_id,
+        "prompt": request.prompt,
         "prompt_cache_key": request.prompt_cache_key,
+        "prompt_cache_retention": _one_of(extra.get("prompt_cache_retention"), _CACHE_RETENTIONS),
         "reasoning": request.reasoning or {"effort": None, "summary": None},
         "safety_identifier": request.safety_identifier,
         "service_tier": request.service_tier or "auto",
         "store": request.is_stored,
         "temperature": 1.0 if request.temperature is None else request.temperature,
-        "text": request.text or {"format": {"type": "text"}},
+        "presence_penalty": _number(extra.get("presence_penalty"), 0.0),
+        "frequency_penalty": _number(extra.get("frequency_penalty"), 0.0),
+        "text": _text_config(request.text),
         "tool_choice": request.tool_choice if request.tool_choice is not None else "auto",
-        "tools": request.tools or [],
-        "top_logprobs": request.top_logprobs,
+        "tools": [echoed_tool(tool) for tool in request.tools or []],
+        "top_logprobs": 0 if request.top_logprobs is None else request.top_logprobs,
         "top_p": 1.0 if request.top_p is None else request.top_p,
         "truncation": request.truncation or "disabled",
         "usage": None,
         "user": request.user,
+        # Features the gateway does not provide (or only an upstream reports): present, and null.
+        "access_programs": None,
+        "image": None,
+        "input_transformations": None,
+        "moderation": None,
+        "prompt_cache_diagnostics": None,
+        "prompt_cache_options": None,
+        "tool_usage": None,
     }
+
+
+# What an upstream's final Response may tell about how it ran the request; the gateway keeps it over its own
+# echo of the request. Identity and state (id, status, store, previous_response_id, conversation, …) stay ours.
+UPSTREAM_REPORTED_FIELDS = (
+    "service_tier",
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_logprobs",
+    "reasoning",
+    "truncation",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+    "prompt_cache_diagnostics",
+    "moderation",
+    "tool_usage",
+)
+_NUMERIC_FIELDS = frozenset({"temperature", "top_p", "presence_penalty", "frequency_penalty", "top_logprobs"})
+_CACHE_RETENTIONS = frozenset({"in_memory", "24h"})
+
+
+def upstream_reported(upstream_response: Json) -> Json:
+    """The fields of `UPSTREAM_REPORTED_FIELDS` an upstream's final Response set, where they have a usable value."""
+    reported: Json = {}
+    for name in UPSTREAM_REPORTED_FIELDS:
+        value = upstream_response.get(name)
+        if value is None:
+            continue
+        if name in _NUMERIC_FIELDS and _number(value, None) is None:
+            continue  # a provider's odd value must not make the response invalid for strict clients
+        if name == "top_logprobs" and not isinstance(value, int):
+            continue
+        reported[name] = value
+    return reported
+
+
+def complete_usage(usage: Any) -> Json | None:
+    """An upstream's `usage` with every count the SDK's model requires: providers (and older OpenAI versions)
+    leave out details such as `cache_write_tokens`; a missing count is 0, a usage that is not an object is none."""
+    if not isinstance(usage, dict):
+        return None
+    input_details = _object(usage.get("input_tokens_details"))
+    output_details = _object(usage.get("output_tokens_details"))
+    input_tokens = _count(usage.get("input_tokens"))
+    output_tokens = _count(usage.get("output_tokens"))
+    return {
+        **usage,
+        "input_tokens": input_tokens,
+        "input_tokens_details": {
+            **input_details,
+            "cached_tokens": _count(input_details.get("cached_tokens")),
+            "cache_write_tokens": _count(input_details.get("cache_write_tokens")),
+        },
+        "output_tokens": output_tokens,
+        "output_tokens_details": {
+            **output_details,
+            "reasoning_tokens": _count(output_details.get("reasoning_tokens")),
+        },
+        "total_tokens": _count(usage.get("total_tokens")) or input_tokens + output_tokens,
+    }
+
+
+def _object(value: Any) -> Json:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def echoed_tool(tool: Json) -> Json:
+    """A request's tool as the Response echoes it: function tools carry `strict` (true unless the request said
+    otherwise, as OpenAI defaults it) and `parameters`, as OpenAI's schema requires."""
+    if tool.get("type") != "function":
+        return tool
+    return {**tool, "parameters": tool.get("parameters"), "strict": tool.get("strict", True)}
+
+
+def _text_config(text: Json | None) -> Json:
+    config = dict(text) if text else {}
+    config.setdefault("format", {"type": "text"})
+    config.setdefault("verbosity", "medium")
+    return config
+
+
+def _number(value: Any, default: float | None) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    return default
+
+
+def _one_of(value: Any, allowed: frozenset[str]) -> str | None:
+    return value if isinstance(value, str) and value in allowed else None

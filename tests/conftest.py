@@ -39,6 +39,7 @@ from runs.faults import FaultPoints
 from storage.redis_cluster import ClusterAddress, open_cluster_client
 from tests.redis_cluster import RedisCluster
 from tests.tcp_proxy import TcpProxy
+from tests.wire_check import WireCheck, recording
 
 ROOT = Path(__file__).resolve().parent.parent
 SIM_TOKEN_DELAY_MS = 5
@@ -72,6 +73,24 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def wire_check() -> WireCheck:
+    """What every in-process gateway of the session wrote, and the event types seen (one per session)."""
+    return WireCheck()
+
+
+@pytest.fixture(autouse=True)
+def strict_wire(wire_check: WireCheck) -> Iterator[None]:
+    """Every body and event an in-process gateway writes during a test must satisfy the SDK's models made strict
+    (tests/strict_models.py): a test passes only if a strict client would have accepted all it was sent."""
+    with recording(wire_check):
+        yield
+    problems = wire_check.problems()
+    if problems:
+        shown = "\n".join(problems[:10])
+        pytest.fail(f"{len(problems)} bodies or events a strict client would refuse:\n{shown}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

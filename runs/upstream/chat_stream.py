@@ -33,6 +33,19 @@ def _logprobs(chat_logprobs: Any) -> list[dict[str, Any]]:
     return converted
 
 
+def _without_bytes(logprobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Logprobs as the text delta and done events carry them: OpenAI's events have no `bytes`; only the output
+    text part does."""
+    return [
+        {
+            "token": entry["token"],
+            "logprob": entry["logprob"],
+            "top_logprobs": [{"token": top["token"], "logprob": top["logprob"]} for top in entry["top_logprobs"]],
+        }
+        for entry in logprobs
+    ]
+
+
 def _usage(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
     if not chat_usage:
         return None
@@ -192,7 +205,7 @@ class ChatStreamTranslator:
                 "output_index": self._message.output_index,
                 "content_index": 0,
                 "delta": delta,
-                "logprobs": logprobs,
+                "logprobs": _without_bytes(logprobs),
             }
         )
         return events
@@ -206,7 +219,12 @@ class ChatStreamTranslator:
         status = "incomplete" if self._finish_reason in _INCOMPLETE_REASONS else "completed"
         item = {**opened.item, "content": [part], "status": status}
         return [
-            {"type": "response.output_text.done", **where, "text": opened.text, "logprobs": opened.logprobs},
+            {
+                "type": "response.output_text.done",
+                **where,
+                "text": opened.text,
+                "logprobs": _without_bytes(opened.logprobs),
+            },
             {"type": "response.content_part.done", **where, "part": part},
             self._finished(opened, item),
         ]
@@ -259,7 +277,6 @@ class ChatStreamTranslator:
                     "type": "response.function_call_arguments.done",
                     "item_id": opened.item["id"],
                     "output_index": opened.output_index,
-                    "name": item["name"],
                     "arguments": opened.text,
                 }
             )

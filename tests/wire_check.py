@@ -1,0 +1,133 @@
+"""What in-process gateways send, checked against the SDK's models made strict (tests/strict_models.py).
+
+Every test that serves a gateway in this process has every JSON body and every SSE event the gateway wrote
+validated after the test, whichever client read them (the SDK, raw aiohttp, a deliberately broken client). The
+bytes are taken where aiohttp's server writes them, so nothing a client does can hide a malformed event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pydantic
+from aiohttp import web
+
+from gateway.state import STORE
+from tests.strict_models import body_model, check_event, conversation_item_model
+
+_CONVERSATION_ITEM_PATH = re.compile(r"^/v1/conversations/[^/]+/items/[^/]+$")
+
+
+@dataclass
+class _Written:
+    method: str
+    path: str
+    status: int
+    content_type: str
+    data: bytearray = field(default_factory=bytearray)
+
+
+@dataclass
+class WireCheck:
+    """The bodies gateways wrote during one test, and what was wrong with them."""
+
+    written: dict[int, _Written] = field(default_factory=dict)
+    event_types: set[str] = field(default_factory=set)
+    bodies_checked: int = 0
+
+    def record(self, response: web.StreamResponse, data: bytes) -> None:
+        request = getattr(response, "_req", None)
+        if request is None or STORE not in request.app:
+            return  # not a gateway (the simulator, a test's own server)
+        written = self.written.get(id(response))
+        if written is None:
+            written = self.written[id(response)] = _Written(
+                request.method, request.path, response.status, response.content_type
+            )
+        written.data += data
+
+    def problems(self) -> list[str]:
+        """Everything written that a strict client would refuse; forgets what it checked."""
+        found: list[str] = []
+        for written in self.written.values():
+            found.extend(self._check(written))
+        self.written.clear()
+        return found
+
+    def _check(self, written: _Written) -> Iterator[str]:
+        where = f"{written.method} {written.path} ({written.status})"
+        if written.content_type == "text/event-stream":
+            for event in _complete_events(bytes(written.data)):
+                self.event_types.add(str(event.get("type")))
+                try:
+                    check_event(event)
+                except (pydantic.ValidationError, KeyError) as error:
+                    yield f"{where}: event {event.get('type')} #{event.get('sequence_number')}: {_short(error)}"
+            return
+        if written.content_type != "application/json" or written.status >= 400:
+            return  # error envelopes are checked by the tests that provoke them
+        with contextlib.suppress(orjson.JSONDecodeError):
+            body = orjson.loads(written.data)
+            model: Any = None
+            if isinstance(body, dict):
+                model = body_model(written.path, body)
+                if model is None and written.method == "GET" and _CONVERSATION_ITEM_PATH.match(written.path):
+                    model = conversation_item_model()
+            if model is None:
+                return
+            self.bodies_checked += 1
+            try:
+                if isinstance(model, pydantic.TypeAdapter):
+                    model.validate_python(body)
+                else:
+                    model.model_validate(body)
+            except pydantic.ValidationError as error:
+                yield f"{where}: body {body.get('object')}: {_short(error)}"
+
+
+def _short(error: pydantic.ValidationError | KeyError) -> str:
+    if isinstance(error, KeyError):
+        return str(error)
+    return "; ".join(
+        f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}" for problem in error.errors(include_url=False)[:6]
+    )
+
+
+def _complete_events(stream: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON of each complete SSE frame in `stream` (a cut-off last frame is left out)."""
+    frames = stream.split(b"\n\n")
+    for frame in frames[:-1]:
+        data = b"\n".join(line[5:].lstrip(b" ") for line in frame.split(b"\n") if line.startswith(b"data:"))
+        if not data or data == b"[DONE]":
+            continue
+        event = orjson.loads(data)
+        if isinstance(event, dict):
+            yield event
+
+
+@contextlib.contextmanager
+def recording(check: WireCheck) -> Iterator[None]:
+    """Tee what aiohttp's server writes into `check` while the block runs."""
+    original_write, original_write_eof = web.StreamResponse.write, web.StreamResponse.write_eof
+
+    async def write(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
+        check.record(self, bytes(data))
+        await original_write(self, data)
+
+    async def write_eof(self: web.StreamResponse, data: bytes = b"") -> None:
+        if data and not self._eof_sent:  # a web.Response passes its body here, once
+            check.record(self, bytes(data))
+        await original_write_eof(self, data)
+
+    web.StreamResponse.write = write  # type: ignore[method-assign]
+    web.StreamResponse.write_eof = write_eof  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        web.StreamResponse.write = original_write  # type: ignore[method-assign]
+        web.StreamResponse.write_eof = original_write_eof  # type: ignore[method-assign]
