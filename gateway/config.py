@@ -77,6 +77,7 @@ class UpstreamConfig(_Section):
     reasoning_effort: bool = False
     send_metadata: bool = False
     forward_client_key: bool = False
+    headers: dict[str, str] = Field(default_factory=dict)  # sent with every call to this upstream
 
     def to_spec(self) -> UpstreamSpec:
         """The runtime description; the API key is read from the environment now and never stored."""
@@ -96,6 +97,7 @@ class UpstreamConfig(_Section):
             reasoning_effort=self.reasoning_effort,
             send_metadata=self.send_metadata,
             forward_client_key=self.forward_client_key,
+            extra_headers=dict(self.headers),
         )
 
 

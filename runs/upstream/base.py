@@ -34,6 +34,15 @@ class UpstreamSpec:
         return self.model_map.get(model, model)
 
 
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    """A request's input tokens and who counted them: the provider's own counting endpoint (`upstream`), its
+    tokenizer (`tokenizer`), or the gateway's estimate (`estimate`) where the provider offers neither."""
+
+    input_tokens: int
+    source: Literal["upstream", "tokenizer", "estimate"]
+
+
 class UpstreamFailure(Exception):
     """The provider refused or broke the turn. `status` is its HTTP status when it answered with one."""
 
@@ -78,6 +87,16 @@ class Upstream(Protocol):
         self, body: dict[str, Any], *, api_key: str | None = None
     ) -> AsyncGenerator[list[dict[str, Any]], None]:
         """Stream one model turn for the prepared body; `api_key` replaces the configured key (pass-through)."""
+        ...
+
+    async def count_input_tokens(self, body: dict[str, Any], *, api_key: str | None = None) -> TokenCount | None:
+        """The input tokens of a Responses body (its history already in `input`), as the provider counts them;
+        None when it has no way to count."""
+        ...
+
+    async def compact(self, body: dict[str, Any], *, api_key: str | None = None) -> dict[str, Any] | None:
+        """The provider's own compaction (`POST /responses/compact`) of a Responses body, as it answers it; None
+        when it has none (the gateway then compacts by asking the model for a summary)."""
         ...
 
     async def list_models(self) -> list[str]:

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from runs.upstream.base import UpstreamFailure, UpstreamSpec
+from runs.upstream.base import TokenCount, UpstreamFailure, UpstreamSpec
 from runs.upstream.chat_request import ChatDialect, chat_request
 from runs.upstream.chat_stream import ChatStreamTranslator
 from runs.upstream.client import UpstreamClient
@@ -46,8 +46,42 @@ class ChatUpstream:
             )
         yield list(translator.finish())
 
+    async def count_input_tokens(self, body: dict[str, Any], *, api_key: str | None = None) -> TokenCount | None:
+        """Asks the provider's tokenizer (`POST /tokenize` beside `/v1`): vLLM counts the chat messages with the
+        model's chat template (`messages`); llama.cpp counts the text (`content`, the messages' text joined)."""
+        chat = self.prepare(body)
+        request: dict[str, Any] = {
+            "model": chat["model"],
+            "messages": chat["messages"],
+            "content": "\n".join(_message_text(message) for message in chat["messages"]),
+            "add_generation_prompt": True,
+        }
+        if chat.get("tools"):
+            request["tools"] = chat["tools"]
+        answer = await self._client.post_json("//tokenize", request, api_key)
+        if answer is None:
+            return None
+        count, tokens = answer.get("count"), answer.get("tokens")
+        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+            return TokenCount(count, "tokenizer")
+        if isinstance(tokens, list):
+            return TokenCount(len(tokens), "tokenizer")
+        return None  # an endpoint of that name that is not a tokenizer: estimate instead
+
+    async def compact(self, body: dict[str, Any], *, api_key: str | None = None) -> dict[str, Any] | None:
+        return None  # Chat Completions has no compaction: the gateway summarises with the model itself
+
     async def list_models(self) -> list[str]:
         return await self._client.list_models()
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""

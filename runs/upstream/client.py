@@ -28,6 +28,8 @@ DONE_DRAIN_SECONDS = 0.1
 UPSTREAM_KEEPALIVE_SECONDS = 60.0
 # What the transport raises for a refused, dropped, cut or silent connection (timeouts are asyncio's).
 _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
+# A provider's way of saying it has no such endpoint (a feature it lacks, not a failure).
+_NO_SUCH_ENDPOINT = frozenset({404, 405, 501})
 
 
 class UpstreamClient:
@@ -58,13 +60,21 @@ class UpstreamClient:
             )
         return self._session
 
+    def _url(self, path: str) -> yarl.URL:
+        url = self._urls.get(path)
+        if url is None:  # parsed once per path: building a URL is a noticeable part of a request's cost
+            if path.startswith("//"):  # from the server's root, not under the API's base path (`/tokenize`)
+                url = yarl.URL(self._base_url).with_path(_server_root(yarl.URL(self._base_url).path) + path[2:])
+            else:
+                url = yarl.URL(self._base_url + path.lstrip("/"))
+            self._urls[path] = url
+        return url
+
     async def _send(
         self, method: str, path: str, headers: CIMultiDict[str], data: bytes | None = None
     ) -> aiohttp.ClientResponse:
         """The provider's 2xx response, its body unread; anything else raised as an UpstreamFailure."""
-        url = self._urls.get(path)
-        if url is None:  # parsed once per path: building a URL is a noticeable part of a request's cost
-            url = self._urls[path] = yarl.URL(self._base_url + path.lstrip("/"))
+        url = self._url(path)
         try:
             response = await self._http().request(method, url, data=data, headers=headers)
         except _TRANSPORT_ERRORS as error:
@@ -126,6 +136,34 @@ class UpstreamClient:
         finally:
             _let_go(response)
 
+    async def post_json(self, path: str, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any] | None:
+        """POST `body` to `path` and return the JSON object it answers, or None when the provider has no such
+        endpoint (404, 405, 501): the caller then does without it. `//path` is from the server's root."""
+        headers = self._json_headers
+        if api_key:
+            headers = headers.copy()
+            headers["Authorization"] = f"Bearer {api_key}"
+        try:
+            response = await self._send("POST", path, headers, orjson.dumps(body))
+        except UpstreamFailure as failure:
+            # A 404 about something else (OpenAI's `model_not_found`) is the provider's answer, not a lack.
+            if failure.status in _NO_SUCH_ENDPOINT and failure.code in (None, "unknown_url", "not_found"):
+                return None
+            raise
+        try:
+            payload = await response.read()
+        except _TRANSPORT_ERRORS as error:
+            raise connection_failure(self._name, error) from error
+        finally:
+            response.release()
+        try:
+            answer = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise UpstreamFailure(f"upstream {self._name!r} answered {path} with something other than a JSON object.")
+        return answer
+
     async def list_models(self) -> list[str]:
         """The model ids the provider lists at `GET /models`."""
         response = await self._send("GET", "/models", self._json_headers)
@@ -144,6 +182,15 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _server_root(base_path: str) -> str:
+    """The path of the provider's server root: its API base path without the trailing `/v1` (`/tokenize` of vLLM
+    and llama.cpp sits beside `/v1`, not under it)."""
+    parts = [part for part in base_path.split("/") if part]
+    if parts and parts[-1] == "v1":
+        parts.pop()
+    return "/" + "".join(f"{part}/" for part in parts)
 
 
 def _headers(spec: UpstreamSpec, *, accept: str) -> CIMultiDict[str]:

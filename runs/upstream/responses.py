@@ -6,10 +6,16 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from runs.upstream.base import UpstreamFailure, UpstreamSpec
+from runs.upstream.base import TokenCount, UpstreamFailure, UpstreamSpec
 from runs.upstream.client import UpstreamClient
 
 _TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+# What `POST /responses/input_tokens` takes (the SDK's InputTokenCountParams, less the state the gateway keeps).
+_COUNTED_FIELDS = frozenset(
+    {"model", "input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "reasoning", "text", "truncation"}
+)
+# What `POST /responses/compact` takes (the SDK's ResponseCompactParams, less the state the gateway keeps).
+_COMPACTED_FIELDS = frozenset({"model", "input", "instructions", "prompt_cache_key", "service_tier"})
 
 
 class ResponsesUpstream:
@@ -39,6 +45,22 @@ class ResponsesUpstream:
         raise UpstreamFailure(
             f"upstream {self.spec.name!r} ended the stream before the response finished.", retryable=True
         )
+
+    async def count_input_tokens(self, body: dict[str, Any], *, api_key: str | None = None) -> TokenCount | None:
+        counted = {key: value for key, value in body.items() if key in _COUNTED_FIELDS}
+        counted["model"] = self.spec.upstream_model(body["model"])
+        answer = await self._client.post_json("/responses/input_tokens", counted, api_key)
+        if answer is None:
+            return None
+        tokens = answer.get("input_tokens")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+            raise UpstreamFailure(f"upstream {self.spec.name!r} answered input_tokens without a token count.")
+        return TokenCount(tokens, "upstream")
+
+    async def compact(self, body: dict[str, Any], *, api_key: str | None = None) -> dict[str, Any] | None:
+        compacted = {key: value for key, value in body.items() if key in _COMPACTED_FIELDS}
+        compacted["model"] = self.spec.upstream_model(body["model"])
+        return await self._client.post_json("/responses/compact", compacted, api_key)
 
     async def list_models(self) -> list[str]:
         return await self._client.list_models()
