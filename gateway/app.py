@@ -11,7 +11,7 @@ from aiohttp import web
 from gateway.auth import Authenticator, auth_middleware
 from gateway.config import Settings
 from gateway.errors import MAX_BODY_BYTES, error_middleware
-from gateway.routes import conversations, health, input_tokens, models, responses
+from gateway.routes import compaction, conversations, health, input_tokens, models, responses
 from gateway.state import FAULTS, LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE
 from runs.faults import FaultPoints
 from runs.lifecycle import Lifecycle, RunSettings
@@ -161,8 +161,9 @@ def create_app(settings: Settings) -> web.Application:
         )
     app.cleanup_ctx.extend([_store_ctx, _upstreams_ctx, _live_events_ctx, _runs_ctx])
     health.add_routes(app)
-    # Before `/v1/responses/{response_id}`, whose path it would match.
+    # Before `/v1/responses/{response_id}`, whose path they would match.
     input_tokens.add_routes(app)
+    compaction.add_routes(app)
     responses.add_routes(app)
     models.add_routes(app)
     conversations.add_routes(app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from runs.compaction import check_compactions, expand_compactions, is_gateway_compaction
 from runs.ids import new_response_id
 from runs.items import as_model_input, check_tool_outputs, normalise_items
 from runs.request import CreateResponseRequest, check_request_rules
@@ -35,6 +36,7 @@ def check_history(request: CreateResponseRequest, history: list[Json]) -> None:
     """The rules that hold between a request's input and the history it continues."""
     if isinstance(request.input, list):
         check_tool_outputs(request.input, history)
+        check_compactions(request.input)
 
 
 def upstream_body(request: CreateResponseRequest, history: list[Json] | None = None) -> dict[str, Any]:
@@ -46,6 +48,8 @@ def upstream_body(request: CreateResponseRequest, history: list[Json] | None = N
         if isinstance(request.input, str):
             own = [{"role": "user", "content": request.input}]
         body["input"] = as_model_input(history) + own
+    if isinstance(body.get("input"), list) and any(is_gateway_compaction(item) for item in body["input"]):
+        body["input"] = expand_compactions(body["input"])
     return body
 
 

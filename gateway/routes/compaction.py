@@ -1,0 +1,37 @@
+"""`POST /v1/responses/compact` (the SDK's `responses.compact`)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from gateway.auth import PRINCIPAL
+from gateway.errors import invalid_body, json_response, upstream_refusal
+from gateway.routes.responses import read_json_object
+from gateway.state import ROUTER, STORE
+from runs.compaction import CompactRequest, compact
+from runs.upstream.base import UpstreamFailure
+
+
+async def compact_context(request: web.Request) -> web.Response:
+    """The compacted window of a context: the user's messages and one `compaction` item."""
+    try:
+        compact_request = CompactRequest.model_validate(await read_json_object(request))
+    except ValidationError as error:
+        raise invalid_body(error) from None
+    principal = request[PRINCIPAL]
+    try:
+        compacted = await compact(
+            request.app[STORE],
+            request.app[ROUTER],
+            compact_request,
+            tenant=principal.tenant,
+            client_key=principal.api_key,
+        )
+    except UpstreamFailure as failure:
+        raise upstream_refusal(failure) from None
+    return json_response(compacted)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/responses/compact", compact_context)

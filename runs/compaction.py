@@ -1,0 +1,198 @@
+"""Compaction: a long context replaced by the user's own messages and one `compaction` item that stands for the
+rest (OpenAI's `POST /v1/responses/compact`, and `context_management` on create).
+
+A `responses` provider that compacts itself does it (its compaction items are its own, and go back to it as they
+are). Otherwise the gateway compacts: it asks the routed model for a summary of the items and returns a
+`compaction` item whose `encrypted_content` carries that summary, encoded (`rgw-compaction-v1.` + base64url of
+JSON). The content is opaque by contract, as OpenAI's is; it is not encrypted because it holds nothing the client
+could not read already (a summary of the client's own conversation), and a client that rewrote it would only
+change its own context, as editing its input would. Being self-contained it never expires and any instance
+expands it. When such an item comes back as input, the model is given the summary in its place, as a developer
+message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import Annotated, Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, StringConstraints
+
+from runs.errors import InvalidRequest
+from runs.history import previous_response_history
+from runs.ids import new_id
+from runs.items import Json, as_model_input, check_tool_outputs, normalise_items, stored_in_conversation
+from runs.run import upstream_api_key
+from runs.snapshot import complete_usage
+from runs.upstream.base import Upstream, UpstreamFailure
+from runs.upstream.retry import stream_with_retries
+from runs.upstream.router import UpstreamRouter
+from storage.base import Store
+
+CONTENT_PREFIX = "rgw-compaction-v1."
+COMPACTED_OBJECT = "response.compaction"
+SUMMARY_INSTRUCTIONS = (
+    "You are compacting a conversation so that it can continue in a smaller context. Write a concise summary of "
+    "everything above that the conversation needs in order to go on: the user's goals and constraints, decisions "
+    "made, facts established, tool calls made and what they returned, and work still open. Write only the summary."
+)
+SUMMARY_REQUEST = "Summarise the conversation so far, as instructed."
+_SUMMARY_PREAMBLE = "Summary of the earlier part of this conversation (compacted):\n\n"
+
+
+def is_gateway_compaction(item: Any) -> bool:
+    """Whether `item` is a compaction item the gateway made (and so can expand)."""
+    return (
+        isinstance(item, dict)
+        and item.get("type") == "compaction"
+        and isinstance(item.get("encrypted_content"), str)
+        and item["encrypted_content"].startswith(CONTENT_PREFIX)
+    )
+
+
+def compaction_item(summary: str) -> Json:
+    """A new compaction item carrying `summary`."""
+    content = base64.urlsafe_b64encode(orjson.dumps({"summary": summary})).decode()
+    return {"id": new_id("cmp"), "type": "compaction", "encrypted_content": CONTENT_PREFIX + content}
+
+
+def summary_of(item: Json, param: str = "input") -> str:
+    """The summary a gateway compaction item carries; a 400 naming `param` when it was damaged."""
+    try:
+        decoded = orjson.loads(base64.urlsafe_b64decode(item["encrypted_content"][len(CONTENT_PREFIX) :]))
+    except (binascii.Error, ValueError, orjson.JSONDecodeError):
+        decoded = None
+    if not isinstance(decoded, dict) or not isinstance(decoded.get("summary"), str):
+        raise InvalidRequest(
+            "The compaction item's encrypted_content is not valid.", param=f"{param}.encrypted_content"
+        )
+    return str(decoded["summary"])
+
+
+def check_compactions(items: list[Any]) -> None:
+    """A 400 naming the first gateway compaction item in a request's input that cannot be expanded."""
+    for index, item in enumerate(items):
+        if is_gateway_compaction(item):
+            summary_of(item, param=f"input[{index}]")
+
+
+def expand_compactions(items: list[Json]) -> list[Json]:
+    """Model input with each gateway compaction item replaced by its summary. What came before the last one,
+    except the user's own messages, is what it summarised: it is left out (a compacted window is the user's
+    messages followed by the compaction item, whether the client sent it back or a history holds it)."""
+    last = max((index for index, item in enumerate(items) if is_gateway_compaction(item)), default=None)
+    if last is None:
+        return items
+    expanded: list[Json] = []
+    for index, item in enumerate(items):
+        if index < last and not _is_user_message(item):
+            continue
+        if is_gateway_compaction(item):
+            if index == last:
+                expanded.append({"role": "developer", "content": _SUMMARY_PREAMBLE + summary_of(item)})
+            continue
+        expanded.append(item)
+    return expanded
+
+
+def compacted_window(items: list[Json], compaction: Json) -> list[Json]:
+    """What replaces `items`: the user's messages, in order, then `compaction`."""
+    return [item for item in items if _is_user_message(item)] + [compaction]
+
+
+async def summarise(
+    upstream: Upstream, model_input: list[Json], *, model: str, api_key: str | None
+) -> tuple[str, Json | None]:
+    """Ask the model for a summary of `model_input` (items as a provider takes them): the text and the usage."""
+    body = upstream.prepare(
+        {
+            "model": model,
+            "instructions": SUMMARY_INSTRUCTIONS,
+            "input": [*model_input, {"role": "user", "content": SUMMARY_REQUEST}],
+        }
+    )
+    final: Json | None = None
+    deltas: list[str] = []
+    async for events in stream_with_retries(upstream, body, api_key):
+        for event in events:
+            kind = event.get("type")
+            if kind == "response.output_text.delta":
+                deltas.append(str(event.get("delta", "")))
+            elif kind in ("response.completed", "response.incomplete"):
+                final = event.get("response") or {}
+            elif kind == "response.failed":
+                error = (event.get("response") or {}).get("error") or {}
+                raise UpstreamFailure(str(error.get("message") or "the summary could not be made"))
+    summary = _output_text(final) if final is not None else ""
+    return summary or "".join(deltas), complete_usage((final or {}).get("usage"))
+
+
+def compacted_response(window: list[Json], usage: Json | None) -> Json:
+    """The SDK's CompactedResponse for a compaction the gateway made."""
+    return {
+        "id": new_id("cmp"),
+        "object": COMPACTED_OBJECT,
+        "created_at": int(time.time()),
+        "output": window,
+        "usage": usage or complete_usage({}),
+    }
+
+
+def _is_user_message(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("type", "message") == "message" and item.get("role") == "user"
+
+
+def _output_text(response: Json) -> str:
+    return "".join(
+        str(part.get("text", ""))
+        for item in response.get("output") or []
+        if isinstance(item, dict) and item.get("type") == "message"
+        for part in item.get("content") or []
+        if isinstance(part, dict) and part.get("type") == "output_text"
+    )
+
+
+class CompactRequest(BaseModel):
+    """The body of `POST /v1/responses/compact` (the SDK's ResponseCompactParams). Unknown fields are kept and
+    passed to a provider that compacts itself."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: Annotated[str, StringConstraints(min_length=1)]
+    input: str | list[dict[str, Any]] | None = None
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
+
+
+async def compact(
+    store: Store, router: UpstreamRouter, request: CompactRequest, *, tenant: str, client_key: str | None
+) -> Json:
+    """Compact the request's context (its previous responses' items, then its input): by the provider when it
+    compacts, else by a summary from the routed model. Refusals (400/404) come before the provider is asked."""
+    history: list[Json] = []
+    if request.previous_response_id is not None:
+        history = await previous_response_history(store, request.previous_response_id, tenant=tenant)
+    own = normalise_items(request.input)
+    check_tool_outputs(own, history)
+    items = history + own
+    if not items:
+        raise InvalidRequest(
+            "Nothing to compact: give input, or a previous_response_id whose context is to be compacted.",
+            param="input",
+            code="missing_required_parameter",
+        )
+    check_compactions(own)
+    upstream = router.route(request.model)
+    api_key = upstream_api_key(upstream, client_key)
+    model_input = expand_compactions(as_model_input(items))
+    passed = request.model_dump(exclude_none=True, exclude={"previous_response_id"})
+    provider_compacted = await upstream.compact({**passed, "input": model_input}, api_key=api_key)
+    if provider_compacted is not None:
+        return provider_compacted
+    summary, usage = await summarise(upstream, model_input, model=request.model, api_key=api_key)
+    return compacted_response(compacted_window(stored_in_conversation(items), compaction_item(summary)), usage)
