@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from runs.compaction import check_compactions, expand_compactions, is_gateway_compaction
+from runs.compaction import check_compactions, expand_compactions, has_compaction
 from runs.ids import new_response_id
 from runs.items import as_model_input, check_tool_outputs, normalise_items
 from runs.request import CreateResponseRequest, check_request_rules
@@ -15,7 +15,9 @@ from storage.base import NewResponse, StoredEvent
 from storage.keys import idempotency_shard, with_shard
 
 # Fields the gateway answers itself; the rest of the request goes to the provider as given.
-_GATEWAY_FIELDS = frozenset({"background", "store", "stream", "previous_response_id", "conversation"})
+_GATEWAY_FIELDS = frozenset(
+    {"background", "store", "stream", "previous_response_id", "conversation", "context_management"}
+)
 
 
 def needs_history(request: CreateResponseRequest) -> bool:
@@ -48,7 +50,7 @@ def upstream_body(request: CreateResponseRequest, history: list[Json] | None = N
         if isinstance(request.input, str):
             own = [{"role": "user", "content": request.input}]
         body["input"] = as_model_input(history) + own
-    if isinstance(body.get("input"), list) and any(is_gateway_compaction(item) for item in body["input"]):
+    if isinstance(body.get("input"), list) and has_compaction(body["input"]):
         body["input"] = expand_compactions(body["input"])
     return body
 

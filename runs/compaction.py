@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
@@ -25,8 +26,9 @@ from runs.errors import InvalidRequest
 from runs.history import previous_response_history
 from runs.ids import new_id
 from runs.items import Json, as_model_input, check_tool_outputs, normalise_items, stored_in_conversation
-from runs.run import upstream_api_key
+from runs.request import CreateResponseRequest
 from runs.snapshot import complete_usage
+from runs.token_estimate import estimate_tokens
 from runs.upstream.base import Upstream, UpstreamFailure
 from runs.upstream.retry import stream_with_retries
 from runs.upstream.router import UpstreamRouter
@@ -79,20 +81,24 @@ def check_compactions(items: list[Any]) -> None:
             summary_of(item, param=f"input[{index}]")
 
 
+def has_compaction(items: list[Any]) -> bool:
+    return any(isinstance(item, dict) and item.get("type") == "compaction" for item in items)
+
+
 def expand_compactions(items: list[Json]) -> list[Json]:
-    """Model input with each gateway compaction item replaced by its summary. What came before the last one,
-    except the user's own messages, is what it summarised: it is left out (a compacted window is the user's
-    messages followed by the compaction item, whether the client sent it back or a history holds it)."""
-    last = max((index for index, item in enumerate(items) if is_gateway_compaction(item)), default=None)
+    """Model input from items that hold compaction items. What came before the last one, except the user's own
+    messages, is what it stands for: it is left out (a compacted window is the user's messages followed by the
+    compaction item, whether the client sent it back or a history holds it). The last one itself goes to the
+    model as its summary (a developer message) when the gateway made it, as it is when a provider did."""
+    last = max((index for index, item in enumerate(items) if item.get("type") == "compaction"), default=None)
     if last is None:
         return items
     expanded: list[Json] = []
     for index, item in enumerate(items):
         if index < last and not _is_user_message(item):
             continue
-        if is_gateway_compaction(item):
-            if index == last:
-                expanded.append({"role": "developer", "content": _SUMMARY_PREAMBLE + summary_of(item)})
+        if index == last and is_gateway_compaction(item):
+            expanded.append({"role": "developer", "content": _SUMMARY_PREAMBLE + summary_of(item)})
             continue
         expanded.append(item)
     return expanded
@@ -188,7 +194,7 @@ async def compact(
         )
     check_compactions(own)
     upstream = router.route(request.model)
-    api_key = upstream_api_key(upstream, client_key)
+    api_key = upstream.spec.call_key(client_key)
     model_input = expand_compactions(as_model_input(items))
     passed = request.model_dump(exclude_none=True, exclude={"previous_response_id"})
     provider_compacted = await upstream.compact({**passed, "input": model_input}, api_key=api_key)
@@ -196,3 +202,87 @@ async def compact(
         return provider_compacted
     summary, usage = await summarise(upstream, model_input, model=request.model, api_key=api_key)
     return compacted_response(compacted_window(stored_in_conversation(items), compaction_item(summary)), usage)
+
+
+# -- compaction before a turn (`context_management` on create) ----------------------------------------------
+
+# The threshold when `compact_threshold` is null (OpenAI's is the model's own; the gateway knows no context sizes).
+DEFAULT_COMPACT_THRESHOLD = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class TurnCompaction:
+    """A turn that compacts its context first: `body` is its provider body in the Responses form (history and
+    input), which reached the request's threshold."""
+
+    body: Json
+
+
+def turn_compaction(request: CreateResponseRequest, body: Json) -> TurnCompaction | None:
+    """The compaction a create's turn starts with: when the request asks for it (`context_management`) and its
+    input reaches the threshold, measured with the gateway's estimate (`runs.token_estimate`)."""
+    entries = request.context_management
+    if not entries:
+        return None
+    threshold = min(entry.compact_threshold or DEFAULT_COMPACT_THRESHOLD for entry in entries)
+    if estimate_tokens(body) < threshold:
+        return None
+    return TurnCompaction(body)
+
+
+@dataclass(frozen=True, slots=True)
+class CompactedTurn:
+    """What compaction made of a turn's context: the item that goes into the output, the model input that
+    replaces the context, and what the compaction itself cost."""
+
+    item: Json
+    model_input: list[Json]
+    usage: Json | None
+
+
+async def compact_turn(upstream: Upstream, body: Json, *, api_key: str | None) -> CompactedTurn:
+    """Compact a turn's context (`body`, a Responses provider body): by the provider when it compacts, else by a
+    summary from the model."""
+    raw_input = body.get("input")
+    model_input: list[Json] = (
+        [{"role": "user", "content": raw_input}] if isinstance(raw_input, str) else list(raw_input or [])
+    )
+    passed: Json = {
+        key: body[key] for key in ("model", "instructions", "prompt_cache_key", "service_tier") if key in body
+    }
+    provider_compacted = await upstream.compact({**passed, "input": model_input}, api_key=api_key)
+    if provider_compacted is not None:
+        window = [item for item in provider_compacted.get("output") or [] if isinstance(item, dict)]
+        items = [item for item in window if item.get("type") == "compaction"]
+        if not items:
+            raise UpstreamFailure(f"upstream {upstream.spec.name!r} compacted without a compaction item.")
+        return CompactedTurn(items[-1], as_model_input(window), complete_usage(provider_compacted.get("usage")))
+    summary, usage = await summarise(upstream, model_input, model=str(body["model"]), api_key=api_key)
+    item = compaction_item(summary)
+    return CompactedTurn(item, expand_compactions(compacted_window(model_input, item)), usage)
+
+
+def add_usage(first: Json | None, second: Json | None) -> Json | None:
+    """Two usages as one: a turn that compacted reports both model calls."""
+    if first is None or second is None:
+        return first or second
+    total = complete_usage(first) or {}
+    other = complete_usage(second) or {}
+    return {
+        **total,
+        "input_tokens": total["input_tokens"] + other["input_tokens"],
+        "input_tokens_details": {
+            **total["input_tokens_details"],
+            "cached_tokens": total["input_tokens_details"]["cached_tokens"]
+            + other["input_tokens_details"]["cached_tokens"],
+            "cache_write_tokens": total["input_tokens_details"]["cache_write_tokens"]
+            + other["input_tokens_details"]["cache_write_tokens"],
+        },
+        "output_tokens": total["output_tokens"] + other["output_tokens"],
+        "output_tokens_details": {
+            **total["output_tokens_details"],
+            "reasoning_tokens": total["output_tokens_details"]["reasoning_tokens"]
+            + other["output_tokens_details"]["reasoning_tokens"],
+        },
+        "total_tokens": total["total_tokens"] + other["total_tokens"],
+    }

@@ -14,6 +14,7 @@ import orjson
 
 from runs.admission import check_admissible, check_history, needs_history, new_response, upstream_body
 from runs.cancellation import cancel_response
+from runs.compaction import TurnCompaction, turn_compaction
 from runs.conversations import get_conversation
 from runs.errors import ApiError, TooManyRequests, Unavailable
 from runs.history import conversation_id_of, history_for
@@ -21,7 +22,7 @@ from runs.idempotency import IdempotencyKey, claim_key
 from runs.items import Json
 from runs.lifecycle import Lifecycle, RunSettings, TakeOver
 from runs.request import CreateResponseRequest
-from runs.run import ResponseRun, upstream_api_key
+from runs.run import ResponseRun
 from runs.slots import RunSlots
 from runs.upstream.base import Upstream
 from runs.upstream.head_start import HeadStart
@@ -182,18 +183,22 @@ class RunManager:
         check_admissible(request)
         upstream = self._router.route(request.model)
         # Without history this is the body sent; with it, the body is made again once the history is read.
-        provider_body = upstream.prepare(upstream_body(request))
+        body = upstream_body(request)
+        provider_body = upstream.prepare(body)
+        compaction = turn_compaction(request, body)
         caller = _Caller(tenant, api_key)
         # The provider call goes out now, before the response is built and stored, when its body is final and
         # nothing may yet decide against it (a used Idempotency-Key, a conversation's turn, a history to read):
         # the provider's first token is what the client waits for, and admission's work and round trip overlap
         # it. Nothing it sends is emitted before the response is stored (see HeadStart).
         head_start = None
-        if not queued and idempotency is None and not needs_history(request):
-            head_start = HeadStart(stream_with_retries(upstream, provider_body, upstream_api_key(upstream, api_key)))
+        if not queued and idempotency is None and not needs_history(request) and compaction is None:
+            head_start = HeadStart(stream_with_retries(upstream, provider_body, upstream.spec.call_key(api_key)))
         if not queued:
             self._slots.take(tenant)
-        admitting = self._admit(request, caller, idempotency, upstream, provider_body, head_start, queued=queued)
+        admitting = self._admit(
+            request, caller, idempotency, upstream, provider_body, head_start, compaction, queued=queued
+        )
         if head_start is not None:
             admitting = self._after_head_start(head_start, admitting)
         admission = asyncio.ensure_future(admitting)
@@ -239,6 +244,7 @@ class RunManager:
         upstream: Upstream,
         provider_body: Json,
         head_start: HeadStart | None,
+        compaction: TurnCompaction | None,
         *,
         queued: bool,
     ) -> Admission:
@@ -255,7 +261,9 @@ class RunManager:
             if needs_history(request):  # (without, check_admissible checked the input alone)
                 check_history(request, history)
             if history:
-                provider_body = upstream.prepare(upstream_body(request, history))
+                body = upstream_body(request, history)
+                provider_body = upstream.prepare(body)
+                compaction = turn_compaction(request, body)
         owner = "" if queued else self.settings.instance_id
         record, snapshot = new_response(
             request,
@@ -273,8 +281,8 @@ class RunManager:
             await self.lifecycle.faults.reach("admit.key_claimed", record.response_id)
         # Where admit() could not send the provider call yet, it goes out now, in parallel with the store's round
         # trip (unless the response takes a conversation's turn, whose history is read once the turn is ours).
-        if head_start is None and not queued and turn is None:
-            api_key = upstream_api_key(upstream, caller.api_key)
+        if head_start is None and not queued and turn is None and compaction is None:
+            api_key = upstream.spec.call_key(caller.api_key)
             head_start = HeadStart(stream_with_retries(upstream, provider_body, api_key))
         # Undone on any failure from here on, the create included: its reply may have been lost after it ran
         # (undoing what does not exist changes nothing).
@@ -289,7 +297,9 @@ class RunManager:
                 # Only now: a call the previous turn made is in the conversation once that turn has ended. A refusal
                 # here is undone like any failure below.
                 check_history(request, history)
-                provider_body = upstream.prepare(upstream_body(request, history))
+                body = upstream_body(request, history)
+                provider_body = upstream.prepare(body)
+                compaction = turn_compaction(request, body)
         except (Exception, asyncio.CancelledError):
             if head_start is not None:
                 await head_start.discard()  # before the undo: the provider stops generating at once
@@ -309,7 +319,16 @@ class RunManager:
                 log.warning("could not announce queued %s: %s", record.response_id, error)
             return Admission(record.response_id, run=None)
         run = self._start(
-            request, upstream, provider_body, snapshot, len(record.events), lease, caller, caller.tenant, head_start
+            request,
+            upstream,
+            provider_body,
+            snapshot,
+            len(record.events),
+            lease,
+            caller,
+            caller.tenant,
+            head_start,
+            compaction,
         )
         return Admission(run.response_id, run=run, first_events=record.events)
 
@@ -324,6 +343,7 @@ class RunManager:
         caller: _Caller,
         slot_tenant: str,
         head_start: HeadStart | None = None,
+        compaction: TurnCompaction | None = None,
     ) -> ResponseRun:
         """Start a run in a slot the caller has taken (counted against `slot_tenant`)."""
         event_log = self.lifecycle.open_log(snapshot, next_sequence_number=next_sequence_number, lease=lease)
@@ -336,6 +356,7 @@ class RunManager:
             api_key=caller.api_key,
             faults=self.lifecycle.faults,
             head_start=head_start,
+            compaction=compaction,
         )
         if self._early_cancels.pop(run.response_id, None) is not None:
             run.cancel()
@@ -399,14 +420,17 @@ class RunManager:
                 await self.lifecycle.take_turn(turn, record.response_id)
             history = await history_for(self._store, request, tenant=record.tenant)
             check_history(request, history)
-            provider_body = upstream.prepare(upstream_body(request, history))
+            body = upstream_body(request, history)
+            provider_body = upstream.prepare(body)
         except (ApiError, ValueError) as error:
             await self.lifecycle.fail_unresumable(record, lease, _reason(error))
             return False
         snapshot = orjson.loads(record.snapshot)
         # A pass-through upstream cannot get the client's key back after a restart: it was never stored.
         caller = _Caller(record.tenant, None)
-        self._start(request, upstream, provider_body, snapshot, record.last_sequence_number + 1, lease, caller, SWEPT)
+        next_number = record.last_sequence_number + 1
+        compaction = turn_compaction(request, body)
+        self._start(request, upstream, provider_body, snapshot, next_number, lease, caller, SWEPT, None, compaction)
         return True
 
     # -- the run task --------------------------------------------------------------------------------------

@@ -41,6 +41,14 @@ class StreamOptions(BaseModel):
     include_obfuscation: bool | None = None
 
 
+class ContextManagement(BaseModel):
+    """One `context_management` entry; compaction is the only kind there is."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["compaction"]
+    compact_threshold: Annotated[int, Field(ge=1)] | None = None
+
+
 class CreateResponseRequest(BaseModel):
     """A create request. Unknown fields are kept (and forwarded upstream); known ones are type-checked strictly."""
 
@@ -73,6 +81,7 @@ class CreateResponseRequest(BaseModel):
     prompt_cache_key: str | None = None
     service_tier: str | None = None
     prompt: dict[str, Any] | None = None
+    context_management: list[ContextManagement] | None = None
 
     @property
     def is_stored(self) -> bool:

@@ -8,8 +8,10 @@ import logging
 import time
 from typing import Any
 
+from runs.compaction import CompactedTurn, TurnCompaction, add_usage, compact_turn
 from runs.event_log import EventLog
 from runs.faults import FaultPoints
+from runs.ids import new_id
 from runs.request import CreateResponseRequest
 from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, complete_usage, upstream_reported
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
@@ -32,12 +34,6 @@ _UPSTREAM_TERMINAL_STATUS = {
 }
 
 
-def upstream_api_key(upstream: Upstream, client_key: str | None) -> str | None:
-    """The key the provider call carries instead of the configured one: the client's own, for a pass-through
-    upstream."""
-    return client_key if upstream.spec.forward_client_key else None
-
-
 class ResponseRun:
     """Drives one upstream turn and writes every event through the EventLog.
 
@@ -56,6 +52,7 @@ class ResponseRun:
         api_key: str | None = None,
         faults: FaultPoints | None = None,
         head_start: HeadStart | None = None,
+        compaction: TurnCompaction | None = None,
     ) -> None:
         self.request = request
         self.tenant = tenant
@@ -66,6 +63,10 @@ class ResponseRun:
         self._upstream_body = upstream_body
         # The provider call, when admission already sent it (runs/upstream/head_start.py).
         self._head_start = head_start
+        # Compaction before the provider call (`context_management`); its item is output 0, the provider's
+        # items follow it.
+        self._compaction = compaction
+        self._compacted: CompactedTurn | None = None
         self._log = log
         log.on_cancel_requested = self.cancel
         log.on_lease_lost = self.abandon
@@ -221,7 +222,9 @@ class ResponseRun:
         if self._head_start is not None:
             stream = self._head_start.batches()
         else:
-            api_key = upstream_api_key(self._upstream, self._api_key)
+            api_key = self._upstream.spec.call_key(self._api_key)
+            if self._compaction is not None:
+                await self._compact_first(self._compaction, api_key)
             stream = stream_with_retries(self._upstream, self._upstream_body, api_key)
         async with contextlib.aclosing(stream) as batches:
             async for events in batches:
@@ -243,7 +246,10 @@ class ResponseRun:
             raise UpstreamFailure(str(event.get("message") or "upstream error"), code=event.get("code"))
         if not isinstance(kind, str) or kind in LIFECYCLE_EVENT_TYPES:
             return False  # our own created / in_progress were already emitted with our id
-        await self._log.emit(dict(event))
+        event = dict(event)
+        if self._compacted is not None and isinstance(event.get("output_index"), int):
+            event["output_index"] += 1  # after the compaction item
+        await self._log.emit(event)
         if not self.emitted_output and "run.output" in self._faults.hooks:
             await self._log.flush()
             await self._faults.reach("run.output", self.response_id)
@@ -256,12 +262,31 @@ class ResponseRun:
         response = {**self._log.snapshot, "status": status.value}
         await self._log.emit({"type": STATUS_EVENT_TYPE[status], "response": response})
 
+    async def _compact_first(self, compaction: TurnCompaction, api_key: str | None) -> None:
+        """Compact the turn's context before the provider call: the compaction item is announced (output 0),
+        made, and stored; the provider is then sent the compacted context."""
+        placeholder = {"id": new_id("cmp"), "type": "compaction", "encrypted_content": ""}
+        where = {"output_index": 0, "item_id": placeholder["id"]}
+        await self._log.emit({"type": "response.output_item.added", "output_index": 0, "item": placeholder})
+        await self._log.emit({"type": "response.compaction.compacting", **where})
+        await self._log.flush()
+        compacted = await compact_turn(self._upstream, compaction.body, api_key=api_key)
+        item = {**compacted.item, "id": placeholder["id"]}  # one identity from added to done, as clients check
+        await self._log.emit({"type": "response.output_item.done", "output_index": 0, "item": item})
+        await self._log.flush()
+        self._compacted = CompactedTurn(item, compacted.model_input, compacted.usage)
+        self._upstream_body = self._upstream.prepare({**compaction.body, "input": compacted.model_input})
+
     async def _end_from_upstream(self, status: ResponseStatus, upstream_response: dict[str, Any]) -> None:
         output = upstream_response.get("output")
+        usage = upstream_response.get("usage")
+        if self._compacted is not None:
+            output = [self._compacted.item, *output] if isinstance(output, list) else None
+            usage = add_usage(usage, self._compacted.usage)
         await self._end(
             status,
             output=output if isinstance(output, list) else None,
-            usage=upstream_response.get("usage"),
+            usage=usage,
             error=upstream_response.get("error"),
             incomplete_details=upstream_response.get("incomplete_details"),
             reported=upstream_reported(upstream_response),

@@ -3,13 +3,12 @@
 The request is the one `responses.create` would send (with `previous_response_id` or `conversation` resolved to
 the history the gateway keeps), routed by `model` like a create. Its upstream counts it: a `responses` provider
 with its own `input_tokens` endpoint, or a `chat` provider's tokenizer (`/tokenize`, as vLLM and llama.cpp serve
-it). Where the provider offers neither, the gateway estimates: about four characters of the request's JSON per
-token, as OpenAI's tokenizer guidance puts it for English text. The answer says which in `COUNT_SOURCE_HEADER`.
+it). Where the provider offers neither, the gateway estimates (`runs.token_estimate`: about four characters of the
+request's JSON per token). The answer says which in `COUNT_SOURCE_HEADER`.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import orjson
@@ -18,7 +17,7 @@ from runs.admission import check_history, upstream_body
 from runs.errors import InvalidRequest
 from runs.history import history_for
 from runs.request import CreateResponseRequest, check_request_rules
-from runs.run import upstream_api_key
+from runs.token_estimate import estimate_tokens
 from runs.upstream.base import TokenCount
 from runs.upstream.router import UpstreamRouter
 from storage.base import Store
@@ -26,7 +25,6 @@ from storage.base import Store
 # The response header that tells how the count was made: `upstream`, `tokenizer` or `estimate`. A header, not a
 # field: the SDK's `InputTokenCountResponse` has none, and strict clients refuse fields it does not declare.
 COUNT_SOURCE_HEADER = "X-Input-Tokens-Source"
-CHARACTERS_PER_TOKEN = 4
 
 
 async def count_input_tokens(
@@ -39,8 +37,8 @@ async def count_input_tokens(
     check_history(request, history)
     provider_body = upstream_body(request, history)
     upstream = router.route(request.model)
-    counted = await upstream.count_input_tokens(provider_body, api_key=upstream_api_key(upstream, client_key))
-    return counted if counted is not None else estimate_tokens(provider_body)
+    counted = await upstream.count_input_tokens(provider_body, api_key=upstream.spec.call_key(client_key))
+    return counted if counted is not None else TokenCount(estimate_tokens(provider_body), "estimate")
 
 
 async def with_model(store: Store, body: dict[str, Any], *, tenant: str) -> dict[str, Any]:
@@ -57,10 +55,3 @@ async def with_model(store: Store, body: dict[str, Any], *, tenant: str) -> dict
             code="missing_required_parameter",
         )
     return body
-
-
-def estimate_tokens(body: dict[str, Any]) -> TokenCount:
-    """The gateway's estimate for a provider that cannot count: the characters of what the model reads."""
-    read = {key: body.get(key) for key in ("instructions", "input", "tools") if body.get(key) is not None}
-    characters = len(orjson.dumps(read).decode())
-    return TokenCount(math.ceil(characters / CHARACTERS_PER_TOKEN), "estimate")

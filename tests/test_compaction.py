@@ -115,3 +115,46 @@ async def test_bad_compact_requests_are_refused(compacting: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as broken_create:
         await client.responses.create(model="sim-1", input=damaged)
     assert broken_create.value.param == "input[1].encrypted_content"
+
+
+async def test_context_management_compacts_a_turn_that_reaches_the_threshold(
+    compacting: Gateway, key_prefix: str
+) -> None:
+    client = compacting.client
+    first = await client.responses.create(model="sim-1", input=_EARLIER)
+    compact_early: Any = [{"type": "compaction", "compact_threshold": 20}]
+    async with client.responses.stream(
+        model="sim-1", previous_response_id=first.id, input="Now the budget.", context_management=compact_early
+    ) as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_response()
+    kinds = [event.type for event in events]
+    assert kinds[2:5] == ["response.output_item.added", "response.compaction.compacting", "response.output_item.done"]
+    assert [item.type for item in final.output] == ["compaction", "message"]
+    message_events = [e for e in events if e.type == "response.output_item.added" and e.item.type == "message"]
+    assert [e.output_index for e in message_events] == [1]
+    assert final.usage is not None and final.output_text
+    stored = await client.responses.retrieve(final.id)
+    assert [item.type for item in stored.output] == ["compaction", "message"]
+
+    # The provider was given the compacted context (the summary, or the provider's own item), not the earlier
+    # assistant turn; and so is the next turn, which continues from the compacted one.
+    sent = (await sim_requests(compacting.extra["simulator"], key_prefix))[-1]
+    assert "museums first" not in str(sent)
+    assert "Now the budget." in str(sent) and "Add a fjord cruise." in str(sent)
+    after = await client.responses.create(model="sim-1", previous_response_id=final.id, input="Thanks.")
+    assert after.status == "completed"
+    sent = (await sim_requests(compacting.extra["simulator"], key_prefix))[-1]
+    assert "museums first" not in str(sent)
+    assert ("Summary of the earlier part" in str(sent)) == (compacting.extra["case"] != "responses")
+
+
+async def test_context_management_below_the_threshold_changes_nothing(compacting: Gateway) -> None:
+    relaxed: Any = [{"type": "compaction", "compact_threshold": 1_000_000}]
+    response = await compacting.client.responses.create(model="sim-1", input=_EARLIER, context_management=relaxed)
+    assert [item.type for item in response.output] == ["message"]
+    with pytest.raises(openai.BadRequestError) as unknown:
+        await compacting.client.responses.create(
+            model="sim-1", input="x", context_management=[{"type": "truncation"}]
+        )
+    assert unknown.value.param == "context_management[0].type"

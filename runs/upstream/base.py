@@ -33,6 +33,11 @@ class UpstreamSpec:
         """The provider's name for a model the client asked for."""
         return self.model_map.get(model, model)
 
+    def call_key(self, client_key: str | None) -> str | None:
+        """The key a provider call carries instead of the configured one: the client's own, for a pass-through
+        upstream."""
+        return client_key if self.forward_client_key else None
+
 
 @dataclass(frozen=True, slots=True)
 class TokenCount:
