@@ -133,7 +133,8 @@ async def test_context_management_compacts_a_turn_that_reaches_the_threshold(
     assert [item.type for item in final.output] == ["compaction", "message"]
     message_events = [e for e in events if e.type == "response.output_item.added" and e.item.type == "message"]
     assert [e.output_index for e in message_events] == [1]
-    assert final.usage is not None and final.output_text
+    assert final.usage is not None
+    assert final.output_text
     stored = await client.responses.retrieve(final.id)
     assert [item.type for item in stored.output] == ["compaction", "message"]
 
@@ -141,7 +142,8 @@ async def test_context_management_compacts_a_turn_that_reaches_the_threshold(
     # assistant turn; and so is the next turn, which continues from the compacted one.
     sent = (await sim_requests(compacting.extra["simulator"], key_prefix))[-1]
     assert "museums first" not in str(sent)
-    assert "Now the budget." in str(sent) and "Add a fjord cruise." in str(sent)
+    assert "Now the budget." in str(sent)
+    assert "Add a fjord cruise." in str(sent)
     after = await client.responses.create(model="sim-1", previous_response_id=final.id, input="Thanks.")
     assert after.status == "completed"
     sent = (await sim_requests(compacting.extra["simulator"], key_prefix))[-1]
@@ -154,7 +156,5 @@ async def test_context_management_below_the_threshold_changes_nothing(compacting
     response = await compacting.client.responses.create(model="sim-1", input=_EARLIER, context_management=relaxed)
     assert [item.type for item in response.output] == ["message"]
     with pytest.raises(openai.BadRequestError) as unknown:
-        await compacting.client.responses.create(
-            model="sim-1", input="x", context_management=[{"type": "truncation"}]
-        )
+        await compacting.client.responses.create(model="sim-1", input="x", context_management=[{"type": "truncation"}])
     assert unknown.value.param == "context_management[0].type"
