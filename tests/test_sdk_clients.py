@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 import pytest
 from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 from pydantic import BaseModel
@@ -102,3 +103,22 @@ async def test_an_agent_with_structured_output(sdk_gateway: Gateway) -> None:
     )
     result = await Runner.run(agent, "Forecast for Tromsø?")
     assert isinstance(result.final_output, Forecast)
+
+
+async def test_compact_and_count_tokens(sdk_gateway: Gateway) -> None:
+    client = sdk_gateway.client
+    earlier: Any = [
+        {"role": "user", "content": "Plan a weekend in Rome."},
+        {"role": "assistant", "content": "Day one: the Forum."},
+    ]
+    compacted = await client.responses.with_raw_response.compact(model="sim-1", input=earlier)
+    window = orjson.loads(compacted.content)["output"]
+    assert [item["type"] for item in window] == ["message", "compaction"]
+    counted = await client.responses.input_tokens.count(model="sim-1", input=[*window, _NEXT])
+    answered = await client.responses.create(model="sim-1", input=[*window, _NEXT])
+    assert answered.status == "completed"
+    assert answered.usage is not None
+    assert counted.input_tokens == answered.usage.input_tokens  # counted as the model then read it
+
+
+_NEXT: Any = {"role": "user", "content": "And day two?"}
