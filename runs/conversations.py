@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from runs.errors import Conflict, InvalidRequest, NotFound
 from runs.ids import new_id
-from runs.items import Json, normalise_items, stored_in_conversation
+from runs.items import Json, check_input_items, normalise_items, stored_in_conversation
 from runs.request import Metadata
 from runs.status import CONTINUABLE, ResponseStatus
 from storage.base import ConversationMissing, ConversationRecord, CursorNotFound, ResponseRecord, Store
@@ -69,6 +69,7 @@ def _pairs(items: list[Json]) -> list[tuple[str, bytes]]:
 
 
 async def create_conversation(store: Store, request: CreateConversationRequest, *, tenant: str) -> Json:
+    check_input_items(request.items or [], param="items")
     items = stored_in_conversation(normalise_items(request.items or []))
     _check_items(items)
     conversation_id = new_id("conv")
@@ -150,6 +151,7 @@ async def active_response(store: Store, conversation_id: str, *, tenant: str) ->
 async def add_items(store: Store, conversation_id: str, request: AddItemsRequest, *, tenant: str) -> list[Json]:
     """Append items; refused (409) while a response is running in the conversation."""
     await get_conversation(store, conversation_id, tenant=tenant)
+    check_input_items(request.items, param="items")
     items = stored_in_conversation(normalise_items(request.items))
     _check_items(items)
     try:

@@ -66,6 +66,50 @@ def normalise_items(raw: str | list[Json] | None) -> list[Json]:
     return items
 
 
+# The string fields the gateway itself reads from each kind of item (to list it, to store it in a conversation,
+# to turn history back into model input); anything else in an item is the provider's to judge.
+_REQUIRED_STRINGS = {
+    "function_call": ("call_id", "name", "arguments"),
+    "custom_tool_call": ("call_id", "name", "input"),
+    "function_call_output": ("call_id",),
+    "custom_tool_call_output": ("call_id",),
+    "compaction": ("encrypted_content",),
+}
+
+
+def check_input_items(items: Sequence[Any], param: str = "input") -> None:
+    """Each item has the shape the gateway relies on when it stores, lists or replays it: a 400 naming the
+    first one that does not, before anything is stored (an odd item stored once would break every later turn)."""
+    for index, item in enumerate(items):
+        where = f"{param}[{index}]"
+        kind = item.get("type", "message")
+        if not isinstance(kind, str):
+            raise InvalidRequest("Input item type must be a string.", param=f"{where}.type")
+        if "id" in item and not isinstance(item["id"], str):
+            raise InvalidRequest("Input item id must be a string.", param=f"{where}.id")
+        if kind == "message":
+            if "role" not in item:
+                raise InvalidRequest(
+                    "Missing required parameter: 'role'.", param=f"{where}.role", code="missing_required_parameter"
+                )
+            if not isinstance(item["role"], str):
+                raise InvalidRequest("Message role must be a string.", param=f"{where}.role")
+            content = item.get("content")
+            parts_typed = isinstance(content, list) and all(
+                isinstance(part, dict) and isinstance(part.get("type"), str) for part in content
+            )
+            if not (isinstance(content, str) or parts_typed):
+                raise InvalidRequest(
+                    "Message content must be a string or a list of content parts, each with a type.",
+                    param=f"{where}.content",
+                )
+        for name in _REQUIRED_STRINGS.get(kind, ()):
+            if not isinstance(item.get(name), str):
+                raise InvalidRequest(f"'{name}' must be a string.", param=f"{where}.{name}")
+        if kind in _ANSWERED_CALL and not isinstance(item.get("output"), (str, list)):
+            raise InvalidRequest("Tool output must be a string or a list of content parts.", param=f"{where}.output")
+
+
 # Each kind of tool output a client sends, and the kind of call it answers.
 _ANSWERED_CALL = {"function_call_output": "function_call", "custom_tool_call_output": "custom_tool_call"}
 

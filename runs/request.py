@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from runs.errors import InvalidRequest
+from runs.items import check_input_items
 
 Includable = Literal[
     "file_search_call.results",
@@ -119,12 +120,4 @@ def check_request_rules(request: CreateResponseRequest) -> None:
     ):
         raise InvalidRequest("Missing required parameter: 'input'.", param="input", code="missing_required_parameter")
     if isinstance(request.input, list):
-        for index, item in enumerate(request.input):
-            if not isinstance(item.get("type", "message"), str):
-                raise InvalidRequest("Input item type must be a string.", param=f"input[{index}].type")
-            if item.get("type", "message") == "message" and "role" not in item:
-                raise InvalidRequest(
-                    "Missing required parameter: 'role'.",
-                    param=f"input[{index}].role",
-                    code="missing_required_parameter",
-                )
+        check_input_items(request.input)

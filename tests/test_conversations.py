@@ -217,6 +217,10 @@ async def test_conversation_crud_and_pagination(gateway: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as too_many:
         await client.conversations.create(items=[{"role": "user", "content": str(n)} for n in range(21)])
     assert too_many.value.param == "items"
+    odd: Any = [{"role": "user", "content": "hi", "id": {"a": 1}}]
+    with pytest.raises(openai.BadRequestError) as odd_id:
+        await client.conversations.create(items=odd)
+    assert odd_id.value.param == "items[0].id"
     conversation = await client.conversations.create(
         items=[{"role": "user", "content": f"item {n}"} for n in range(20)], metadata={"a": "1"}
     )
@@ -226,6 +230,9 @@ async def test_conversation_crud_and_pagination(gateway: Gateway) -> None:
         conversation.id, items=[{"role": "assistant", "content": f"item {n}"} for n in range(20, 25)]
     )
     assert [item.content[0].text for item in added.data] == [f"item {n}" for n in range(20, 25)]  # type: ignore[union-attr]
+    with pytest.raises(openai.BadRequestError) as odd_type:
+        await client.conversations.items.create(conversation.id, items=[{"type": {"a": 1}}])  # type: ignore[list-item]
+    assert odd_type.value.param == "items[0].type"
     ascending = [item async for item in client.conversations.items.list(conversation.id, order="asc", limit=4)]
     assert [item.content[0].text for item in ascending] == [f"item {n}" for n in range(25)]  # type: ignore[union-attr]
     descending = [item async for item in client.conversations.items.list(conversation.id, limit=7)]

@@ -163,6 +163,12 @@ async def test_snapshot_matches_events_while_the_run_is_in_flight(gateway: Gatew
         ({"model": "sim-1", "input": "x", "background": True, "store": False}, "background"),
         ({"model": "sim-1", "input": "x", "stream_options": {"include_obfuscation": False}}, "stream_options"),
         ({"model": "sim-1", "input": [{"type": "message", "content": "no role"}]}, "input[0].role"),
+        # Items the gateway would store and replay later: odd ones are refused now, not found broken next turn.
+        ({"model": "sim-1", "input": [{"role": "user", "content": "hi", "id": {"a": 1}}]}, "input[0].id"),
+        ({"model": "sim-1", "input": [{"role": "user", "content": 5}]}, "input[0].content"),
+        ({"model": "sim-1", "input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
+        ({"model": "sim-1", "input": [{"type": ["x"]}]}, "input[0].type"),
+        ({"model": "sim-1", "input": "x", "context_management": [{"type": "other"}]}, "context_management[0].type"),
     ],
 )
 async def test_invalid_bodies_get_a_400_naming_the_param_and_store_nothing(
