@@ -62,6 +62,9 @@ class StorageConfig(_Section):
         return self
 
 
+_CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
+
+
 class UpstreamConfig(_Section):
     name: str = Field(min_length=1)
     kind: Literal["responses", "chat"] = "responses"
@@ -78,6 +81,15 @@ class UpstreamConfig(_Section):
     send_metadata: bool = False
     forward_client_key: bool = False
     headers: dict[str, str] = Field(default_factory=dict)  # sent with every call to this upstream
+
+    @field_validator("headers")
+    @classmethod
+    def _no_credentials_in_headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        # Config files get committed and pasted; credentials come from the environment (api_key_env) only.
+        named = sorted(name for name in headers if name.lower() in _CREDENTIAL_HEADERS)
+        if named:
+            raise ValueError(f"{', '.join(named)} would put a credential in the config file: use api_key_env")
+        return headers
 
     def to_spec(self) -> UpstreamSpec:
         """The runtime description; the API key is read from the environment now and never stored."""

@@ -120,3 +120,10 @@ def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
         load_settings(write(tmp_path, "server: [unclosed\n"))
     assert "not valid YAML" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_upstream_headers_are_sent_but_may_not_carry_credentials() -> None:
+    upstream = {"name": "a", "base_url": "http://x/v1", "headers": {"X-Title": "gateway"}}
+    assert load_settings(upstreams=[upstream]).upstreams[0].to_spec().extra_headers == {"X-Title": "gateway"}
+    with pytest.raises(ConfigError, match=r"^upstreams\.0\.headers: .*api_key_env"):
+        load_settings(upstreams=[{**upstream, "headers": {"Authorization": "Bearer sk-x"}}])
