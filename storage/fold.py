@@ -52,6 +52,28 @@ def _part(snapshot: Json, event: Json, field: str = "content", index_key: str = 
     return parts[index]
 
 
+def _as_part_logprob(entry: Any) -> Any:
+    """A delta event's logprob as an output text part holds it: with the token's UTF-8 `bytes` (events carry
+    none; the part's schema requires them), so a snapshot read mid-stream is as valid as the finished one."""
+    if not isinstance(entry, dict):
+        return entry
+    tops = entry.get("top_logprobs") or []
+    return {
+        "token": entry.get("token", ""),
+        "bytes": list(str(entry.get("token", "")).encode()),
+        "logprob": entry.get("logprob", 0.0),
+        "top_logprobs": [
+            {
+                "token": top.get("token", ""),
+                "bytes": list(str(top.get("token", "")).encode()),
+                "logprob": top.get("logprob", 0.0),
+            }
+            for top in tops
+            if isinstance(top, dict)
+        ],
+    }
+
+
 def apply_event(snapshot: Json, event: Json) -> Json:
     """Return the snapshot after `event`. Lifecycle events replace it (a shallow copy of the event's response: the
     caller hands the event over and does not change it afterwards); output events edit it in place; events that do
@@ -78,7 +100,7 @@ def apply_event(snapshot: Json, event: Json) -> Json:
         part = _part(snapshot, event)
         part["text"] = part.get("text", "") + event["delta"]
         if event.get("logprobs") and "logprobs" in part:
-            part["logprobs"] = [*(part["logprobs"] or []), *event["logprobs"]]
+            part["logprobs"] = [*(part["logprobs"] or []), *(_as_part_logprob(entry) for entry in event["logprobs"])]
     elif kind in ("response.output_text.done", "response.reasoning_text.done"):
         _part(snapshot, event)["text"] = event["text"]
     elif kind == "response.refusal.delta":

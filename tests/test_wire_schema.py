@@ -13,7 +13,7 @@ import pytest
 
 from gateway.config import load_settings
 from runs.request import CreateResponseRequest
-from runs.snapshot import initial_snapshot, upstream_reported
+from runs.snapshot import apply_event, initial_snapshot, upstream_reported
 from runs.status import ResponseStatus
 from tests.conftest import Gateway, serve_gateway
 from tests.strict_models import BODY_MODELS, check_event
@@ -176,3 +176,24 @@ async def test_every_event_and_body_satisfies_the_strict_models(
     )
     assert expected <= wire_check.event_types, expected - wire_check.event_types
     assert wire_check.bodies_checked >= 6
+
+
+def test_a_snapshot_folded_mid_stream_holds_logprobs_in_the_part_shape() -> None:
+    """Text deltas carry logprobs without `bytes`; the output text part they are folded into requires them."""
+    snapshot = _snapshot()
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    where = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    for event in (
+        {"type": "response.output_item.added", "output_index": 0, "item": message},
+        {"type": "response.content_part.added", **where, "part": part},
+        {
+            "type": "response.output_text.delta",
+            **where,
+            "delta": "Hé",
+            "logprobs": [{"token": "Hé", "logprob": -0.1, "top_logprobs": [{"token": "Ho", "logprob": -2.0}]}],
+        },
+    ):
+        snapshot = apply_event(snapshot, event)
+    BODY_MODELS["response"].model_validate(snapshot)
+    assert snapshot["output"][0]["content"][0]["logprobs"][0]["bytes"] == list("Hé".encode())
