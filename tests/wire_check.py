@@ -25,6 +25,7 @@ _CONVERSATION_ITEM_PATH = re.compile(r"^/v1/conversations/[^/]+/items/[^/]+$")
 
 @dataclass
 class _Written:
+    response: web.StreamResponse  # held until checked: its id() must not be reused by a later response
     method: str
     path: str
     status: int
@@ -47,7 +48,7 @@ class WireCheck:
         written = self.written.get(id(response))
         if written is None:
             written = self.written[id(response)] = _Written(
-                request.method, request.path, response.status, response.content_type
+                response, request.method, request.path, response.status, response.content_type
             )
         written.data += data
 
@@ -71,23 +72,26 @@ class WireCheck:
             return
         if written.content_type != "application/json" or written.status >= 400:
             return  # error envelopes are checked by the tests that provoke them
-        with contextlib.suppress(orjson.JSONDecodeError):
+        try:
             body = orjson.loads(written.data)
-            model: Any = None
-            if isinstance(body, dict):
-                model = body_model(written.path, body)
-                if model is None and written.method == "GET" and _CONVERSATION_ITEM_PATH.match(written.path):
-                    model = conversation_item_model()
-            if model is None:
-                return
-            self.bodies_checked += 1
-            try:
-                if isinstance(model, pydantic.TypeAdapter):
-                    model.validate_python(body)
-                else:
-                    model.model_validate(body)
-            except pydantic.ValidationError as error:
-                yield f"{where}: body {body.get('object')}: {_short(error)}"
+        except orjson.JSONDecodeError:
+            yield f"{where}: a JSON body that does not parse"
+            return
+        model: Any = None
+        if isinstance(body, dict):
+            model = body_model(written.path, body)
+            if model is None and written.method == "GET" and _CONVERSATION_ITEM_PATH.match(written.path):
+                model = conversation_item_model()
+        if model is None:
+            return
+        self.bodies_checked += 1
+        try:
+            if isinstance(model, pydantic.TypeAdapter):
+                model.validate_python(body)
+            else:
+                model.model_validate(body)
+        except pydantic.ValidationError as error:
+            yield f"{where}: body {body.get('object')}: {_short(error)}"
 
 
 def _short(error: pydantic.ValidationError | KeyError) -> str:
