@@ -161,7 +161,6 @@ def create_app(settings: Settings) -> web.Application:
         )
     app.cleanup_ctx.extend([_store_ctx, _upstreams_ctx, _live_events_ctx, _runs_ctx])
     health.add_routes(app)
-    # Before `/v1/responses/{response_id}`, whose path they would match.
     input_tokens.add_routes(app)
     compaction.add_routes(app)
     responses.add_routes(app)

@@ -1,15 +1,5 @@
-"""Compaction: a long context replaced by the user's own messages and one `compaction` item that stands for the
-rest (OpenAI's `POST /v1/responses/compact`, and `context_management` on create).
-
-A `responses` provider that compacts itself does it (its compaction items are its own, and go back to it as they
-are). Otherwise the gateway compacts: it asks the routed model for a summary of the items and returns a
-`compaction` item whose `encrypted_content` carries that summary, encoded (`rgw-compaction-v1.` + base64url of
-JSON). The content is opaque by contract, as OpenAI's is; it is not encrypted because it holds nothing the client
-could not read already (a summary of the client's own conversation), and a client that rewrote it would only
-change its own context, as editing its input would. Being self-contained it never expires and any instance
-expands it. When such an item comes back as input, the model is given the summary in its place, as a developer
-message.
-"""
+"""Compaction: a context replaced by the user's own messages and one `compaction` item (`/responses/compact`,
+`context_management`)."""
 
 from __future__ import annotations
 
@@ -25,13 +15,20 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from runs.errors import InvalidRequest
 from runs.history import previous_response_history
 from runs.ids import new_id
-from runs.items import Json, as_model_input, check_tool_outputs, normalise_items, stored_in_conversation
+from runs.items import (
+    Json,
+    as_model_input,
+    check_input_items,
+    check_tool_outputs,
+    normalise_items,
+    stored_in_conversation,
+)
 from runs.request import CreateResponseRequest
-from runs.snapshot import complete_usage
 from runs.token_estimate import estimate_tokens
 from runs.upstream.base import Upstream, UpstreamFailure
 from runs.upstream.retry import stream_with_retries
 from runs.upstream.router import UpstreamRouter
+from runs.usage import complete_usage
 from storage.base import Store
 
 CONTENT_PREFIX = "rgw-compaction-v1."
@@ -56,7 +53,12 @@ def is_gateway_compaction(item: Any) -> bool:
 
 
 def compaction_item(summary: str) -> Json:
-    """A new compaction item carrying `summary`."""
+    """A new compaction item carrying `summary` (for providers that do not compact themselves).
+
+    Its `encrypted_content` is `CONTENT_PREFIX` + base64url of JSON: opaque by contract, as OpenAI's is, but not
+    encrypted, since it holds nothing the client could not read already (a summary of its own conversation), and
+    a client that rewrote it would only change its own context, as editing its input would. Self-contained, it
+    never expires and any instance expands it (`expand_compactions`)."""
     content = base64.urlsafe_b64encode(orjson.dumps({"summary": summary})).decode()
     return {"id": new_id("cmp"), "type": "compaction", "encrypted_content": CONTENT_PREFIX + content}
 
@@ -86,22 +88,24 @@ def has_compaction(items: list[Any]) -> bool:
 
 
 def expand_compactions(items: list[Json]) -> list[Json]:
-    """Model input from items that hold compaction items. What came before the last one, except the user's own
-    messages, is what it stands for: it is left out (a compacted window is the user's messages followed by the
-    compaction item, whether the client sent it back or a history holds it). The last one itself goes to the
-    model as its summary (a developer message) when the gateway made it, as it is when a provider did."""
+    """Model input from items that hold compaction items. Before the last one, only the user's own messages and
+    what followed the last of them (a tool call and its output still being answered) are kept: the rest is what
+    it stands for. The gateway's own item goes to the model as its summary, first (a developer message: chat
+    templates take a system message only at the start); a provider's item stays where it is, for the provider."""
     last = max((index for index, item in enumerate(items) if item.get("type") == "compaction"), default=None)
     if last is None:
         return items
-    expanded: list[Json] = []
-    for index, item in enumerate(items):
-        if index < last and not _is_user_message(item):
-            continue
-        if index == last and is_gateway_compaction(item):
-            expanded.append({"role": "developer", "content": _SUMMARY_PREAMBLE + summary_of(item)})
-            continue
-        expanded.append(item)
-    return expanded
+    last_user = max((index for index in range(last) if _is_user_message(items[index])), default=-1)
+    kept = [
+        item
+        for index, item in enumerate(items)
+        if index > last or (index < last and (index > last_user or _is_user_message(item)))
+    ]
+    compaction = items[last]
+    if is_gateway_compaction(compaction):
+        return [{"role": "developer", "content": _SUMMARY_PREAMBLE + summary_of(compaction)}, *kept]
+    position = sum(1 for index in range(last) if index > last_user or _is_user_message(items[index]))
+    return [*kept[:position], compaction, *kept[position:]]
 
 
 def compacted_window(items: list[Json], compaction: Json) -> list[Json]:
@@ -132,8 +136,11 @@ async def summarise(
             elif kind == "response.failed":
                 error = (event.get("response") or {}).get("error") or {}
                 raise UpstreamFailure(str(error.get("message") or "the summary could not be made"))
-    summary = _output_text(final) if final is not None else ""
-    return summary or "".join(deltas), complete_usage((final or {}).get("usage"))
+    summary = (_output_text(final) if final is not None else "") or "".join(deltas)
+    if not summary.strip():
+        # An empty summary would stand for the whole context and erase it: better no compaction at all.
+        raise UpstreamFailure(f"upstream {upstream.spec.name!r} gave an empty summary; nothing was compacted.")
+    return summary, complete_usage((final or {}).get("usage"))
 
 
 def compacted_response(window: list[Json], usage: Json | None) -> Json:
@@ -145,6 +152,11 @@ def compacted_response(window: list[Json], usage: Json | None) -> Json:
         "output": window,
         "usage": usage or complete_usage({}),
     }
+
+
+def _after_last_user_message(items: list[Json]) -> list[Json]:
+    last_user = max((index for index, item in enumerate(items) if _is_user_message(item)), default=-1)
+    return items[last_user + 1 :]
 
 
 def _is_user_message(item: Any) -> bool:
@@ -183,6 +195,8 @@ async def compact(
     history: list[Json] = []
     if request.previous_response_id is not None:
         history = await previous_response_history(store, request.previous_response_id, tenant=tenant)
+    if isinstance(request.input, list):
+        check_input_items(request.input)
     own = normalise_items(request.input)
     check_tool_outputs(own, history)
     items = history + own
@@ -211,14 +225,14 @@ DEFAULT_COMPACT_THRESHOLD = 100_000
 
 
 @dataclass(frozen=True, slots=True)
-class TurnCompaction:
-    """A turn that compacts its context first: `body` is its provider body in the Responses form (history and
-    input), which reached the request's threshold."""
+class CompactionDue:
+    """A create whose context reached its `context_management` threshold: its turn compacts first. `body` is the
+    provider body in the Responses form (history and input) that is compacted."""
 
     body: Json
 
 
-def turn_compaction(request: CreateResponseRequest, body: Json) -> TurnCompaction | None:
+def compaction_due(request: CreateResponseRequest, body: Json) -> CompactionDue | None:
     """The compaction a create's turn starts with: when the request asks for it (`context_management`) and its
     input reaches the threshold, measured with the gateway's estimate (`runs.token_estimate`)."""
     entries = request.context_management
@@ -227,7 +241,7 @@ def turn_compaction(request: CreateResponseRequest, body: Json) -> TurnCompactio
     threshold = min(entry.compact_threshold or DEFAULT_COMPACT_THRESHOLD for entry in entries)
     if estimate_tokens(body) < threshold:
         return None
-    return TurnCompaction(body)
+    return CompactionDue(body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,33 +270,9 @@ async def compact_turn(upstream: Upstream, body: Json, *, api_key: str | None) -
         items = [item for item in window if item.get("type") == "compaction"]
         if not items:
             raise UpstreamFailure(f"upstream {upstream.spec.name!r} compacted without a compaction item.")
-        return CompactedTurn(items[-1], as_model_input(window), complete_usage(provider_compacted.get("usage")))
+        # The provider's window, then what the turn is still answering (as expand_compactions keeps it).
+        window_input = as_model_input(window) + _after_last_user_message(model_input)
+        return CompactedTurn(items[-1], window_input, complete_usage(provider_compacted.get("usage")))
     summary, usage = await summarise(upstream, model_input, model=str(body["model"]), api_key=api_key)
     item = compaction_item(summary)
-    return CompactedTurn(item, expand_compactions(compacted_window(model_input, item)), usage)
-
-
-def add_usage(first: Json | None, second: Json | None) -> Json | None:
-    """Two usages as one: a turn that compacted reports both model calls."""
-    if first is None or second is None:
-        return first or second
-    total = complete_usage(first) or {}
-    other = complete_usage(second) or {}
-    return {
-        **total,
-        "input_tokens": total["input_tokens"] + other["input_tokens"],
-        "input_tokens_details": {
-            **total["input_tokens_details"],
-            "cached_tokens": total["input_tokens_details"]["cached_tokens"]
-            + other["input_tokens_details"]["cached_tokens"],
-            "cache_write_tokens": total["input_tokens_details"]["cache_write_tokens"]
-            + other["input_tokens_details"]["cache_write_tokens"],
-        },
-        "output_tokens": total["output_tokens"] + other["output_tokens"],
-        "output_tokens_details": {
-            **total["output_tokens_details"],
-            "reasoning_tokens": total["output_tokens_details"]["reasoning_tokens"]
-            + other["output_tokens_details"]["reasoning_tokens"],
-        },
-        "total_tokens": total["total_tokens"] + other["total_tokens"],
-    }
+    return CompactedTurn(item, expand_compactions([*model_input, item]), usage)

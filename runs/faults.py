@@ -19,6 +19,8 @@ BOUNDARIES = (
     "admit.created",  # the response is stored and indexed or queued; its conversation turn is not taken yet
     "admit.turn_taken",  # the turn is taken; the run has not started
     "start.claimed",  # a queued or orphaned response is claimed; nothing written under the new lease yet
+    "run.compacting",  # a compacting turn's compaction item is announced and stored; no summary asked for yet
+    "run.compacted",  # the compaction item is stored whole; the compacted context not yet sent to the provider
     "run.output",  # the first output event is stored
     "finish.terminal_stored",  # the terminal event is stored; its follow-ups are not done
     "finish.turn_ended",  # the conversation turn is released; the index and idempotency key not yet settled

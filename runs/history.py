@@ -11,7 +11,7 @@ from runs.errors import Conflict, InvalidRequest, NotFound
 from runs.items import Json
 from runs.request import CreateResponseRequest
 from runs.status import CONTINUABLE, ResponseStatus
-from storage.base import Store
+from storage.base import ResponseRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,19 @@ def conversation_id_of(request: CreateResponseRequest) -> str | None:
     return request.conversation if isinstance(request.conversation, str) else request.conversation.id
 
 
+async def visible_previous_response(store: Store, previous_response_id: str, *, tenant: str) -> ResponseRecord:
+    """The tenant's stored response named by `previous_response_id`; 404 `previous_response_not_found` for one
+    that is missing, not stored, or another tenant's (alike: existence is not told across tenants)."""
+    record = await store.get_response(previous_response_id)
+    if record is None or not record.stored or record.tenant != tenant:
+        raise NotFound(
+            f"Previous response with id '{previous_response_id}' not found.",
+            param="previous_response_id",
+            code="previous_response_not_found",
+        )
+    return record
+
+
 async def previous_response_history(store: Store, previous_response_id: str, *, tenant: str) -> list[Json]:
     """Inputs and outputs of every response in the chain ending at `previous_response_id`, oldest first.
 
@@ -34,13 +47,7 @@ async def previous_response_history(store: Store, previous_response_id: str, *, 
     (409, and the SDK is told not to retry blindly), and a failed or cancelled one is not a checkpoint to build on
     (400). Instructions are not carried over, as in the OpenAI API.
     """
-    record = await store.get_response(previous_response_id)
-    if record is None or not record.stored or record.tenant != tenant:
-        raise NotFound(
-            f"Previous response with id '{previous_response_id}' not found.",
-            param="previous_response_id",
-            code="previous_response_not_found",
-        )
+    record = await visible_previous_response(store, previous_response_id, tenant=tenant)
     status = ResponseStatus(record.status)
     if status in (ResponseStatus.QUEUED, ResponseStatus.IN_PROGRESS):
         raise Conflict(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ import orjson
 
 from runs.admission import check_admissible, check_history, needs_history, new_response, upstream_body
 from runs.cancellation import cancel_response
-from runs.compaction import TurnCompaction, turn_compaction
+from runs.compaction import CompactionDue, compaction_due
 from runs.conversations import get_conversation
 from runs.errors import ApiError, TooManyRequests, Unavailable
 from runs.history import conversation_id_of, history_for
@@ -185,7 +185,7 @@ class RunManager:
         # Without history this is the body sent; with it, the body is made again once the history is read.
         body = upstream_body(request)
         provider_body = upstream.prepare(body)
-        compaction = turn_compaction(request, body)
+        compaction = compaction_due(request, body)
         caller = _Caller(tenant, api_key)
         # The provider call goes out now, before the response is built and stored, when its body is final and
         # nothing may yet decide against it (a used Idempotency-Key, a conversation's turn, a history to read):
@@ -244,7 +244,7 @@ class RunManager:
         upstream: Upstream,
         provider_body: Json,
         head_start: HeadStart | None,
-        compaction: TurnCompaction | None,
+        compaction: CompactionDue | None,
         *,
         queued: bool,
     ) -> Admission:
@@ -263,7 +263,7 @@ class RunManager:
             if history:
                 body = upstream_body(request, history)
                 provider_body = upstream.prepare(body)
-                compaction = turn_compaction(request, body)
+                compaction = compaction_due(request, body)
         owner = "" if queued else self.settings.instance_id
         record, snapshot = new_response(
             request,
@@ -299,7 +299,7 @@ class RunManager:
                 check_history(request, history)
                 body = upstream_body(request, history)
                 provider_body = upstream.prepare(body)
-                compaction = turn_compaction(request, body)
+                compaction = compaction_due(request, body)
         except (Exception, asyncio.CancelledError):
             if head_start is not None:
                 await head_start.discard()  # before the undo: the provider stops generating at once
@@ -343,7 +343,7 @@ class RunManager:
         caller: _Caller,
         slot_tenant: str,
         head_start: HeadStart | None = None,
-        compaction: TurnCompaction | None = None,
+        compaction: CompactionDue | None = None,
     ) -> ResponseRun:
         """Start a run in a slot the caller has taken (counted against `slot_tenant`)."""
         event_log = self.lifecycle.open_log(snapshot, next_sequence_number=next_sequence_number, lease=lease)
@@ -367,6 +367,28 @@ class RunManager:
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._forget(run, done))
         return run
+
+    @contextlib.asynccontextmanager
+    async def model_call_outside_a_run(self, tenant: str, max_tenant_runs: int | None) -> AsyncIterator[None]:
+        """A slot for a provider call that is not a response's run (compaction's summary, a token count): it
+        counts against the instance's and the key's limits like a run, and is refused (429, 503) the same way."""
+        if self._draining:
+            raise Unavailable("This gateway instance is shutting down; retry on another.", headers={"Retry-After": "1"})
+        if max_tenant_runs is not None and self._slots.by_tenant[tenant] >= max_tenant_runs:
+            raise TooManyRequests(
+                "Too many responses running for this API key; retry when one has finished.",
+                headers={"Retry-After": "1"},
+            )
+        if self.free_capacity == 0:
+            raise TooManyRequests(
+                "This gateway instance is running as many responses as it may; retry shortly.",
+                headers={"Retry-After": "1"},
+            )
+        self._slots.take(tenant)
+        try:
+            yield
+        finally:
+            self.give_back_slot(tenant)
 
     # -- starting and resuming runs the sweeper claims ----------------------------------------------------
 
@@ -429,7 +451,7 @@ class RunManager:
         # A pass-through upstream cannot get the client's key back after a restart: it was never stored.
         caller = _Caller(record.tenant, None)
         next_number = record.last_sequence_number + 1
-        compaction = turn_compaction(request, body)
+        compaction = compaction_due(request, body)
         self._start(request, upstream, provider_body, snapshot, next_number, lease, caller, SWEPT, None, compaction)
         return True
 

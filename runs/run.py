@@ -8,16 +8,17 @@ import logging
 import time
 from typing import Any
 
-from runs.compaction import CompactedTurn, TurnCompaction, add_usage, compact_turn
+from runs.compaction import CompactedTurn, CompactionDue, compact_turn
 from runs.event_log import EventLog
 from runs.faults import FaultPoints
 from runs.ids import new_id
 from runs.request import CreateResponseRequest
-from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, complete_usage, upstream_reported
+from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, upstream_reported
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
 from runs.upstream.base import Upstream, UpstreamFailure
 from runs.upstream.head_start import HeadStart
 from runs.upstream.retry import stream_with_retries
+from runs.usage import add_usage, complete_usage
 from storage.base import Lease, LeaseLost, LogRewound
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class ResponseRun:
         api_key: str | None = None,
         faults: FaultPoints | None = None,
         head_start: HeadStart | None = None,
-        compaction: TurnCompaction | None = None,
+        compaction: CompactionDue | None = None,
     ) -> None:
         self.request = request
         self.tenant = tenant
@@ -262,7 +263,7 @@ class ResponseRun:
         response = {**self._log.snapshot, "status": status.value}
         await self._log.emit({"type": STATUS_EVENT_TYPE[status], "response": response})
 
-    async def _compact_first(self, compaction: TurnCompaction, api_key: str | None) -> None:
+    async def _compact_first(self, compaction: CompactionDue, api_key: str | None) -> None:
         """Compact the turn's context before the provider call: the compaction item is announced (output 0),
         made, and stored; the provider is then sent the compacted context."""
         placeholder = {"id": new_id("cmp"), "type": "compaction", "encrypted_content": ""}
@@ -270,10 +271,14 @@ class ResponseRun:
         await self._log.emit({"type": "response.output_item.added", "output_index": 0, "item": placeholder})
         await self._log.emit({"type": "response.compaction.compacting", **where})
         await self._log.flush()
+        # Output has begun: a provider refusal from here on is a failed response, not a refusal to pass on.
+        self.emitted_output = True
+        await self._faults.reach("run.compacting", self.response_id)
         compacted = await compact_turn(self._upstream, compaction.body, api_key=api_key)
         item = {**compacted.item, "id": placeholder["id"]}  # one identity from added to done, as clients check
         await self._log.emit({"type": "response.output_item.done", "output_index": 0, "item": item})
         await self._log.flush()
+        await self._faults.reach("run.compacted", self.response_id)
         self._compacted = CompactedTurn(item, compacted.model_input, compacted.usage)
         self._upstream_body = self._upstream.prepare({**compaction.body, "input": compacted.model_input})
 

@@ -109,40 +109,6 @@ def upstream_reported(upstream_response: Json) -> Json:
     return reported
 
 
-def complete_usage(usage: Any) -> Json | None:
-    """An upstream's `usage` with every count the SDK's model requires: providers (and older OpenAI versions)
-    leave out details such as `cache_write_tokens`; a missing count is 0, a usage that is not an object is none."""
-    if not isinstance(usage, dict):
-        return None
-    input_details = _object(usage.get("input_tokens_details"))
-    output_details = _object(usage.get("output_tokens_details"))
-    input_tokens = _count(usage.get("input_tokens"))
-    output_tokens = _count(usage.get("output_tokens"))
-    return {
-        **usage,
-        "input_tokens": input_tokens,
-        "input_tokens_details": {
-            **input_details,
-            "cached_tokens": _count(input_details.get("cached_tokens")),
-            "cache_write_tokens": _count(input_details.get("cache_write_tokens")),
-        },
-        "output_tokens": output_tokens,
-        "output_tokens_details": {
-            **output_details,
-            "reasoning_tokens": _count(output_details.get("reasoning_tokens")),
-        },
-        "total_tokens": _count(usage.get("total_tokens")) or input_tokens + output_tokens,
-    }
-
-
-def _object(value: Any) -> Json:
-    return value if isinstance(value, dict) else {}
-
-
-def _count(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
 def echoed_tool(tool: Json) -> Json:
     """A request's tool as the Response echoes it: function tools carry `strict` (true unless the request said
     otherwise, as OpenAI defaults it) and `parameters`, as OpenAI's schema requires."""

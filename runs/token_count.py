@@ -1,11 +1,4 @@
-"""`POST /v1/responses/input_tokens`: how many tokens a request's input would take, counted where it would run.
-
-The request is the one `responses.create` would send (with `previous_response_id` or `conversation` resolved to
-the history the gateway keeps), routed by `model` like a create. Its upstream counts it: a `responses` provider
-with its own `input_tokens` endpoint, or a `chat` provider's tokenizer (`/tokenize`, as vLLM and llama.cpp serve
-it). Where the provider offers neither, the gateway estimates (`runs.token_estimate`: about four characters of the
-request's JSON per token). The answer says which in `COUNT_SOURCE_HEADER`.
-"""
+"""`POST /v1/responses/input_tokens`: a request's input tokens, counted by the upstream it would run on."""
 
 from __future__ import annotations
 
@@ -15,7 +8,7 @@ import orjson
 
 from runs.admission import check_history, upstream_body
 from runs.errors import InvalidRequest
-from runs.history import history_for
+from runs.history import history_for, visible_previous_response
 from runs.request import CreateResponseRequest, check_request_rules
 from runs.token_estimate import estimate_tokens
 from runs.upstream.base import TokenCount
@@ -30,8 +23,11 @@ COUNT_SOURCE_HEADER = "X-Input-Tokens-Source"
 async def count_input_tokens(
     store: Store, router: UpstreamRouter, request: CreateResponseRequest, *, tenant: str, client_key: str | None
 ) -> TokenCount:
-    """The input tokens of `request` (a count request read as the create it stands for, see `with_model`);
-    InvalidRequest / NotFound for what a create with the same fields would refuse, before the provider is asked."""
+    """The input tokens of `request` (a count request read as the create it stands for, history resolved),
+    counted by its upstream: a `responses` provider's own `input_tokens` endpoint, a `chat` provider's
+    tokenizer (`/tokenize` of vLLM and llama.cpp), else the gateway's estimate (`runs.token_estimate`); the
+    `TokenCount` says which. InvalidRequest / NotFound for what a create with the same fields would refuse,
+    before the provider is asked."""
     check_request_rules(request)
     history = await history_for(store, request, tenant=tenant)
     check_history(request, history)
@@ -45,9 +41,8 @@ async def with_model(store: Store, body: dict[str, Any], *, tenant: str) -> dict
     """The count request's body with a `model`: it may be left out when the request continues a previous
     response (whose model it then is); otherwise it names the upstream, so it is required."""
     if body.get("model") is None and isinstance(body.get("previous_response_id"), str):
-        record = await store.get_response(body["previous_response_id"])
-        if record is not None and record.stored and record.tenant == tenant:
-            body = {**body, "model": orjson.loads(record.snapshot).get("model")}
+        record = await visible_previous_response(store, body["previous_response_id"], tenant=tenant)
+        body = {**body, "model": orjson.loads(record.snapshot).get("model")}
     if body.get("model") is None:
         raise InvalidRequest(
             "Missing required parameter: 'model'. The gateway routes token counting by model.",

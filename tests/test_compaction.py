@@ -112,6 +112,9 @@ async def test_bad_compact_requests_are_refused(compacting: Gateway) -> None:
     with pytest.raises(openai.BadRequestError) as broken:
         await client.responses.compact(model="sim-1", input=damaged)
     assert broken.value.param == "input[1].encrypted_content"
+    with pytest.raises(openai.BadRequestError) as odd:
+        await client.responses.compact(model="sim-1", input=[{"type": "function_call", "call_id": "c", "name": "f"}])
+    assert odd.value.param == "input[0].arguments"
     with pytest.raises(openai.BadRequestError) as broken_create:
         await client.responses.create(model="sim-1", input=damaged)
     assert broken_create.value.param == "input[1].encrypted_content"
@@ -158,3 +161,21 @@ async def test_context_management_below_the_threshold_changes_nothing(compacting
     with pytest.raises(openai.BadRequestError) as unknown:
         await compacting.client.responses.create(model="sim-1", input="x", context_management=[{"type": "truncation"}])
     assert unknown.value.param == "context_management[0].type"
+
+
+async def test_a_compacted_turn_keeps_the_tool_output_it_answers(compacting: Gateway, key_prefix: str) -> None:
+    client = compacting.client
+    tool: Any = {"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {}}}
+    called = await client.responses.create(model="sim-1", input=_EARLIER, tools=[tool])
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    compact_early: Any = [{"type": "compaction", "compact_threshold": 20}]
+    answer: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": "Rain in Oslo all week."}]
+    answered = await client.responses.create(
+        model="sim-1", previous_response_id=called.id, input=answer, tools=[tool], context_management=compact_early
+    )
+    assert [item.type for item in answered.output] == ["compaction", "message"]
+    # The model still sees the call it made and the output that answers it (not only the user's messages).
+    sent = str((await sim_requests(compacting.extra["simulator"], key_prefix))[-1])
+    assert "Rain in Oslo all week." in sent
+    assert call.call_id in sent
+    assert "museums first" not in sent

@@ -108,7 +108,13 @@ async def _abandon(request: asyncio.Future[Any]) -> None:
 # -- every boundary: a process stopped there leaves nothing stuck ----------------------------------------------
 
 
-@pytest.mark.parametrize("boundary", [b for b in BOUNDARIES if b not in ("admit.key_claimed", "cancel.flagged")])
+# Boundaries every background conversation turn meets (the others have tests of their own below).
+_EVERY_TURN_MEETS = [
+    b for b in BOUNDARIES if b not in ("admit.key_claimed", "cancel.flagged", "run.compacting", "run.compacted")
+]
+
+
+@pytest.mark.parametrize("boundary", _EVERY_TURN_MEETS)
 async def test_a_gateway_stopped_at_any_boundary_leaves_nothing_stuck(
     boundary: str, shared_redis_url: str, simulator_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -157,6 +163,70 @@ async def test_a_gateway_stopped_at_any_boundary_leaves_nothing_stuck(
             follow_up = await b.client.responses.create(model="sim-1", input="again", conversation=conversation.id)
             assert follow_up.status == "completed"
         await _abandon(creating)
+
+
+_COMPACT_FIRST: Any = [{"type": "compaction", "compact_threshold": 1}]
+
+
+@pytest.mark.parametrize("boundary", ["run.compacting", "run.compacted"])
+async def test_a_gateway_stopped_while_compacting_a_turn_leaves_it_ended_once(
+    boundary: str, shared_redis_url: str, simulator_url: str, key_prefix: str
+) -> None:
+    """A stops dead while its run compacts the context (before, or after, the compaction is stored): B ends the
+    response `failed` (its output had begun, so it is never re-run), its conversation turn is free, and the
+    compacted context was never sent to the model."""
+    faults = frozen_at(boundary)
+    sim_tag = tag()
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
+        conversation = await a.client.conversations.create(items=[{"role": "user", "content": "earlier"}])
+        creating = asyncio.ensure_future(
+            a.client.responses.create(
+                model="sim-1",
+                input="hello",
+                background=True,
+                conversation=conversation.id,
+                metadata=slow(sim_tag),
+                context_management=_COMPACT_FIRST,
+            )
+        )
+        response_id = await asyncio.wait_for(faults.freezer.reached, 20)
+        async with instance(shared_redis_url, simulator_url, key_prefix) as b:
+            events = await eventually_settled(
+                store_of(b), response_id, within=TAKEOVER_SECONDS, conversation_id=conversation.id
+            )
+            final = events[-1]["response"]
+            assert final["status"] == "failed"
+            assert final["output"][0]["type"] == "compaction"
+            assert await upstream_calls(simulator_url, sim_tag) == 0  # the turn's own model call never went out
+            follow_up = await b.client.responses.create(model="sim-1", input="again", conversation=conversation.id)
+            assert follow_up.status == "completed"
+        await _abandon(creating)
+
+
+async def test_a_turn_cancelled_while_compacting_ends_cancelled_and_never_calls_the_model(
+    shared_redis_url: str, simulator_url: str, key_prefix: str
+) -> None:
+    held = asyncio.Event()
+
+    async def hold(boundary: str, response_id: str) -> None:
+        held.set()
+        await asyncio.sleep(30)  # a long summary call
+
+    faults = FaultPoints({"run.compacting": hold})
+    sim_tag = tag()
+    async with instance(shared_redis_url, simulator_url, key_prefix, faults=faults) as a:
+        response = await a.client.responses.create(
+            model="sim-1", input="hi", background=True, metadata=slow(sim_tag), context_management=_COMPACT_FIRST
+        )
+        await asyncio.wait_for(held.wait(), 10)
+        cancelled = await a.client.responses.cancel(response.id)
+        assert cancelled.status == "cancelled"
+        events = await assert_settled(store_of(a), response.id, status="cancelled")
+        assert [event["type"] for event in events][2:4] == [
+            "response.output_item.added",
+            "response.compaction.compacting",
+        ]
+        assert await upstream_calls(simulator_url, sim_tag) == 0
 
 
 async def test_a_key_claimed_by_a_dead_admission_is_taken_over(

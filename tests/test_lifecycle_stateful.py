@@ -34,7 +34,7 @@ from runs.idempotency import IdempotencyKey
 from runs.lifecycle import Lifecycle, RunSettings
 from runs.manager import RunManager
 from runs.ownership import Ownership
-from runs.request import CreateResponseRequest
+from runs.request import ContextManagement, CreateResponseRequest
 from runs.run import ResponseRun
 from runs.upstream.base import UpstreamSpec
 from runs.upstream.router import UpstreamRouter
@@ -66,6 +66,7 @@ class Plan:
     tokens: int
     delay_ms: int
     fault: str | None
+    compacts: bool  # context_management with a threshold every input reaches: compaction before the model call
 
 
 PLANS = st.builds(
@@ -76,6 +77,7 @@ PLANS = st.builds(
     tokens=st.integers(1, 8),
     delay_ms=st.sampled_from([2, 10, 40]),
     fault=st.sampled_from(FAULTS),
+    compacts=st.sampled_from([False, False, False, True]),
 )
 
 
@@ -254,6 +256,7 @@ class LifecycleMachine(RuleBasedStateMachine):
             store=plan.stored or plan.background or key is not None,
             conversation=conversation_id,
             metadata=metadata,
+            context_management=[ContextManagement(type="compaction", compact_threshold=1)] if plan.compacts else None,
         )
 
     @initialize(plans=st.lists(PLANS, min_size=1, max_size=3))

@@ -74,6 +74,9 @@ async def test_bad_count_requests_are_refused_before_the_provider_is_asked(
     with pytest.raises(openai.NotFoundError) as unknown:
         await counting.client.responses.input_tokens.count(model="sim-1", previous_response_id="resp_nope")
     assert unknown.value.param == "previous_response_id"
+    with pytest.raises(openai.NotFoundError) as unknown_without_model:
+        await counting.client.responses.input_tokens.count(previous_response_id="resp_nope")
+    assert unknown_without_model.value.param == "previous_response_id"
     with pytest.raises(openai.BadRequestError) as both:
         await counting.client.responses.input_tokens.count(
             model="sim-1", previous_response_id="resp_x", conversation="conv_y", input="hi"
@@ -137,3 +140,19 @@ async def test_chat_providers_are_counted_by_their_tokenizer_or_estimated(tokeni
     else:
         assert counted_by == "estimate"
         assert tokens > 0
+
+
+async def test_counting_and_compacting_take_a_slot_like_a_run(simulator_url: str) -> None:
+    """Calls to the provider outside a run count against the instance's limit: a full instance refuses them."""
+    settings = load_settings(upstreams=[_upstream("responses", simulator_url)], runs={"max_concurrent": 1})
+    async with serve_gateway(settings) as gateway:
+        client = gateway.client
+        running = await client.responses.create(
+            model="sim-1", input="x", background=True, metadata={"sim_fault": "hang"}
+        )
+        with pytest.raises(openai.RateLimitError):
+            await client.responses.input_tokens.count(model="sim-1", input="hi")
+        with pytest.raises(openai.RateLimitError):
+            await client.responses.compact(model="sim-1", input="hi")
+        await client.responses.cancel(running.id)
+        assert (await client.responses.input_tokens.count(model="sim-1", input="hi")).input_tokens > 0

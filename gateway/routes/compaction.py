@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from gateway.auth import PRINCIPAL
 from gateway.errors import invalid_body, json_response, upstream_refusal
 from gateway.routes.responses import read_json_object
-from gateway.state import ROUTER, STORE
+from gateway.state import ROUTER, RUN_MANAGER, STORE
 from runs.compaction import CompactRequest, compact
 from runs.upstream.base import UpstreamFailure
 
@@ -20,14 +20,16 @@ async def compact_context(request: web.Request) -> web.Response:
     except ValidationError as error:
         raise invalid_body(error) from None
     principal = request[PRINCIPAL]
+    manager = request.app[RUN_MANAGER]
     try:
-        compacted = await compact(
-            request.app[STORE],
-            request.app[ROUTER],
-            compact_request,
-            tenant=principal.tenant,
-            client_key=principal.api_key,
-        )
+        async with manager.model_call_outside_a_run(principal.tenant, principal.max_concurrent_runs):
+            compacted = await compact(
+                request.app[STORE],
+                request.app[ROUTER],
+                compact_request,
+                tenant=principal.tenant,
+                client_key=principal.api_key,
+            )
     except UpstreamFailure as failure:
         raise upstream_refusal(failure) from None
     return json_response(compacted)

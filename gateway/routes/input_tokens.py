@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from gateway.auth import PRINCIPAL
 from gateway.errors import invalid_body, json_response, upstream_refusal
 from gateway.routes.responses import read_json_object
-from gateway.state import ROUTER, STORE
+from gateway.state import ROUTER, RUN_MANAGER, STORE
 from runs.request import CreateResponseRequest
 from runs.token_count import COUNT_SOURCE_HEADER, count_input_tokens, with_model
 from runs.upstream.base import UpstreamFailure
@@ -23,10 +23,12 @@ async def count_tokens(request: web.Request) -> web.Response:
         count_request = CreateResponseRequest.model_validate(body)
     except ValidationError as error:
         raise invalid_body(error) from None
+    manager = request.app[RUN_MANAGER]
     try:
-        counted = await count_input_tokens(
-            store, request.app[ROUTER], count_request, tenant=principal.tenant, client_key=principal.api_key
-        )
+        async with manager.model_call_outside_a_run(principal.tenant, principal.max_concurrent_runs):
+            counted = await count_input_tokens(
+                store, request.app[ROUTER], count_request, tenant=principal.tenant, client_key=principal.api_key
+            )
     except UpstreamFailure as failure:
         raise upstream_refusal(failure) from None
     return json_response(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -10,6 +11,8 @@ from runs.upstream.base import TokenCount, UpstreamFailure, UpstreamSpec
 from runs.upstream.chat_request import ChatDialect, chat_request
 from runs.upstream.chat_stream import ChatStreamTranslator
 from runs.upstream.client import UpstreamClient
+
+log = logging.getLogger(__name__)
 
 
 class ChatUpstream:
@@ -58,7 +61,12 @@ class ChatUpstream:
         }
         if chat.get("tools"):
             request["tools"] = chat["tools"]
-        answer = await self._client.post_json("//tokenize", request, api_key)
+        try:
+            answer = await self._client.post_json("//tokenize", request, api_key)
+        except UpstreamFailure as failure:
+            # The tokenizer is an extra some servers have: one that fails leaves the count to the estimate.
+            log.warning("upstream %r could not tokenize (%s); estimating the count", self.spec.name, failure.message)
+            return None
         if answer is None:
             return None
         count, tokens = answer.get("count"), answer.get("tokens")
