@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.auth import Authenticator, auth_middleware
 from gateway.config import Settings
 from gateway.errors import MAX_BODY_BYTES, error_middleware
+from gateway.request_id import request_id_middleware, send_request_id
 from gateway.routes import compaction, conversations, health, input_tokens, models, responses
 from gateway.state import FAULTS, LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE
 from runs.faults import FaultPoints
@@ -149,8 +150,10 @@ def create_app(settings: Settings) -> web.Application:
     # aiohttp stops reading at client_max_size (Content-Length or chunked alike) and raises 413: a body is never
     # buffered beyond the limit.
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(authenticator)], client_max_size=settings.server.max_body_bytes
+        middlewares=[request_id_middleware, error_middleware, auth_middleware(authenticator)],
+        client_max_size=settings.server.max_body_bytes,
     )
+    app.on_response_prepare.append(send_request_id)
     app[SETTINGS] = settings
     app[MAX_BODY_BYTES] = settings.server.max_body_bytes
     if not settings.auth.enabled and settings.server.host not in LOOPBACK_HOSTS:

@@ -87,9 +87,13 @@ _CLIENT_FAULT_STATUSES = {
 }
 
 
-def upstream_refusal(failure: UpstreamFailure) -> ApiError:
+def upstream_refusal(failure: UpstreamFailure, request_id: str) -> ApiError:
     """The error a synchronous caller gets when the provider refused the turn before any output: what it would
-    have got from the provider directly (a failed Response with 200 would hide a 400 or a 429)."""
+    have got from the provider directly (a failed Response with 200 would hide a 400 or a 429). What the provider
+    said in full is logged under the request's id; the client gets the message without its internals."""
+    log.warning(
+        "request %s: upstream refused (status %s): %s", request_id, failure.status, failure.detail or failure.message
+    )
     if failure.status in _CLIENT_FAULT_STATUSES:
         return ApiError(
             failure.message, code=failure.code, status=failure.status, type=_CLIENT_FAULT_STATUSES[failure.status]

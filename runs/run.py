@@ -211,6 +211,8 @@ class ResponseRun:
         if error is None:
             return
         if isinstance(error, UpstreamFailure):
+            # The provider's own words in full, here only: the response's error carries the client's version.
+            log.warning("run %s: upstream failed: %s", self.response_id, error.detail or error.message)
             self.failure = error
             await self._fail(error.response_error_code(), error.message)
             return

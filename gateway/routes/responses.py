@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from gateway.auth import PRINCIPAL
 from gateway.errors import invalid_body, json_response, raw_json_response, upstream_refusal
 from gateway.pagination import PageQuery
+from gateway.request_id import request_id_of
 from gateway.sse import StreamSettings, open_stream, write_events
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
 from runs import idempotency, responses
@@ -171,7 +172,7 @@ async def _serve_created(
         if run.failure is not None and not run.emitted_output:
             if key is not None:
                 await idempotency.release_after_refusal(store, key, run.response_id)
-            raise upstream_refusal(run.failure)
+            raise upstream_refusal(run.failure, request_id_of(request))
         # What this instance ran is not the outcome: the store is. If the run was taken over (its lease lost) or
         # its end could not be written here, the response is finished elsewhere; follow it there.
         record = await wait_for_end(store, request.app[LIVE_EVENTS], run.response_id, _sync_wait_seconds(request))

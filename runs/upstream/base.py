@@ -59,9 +59,13 @@ class UpstreamFailure(Exception):
         code: str | None = None,
         retryable: bool = False,
         retry_after_seconds: float | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
+        # What the provider itself said, in full: for the gateway's log only (it may name the provider's files,
+        # hosts or stack frames), never for clients, who get `message`.
+        self.detail = detail
         self.status = status
         self.code = code
         self.retryable = retryable

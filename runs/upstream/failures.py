@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import email.utils
 import math
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -53,6 +54,29 @@ def _finite_delay(seconds: float) -> float | None:
     return max(seconds, 0.0) if math.isfinite(seconds) else None
 
 
+# Signs that a provider's message describes its own insides: a stack trace, a source file's path.
+_INTERNALS = re.compile(
+    r"Traceback \(most recent call last\)"
+    r"|File \"[^\"]+\", line \d+"
+    r"|(?:[A-Za-z]:)?[\\/][\w.\-\\/]+\.(?:py|pyx|rs|go|cpp|cc|c|h|hpp|js|ts|java|rb)\b"
+)
+CLIENT_MESSAGE_CHARS = 500
+DETAIL_CHARS = 4000
+
+
+def for_clients(message: str, status: int | None) -> str:
+    """A provider's message as a client may see it: kept unless it names the provider's insides (a generic
+    sentence instead), and bounded. The full text goes to the gateway's log (`UpstreamFailure.detail`)."""
+    if _INTERNALS.search(message):
+        kind = "failed" if status is None or status >= 500 else "refused the request"
+        return f"The model provider {kind}" + (f" (status {status})." if status is not None else ".")
+    return message if len(message) <= CLIENT_MESSAGE_CHARS else message[: CLIENT_MESSAGE_CHARS - 1] + "…"
+
+
+def _detail(body: bytes) -> str:
+    return body[:DETAIL_CHARS].decode("utf-8", errors="replace")
+
+
 def status_failure(status: int, body: bytes, headers: Mapping[str, str] | None) -> UpstreamFailure:
     """The provider answered a non-2xx status: its message and code when the body carries them, else the SDK's
     `Error code: <status>` (a non-JSON body, such as a proxy's HTML page, is not repeated to the client)."""
@@ -70,11 +94,12 @@ def status_failure(status: int, body: bytes, headers: Mapping[str, str] | None) 
     message = inner.get("message") if isinstance(inner, dict) else None
     code = inner.get("code") if isinstance(inner, dict) else None
     return UpstreamFailure(
-        message if isinstance(message, str) and message else fallback,
+        for_clients(message if isinstance(message, str) and message else fallback, status),
         status=status,
         code=code if isinstance(code, str) else None,
         retryable=status in RETRYABLE_STATUSES or status >= 500,
         retry_after_seconds=retry_after_seconds(headers),
+        detail=_detail(body),
     )
 
 
@@ -89,8 +114,10 @@ def stream_failure(upstream: str, error: object) -> UpstreamFailure:
     retryable, with the error's message and code when it has them."""
     message = error.get("message") if isinstance(error, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
+    said = message if isinstance(message, str) and message else STREAM_ERROR_MESSAGE
     return UpstreamFailure(
-        f"upstream {upstream!r} failed: {message if isinstance(message, str) and message else STREAM_ERROR_MESSAGE}",
+        f"upstream {upstream!r} failed: {for_clients(said, None)}",
         code=None if code is None else str(code),
         retryable=True,
+        detail=orjson.dumps(error).decode()[:DETAIL_CHARS] if isinstance(error, (dict, str)) else None,
     )
