@@ -53,14 +53,20 @@ class UpstreamRouter:
 
     def route(self, model: str) -> Upstream:
         """The upstream for `model`, or 404 `model_not_found`."""
-        for upstream in self._upstreams:
-            if model in upstream.spec.model_map or any(fnmatchcase(model, pattern) for pattern in upstream.spec.models):
-                return upstream
+        upstream = self._serving(model)
+        if upstream is not None:
+            return upstream
         raise NotFound(
             f"The model '{model}' does not exist or is not served by this gateway.",
             param="model",
             code="model_not_found",
         )
+
+    def _serving(self, model: str) -> Upstream | None:
+        for upstream in self._upstreams:
+            if model in upstream.spec.model_map or any(fnmatchcase(model, pattern) for pattern in upstream.spec.models):
+                return upstream
+        return None
 
     async def routable_models(self) -> list[RoutableModel]:
         """Every model id a request may name, in routing order: the exact names and `model_map` entries of each
@@ -75,8 +81,10 @@ class UpstreamRouter:
         for upstream, listed in zip(self._upstreams, listings, strict=True):
             spec = upstream.spec
             exact = [pattern for pattern in spec.models if not _GLOB_CHARACTERS & set(pattern)]
+            # A listed model that no pattern of this upstream admits (or that an earlier upstream takes) is left
+            # out: a request naming it would not reach this provider.
             for model in [*exact, *spec.model_map, *listed]:
-                if model not in seen and self.route(model) is upstream:
+                if model not in seen and self._serving(model) is upstream:
                     seen.add(model)
                     models.append(RoutableModel(model, spec.name))
         self._listed = (now, models)
