@@ -54,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="answer /v1/responses/compact and /v1/responses/input_tokens with 404, like a provider without them",
     )
+    simulate.add_argument(
+        "--chat-dialect",
+        choices=["openai", "llama-cpp-python", "vllm"],
+        default=defaults.chat_dialect,
+        help="imitate that server's Chat endpoint (structured output, usage); see simulator/plan.py",
+    )
+    simulate.add_argument(
+        "--extra-models", default="", help="comma-separated models /v1/models lists besides the simulator's own"
+    )
     return parser
 
 
@@ -146,7 +155,12 @@ def _exit_now(reason: str) -> None:
 def _simulate(args: argparse.Namespace) -> int:
     _configure_logging("INFO")
     settings = SimulatorSettings(
-        tokens=args.tokens, token_delay_ms=args.token_delay_ms, ttft_ms=args.ttft_ms, compact=args.compact
+        tokens=args.tokens,
+        token_delay_ms=args.token_delay_ms,
+        ttft_ms=args.ttft_ms,
+        compact=args.compact,
+        chat_dialect=args.chat_dialect,
+        extra_models=tuple(name.strip() for name in args.extra_models.split(",") if name.strip()),
     )
     log.info("simulated model server on http://%s:%d/v1", args.host, args.port)
     with contextlib.suppress(KeyboardInterrupt):

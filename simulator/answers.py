@@ -210,9 +210,25 @@ def responses_format(body: Mapping[str, Any]) -> OutputFormat:
     return _format(spec, "text.format", lambda spec: spec)
 
 
-def chat_format(body: Mapping[str, Any]) -> OutputFormat:
+# What llama-cpp-python answered a `json_schema` response_format with (a 500 naming its own source).
+LLAMA_CPP_JSON_SCHEMA_REFUSAL = (
+    "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n  Input should be 'text' or "
+    "'json_object' [type=literal_error] (/opt/venv/lib/python3.11/site-packages/llama_cpp/server/types.py:191)"
+)
+
+
+def chat_format(body: Mapping[str, Any], dialect: str = "openai") -> OutputFormat:
+    """The output format a Chat request asks for, as the server of `dialect` reads it."""
+    spec = body.get("response_format")
+    if dialect == "llama-cpp-python" and isinstance(spec, Mapping):
+        if spec.get("type") == "json_schema":
+            raise _RequestError(500, LLAMA_CPP_JSON_SCHEMA_REFUSAL)
+        if spec.get("type") == "json_object" and isinstance(spec.get("schema"), Mapping):
+            return OutputFormat("json_schema", spec["schema"])  # llama-cpp-python's own way to pass a schema
+    if dialect == "vllm" and isinstance(body.get("guided_json"), Mapping):
+        return OutputFormat("json_schema", body["guided_json"])
     # Chat nests the schema's name, schema and strict one level down, under "json_schema".
-    return _format(body.get("response_format"), "response_format", lambda spec: spec.get("json_schema"))
+    return _format(spec, "response_format", lambda spec: spec.get("json_schema"))
 
 
 def _format(spec: Any, param: str, schema_holder: Callable[[Mapping[str, Any]], Any]) -> OutputFormat:

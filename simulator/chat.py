@@ -218,7 +218,8 @@ def _prepare(request: web.Request, body: dict[str, Any]) -> _SimulatedChat:
     reasoning_count = _count(request, metadata, "sim_reasoning")
     tools = chat_tools(body)
     input_text = chat_input_text_of(body)
-    output_format = chat_format(body)
+    settings = request.app[SIM_SETTINGS_KEY]
+    output_format = chat_format(body, settings.chat_dialect)
     if _knob(request, metadata, "sim_tool_calls") is not None:
         # The knob decides outright: N calls, or (0) text whatever the tools.
         call_count = _count(request, metadata, "sim_tool_calls")
@@ -242,7 +243,10 @@ def _prepare(request: web.Request, body: dict[str, Any]) -> _SimulatedChat:
         calls = [answer.call] if answer.call is not None else []
     stream_options = body.get("stream_options")
     include_usage = (
-        bool(body.get("stream")) and isinstance(stream_options, Mapping) and bool(stream_options.get("include_usage"))
+        bool(body.get("stream"))
+        and isinstance(stream_options, Mapping)
+        and bool(stream_options.get("include_usage"))
+        and settings.chat_dialect != "llama-cpp-python"  # it streams no usage, asked or not
     )
     return _SimulatedChat(
         plan=plan,

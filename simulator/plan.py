@@ -36,6 +36,13 @@ class SimulatorSettings:
     # Serve /v1/responses/compact and /v1/responses/input_tokens; False (``simulate --no-compact``) answers
     # them 404, like a Responses provider without them, so a gateway's fallback can be tested.
     compact: bool = True
+    # How the Chat endpoint behaves (``simulate --chat-dialect``): "openai"; "llama-cpp-python", which refuses a
+    # ``json_schema`` response_format with a 500 naming its own source file (as that server does), takes
+    # ``{"type": "json_object", "schema": …}`` instead, and never streams usage; "vllm", which also takes a
+    # schema as ``guided_json``.
+    chat_dialect: str = "openai"
+    # Models ``GET /v1/models`` lists besides the simulator's own (``simulate --extra-models a,b``).
+    extra_models: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

@@ -360,8 +360,13 @@ async def _unknown_route(request: web.Request) -> web.Response:
 
 
 async def _list_models(request: web.Request) -> web.Response:
-    model = {"id": SIM_MODEL_ID, "object": "model", "created": 0, "owned_by": "simulator"}
-    return _json({"object": "list", "data": [model]})
+    names = (SIM_MODEL_ID, *request.app[SIM_SETTINGS_KEY].extra_models)
+    return _json(
+        {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "simulator"} for name in names],
+        }
+    )
 
 
 async def _stats(request: web.Request) -> web.Response:
