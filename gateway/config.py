@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,7 @@ from pydantic_settings import (
 
 from runs.store import STORAGE_URL_PREFIXES
 from runs.upstream.base import UpstreamSpec
+from runs.upstream.dialects import PRESETS
 
 CONFIG_ENV = "GATEWAY_CONFIG"
 
@@ -62,6 +63,13 @@ class StorageConfig(_Section):
         return self
 
 
+_T = TypeVar("_T")
+
+
+def _chosen(option: _T | None, preset: _T) -> _T:
+    return preset if option is None else option
+
+
 _CREDENTIAL_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization"})
 
 
@@ -76,8 +84,13 @@ class UpstreamConfig(_Section):
     retry_backoff_seconds: float = Field(0.5, ge=0)
     connect_timeout_seconds: float = Field(10.0, gt=0)
     read_timeout_seconds: float = Field(600.0, gt=0)
-    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
-    reasoning_effort: bool = False
+    # Chat only: the server's dialect (runs/upstream/dialects.py), and each of its options to override one by one.
+    dialect: Literal["generic", "openai", "vllm", "llama.cpp", "ollama"] = "generic"
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None
+    reasoning_effort: bool | None = None
+    json_schema: Literal["response_format", "json_object_schema", "guided_json"] | None = None
+    stream_usage: bool | None = None
+    developer_role: bool | None = None
     send_metadata: bool = False
     forward_client_key: bool = False
     headers: dict[str, str] = Field(default_factory=dict)  # sent with every call to this upstream
@@ -94,6 +107,7 @@ class UpstreamConfig(_Section):
     def to_spec(self) -> UpstreamSpec:
         """The runtime description; the API key is read from the environment now and never stored."""
         api_key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        preset = PRESETS[self.dialect]
         return UpstreamSpec(
             name=self.name,
             kind=self.kind,
@@ -105,8 +119,11 @@ class UpstreamConfig(_Section):
             retry_backoff_seconds=self.retry_backoff_seconds,
             connect_timeout_seconds=self.connect_timeout_seconds,
             read_timeout_seconds=self.read_timeout_seconds,
-            max_tokens_field=self.max_tokens_field,
-            reasoning_effort=self.reasoning_effort,
+            max_tokens_field=_chosen(self.max_tokens_field, preset.max_tokens_field),
+            reasoning_effort=_chosen(self.reasoning_effort, preset.reasoning_effort),
+            json_schema=_chosen(self.json_schema, preset.json_schema),
+            stream_usage=_chosen(self.stream_usage, preset.stream_usage),
+            developer_role=_chosen(self.developer_role, preset.developer_role),
             send_metadata=self.send_metadata,
             forward_client_key=self.forward_client_key,
             extra_headers=dict(self.headers),

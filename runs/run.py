@@ -13,7 +13,7 @@ from runs.event_log import EventLog
 from runs.faults import FaultPoints
 from runs.ids import new_id
 from runs.request import CreateResponseRequest
-from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, upstream_reported
+from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, upstream_reported, with_notes
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
 from runs.upstream.base import Upstream, UpstreamFailure
 from runs.upstream.head_start import HeadStart
@@ -287,6 +287,11 @@ class ResponseRun:
     async def _end_from_upstream(self, status: ResponseStatus, upstream_response: dict[str, Any]) -> None:
         output = upstream_response.get("output")
         usage = upstream_response.get("usage")
+        reported = upstream_reported(upstream_response)
+        metadata = self._log.snapshot.get("metadata") or {}
+        noted = with_notes(metadata, upstream_response.get("metadata"))
+        if noted != metadata:
+            reported["metadata"] = noted
         if self._compacted is not None:
             output = [self._compacted.item, *output] if isinstance(output, list) else None
             usage = add_usage(usage, self._compacted.usage)
@@ -296,7 +301,7 @@ class ResponseRun:
             usage=usage,
             error=upstream_response.get("error"),
             incomplete_details=upstream_response.get("incomplete_details"),
-            reported=upstream_reported(upstream_response),
+            reported=reported,
         )
 
     async def _end_after_loss(self) -> None:

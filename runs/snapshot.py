@@ -109,6 +109,23 @@ def upstream_reported(upstream_response: Json) -> Json:
     return reported
 
 
+MAX_METADATA_PAIRS = 16
+
+
+def with_notes(metadata: Json, notes: Any) -> Json:
+    """`metadata` plus what an upstream adapter noted in its final Response's metadata (how usage was counted,
+    what was dropped): only keys the response does not have, only strings, within OpenAI's metadata limits."""
+    if not isinstance(notes, dict):
+        return metadata
+    merged = dict(metadata)
+    for key, value in notes.items():
+        if len(merged) >= MAX_METADATA_PAIRS:
+            break
+        if isinstance(key, str) and isinstance(value, str) and key not in merged and len(key) <= 64:
+            merged[key] = value[:512]
+    return merged
+
+
 def echoed_tool(tool: Json) -> Json:
     """A request's tool as the Response echoes it: function tools carry `strict` (true unless the request said
     otherwise, as OpenAI defaults it) and `parameters`, as OpenAI's schema requires."""

@@ -26,6 +26,9 @@ class UpstreamSpec:
     model_map: dict[str, str] = field(default_factory=dict)
     max_tokens_field: str = "max_tokens"
     reasoning_effort: bool = False
+    json_schema: str = "response_format"  # chat only: how a JSON schema is sent (runs/upstream/chat_request.py)
+    stream_usage: bool = True  # chat only: whether the stream carries usage when asked
+    developer_role: bool = False  # chat only: whether a developer message may be sent as such
     send_metadata: bool = False
     forward_client_key: bool = False  # send the client's own API key instead of the configured one
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, cast
 
+import orjson
+
+from runs.token_estimate import CHARACTERS_PER_TOKEN
 from runs.upstream.base import TokenCount, UpstreamFailure, UpstreamSpec
-from runs.upstream.chat_request import ChatDialect, chat_request
+from runs.upstream.chat_request import ChatDialect, JsonSchemaStyle, chat_request
 from runs.upstream.chat_stream import ChatStreamTranslator
 from runs.upstream.client import UpstreamClient
 
@@ -25,6 +29,9 @@ class ChatUpstream:
         self._dialect = ChatDialect(
             max_tokens_field=spec.max_tokens_field,
             reasoning_effort=spec.reasoning_effort,
+            json_schema=cast(JsonSchemaStyle, spec.json_schema),
+            stream_usage=spec.stream_usage,
+            developer_role=spec.developer_role,
             send_metadata=spec.send_metadata,
         )
 
@@ -47,20 +54,21 @@ class ChatUpstream:
             raise UpstreamFailure(
                 f"upstream {self.spec.name!r} ended the stream without a finish reason.", retryable=True
             )
-        yield list(translator.finish())
+        final = list(translator.finish())
+        response = final[-1].get("response") if final else None
+        if isinstance(response, dict) and response.get("usage") is None:
+            await self._count_usage(body, response, api_key)
+        yield final
 
     async def count_input_tokens(self, body: dict[str, Any], *, api_key: str | None = None) -> TokenCount | None:
         """Asks the provider's tokenizer (`POST /tokenize` beside `/v1`): vLLM counts the chat messages with the
         model's chat template (`messages`); llama.cpp counts the text (`content`, the messages' text joined)."""
         chat = self.prepare(body)
-        request: dict[str, Any] = {
-            "model": chat["model"],
-            "messages": chat["messages"],
-            "content": "\n".join(_message_text(message) for message in chat["messages"]),
-            "add_generation_prompt": True,
-        }
-        if chat.get("tools"):
-            request["tools"] = chat["tools"]
+        count = await self._tokenize(_prompt_request(chat), api_key)
+        return None if count is None else TokenCount(count, "tokenizer")
+
+    async def _tokenize(self, request: dict[str, Any], api_key: str | None) -> int | None:
+        """How many tokens the provider's `/tokenize` makes of `request`; None when it has none (or it failed)."""
         try:
             answer = await self._client.post_json("//tokenize", request, api_key)
         except UpstreamFailure as failure:
@@ -71,10 +79,31 @@ class ChatUpstream:
             return None
         count, tokens = answer.get("count"), answer.get("tokens")
         if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-            return TokenCount(count, "tokenizer")
+            return count
         if isinstance(tokens, list):
-            return TokenCount(len(tokens), "tokenizer")
+            return len(tokens)
         return None  # an endpoint of that name that is not a tokenizer: estimate instead
+
+    async def _count_usage(self, chat: dict[str, Any], response: dict[str, Any], api_key: str | None) -> None:
+        """Fill in the `usage` of a turn whose stream carried none (llama-cpp-python never sends it): counted
+        by the provider's tokenizer, else the gateway's estimate; `metadata.usage` says which (the SDK's usage
+        has no field for it)."""
+        output_text = _output_text(response)
+        prompt = await self._tokenize(_prompt_request(chat), api_key)
+        completion = None if prompt is None else await self._tokenize(_text_request(chat, output_text), api_key)
+        source = "tokenizer"
+        if prompt is None or completion is None:
+            source = "estimated"
+            prompt = math.ceil(len(orjson.dumps(chat["messages"])) / CHARACTERS_PER_TOKEN)
+            completion = math.ceil(len(output_text) / CHARACTERS_PER_TOKEN)
+        response["usage"] = {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion,
+        }
+        response["metadata"] = {"usage": f"counted by the gateway ({source})"}
 
     async def compact(self, body: dict[str, Any], *, api_key: str | None = None) -> dict[str, Any] | None:
         return None  # Chat Completions has no compaction: the gateway summarises with the model itself
@@ -93,3 +122,36 @@ def _message_text(message: dict[str, Any]) -> str:
     if isinstance(content, list):
         return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
     return ""
+
+
+def _prompt_request(chat: dict[str, Any]) -> dict[str, Any]:
+    """A /tokenize body for a chat request's prompt, in both servers' shapes: vLLM reads `messages` (applying the
+    chat template), llama.cpp `content` (the messages' text joined)."""
+    request: dict[str, Any] = {
+        "model": chat["model"],
+        "messages": chat["messages"],
+        "content": "\n".join(_message_text(message) for message in chat["messages"]),
+        "add_generation_prompt": True,
+    }
+    if chat.get("tools"):
+        request["tools"] = chat["tools"]
+    return request
+
+
+def _text_request(chat: dict[str, Any], text: str) -> dict[str, Any]:
+    """A /tokenize body for plain text: vLLM reads `prompt`, llama.cpp `content`."""
+    return {"model": chat["model"], "prompt": text, "content": text, "add_special_tokens": False}
+
+
+def _output_text(response: dict[str, Any]) -> str:
+    """Everything the model wrote: message text, tool call arguments, reasoning."""
+    pieces: list[str] = []
+    for item in response.get("output") or []:
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "function_call":
+            pieces.append(f"{item.get('name', '')}{item.get('arguments', '')}")
+        for part in item.get("content") or []:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                pieces.append(part["text"])
+    return "".join(pieces)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from runs.errors import InvalidRequest
 
@@ -21,12 +21,23 @@ _SAME_NAME = (
 )
 
 
+# How a provider takes a JSON schema for structured output: OpenAI's `response_format` json_schema;
+# `{"type": "json_object", "schema": …}` (llama-cpp-python, which refuses json_schema); vLLM's `guided_json`.
+JsonSchemaStyle = Literal["response_format", "json_object_schema", "guided_json"]
+
+
 @dataclass(frozen=True, slots=True)
 class ChatDialect:
     """What one Chat Completions provider accepts beyond the common core."""
 
     max_tokens_field: str = "max_tokens"  # OpenAI's reasoning models want "max_completion_tokens"
     reasoning_effort: bool = False  # whether `reasoning_effort` may be sent
+    json_schema: JsonSchemaStyle = "response_format"
+    # Whether the stream ends with a usage chunk when asked (`stream_options.include_usage`); when not, the gateway
+    # counts usage itself (runs/upstream/chat_usage.py).
+    stream_usage: bool = True
+    # Whether a `developer` message may be sent as such; most self-hosted chat templates know only `system`.
+    developer_role: bool = False
     # The Response's metadata belongs to the gateway; OpenAI's Chat refuses `metadata` without `store: true`, so it
     # is only sent to providers known to take it (the simulator reads its knobs from it).
     send_metadata: bool = False
@@ -83,7 +94,7 @@ def _user_content(content: Any, param: str) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _messages(instructions: str | None, input_value: Any) -> list[dict[str, Any]]:
+def _messages(instructions: str | None, input_value: Any, *, developer_role: bool = False) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if instructions:
         messages.append({"role": "system", "content": instructions})
@@ -101,7 +112,7 @@ def _messages(instructions: str | None, input_value: Any) -> list[dict[str, Any]
                 messages.append({"role": "assistant", "content": _text_of(item.get("content"), f"{param}.content")})
             elif role in ("user", "system", "developer"):
                 # Most self-hosted servers know no "developer" role; it means what "system" means to them.
-                chat_role = "system" if role == "developer" else role
+                chat_role = "system" if role == "developer" and not developer_role else role
                 messages.append({"role": chat_role, "content": _user_content(item.get("content"), f"{param}.content")})
             else:
                 raise InvalidRequest(f"Unknown message role {role!r}.", param=f"{param}.role")
@@ -155,16 +166,23 @@ def _tool_choice(choice: Any) -> Any:
     raise InvalidRequest("This tool_choice is not supported by this model's API.", param="tool_choice")
 
 
-def _response_format(text: dict[str, Any]) -> dict[str, Any] | None:
+def _structured_output(text: dict[str, Any], style: JsonSchemaStyle) -> dict[str, Any]:
+    """The Chat fields that ask for `text.format`, in the provider's own style (empty for plain text)."""
     format_ = text.get("format") or {"type": "text"}
+    if not isinstance(format_, dict):
+        raise InvalidRequest("text.format must be an object.", param="text.format")
     kind = format_.get("type")
     if kind == "text":
-        return None
+        return {}
     if kind == "json_object":
-        return {"type": "json_object"}
+        return {"response_format": {"type": "json_object"}}
     if kind == "json_schema":
+        if style == "json_object_schema":
+            return {"response_format": {"type": "json_object", "schema": format_.get("schema")}}
+        if style == "guided_json":
+            return {"guided_json": format_.get("schema")}
         schema = {key: format_[key] for key in ("name", "schema", "strict", "description") if key in format_}
-        return {"type": "json_schema", "json_schema": schema}
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
     raise InvalidRequest(f"Unknown text format type {kind!r}.", param="text.format.type")
 
 
@@ -176,10 +194,11 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
     """
     chat: dict[str, Any] = {
         "model": model,
-        "messages": _messages(body.get("instructions"), body.get("input")),
+        "messages": _messages(body.get("instructions"), body.get("input"), developer_role=dialect.developer_role),
         "stream": True,
-        "stream_options": {"include_usage": True},
     }
+    if dialect.stream_usage:
+        chat["stream_options"] = {"include_usage": True}
     for name in _SAME_NAME:
         if body.get(name) is not None:
             chat[name] = body[name]
@@ -194,9 +213,7 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
     if body.get("max_output_tokens") is not None:
         chat[dialect.max_tokens_field] = body["max_output_tokens"]
     if body.get("text"):
-        response_format = _response_format(body["text"])
-        if response_format is not None:
-            chat["response_format"] = response_format
+        chat.update(_structured_output(body["text"], dialect.json_schema))
         if body["text"].get("verbosity") is not None:
             chat["verbosity"] = body["text"]["verbosity"]
     reasoning = body.get("reasoning") or {}
