@@ -91,6 +91,9 @@ class UpstreamConfig(_Section):
     json_schema: Literal["response_format", "json_object_schema", "guided_json"] | None = None
     stream_usage: bool | None = None
     developer_role: bool | None = None
+    # Chat only: what Chat cannot do (hosted tools, reasoning summaries, …) is refused naming the parameter
+    # (reject), or left out, logged once and noted in the response's metadata (drop).
+    unsupported: Literal["reject", "drop"] = "reject"
     send_metadata: bool = False
     forward_client_key: bool = False
     headers: dict[str, str] = Field(default_factory=dict)  # sent with every call to this upstream
@@ -124,6 +127,7 @@ class UpstreamConfig(_Section):
             json_schema=_chosen(self.json_schema, preset.json_schema),
             stream_usage=_chosen(self.stream_usage, preset.stream_usage),
             developer_role=_chosen(self.developer_role, preset.developer_role),
+            drop_unsupported=self.unsupported == "drop",
             send_metadata=self.send_metadata,
             forward_client_key=self.forward_client_key,
             extra_headers=dict(self.headers),

@@ -159,14 +159,15 @@ def as_model_input(items: list[Json]) -> list[Json]:
             else:
                 converted.append({"role": item.get("role", "user"), "content": item.get("content", "")})
         elif kind == "function_call":
-            converted.append(
-                {
-                    "type": "function_call",
-                    "call_id": item["call_id"],
-                    "name": item["name"],
-                    "arguments": item["arguments"],
-                }
-            )
+            call = {
+                "type": "function_call",
+                "call_id": item["call_id"],
+                "name": item["name"],
+                "arguments": item["arguments"],
+            }
+            if item.get("namespace"):
+                call["namespace"] = item["namespace"]  # a namespace tool's function: the name alone is not enough
+            converted.append(call)
         elif kind == "function_call_output":
             converted.append({"type": "function_call_output", "call_id": item["call_id"], "output": item["output"]})
         elif kind == "reasoning":

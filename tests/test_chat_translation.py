@@ -21,7 +21,7 @@ from openai.types.responses import Response
 
 from gateway.config import load_settings
 from runs.errors import InvalidRequest
-from runs.upstream.chat_request import ChatDialect, chat_request
+from runs.upstream.chat_request import GATEWAY_NOTES, ChatDialect, chat_request
 from runs.upstream.chat_stream import ChatStreamTranslator
 from tests.conftest import serve_gateway
 from tests.strict_models import check_event
@@ -211,7 +211,7 @@ def test_request_translation_options() -> None:
         ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
         ({"truncation": "auto"}, "truncation"),
         ({"max_tool_calls": 2}, "max_tool_calls"),
-        ({"include": ["reasoning.encrypted_content"]}, "include[0]"),
+        ({"include": ["web_search_call.action.sources"]}, "include[0]"),
         ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
         ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "input[0]"),
         ({"input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]}, "input[0].content[0]"),
@@ -225,6 +225,25 @@ def test_what_chat_cannot_honour_is_a_400_naming_it(extra: dict[str, Any], param
     with pytest.raises(InvalidRequest) as caught:
         chat_request({"model": "m", "input": "hi", **extra}, model="m", dialect=DIALECT)
     assert caught.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("extra", "dropped"),
+    [
+        ({"tools": [{"type": "web_search"}]}, ["tools[0]"]),
+        ({"reasoning": {"effort": "high", "summary": "auto"}}, ["reasoning.effort", "reasoning.summary"]),
+        ({"truncation": "auto", "max_tool_calls": 2}, ["truncation", "max_tool_calls"]),
+        ({"include": ["web_search_call.action.sources", "reasoning.encrypted_content"]}, ["include[0]"]),
+        ({"input": [{"type": "web_search_call", "id": "ws_1"}, {"role": "user", "content": "hi"}]}, ["input[0]"]),
+    ],
+)
+def test_under_the_drop_policy_what_chat_cannot_do_is_left_out_and_noted(
+    extra: dict[str, Any], dropped: list[str]
+) -> None:
+    chat = chat_request({"model": "m", "input": "hi", **extra}, model="m", dialect=ChatDialect(drop_unsupported=True))
+    assert chat[GATEWAY_NOTES]["dropped"] == dropped
+    assert "tools" not in chat
+    assert "reasoning_effort" not in chat
 
 
 # Recorded streams through a real gateway.

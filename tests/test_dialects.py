@@ -169,3 +169,68 @@ def test_presets_and_their_overrides() -> None:
     llama = spec(dialect="llama.cpp", stream_usage=True)  # an option wins over its preset
     assert (llama.json_schema, llama.stream_usage, llama.max_tokens_field) == ("json_object_schema", True, "max_tokens")
     assert spec().json_schema == "response_format"  # generic: what the gateway always sent
+
+
+_NAMESPACE: Any = {
+    "type": "namespace",
+    "name": "repo",
+    "description": "Repository tools",
+    "tools": [
+        {
+            "type": "function",
+            "name": "read_file",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]},
+        }
+    ],
+}
+
+
+@pytest.fixture
+async def dropping(simulator_url: str, key_prefix: str) -> AsyncIterator[Gateway]:
+    upstream = {**_upstream(simulator_url, key_prefix), "models": ["*"], "unsupported": "drop"}
+    async with serve_gateway(load_settings(upstreams=[upstream])) as served:
+        served.extra["simulator"] = simulator_url
+        yield served
+
+
+async def test_namespace_tools_are_flattened_and_their_calls_come_back_namespaced(
+    dropping: Gateway, key_prefix: str
+) -> None:
+    client = dropping.client
+    called = await client.responses.create(model="sim-1", input="Read README.md", tools=[_NAMESPACE])
+    (call,) = [item for item in called.output if item.type == "function_call"]
+    assert (call.namespace, call.name) == ("repo", "read_file")
+    sent = await _last_completion(dropping.extra["simulator"], key_prefix)
+    assert [tool["function"]["name"] for tool in sent["tools"]] == ["repo__read_file"]
+    answer: Any = [{"type": "function_call_output", "call_id": call.call_id, "output": "# README"}]
+    answered = await client.responses.create(
+        model="sim-1", previous_response_id=called.id, input=answer, tools=[_NAMESPACE]
+    )
+    assert answered.status == "completed"
+    sent = await _last_completion(dropping.extra["simulator"], key_prefix)
+    assert sent["messages"][-2]["tool_calls"][0]["function"]["name"] == "repo__read_file"  # history flattened too
+
+
+async def test_what_chat_cannot_do_is_dropped_and_noted_or_refused(dropping: Gateway, simulator_url: str) -> None:
+    hosted: Any = [{"type": "web_search"}, {"type": "function", "name": "f", "parameters": {"type": "object"}}]
+    body: dict[str, Any] = {
+        "model": "sim-1",
+        "input": "hi",
+        "tools": hosted,
+        "tool_choice": "none",
+        "reasoning": {"summary": "auto"},
+        "include": ["reasoning.encrypted_content"],  # a no-op on Chat, under either policy
+    }
+    response = await dropping.client.responses.create(**body)
+    assert response.status == "completed"
+    assert response.metadata is not None
+    assert response.metadata["dropped"] == "tools[0], reasoning.summary"
+    upstream = {"name": "strict", "kind": "chat", "base_url": f"{simulator_url}/v1", "max_retries": 0}
+    async with serve_gateway(load_settings(upstreams=[upstream])) as rejecting:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await rejecting.client.responses.create(**body)
+        assert refused.value.param == "tools[0]"
+        fine = await rejecting.client.responses.create(
+            model="sim-1", input="hi", include=["reasoning.encrypted_content"]
+        )
+        assert fine.status == "completed"

@@ -29,6 +29,7 @@ class UpstreamSpec:
     json_schema: str = "response_format"  # chat only: how a JSON schema is sent (runs/upstream/chat_request.py)
     stream_usage: bool = True  # chat only: whether the stream carries usage when asked
     developer_role: bool = False  # chat only: whether a developer message may be sent as such
+    drop_unsupported: bool = False  # chat only: leave out (and note) what Chat cannot do, instead of a 400
     send_metadata: bool = False
     forward_client_key: bool = False  # send the client's own API key instead of the configured one
 

@@ -12,7 +12,7 @@ import orjson
 
 from runs.token_estimate import CHARACTERS_PER_TOKEN
 from runs.upstream.base import TokenCount, UpstreamFailure, UpstreamSpec
-from runs.upstream.chat_request import ChatDialect, JsonSchemaStyle, chat_request
+from runs.upstream.chat_request import GATEWAY_NOTES, ChatDialect, JsonSchemaStyle, chat_request
 from runs.upstream.chat_stream import ChatStreamTranslator
 from runs.upstream.client import UpstreamClient
 
@@ -26,29 +26,40 @@ class ChatUpstream:
     def __init__(self, spec: UpstreamSpec) -> None:
         self.spec = spec
         self._client = UpstreamClient(spec)
+        self._dropped_before: set[str] = set()
         self._dialect = ChatDialect(
             max_tokens_field=spec.max_tokens_field,
             reasoning_effort=spec.reasoning_effort,
             json_schema=cast(JsonSchemaStyle, spec.json_schema),
             stream_usage=spec.stream_usage,
             developer_role=spec.developer_role,
+            drop_unsupported=spec.drop_unsupported,
             send_metadata=spec.send_metadata,
         )
 
     def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The Chat Completions body; raises InvalidRequest (400) for what Chat cannot express."""
-        return chat_request(body, model=self.spec.upstream_model(body["model"]), dialect=self._dialect)
+        """The Chat Completions body; raises InvalidRequest (400) for what Chat cannot express (or, under
+        `unsupported: drop`, leaves it out: logged once per parameter)."""
+        chat = chat_request(body, model=self.spec.upstream_model(body["model"]), dialect=self._dialect)
+        for param in (chat.get(GATEWAY_NOTES) or {}).get("dropped", []):
+            if param not in self._dropped_before:
+                self._dropped_before.add(param)
+                log.warning("upstream %r cannot take %s: left out (unsupported: drop)", self.spec.name, param)
+        return chat
 
     async def stream_turn(
         self, body: dict[str, Any], *, api_key: str | None = None
     ) -> AsyncGenerator[list[dict[str, Any]], None]:
         translator = ChatStreamTranslator()
+        notes = body.get(GATEWAY_NOTES) or {}
+        sent = {key: value for key, value in body.items() if key != GATEWAY_NOTES}
+        namespaces: dict[str, list[str]] = notes.get("namespaces") or {}
         # aclosing: when the run closes this turn, the connection is let go now, not when garbage is collected.
-        async with contextlib.aclosing(self._client.stream_json("/chat/completions", body, api_key)) as batches:
+        async with contextlib.aclosing(self._client.stream_json("/chat/completions", sent, api_key)) as batches:
             async for chunks in batches:
                 events = [event for chunk in chunks for event in translator.feed(chunk)]
                 if events:
-                    yield events
+                    yield _in_namespaces(events, namespaces) if namespaces else events
         if not translator.finished:
             # A stream that just stops (a proxy's idle timeout, a crashed server) is not an answer.
             raise UpstreamFailure(
@@ -56,9 +67,13 @@ class ChatUpstream:
             )
         final = list(translator.finish())
         response = final[-1].get("response") if final else None
-        if isinstance(response, dict) and response.get("usage") is None:
-            await self._count_usage(body, response, api_key)
-        yield final
+        if isinstance(response, dict):
+            if response.get("usage") is None:
+                await self._count_usage(sent, response, api_key)
+            if notes.get("dropped"):
+                # What the request asked for and this provider could not take: the client can see it.
+                response["metadata"] = {**(response.get("metadata") or {}), "dropped": ", ".join(notes["dropped"])}
+        yield _in_namespaces(final, namespaces) if namespaces else final
 
     async def count_input_tokens(self, body: dict[str, Any], *, api_key: str | None = None) -> TokenCount | None:
         """Asks the provider's tokenizer (`POST /tokenize` beside `/v1`): vLLM counts the chat messages with the
@@ -103,7 +118,7 @@ class ChatUpstream:
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt + completion,
         }
-        response["metadata"] = {"usage": f"counted by the gateway ({source})"}
+        response["metadata"] = {**(response.get("metadata") or {}), "usage": f"counted by the gateway ({source})"}
 
     async def compact(self, body: dict[str, Any], *, api_key: str | None = None) -> dict[str, Any] | None:
         return None  # Chat Completions has no compaction: the gateway summarises with the model itself
@@ -155,3 +170,23 @@ def _output_text(response: dict[str, Any]) -> str:
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 pieces.append(part["text"])
     return "".join(pieces)
+
+
+def _in_namespaces(events: list[dict[str, Any]], namespaces: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Events with calls of flattened functions (`ns__f`) named back into their namespace (`f` in `ns`)."""
+
+    def item(value: Any) -> Any:
+        if isinstance(value, dict) and value.get("type") == "function_call" and value.get("name") in namespaces:
+            namespace, name = namespaces[value["name"]]
+            return {**value, "name": name, "namespace": namespace}
+        return value
+
+    mapped = []
+    for event in events:
+        if "item" in event:
+            event = {**event, "item": item(event["item"])}
+        response = event.get("response")
+        if isinstance(response, dict) and isinstance(response.get("output"), list):
+            event = {**event, "response": {**response, "output": [item(value) for value in response["output"]]}}
+        mapped.append(event)
+    return mapped

@@ -7,6 +7,12 @@ from typing import Any, Literal
 
 from runs.errors import InvalidRequest
 
+# Chat has no namespaces: a namespace tool's function `f` of namespace `ns` is sent as the function `ns__f`, and
+# calls of it come back as `f` in `ns`.
+NAMESPACE_SEPARATOR = "__"
+# The key of a prepared Chat body under which the translation's notes for the adapter travel (never sent).
+GATEWAY_NOTES = "x_gateway_notes"
+
 # Responses fields the gateway itself implements or that only shape its own output: never sent to the provider.
 _HANDLED_ELSEWHERE = frozenset({"model", "input", "instructions", "stream", "stream_options", "store", "background"})
 # Responses fields with a Chat Completions equivalent of the same name and meaning.
@@ -38,6 +44,9 @@ class ChatDialect:
     stream_usage: bool = True
     # Whether a `developer` message may be sent as such; most self-hosted chat templates know only `system`.
     developer_role: bool = False
+    # What Chat cannot do (hosted tools, reasoning summaries, …): refused naming the parameter (False), or left
+    # out, logged and noted in the response's metadata (True: `unsupported: drop`, which Codex's requests need).
+    drop_unsupported: bool = False
     # The Response's metadata belongs to the gateway; OpenAI's Chat refuses `metadata` without `store: true`, so it
     # is only sent to providers known to take it (the simulator reads its knobs from it).
     send_metadata: bool = False
@@ -94,7 +103,9 @@ def _user_content(content: Any, param: str) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _messages(instructions: str | None, input_value: Any, *, developer_role: bool = False) -> list[dict[str, Any]]:
+def _messages(
+    instructions: str | None, input_value: Any, translation: _Translation, *, developer_role: bool = False
+) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if instructions:
         messages.append({"role": "system", "content": instructions})
@@ -117,10 +128,13 @@ def _messages(instructions: str | None, input_value: Any, *, developer_role: boo
             else:
                 raise InvalidRequest(f"Unknown message role {role!r}.", param=f"{param}.role")
         elif kind == "function_call":
+            name = str(item.get("name"))
+            if item.get("namespace"):
+                name = flat_name(str(item["namespace"]), name)
             call = {
                 "id": item.get("call_id"),
                 "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments", "")},
+                "function": {"name": name, "arguments": item.get("arguments", "")},
             }
             previous = messages[-1] if messages else None
             if previous is not None and previous["role"] == "assistant":
@@ -141,21 +155,57 @@ def _messages(instructions: str | None, input_value: Any, *, developer_role: boo
         elif kind == "reasoning":
             continue  # a model's own earlier reasoning: Chat has no way to take it back, and needs none
         else:
-            raise InvalidRequest(f"Input item type {kind!r} is not supported by this model's API.", param=param)
+            translation.unsupported(f"Input item type {kind!r}", param)
     return messages
 
 
-def _tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    translated = []
-    for index, tool in enumerate(tools):
-        if tool.get("type") != "function":
-            raise InvalidRequest(
-                f"Tool type {tool.get('type')!r} is not supported by this model's API; only function tools are.",
-                param=f"tools[{index}]",
-            )
-        function = {key: tool[key] for key in ("name", "description", "parameters", "strict") if key in tool}
-        translated.append({"type": "function", "function": function})
-    return translated
+def flat_name(namespace: str, name: str) -> str:
+    """The Chat function a namespace tool's function becomes (Chat has no namespaces)."""
+    return f"{namespace}{NAMESPACE_SEPARATOR}{name}"
+
+
+class _Translation:
+    """What a translation left out (under `unsupported: drop`) and which Chat functions stand for namespaced
+    ones: the adapter needs both after the call, so they travel in the prepared body under `GATEWAY_NOTES`."""
+
+    def __init__(self, dialect: ChatDialect) -> None:
+        self.drop = dialect.drop_unsupported
+        self.dropped: list[str] = []
+        self.namespaces: dict[str, list[str]] = {}
+
+    def unsupported(self, what: str, param: str) -> None:
+        if not self.drop:
+            raise InvalidRequest(f"{what} is not supported by this model's API.", param=param)
+        self.dropped.append(param)
+
+    def tools(self, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        translated = []
+        for index, tool in enumerate(tools):
+            kind = tool.get("type")
+            if kind == "function":
+                translated.append(_function(tool, str(tool.get("name"))))
+            elif kind == "namespace" and isinstance(tool.get("tools"), list):
+                for inner_index, inner in enumerate(tool["tools"]):
+                    param = f"tools[{index}].tools[{inner_index}]"
+                    if not isinstance(inner, dict) or inner.get("type") != "function":
+                        self.unsupported(f"Tool type {inner.get('type') if isinstance(inner, dict) else None!r}", param)
+                        continue
+                    name = flat_name(str(tool.get("name")), str(inner.get("name")))
+                    self.namespaces[name] = [str(tool.get("name")), str(inner.get("name"))]
+                    translated.append(_function(inner, name))
+            else:
+                self.unsupported(f"Tool type {kind!r} (only function and namespace tools are)", f"tools[{index}]")
+        return translated
+
+    def notes(self) -> dict[str, Any] | None:
+        if not self.dropped and not self.namespaces:
+            return None
+        return {"dropped": self.dropped, "namespaces": self.namespaces}
+
+
+def _function(tool: dict[str, Any], name: str) -> dict[str, Any]:
+    function = {key: tool[key] for key in ("description", "parameters", "strict") if key in tool}
+    return {"type": "function", "function": {"name": name, **function}}
 
 
 def _tool_choice(choice: Any) -> Any:
@@ -192,9 +242,12 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
     Everything Chat can express is translated; anything it cannot honour is a 400 naming the parameter, never
     dropped silently. Fields this module does not know (provider extensions such as `top_k`) pass through.
     """
+    translation = _Translation(dialect)
     chat: dict[str, Any] = {
         "model": model,
-        "messages": _messages(body.get("instructions"), body.get("input"), developer_role=dialect.developer_role),
+        "messages": _messages(
+            body.get("instructions"), body.get("input"), translation, developer_role=dialect.developer_role
+        ),
         "stream": True,
     }
     if dialect.stream_usage:
@@ -204,8 +257,9 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
             chat[name] = body[name]
     if dialect.send_metadata and body.get("metadata"):
         chat["metadata"] = body["metadata"]
-    if body.get("tools"):
-        chat["tools"] = _tools(body["tools"])
+    tools = translation.tools(body["tools"]) if body.get("tools") else []
+    if tools:
+        chat["tools"] = tools
     elif "parallel_tool_calls" in chat:
         del chat["parallel_tool_calls"]  # some servers refuse it without tools
     if body.get("tool_choice") is not None:
@@ -218,26 +272,27 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
             chat["verbosity"] = body["text"]["verbosity"]
     reasoning = body.get("reasoning") or {}
     if reasoning.get("effort") is not None:
-        if not dialect.reasoning_effort:
-            raise InvalidRequest("This model's API does not accept reasoning.effort.", param="reasoning.effort")
-        chat["reasoning_effort"] = reasoning["effort"]
+        if dialect.reasoning_effort:
+            chat["reasoning_effort"] = reasoning["effort"]
+        else:
+            translation.unsupported("reasoning.effort", "reasoning.effort")
     if reasoning.get("summary") is not None:
-        raise InvalidRequest("This model's API cannot produce reasoning summaries.", param="reasoning.summary")
+        translation.unsupported("A reasoning summary", "reasoning.summary")
     include = body.get("include") or []
     for index, value in enumerate(include):
-        if value != "message.output_text.logprobs":
-            raise InvalidRequest(
-                f"include value {value!r} is not supported by this model's API.", param=f"include[{index}]"
-            )
+        # Encrypted reasoning is asked for so it can be sent back; a Chat model has none to return: nothing to do.
+        if value not in ("message.output_text.logprobs", "reasoning.encrypted_content"):
+            translation.unsupported(f"include value {value!r}", f"include[{index}]")
     if "message.output_text.logprobs" in include or body.get("top_logprobs") is not None:
         chat["logprobs"] = True
         if body.get("top_logprobs") is not None:
             chat["top_logprobs"] = body["top_logprobs"]
     if body.get("truncation") == "auto":
-        raise InvalidRequest("truncation 'auto' is not supported by this model's API.", param="truncation")
-    for name in ("max_tool_calls", "prompt"):
-        if body.get(name) is not None:
-            raise InvalidRequest(f"{name} is not supported by this model's API.", param=name)
+        translation.unsupported("truncation 'auto'", "truncation")
+    if body.get("max_tool_calls") is not None:
+        translation.unsupported("max_tool_calls", "max_tool_calls")
+    if body.get("prompt") is not None:
+        raise InvalidRequest("prompt is not supported by this model's API.", param="prompt")  # no text to send
     known = _HANDLED_ELSEWHERE | set(_SAME_NAME) | {
         "metadata",
         "tools", "tool_choice", "max_output_tokens", "text", "reasoning", "include", "top_logprobs",
@@ -246,4 +301,7 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
     for name, value in body.items():
         if name not in known and name not in chat:
             chat[name] = value  # provider extensions pass through untouched
+    notes = translation.notes()
+    if notes is not None:
+        chat[GATEWAY_NOTES] = notes  # removed before the body is sent (runs/upstream/chat.py)
     return chat
