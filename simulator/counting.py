@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from simulator.compaction import check_stateless_input
-from simulator.plan import _RequestError, json_route
+from simulator.plan import SIM_SETTINGS_KEY, _RequestError, json_route
 from simulator.text import chat_input_text_of, input_text_of, token_count, token_ids
 
 # What vLLM reports as the model's context length; the simulator has no limit of its own.
@@ -35,7 +35,20 @@ async def tokenize(request: web.Request) -> web.Response:
     return await json_route(request, _tokenize)
 
 
+async def count_tokens_llama_cpp_python(request: web.Request) -> web.Response:
+    """``POST /extras/tokenize/count`` as llama-cpp-python serves it: ``{"input": text}`` -> ``{"count"}``."""
+    return await json_route(request, _llama_cpp_python_count)
+
+
+async def _llama_cpp_python_count(request: web.Request, body: dict[str, Any]) -> Json:
+    if not isinstance(body.get("input"), str):
+        raise _RequestError(400, "input must be a string", param="input")
+    return {"count": len(token_ids(body["input"]))}
+
+
 async def _tokenize(request: web.Request, body: dict[str, Any]) -> Json:
+    if request.app[SIM_SETTINGS_KEY].chat_dialect == "llama-cpp-python":
+        raise _RequestError(404, "Not Found")  # that server counts at /extras/tokenize/count instead
     if "messages" in body:
         messages = body["messages"]
         if not isinstance(messages, list) or not messages:

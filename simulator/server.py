@@ -390,7 +390,7 @@ def create_simulator_app(settings: SimulatorSettings) -> web.Application:
     # These routes are built on this module's machinery, so they can only be imported once that exists.
     from simulator.chat import create_chat_completion
     from simulator.compaction import compact_response
-    from simulator.counting import count_input_tokens, tokenize
+    from simulator.counting import count_input_tokens, count_tokens_llama_cpp_python, tokenize
 
     # Long conversations make big bodies; aiohttp's 1 MiB default would turn them into 413s.
     app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -405,6 +405,7 @@ def create_simulator_app(settings: SimulatorSettings) -> web.Application:
     # After the routes above, which take precedence: aiohttp tries resources in the order they were added.
     app.router.add_route("*", RESPONSES_PATH + "/{rest:.+}", _unknown_route)
     app.router.add_post(TOKENIZE_PATH, tokenize)
+    app.router.add_post("/extras/tokenize/count", count_tokens_llama_cpp_python)
     app.router.add_get("/sim/stats", _stats)
     app.router.add_post("/sim/reset", _reset)
     app.router.add_get("/sim/requests", _requests)

@@ -27,6 +27,7 @@ class ChatUpstream:
         self.spec = spec
         self._client = UpstreamClient(spec)
         self._dropped_before: set[str] = set()
+        self._tokenizer_path: str | None = None  # which of _TOKENIZER_PATHS this provider has, once found
         self._dialect = ChatDialect(
             max_tokens_field=spec.max_tokens_field,
             reasoning_effort=spec.reasoning_effort,
@@ -83,21 +84,27 @@ class ChatUpstream:
         return None if count is None else TokenCount(count, "tokenizer")
 
     async def _tokenize(self, request: dict[str, Any], api_key: str | None) -> int | None:
-        """How many tokens the provider's `/tokenize` makes of `request`; None when it has none (or it failed)."""
-        try:
-            answer = await self._client.post_json("//tokenize", request, api_key)
-        except UpstreamFailure as failure:
-            # The tokenizer is an extra some servers have: one that fails leaves the count to the estimate.
-            log.warning("upstream %r could not tokenize (%s); estimating the count", self.spec.name, failure.message)
-            return None
-        if answer is None:
-            return None
-        count, tokens = answer.get("count"), answer.get("tokens")
-        if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
-            return count
-        if isinstance(tokens, list):
-            return len(tokens)
-        return None  # an endpoint of that name that is not a tokenizer: estimate instead
+        """How many tokens the provider's tokenizer makes of `request`: llama.cpp's and vLLM's `/tokenize`, or
+        llama-cpp-python's `/extras/tokenize/count` (the first that exists, remembered); None when it has
+        neither (or it failed)."""
+        paths = [self._tokenizer_path] if self._tokenizer_path else list(_TOKENIZER_PATHS)
+        for path in paths:
+            try:
+                answer = await self._client.post_json(path, request, api_key)
+            except UpstreamFailure as failure:
+                # The tokenizer is an extra some servers have: one that fails leaves the count to the estimate.
+                log.warning("upstream %r could not tokenize (%s); estimating", self.spec.name, failure.message)
+                return None
+            if answer is None:
+                continue
+            self._tokenizer_path = path
+            count, tokens = answer.get("count"), answer.get("tokens")
+            if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+                return count
+            if isinstance(tokens, list):
+                return len(tokens)
+            return None  # an endpoint of that name that is not a tokenizer: estimate instead
+        return None
 
     async def _count_usage(self, chat: dict[str, Any], response: dict[str, Any], api_key: str | None) -> None:
         """Fill in the `usage` of a turn whose stream carried none (llama-cpp-python never sends it): counted
@@ -139,13 +146,20 @@ def _message_text(message: dict[str, Any]) -> str:
     return ""
 
 
+# Where servers count tokens: llama.cpp's and vLLM's `/tokenize`, llama-cpp-python's `/extras/tokenize/count`,
+# all beside `/v1`.
+_TOKENIZER_PATHS = ("//tokenize", "//extras/tokenize/count")
+
+
 def _prompt_request(chat: dict[str, Any]) -> dict[str, Any]:
-    """A /tokenize body for a chat request's prompt, in both servers' shapes: vLLM reads `messages` (applying the
-    chat template), llama.cpp `content` (the messages' text joined)."""
+    """A tokenizer body for a chat request's prompt, in every server's shape: vLLM reads `messages` (applying the
+    chat template), llama.cpp `content` and llama-cpp-python `input` (the messages' text joined)."""
+    text = "\n".join(_message_text(message) for message in chat["messages"])
     request: dict[str, Any] = {
         "model": chat["model"],
         "messages": chat["messages"],
-        "content": "\n".join(_message_text(message) for message in chat["messages"]),
+        "content": text,
+        "input": text,
         "add_generation_prompt": True,
     }
     if chat.get("tools"):
@@ -154,8 +168,8 @@ def _prompt_request(chat: dict[str, Any]) -> dict[str, Any]:
 
 
 def _text_request(chat: dict[str, Any], text: str) -> dict[str, Any]:
-    """A /tokenize body for plain text: vLLM reads `prompt`, llama.cpp `content`."""
-    return {"model": chat["model"], "prompt": text, "content": text, "add_special_tokens": False}
+    """A tokenizer body for plain text: vLLM reads `prompt`, llama.cpp `content`, llama-cpp-python `input`."""
+    return {"model": chat["model"], "prompt": text, "content": text, "input": text, "add_special_tokens": False}
 
 
 def _output_text(response: dict[str, Any]) -> str:
