@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from gateway.config import load_settings
 from tests.conftest import Gateway, free_port, serve_gateway, stop_process, wait_for_port
@@ -62,7 +63,15 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def gateway(llama_server: str, redis_server: str, key_prefix: str) -> AsyncIterator[Gateway]:
     settings = load_settings(
         storage={"url": redis_server, "key_prefix": key_prefix},
-        upstreams=[{"name": "llama", "kind": "chat", "base_url": llama_server, "read_timeout_seconds": 120}],
+        upstreams=[
+            {
+                "name": "llama",
+                "kind": "chat",
+                "dialect": "llama.cpp",  # a schema in json_object; usage counted, the stream has none
+                "base_url": llama_server,
+                "read_timeout_seconds": 120,
+            }
+        ],
     )
     async with serve_gateway(settings) as served:
         yield served
@@ -122,3 +131,41 @@ async def test_a_second_turn_with_previous_response_id(gateway: Gateway) -> None
     assert second.previous_response_id == first.id
     assert second.status in ("completed", "incomplete")
     assert second.output_text.strip()
+
+
+class Colour(BaseModel):
+    name: str
+    warm: bool
+
+
+async def test_structured_output_with_a_pydantic_model(gateway: Gateway) -> None:
+    parsed = await gateway.client.responses.parse(
+        model="gemma-3-270m",
+        input="Name one colour and say whether it is warm.",
+        text_format=Colour,
+        max_output_tokens=200,
+    )
+    assert isinstance(parsed.output_parsed, Colour)
+
+
+async def test_a_two_turn_conversation_without_stop(gateway: Gateway) -> None:
+    """Turns this small model ends `incomplete` (no `stop`, a small max_output_tokens) still make a conversation:
+    the input and partial output of each are appended, and the next turn continues."""
+    conversation = await gateway.client.conversations.create()
+    for text in ("My name is Ada.", "What is my name?"):
+        turn = await gateway.client.responses.create(
+            model="gemma-3-270m", input=text, conversation=conversation.id, max_output_tokens=30
+        )
+        assert turn.status in ("completed", "incomplete")
+        assert turn.output_text.strip()
+    items = [item async for item in gateway.client.conversations.items.list(conversation.id, order="asc")]
+    assert [getattr(item, "role", None) for item in items] == ["user", "assistant", "user", "assistant"]
+
+
+async def test_usage_is_never_null(gateway: Gateway) -> None:
+    """llama-cpp-python streams no usage: the gateway counts it with the server's tokenizer."""
+    response = await gateway.client.responses.create(model="gemma-3-270m", input="Say hi.", max_output_tokens=20)
+    assert response.usage is not None
+    assert response.usage.input_tokens > 0
+    assert response.usage.output_tokens > 0
+    assert response.metadata == {"usage": "counted by the gateway (tokenizer)"}
