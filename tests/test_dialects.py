@@ -41,7 +41,38 @@ def llama_cpp_python() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def vllm() -> Iterator[str]:
-    yield from _simulator("--chat-dialect", "vllm")
+    yield from _simulator("--chat-dialect", "vllm", "--extra-models", "unmatched-model")
+
+
+@pytest.fixture(scope="module")
+def openai_like() -> Iterator[str]:
+    yield from _simulator("--extra-models", "unmatched-model")
+
+
+# Each preset, against the simulator imitating a server of that kind (OpenAI's Chat stands in for Ollama's and the
+# generic one's: they take the same json_schema response_format and stream usage).
+_SERVER_OF = {
+    "generic": "openai_like",
+    "openai": "openai_like",
+    "ollama": "openai_like",
+    "vllm": "vllm",
+    "llama.cpp": "llama_cpp_python",
+}
+
+
+@pytest.mark.parametrize("dialect", list(_SERVER_OF))
+async def test_each_dialect_parses_counts_and_lists(
+    dialect: str, request: pytest.FixtureRequest, key_prefix: str
+) -> None:
+    server: str = request.getfixturevalue(_SERVER_OF[dialect])
+    async with serve_gateway(load_settings(upstreams=[_upstream(server, key_prefix, dialect=dialect)])) as gateway:
+        parsed = await gateway.client.responses.parse(model="sim-1", input="Forecast?", text_format=Forecast)
+        assert isinstance(parsed.output_parsed, Forecast)
+        assert parsed.usage is not None
+        assert parsed.usage.input_tokens > 0
+        assert parsed.usage.output_tokens > 0
+        # The provider lists "unmatched-model", which no pattern of this upstream admits: left out, no 404.
+        assert [model.id async for model in gateway.client.models.list()] == ["sim-1"]
 
 
 def _upstream(url: str, tag: str, **options: Any) -> dict[str, Any]:
