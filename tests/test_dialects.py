@@ -3,6 +3,7 @@ structured output work on each, count usage where the stream has none, and list 
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pydantic import BaseModel
 
+import runs.upstream.chat
 from gateway.config import load_settings
 from tests.conftest import Gateway, free_port, serve_gateway, stop_process, wait_for_port
 from tests.helpers import sim_requests
@@ -154,7 +156,7 @@ async def test_vllm_structured_output(vllm: str, key_prefix: str, json_schema: s
     assert "max_completion_tokens" not in sent or sent["max_completion_tokens"] > 0
 
 
-async def _chat_server_without_usage_or_tokenizer() -> TestServer:
+async def _chat_server_without_usage_or_tokenizer(hanging_tokenizer: bool = False) -> TestServer:
     async def complete(request: web.Request) -> web.StreamResponse:
         reply = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await reply.prepare(request)
@@ -165,15 +167,26 @@ async def _chat_server_without_usage_or_tokenizer() -> TestServer:
         await reply.write(b"data: [DONE]\n\n")
         return reply
 
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(60)
+        return web.json_response({"count": 1})
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", complete)
+    if hanging_tokenizer:
+        app.router.add_post("/tokenize", hang)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     return server
 
 
-async def test_usage_is_estimated_and_marked_when_nothing_can_count_it() -> None:
-    provider = await _chat_server_without_usage_or_tokenizer()
+@pytest.mark.parametrize("hanging_tokenizer", [False, True])
+async def test_usage_is_estimated_and_marked_when_nothing_can_count_it(
+    hanging_tokenizer: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No usage in the stream and no tokenizer (or one that never answers: the wait for it is bounded)."""
+    monkeypatch.setattr(runs.upstream.chat, "TOKENIZE_TIMEOUT_SECONDS", 0.3)
+    provider = await _chat_server_without_usage_or_tokenizer(hanging_tokenizer)
     try:
         upstream = {"name": "bare", "kind": "chat", "base_url": str(provider.make_url("/v1")), "max_retries": 0}
         async with serve_gateway(load_settings(upstreams=[upstream])) as gateway:

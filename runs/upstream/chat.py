@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -90,10 +91,13 @@ class ChatUpstream:
         paths = [self._tokenizer_path] if self._tokenizer_path else list(_TOKENIZER_PATHS)
         for path in paths:
             try:
-                answer = await self._client.post_json(path, request, api_key)
-            except UpstreamFailure as failure:
+                # Bounded: a turn's usage is counted before its terminal event, which must not wait on a tokenizer.
+                async with asyncio.timeout(TOKENIZE_TIMEOUT_SECONDS):
+                    answer = await self._client.post_json(path, request, api_key)
+            except (UpstreamFailure, TimeoutError) as failure:
                 # The tokenizer is an extra some servers have: one that fails leaves the count to the estimate.
-                log.warning("upstream %r could not tokenize (%s); estimating", self.spec.name, failure.message)
+                reason = failure.message if isinstance(failure, UpstreamFailure) else "timed out"
+                log.warning("upstream %r could not tokenize (%s); estimating", self.spec.name, reason)
                 return None
             if answer is None:
                 continue
@@ -148,6 +152,7 @@ def _message_text(message: dict[str, Any]) -> str:
 
 # Where servers count tokens: llama.cpp's and vLLM's `/tokenize`, llama-cpp-python's `/extras/tokenize/count`,
 # all beside `/v1`.
+TOKENIZE_TIMEOUT_SECONDS = 5.0
 _TOKENIZER_PATHS = ("//tokenize", "//extras/tokenize/count")
 
 
