@@ -17,8 +17,8 @@ from pydantic_settings import (
 )
 
 from runs.store import STORAGE_URL_PREFIXES
-from runs.upstream.base import UpstreamSpec
-from runs.upstream.dialects import PRESETS
+from runs.upstream.base import JsonSchemaStyle, UpstreamSpec
+from runs.upstream.dialects import PRESETS, DialectName
 
 CONFIG_ENV = "GATEWAY_CONFIG"
 
@@ -85,10 +85,10 @@ class UpstreamConfig(_Section):
     connect_timeout_seconds: float = Field(10.0, gt=0)
     read_timeout_seconds: float = Field(600.0, gt=0)
     # Chat only: the server's dialect (runs/upstream/dialects.py), and each of its options to override one by one.
-    dialect: Literal["generic", "openai", "vllm", "llama.cpp", "ollama"] = "generic"
+    dialect: DialectName = "generic"
     max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None
     reasoning_effort: bool | None = None
-    json_schema: Literal["response_format", "json_object_schema", "guided_json"] | None = None
+    json_schema: JsonSchemaStyle | None = None
     stream_usage: bool | None = None
     developer_role: bool | None = None
     # Chat only: what Chat cannot do (hosted tools, reasoning summaries, …) is refused naming the parameter

@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
+from gateway.request_id import request_id_of
 from runs.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge, Unavailable, UpstreamError
 from runs.store import StoreUnavailable
 from runs.upstream.base import UpstreamFailure
@@ -87,13 +88,17 @@ _CLIENT_FAULT_STATUSES = {
 }
 
 
-def upstream_refusal(failure: UpstreamFailure, request_id: str) -> ApiError:
+def logged_refusal(failure: UpstreamFailure, request_id: str) -> ApiError:
+    """`upstream_refusal` for a provider call made outside a run (compaction, token counts): the provider's full
+    text is logged here, under the request's id (a run logs its own)."""
+    log.warning("request %s: upstream failed: %s", request_id, failure.detail or failure.message)
+    return upstream_refusal(failure)
+
+
+def upstream_refusal(failure: UpstreamFailure) -> ApiError:
     """The error a synchronous caller gets when the provider refused the turn before any output: what it would
-    have got from the provider directly (a failed Response with 200 would hide a 400 or a 429). What the provider
-    said in full is logged under the request's id; the client gets the message without its internals."""
-    log.warning(
-        "request %s: upstream refused (status %s): %s", request_id, failure.status, failure.detail or failure.message
-    )
+    have got from the provider directly (a failed Response with 200 would hide a 400 or a 429), with the message
+    cleaned of the provider's internals."""
     if failure.status in _CLIENT_FAULT_STATUSES:
         return ApiError(
             failure.message, code=failure.code, status=failure.status, type=_CLIENT_FAULT_STATUSES[failure.status]
@@ -109,7 +114,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as error:
         return error_response(error)
     except StoreUnavailable as error:
-        log.warning("store unavailable on %s %s: %s", request.method, request.path, error)
+        log.warning(
+            "request %s: store unavailable on %s %s: %s", request_id_of(request), request.method, request.path, error
+        )
         return error_response(
             Unavailable("The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"})
         )
@@ -140,5 +147,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         kind = "invalid_request_error" if error.status < 500 else "server_error"
         return error_response(ApiError(error.reason, status=error.status, type=kind))
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("request %s: unhandled error on %s %s", request_id_of(request), request.method, request.path)
         return error_response(ApiError("The server had an error while processing your request."))

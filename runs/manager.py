@@ -44,10 +44,12 @@ SWEPT = ""
 
 @dataclass(frozen=True, slots=True)
 class _Caller:
-    """Who asked: the tenant that will own the response, and the key a pass-through upstream is called with."""
+    """Who asked: the tenant that will own the response, the key a pass-through upstream is called with, and the
+    HTTP request's id (for the run's log lines; none for a run resumed by another instance)."""
 
     tenant: str
     api_key: str | None
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +157,7 @@ class RunManager:
         idempotency: IdempotencyKey | None = None,
         api_key: str | None = None,
         max_tenant_runs: int | None = None,
+        request_id: str | None = None,
     ) -> Admission:
         """Validate, store the response with its first events, and start its run (or queue it when this
         instance is full); or, for a request whose Idempotency-Key already started one, name that response
@@ -186,7 +189,7 @@ class RunManager:
         body = upstream_body(request)
         provider_body = upstream.prepare(body)
         compaction = compaction_due(request, body)
-        caller = _Caller(tenant, api_key)
+        caller = _Caller(tenant, api_key, request_id)
         # The provider call goes out now, before the response is built and stored, when its body is final and
         # nothing may yet decide against it (a used Idempotency-Key, a conversation's turn, a history to read):
         # the provider's first token is what the client waits for, and admission's work and round trip overlap
@@ -354,6 +357,7 @@ class RunManager:
             log=event_log,
             tenant=caller.tenant,
             api_key=caller.api_key,
+            request_id=caller.request_id,
             faults=self.lifecycle.faults,
             head_start=head_start,
             compaction=compaction,

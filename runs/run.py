@@ -51,6 +51,7 @@ class ResponseRun:
         log: EventLog,
         tenant: str = "default",
         api_key: str | None = None,
+        request_id: str | None = None,
         faults: FaultPoints | None = None,
         head_start: HeadStart | None = None,
         compaction: CompactionDue | None = None,
@@ -59,6 +60,7 @@ class ResponseRun:
         self.tenant = tenant
         # The client's own key, for a pass-through upstream: in memory only, never stored or logged.
         self._api_key = api_key
+        self._request_id = request_id or "-"
         self.response_id: str = log.snapshot["id"]
         self._upstream = upstream
         self._upstream_body = upstream_body
@@ -212,7 +214,12 @@ class ResponseRun:
             return
         if isinstance(error, UpstreamFailure):
             # The provider's own words in full, here only: the response's error carries the client's version.
-            log.warning("run %s: upstream failed: %s", self.response_id, error.detail or error.message)
+            log.warning(
+                "run %s (request %s): upstream failed: %s",
+                self.response_id,
+                self._request_id,
+                error.detail or error.message,
+            )
             self.failure = error
             await self._fail(error.response_error_code(), error.message)
             return

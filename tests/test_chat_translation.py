@@ -308,3 +308,37 @@ async def test_a_stream_that_stops_without_a_finish_reason_is_a_failure(provider
         events = [event async for event in stream]
     assert events[-1].type == "response.failed"
     assert events[-1].response.status == "failed"  # type: ignore[union-attr]
+
+
+_NAMESPACED: Any = {
+    "type": "namespace",
+    "name": "repo",
+    "description": "Repository tools",
+    "tools": [{"type": "function", "name": "read_file", "parameters": {"type": "object"}}],
+}
+
+
+def test_namespaced_functions_are_flattened_without_collisions_and_chosen_by_name() -> None:
+    body: dict[str, Any] = {
+        "model": "m",
+        "input": "hi",
+        "tools": [_NAMESPACED],
+        "tool_choice": {"type": "function", "name": "read_file"},
+    }
+    chat = chat_request(body, model="m", dialect=DIALECT)
+    assert chat["tools"][0]["function"]["name"] == "repo__read_file"
+    assert chat["tool_choice"] == {"type": "function", "function": {"name": "repo__read_file"}}
+    assert chat[GATEWAY_NOTES]["namespaces"] == {"repo__read_file": ["repo", "read_file"]}
+    clash: Any = [{"type": "function", "name": "repo__read_file"}, _NAMESPACED]
+    with pytest.raises(InvalidRequest) as caught:
+        chat_request({"model": "m", "input": "hi", "tools": clash}, model="m", dialect=DIALECT)
+    assert caught.value.param == "tools[1].tools[0]"
+
+
+def test_a_tool_choice_without_tools_left_is_not_sent_and_a_clients_notes_are_not_ours() -> None:
+    body: dict[str, Any] = {"model": "m", "input": "hi", "tools": [{"type": "web_search"}], "tool_choice": "required"}
+    chat = chat_request(body, model="m", dialect=ChatDialect(drop_unsupported=True))
+    assert "tool_choice" not in chat
+    assert chat[GATEWAY_NOTES] == {"dropped": ["tools[0]"], "namespaces": {}}
+    smuggled = chat_request({"model": "m", "input": "hi", GATEWAY_NOTES: "abc"}, model="m", dialect=DIALECT)
+    assert GATEWAY_NOTES not in smuggled  # neither sent on nor taken for the gateway's own

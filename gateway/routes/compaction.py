@@ -6,7 +6,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from gateway.auth import PRINCIPAL
-from gateway.errors import invalid_body, json_response, upstream_refusal
+from gateway.errors import invalid_body, json_response, logged_refusal
 from gateway.request_id import request_id_of
 from gateway.routes.responses import read_json_object
 from gateway.state import ROUTER, RUN_MANAGER, STORE
@@ -32,7 +32,7 @@ async def compact_context(request: web.Request) -> web.Response:
                 client_key=principal.api_key,
             )
     except UpstreamFailure as failure:
-        raise upstream_refusal(failure, request_id_of(request)) from None
+        raise logged_refusal(failure, request_id_of(request)) from None
     return json_response(compacted)
 
 

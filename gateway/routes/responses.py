@@ -126,6 +126,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         idempotency=key,
         api_key=principal.api_key,
         max_tenant_runs=principal.max_concurrent_runs,
+        request_id=request_id_of(request),
     )
     if admission.run is None:  # replayed, or queued for whichever instance has room first
         return await _serve_by_id(request, admission.response_id, create, replayed=admission.replayed)
@@ -172,7 +173,7 @@ async def _serve_created(
         if run.failure is not None and not run.emitted_output:
             if key is not None:
                 await idempotency.release_after_refusal(store, key, run.response_id)
-            raise upstream_refusal(run.failure, request_id_of(request))
+            raise upstream_refusal(run.failure)
         # What this instance ran is not the outcome: the store is. If the run was taken over (its lease lost) or
         # its end could not be written here, the response is finished elsewhere; follow it there.
         record = await wait_for_end(store, request.app[LIVE_EVENTS], run.response_id, _sync_wait_seconds(request))

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 UpstreamKind = Literal["responses", "chat"]
+# How a Chat provider takes a JSON schema for structured output: OpenAI's `response_format` json_schema;
+# `{"type": "json_object", "schema": …}` (llama-cpp-python, which refuses json_schema); vLLM's `guided_json`.
+JsonSchemaStyle = Literal["response_format", "json_object_schema", "guided_json"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,7 +29,9 @@ class UpstreamSpec:
     model_map: dict[str, str] = field(default_factory=dict)
     max_tokens_field: str = "max_tokens"
     reasoning_effort: bool = False
-    json_schema: str = "response_format"  # chat only: how a JSON schema is sent (runs/upstream/chat_request.py)
+    json_schema: JsonSchemaStyle = (
+        "response_format"  # chat only: how a JSON schema is sent (runs/upstream/chat_request.py)
+    )
     stream_usage: bool = True  # chat only: whether the stream carries usage when asked
     developer_role: bool = False  # chat only: whether a developer message may be sent as such
     drop_unsupported: bool = False  # chat only: leave out (and note) what Chat cannot do, instead of a 400

@@ -6,14 +6,16 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
+import time
 from collections.abc import AsyncGenerator
-from typing import Any, cast
+from typing import Any
 
 import orjson
 
 from runs.token_estimate import CHARACTERS_PER_TOKEN
 from runs.upstream.base import TokenCount, UpstreamFailure, UpstreamSpec
-from runs.upstream.chat_request import GATEWAY_NOTES, ChatDialect, JsonSchemaStyle, chat_request
+from runs.upstream.chat_request import GATEWAY_NOTES, ChatDialect, chat_request
 from runs.upstream.chat_stream import ChatStreamTranslator
 from runs.upstream.client import UpstreamClient
 
@@ -29,10 +31,11 @@ class ChatUpstream:
         self._client = UpstreamClient(spec)
         self._dropped_before: set[str] = set()
         self._tokenizer_path: str | None = None  # which of _TOKENIZER_PATHS this provider has, once found
+        self._tokenizer_missing_until = 0.0  # until then, usage is estimated without asking the tokenizer
         self._dialect = ChatDialect(
             max_tokens_field=spec.max_tokens_field,
             reasoning_effort=spec.reasoning_effort,
-            json_schema=cast(JsonSchemaStyle, spec.json_schema),
+            json_schema=spec.json_schema,
             stream_usage=spec.stream_usage,
             developer_role=spec.developer_role,
             drop_unsupported=spec.drop_unsupported,
@@ -44,9 +47,10 @@ class ChatUpstream:
         `unsupported: drop`, leaves it out: logged once per parameter)."""
         chat = chat_request(body, model=self.spec.upstream_model(body["model"]), dialect=self._dialect)
         for param in (chat.get(GATEWAY_NOTES) or {}).get("dropped", []):
-            if param not in self._dropped_before:
-                self._dropped_before.add(param)
-                log.warning("upstream %r cannot take %s: left out (unsupported: drop)", self.spec.name, param)
+            kind = re.sub(r"\[\d+\]", "[]", param)  # once per kind of parameter, not per index
+            if kind not in self._dropped_before:
+                self._dropped_before.add(kind)
+                log.warning("upstream %r cannot take %s: left out (unsupported: drop)", self.spec.name, kind)
         return chat
 
     async def stream_turn(
@@ -68,14 +72,18 @@ class ChatUpstream:
                 f"upstream {self.spec.name!r} ended the stream without a finish reason.", retryable=True
             )
         final = list(translator.finish())
-        response = final[-1].get("response") if final else None
-        if isinstance(response, dict):
-            if response.get("usage") is None:
-                await self._count_usage(sent, response, api_key)
-            if notes.get("dropped"):
-                # What the request asked for and this provider could not take: the client can see it.
-                response["metadata"] = {**(response.get("metadata") or {}), "dropped": ", ".join(notes["dropped"])}
-        yield _in_namespaces(final, namespaces) if namespaces else final
+        terminal = final.pop() if final and isinstance(final[-1].get("response"), dict) else None
+        if final:  # the items' done events go out now: counting usage must not hold them back
+            yield _in_namespaces(final, namespaces) if namespaces else final
+        if terminal is None:
+            return
+        response = terminal["response"]
+        if response.get("usage") is None:
+            await self._count_usage(sent, response, api_key)
+        if notes.get("dropped"):
+            # What the request asked for and this provider could not take: the client can see it.
+            response["metadata"] = {**(response.get("metadata") or {}), "dropped": ", ".join(notes["dropped"])}
+        yield _in_namespaces([terminal], namespaces) if namespaces else [terminal]
 
     async def count_input_tokens(self, body: dict[str, Any], *, api_key: str | None = None) -> TokenCount | None:
         """Asks the provider's tokenizer (`POST /tokenize` beside `/v1`): vLLM counts the chat messages with the
@@ -91,7 +99,6 @@ class ChatUpstream:
         paths = [self._tokenizer_path] if self._tokenizer_path else list(_TOKENIZER_PATHS)
         for path in paths:
             try:
-                # Bounded: a turn's usage is counted before its terminal event, which must not wait on a tokenizer.
                 async with asyncio.timeout(TOKENIZE_TIMEOUT_SECONDS):
                     answer = await self._client.post_json(path, request, api_key)
             except (UpstreamFailure, TimeoutError) as failure:
@@ -115,8 +122,19 @@ class ChatUpstream:
         by the provider's tokenizer, else the gateway's estimate; `metadata.usage` says which (the SDK's usage
         has no field for it)."""
         output_text = _output_text(response)
-        prompt = await self._tokenize(_prompt_request(chat), api_key)
-        completion = None if prompt is None else await self._tokenize(_text_request(chat, output_text), api_key)
+        prompt = completion = None
+        if time.monotonic() >= self._tokenizer_missing_until:
+            try:
+                # One deadline for the whole count: the response's end waits for it.
+                async with asyncio.timeout(TOKENIZE_TIMEOUT_SECONDS):
+                    prompt = await self._tokenize(_prompt_request(chat), api_key)
+                    if prompt is not None:
+                        completion = await self._tokenize(_text_request(chat, output_text), api_key)
+            except TimeoutError:
+                log.warning("upstream %r: counting usage timed out; estimating", self.spec.name)
+            if prompt is None or completion is None:
+                # No tokenizer, or a busy one: later turns estimate at once for a while instead of asking again.
+                self._tokenizer_missing_until = time.monotonic() + TOKENIZER_BACKOFF_SECONDS
         source = "tokenizer"
         if prompt is None or completion is None:
             source = "estimated"
@@ -152,7 +170,10 @@ def _message_text(message: dict[str, Any]) -> str:
 
 # Where servers count tokens: llama.cpp's and vLLM's `/tokenize`, llama-cpp-python's `/extras/tokenize/count`,
 # all beside `/v1`.
+# How long a turn's end may wait for its usage to be counted, and how long a provider whose tokenizer was missing,
+# failing or too slow is not asked again.
 TOKENIZE_TIMEOUT_SECONDS = 5.0
+TOKENIZER_BACKOFF_SECONDS = 60.0
 _TOKENIZER_PATHS = ("//tokenize", "//extras/tokenize/count")
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from runs.errors import InvalidRequest
+from runs.upstream.base import JsonSchemaStyle
 
 # Chat has no namespaces: a namespace tool's function `f` of namespace `ns` is sent as the function `ns__f`, and
 # calls of it come back as `f` in `ns`.
@@ -27,11 +28,6 @@ _SAME_NAME = (
 )
 
 
-# How a provider takes a JSON schema for structured output: OpenAI's `response_format` json_schema;
-# `{"type": "json_object", "schema": …}` (llama-cpp-python, which refuses json_schema); vLLM's `guided_json`.
-JsonSchemaStyle = Literal["response_format", "json_object_schema", "guided_json"]
-
-
 @dataclass(frozen=True, slots=True)
 class ChatDialect:
     """What one Chat Completions provider accepts beyond the common core."""
@@ -40,7 +36,7 @@ class ChatDialect:
     reasoning_effort: bool = False  # whether `reasoning_effort` may be sent
     json_schema: JsonSchemaStyle = "response_format"
     # Whether the stream ends with a usage chunk when asked (`stream_options.include_usage`); when not, the gateway
-    # counts usage itself (runs/upstream/chat_usage.py).
+    # counts usage itself (`ChatUpstream._count_usage`).
     stream_usage: bool = True
     # Whether a `developer` message may be sent as such; most self-hosted chat templates know only `system`.
     developer_role: bool = False
@@ -172,6 +168,7 @@ class _Translation:
         self.drop = dialect.drop_unsupported
         self.dropped: list[str] = []
         self.namespaces: dict[str, list[str]] = {}
+        self.sent_names: set[str] = set()  # every Chat function name sent, flattened ones included
 
     def unsupported(self, what: str, param: str) -> None:
         if not self.drop:
@@ -183,7 +180,7 @@ class _Translation:
         for index, tool in enumerate(tools):
             kind = tool.get("type")
             if kind == "function":
-                translated.append(_function(tool, str(tool.get("name"))))
+                translated.append(self._named(_function(tool, str(tool.get("name"))), f"tools[{index}]"))
             elif kind == "namespace" and isinstance(tool.get("tools"), list):
                 for inner_index, inner in enumerate(tool["tools"]):
                     param = f"tools[{index}].tools[{inner_index}]"
@@ -191,11 +188,28 @@ class _Translation:
                         self.unsupported(f"Tool type {inner.get('type') if isinstance(inner, dict) else None!r}", param)
                         continue
                     name = flat_name(str(tool.get("name")), str(inner.get("name")))
+                    translated.append(self._named(_function(inner, name), param))
                     self.namespaces[name] = [str(tool.get("name")), str(inner.get("name"))]
-                    translated.append(_function(inner, name))
             else:
                 self.unsupported(f"Tool type {kind!r} (only function and namespace tools are)", f"tools[{index}]")
         return translated
+
+    def _named(self, function: dict[str, Any], param: str) -> dict[str, Any]:
+        name = function["function"]["name"]
+        if name in self.sent_names:
+            # Two tools that Chat would know by one name (a function `ns__f` and namespace `ns`'s `f`): calls of
+            # one would come back as the other.
+            raise InvalidRequest(f"Tool name {name!r} is used twice once namespaces are flattened.", param=param)
+        self.sent_names.add(name)
+        return function
+
+    def sent_name(self, name: str) -> str:
+        """The Chat name of the function a `tool_choice` names: a namespaced one by its flattened name when
+        that is the only function of that name."""
+        if name in self.sent_names:
+            return name
+        flattened = [flat for flat, (_, inner) in self.namespaces.items() if inner == name]
+        return flattened[0] if len(flattened) == 1 else name
 
     def notes(self) -> dict[str, Any] | None:
         if not self.dropped and not self.namespaces:
@@ -208,12 +222,14 @@ def _function(tool: dict[str, Any], name: str) -> dict[str, Any]:
     return {"type": "function", "function": {"name": name, **function}}
 
 
-def _tool_choice(choice: Any) -> Any:
+def _tool_choice(choice: Any, translation: _Translation) -> Any:
+    """The Chat tool_choice, or None when there is none to send (no tools left, or a hosted tool dropped)."""
     if isinstance(choice, str):
-        return choice
+        return choice if translation.sent_names else None  # Chat servers refuse a tool_choice without tools
     if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
-        return {"type": "function", "function": {"name": choice["name"]}}
-    raise InvalidRequest("This tool_choice is not supported by this model's API.", param="tool_choice")
+        return {"type": "function", "function": {"name": translation.sent_name(str(choice["name"]))}}
+    translation.unsupported("This tool_choice", "tool_choice")
+    return None
 
 
 def _structured_output(text: dict[str, Any], style: JsonSchemaStyle) -> dict[str, Any]:
@@ -239,8 +255,9 @@ def _structured_output(text: dict[str, Any], style: JsonSchemaStyle) -> dict[str
 def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> dict[str, Any]:
     """The Chat Completions body for a Responses body (already validated, without the gateway's own fields).
 
-    Everything Chat can express is translated; anything it cannot honour is a 400 naming the parameter, never
-    dropped silently. Fields this module does not know (provider extensions such as `top_k`) pass through.
+    Everything Chat can express is translated; anything it cannot honour is a 400 naming the parameter, or under
+    `unsupported: drop` left out and noted (never silently). Fields this module does not know (provider
+    extensions such as `top_k`) pass through.
     """
     translation = _Translation(dialect)
     chat: dict[str, Any] = {
@@ -263,7 +280,9 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
     elif "parallel_tool_calls" in chat:
         del chat["parallel_tool_calls"]  # some servers refuse it without tools
     if body.get("tool_choice") is not None:
-        chat["tool_choice"] = _tool_choice(body["tool_choice"])
+        tool_choice = _tool_choice(body["tool_choice"], translation)
+        if tool_choice is not None:
+            chat["tool_choice"] = tool_choice
     if body.get("max_output_tokens") is not None:
         chat[dialect.max_tokens_field] = body["max_output_tokens"]
     if body.get("text"):
@@ -293,7 +312,8 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
         translation.unsupported("max_tool_calls", "max_tool_calls")
     if body.get("prompt") is not None:
         raise InvalidRequest("prompt is not supported by this model's API.", param="prompt")  # no text to send
-    known = _HANDLED_ELSEWHERE | set(_SAME_NAME) | {
+    # GATEWAY_NOTES among them: a client's own value under that key is never passed on, nor taken for ours.
+    known = _HANDLED_ELSEWHERE | set(_SAME_NAME) | {GATEWAY_NOTES} | {
         "metadata",
         "tools", "tool_choice", "max_output_tokens", "text", "reasoning", "include", "top_logprobs",
         "truncation", "max_tool_calls", "prompt",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from runs.upstream.chat_request import JsonSchemaStyle
+from runs.upstream.base import JsonSchemaStyle
 
 DialectName = Literal["generic", "openai", "vllm", "llama.cpp", "ollama"]
 
@@ -21,7 +21,7 @@ class DialectPreset:
 
 # `generic` is what the gateway assumed before presets: the widely shared core. An upstream's own options
 # (`json_schema`, `stream_usage`, …) override its preset's, one by one.
-PRESETS: dict[str, DialectPreset] = {
+PRESETS: dict[DialectName, DialectPreset] = {
     "generic": DialectPreset("max_tokens", "response_format", True, False, False),
     "openai": DialectPreset("max_completion_tokens", "response_format", True, True, True),
     # vLLM takes response_format json_schema (and `guided_json`, set `json_schema: guided_json` for old versions);

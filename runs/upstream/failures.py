@@ -58,7 +58,7 @@ def _finite_delay(seconds: float) -> float | None:
 _INTERNALS = re.compile(
     r"Traceback \(most recent call last\)"
     r"|File \"[^\"]+\", line \d+"
-    r"|(?:[A-Za-z]:)?[\\/][\w.\-\\/]+\.(?:py|pyx|rs|go|cpp|cc|c|h|hpp|js|ts|java|rb)\b"
+    r"|(?:[A-Za-z]:)?[\\/][\w.\-\\/]+\.(?:py|pyx|rs|go|cpp|cc|c|h|hpp|js|ts|java|rb|gguf|safetensors|bin|onnx|pt)\b"
 )
 CLIENT_MESSAGE_CHARS = 500
 DETAIL_CHARS = 4000
@@ -67,14 +67,19 @@ DETAIL_CHARS = 4000
 def for_clients(message: str, status: int | None) -> str:
     """A provider's message as a client may see it: kept unless it names the provider's insides (a generic
     sentence instead), and bounded. The full text goes to the gateway's log (`UpstreamFailure.detail`)."""
-    if _INTERNALS.search(message):
+    # Only the start is searched (the rest is cut off below anyway): the pattern backtracks on long paths.
+    if _INTERNALS.search(message[: 2 * CLIENT_MESSAGE_CHARS]):
         kind = "failed" if status is None or status >= 500 else "refused the request"
         return f"The model provider {kind}" + (f" (status {status})." if status is not None else ".")
     return message if len(message) <= CLIENT_MESSAGE_CHARS else message[: CLIENT_MESSAGE_CHARS - 1] + "…"
 
 
+# A key a proxy echoed back (`Received API key sk-…`, `Bearer …`) is not for the log either.
+_SECRETS = re.compile(r"\b(?:sk-[\w-]{8,}|Bearer\s+[\w.\-~+/]{8,}=*)")
+
+
 def _detail(body: bytes) -> str:
-    return body[:DETAIL_CHARS].decode("utf-8", errors="replace")
+    return _SECRETS.sub("[redacted]", body[:DETAIL_CHARS].decode("utf-8", errors="replace"))
 
 
 def status_failure(status: int, body: bytes, headers: Mapping[str, str] | None) -> UpstreamFailure:
@@ -119,5 +124,5 @@ def stream_failure(upstream: str, error: object) -> UpstreamFailure:
         f"upstream {upstream!r} failed: {for_clients(said, None)}",
         code=None if code is None else str(code),
         retryable=True,
-        detail=orjson.dumps(error).decode()[:DETAIL_CHARS] if isinstance(error, (dict, str)) else None,
+        detail=_detail(orjson.dumps(error)) if isinstance(error, (dict, str)) else None,
     )
