@@ -209,6 +209,7 @@ def test_request_translation_options() -> None:
         ({"tools": [{"type": "web_search"}]}, "tools[0]"),
         ({"reasoning": {"effort": "high"}}, "reasoning.effort"),
         ({"reasoning": {"summary": "auto"}}, "reasoning.summary"),
+        ({"reasoning": {"generate_summary": "auto"}}, "reasoning.summary"),
         ({"truncation": "auto"}, "truncation"),
         ({"max_tool_calls": 2}, "max_tool_calls"),
         ({"include": ["web_search_call.action.sources"]}, "include[0]"),
@@ -342,3 +343,10 @@ def test_a_tool_choice_without_tools_left_is_not_sent_and_a_clients_notes_are_no
     assert chat[GATEWAY_NOTES] == {"dropped": ["tools[0]"], "namespaces": {}}
     smuggled = chat_request({"model": "m", "input": "hi", GATEWAY_NOTES: "abc"}, model="m", dialect=DIALECT)
     assert GATEWAY_NOTES not in smuggled  # neither sent on nor taken for the gateway's own
+
+
+def test_client_only_fields_never_reach_a_chat_server() -> None:
+    chat = chat_request(
+        {"model": "m", "input": "hi", "client_metadata": {"session_id": "s"}}, model="m", dialect=DIALECT
+    )
+    assert "client_metadata" not in chat

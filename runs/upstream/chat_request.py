@@ -16,6 +16,9 @@ GATEWAY_NOTES = "x_gateway_notes"
 
 # Responses fields the gateway itself implements or that only shape its own output: never sent to the provider.
 _HANDLED_ELSEWHERE = frozenset({"model", "input", "instructions", "stream", "stream_options", "store", "background"})
+# Fields Responses clients send that mean nothing to a Chat server and must not reach it: Codex's
+# `client_metadata` carries its installation and session ids (and OpenAI's Chat refuses unknown arguments).
+_CLIENT_ONLY = frozenset({"client_metadata"})
 # Responses fields with a Chat Completions equivalent of the same name and meaning.
 _SAME_NAME = (
     "temperature",
@@ -295,7 +298,7 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
             chat["reasoning_effort"] = reasoning["effort"]
         else:
             translation.unsupported("reasoning.effort", "reasoning.effort")
-    if reasoning.get("summary") is not None:
+    if reasoning.get("summary") is not None or reasoning.get("generate_summary") is not None:  # (its old name)
         translation.unsupported("A reasoning summary", "reasoning.summary")
     include = body.get("include") or []
     for index, value in enumerate(include):
@@ -313,7 +316,7 @@ def chat_request(body: dict[str, Any], *, model: str, dialect: ChatDialect) -> d
     if body.get("prompt") is not None:
         raise InvalidRequest("prompt is not supported by this model's API.", param="prompt")  # no text to send
     # GATEWAY_NOTES among them: a client's own value under that key is never passed on, nor taken for ours.
-    known = _HANDLED_ELSEWHERE | set(_SAME_NAME) | {GATEWAY_NOTES} | {
+    known = _HANDLED_ELSEWHERE | _CLIENT_ONLY | set(_SAME_NAME) | {GATEWAY_NOTES} | {
         "metadata",
         "tools", "tool_choice", "max_output_tokens", "text", "reasoning", "include", "top_logprobs",
         "truncation", "max_tool_calls", "prompt",
