@@ -295,10 +295,13 @@ class ResponseRun:
         output = upstream_response.get("output")
         usage = upstream_response.get("usage")
         reported = upstream_reported(upstream_response)
-        metadata = self._log.snapshot.get("metadata") or {}
-        noted = with_notes(metadata, upstream_response.get("metadata"))
-        if noted != metadata:
-            reported["metadata"] = noted
+        if self._upstream.spec.kind == "chat":
+            # The Chat adapter's notes (how usage was counted, what was dropped); a Responses provider's own
+            # metadata is its echo of ours, or its own business.
+            metadata = self._log.snapshot.get("metadata") or {}
+            noted = with_notes(metadata, upstream_response.get("metadata"))
+            if noted != metadata:
+                reported["metadata"] = noted
         if self._compacted is not None:
             output = [self._compacted.item, *output] if isinstance(output, list) else None
             usage = add_usage(usage, self._compacted.usage)
