@@ -166,22 +166,13 @@ class RunManager:
         Admission finishes even if the caller is cancelled half-way (its client left): a response stored without
         a run would stay in progress forever. A connection-owned (`store=false`) run admitted that way is
         released at once."""
-        if self._draining:
-            raise Unavailable("This gateway instance is shutting down; retry on another.", headers={"Retry-After": "1"})
-        if max_tenant_runs is not None and self._slots.by_tenant[tenant] >= max_tenant_runs:
-            raise TooManyRequests(
-                "Too many responses running for this API key; retry when one has finished.",
-                headers={"Retry-After": "1"},
-            )
+        self._check_open(tenant, max_tenant_runs)
         # The slot is taken here, before any await: concurrent admissions see each other's at once. A background
         # request queues behind responses that may still be waiting, even when a slot is free: the slot is the
         # queue's head's (first come, first served), which the sweeper woken below claims.
         queued = self.free_capacity == 0 or (request.is_background and self.queue_waiting)
         if queued and not request.is_background:
-            raise TooManyRequests(
-                "This gateway instance is running as many responses as it may; retry shortly.",
-                headers={"Retry-After": "1"},
-            )
+            raise _instance_full()
         # The request's own checks, done before anything is stored or sent: a 400 here changes nothing.
         check_admissible(request)
         upstream = self._router.route(request.model)
@@ -372,10 +363,8 @@ class RunManager:
         task.add_done_callback(lambda done: self._forget(run, done))
         return run
 
-    @contextlib.asynccontextmanager
-    async def model_call_outside_a_run(self, tenant: str, max_tenant_runs: int | None) -> AsyncIterator[None]:
-        """A slot for a provider call that is not a response's run (compaction's summary, a token count): it
-        counts against the instance's and the key's limits like a run, and is refused (429, 503) the same way."""
+    def _check_open(self, tenant: str, max_tenant_runs: int | None) -> None:
+        """503 while draining; 429 when the key already runs as many responses as it may."""
         if self._draining:
             raise Unavailable("This gateway instance is shutting down; retry on another.", headers={"Retry-After": "1"})
         if max_tenant_runs is not None and self._slots.by_tenant[tenant] >= max_tenant_runs:
@@ -383,11 +372,14 @@ class RunManager:
                 "Too many responses running for this API key; retry when one has finished.",
                 headers={"Retry-After": "1"},
             )
+
+    @contextlib.asynccontextmanager
+    async def model_call_outside_a_run(self, tenant: str, max_tenant_runs: int | None) -> AsyncIterator[None]:
+        """A slot for a provider call that is not a response's run (compaction's summary, a token count): it
+        counts against the instance's and the key's limits like a run, and is refused (429, 503) the same way."""
+        self._check_open(tenant, max_tenant_runs)
         if self.free_capacity == 0:
-            raise TooManyRequests(
-                "This gateway instance is running as many responses as it may; retry shortly.",
-                headers={"Retry-After": "1"},
-            )
+            raise _instance_full()
         self._slots.take(tenant)
         try:
             yield
@@ -523,6 +515,12 @@ class RunManager:
             await self._store.delete_response(run.response_id, only_if_finished=False)
         except Exception:
             log.warning("could not delete unstored response %s; its TTL will", run.response_id)
+
+
+def _instance_full() -> TooManyRequests:
+    return TooManyRequests(
+        "This gateway instance is running as many responses as it may; retry shortly.", headers={"Retry-After": "1"}
+    )
 
 
 def _reason(error: Exception) -> str:

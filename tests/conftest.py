@@ -160,6 +160,26 @@ def simulator_url() -> Iterator[str]:
     stop_process(process)
 
 
+@contextlib.contextmanager
+def simulator_process(*flags: str) -> Iterator[str]:
+    """A simulator process of its own, started with `flags` (a dialect, `--no-compact`, …); its base URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "gateway", "simulate", "--port", str(port), "--ttft-ms", "1", *flags]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port, process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(process)
+
+
+@pytest.fixture(scope="session")
+def simulator_without_compact() -> Iterator[str]:
+    """A Responses provider with neither `/responses/compact` nor `/responses/input_tokens` (`--no-compact`)."""
+    with simulator_process("--no-compact") as url:
+        yield url
+
+
 @pytest.fixture
 async def redis_proxy(redis_server: str) -> AsyncIterator[TcpProxy]:
     """A TCP proxy in front of the session's redis-server."""

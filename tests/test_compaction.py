@@ -3,9 +3,7 @@ the gateway (a summary from the routed model) over any other, and expanded again
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
@@ -14,7 +12,7 @@ import pytest
 
 from gateway.config import load_settings
 from runs.compaction import CONTENT_PREFIX, SUMMARY_INSTRUCTIONS
-from tests.conftest import Gateway, free_port, serve_gateway, stop_process, wait_for_port
+from tests.conftest import Gateway, serve_gateway
 from tests.helpers import sim_requests
 
 _EARLIER: Any = [
@@ -22,17 +20,6 @@ _EARLIER: Any = [
     {"role": "assistant", "content": "Sure: three days, museums first."},
     {"role": "user", "content": "Add a fjord cruise."},
 ]
-
-
-@pytest.fixture(scope="module")
-def simulator_without_compact() -> Iterator[str]:
-    """A Responses provider without `/responses/compact` (the simulator with `--no-compact`)."""
-    port = free_port()
-    command = [sys.executable, "-m", "gateway", "simulate", "--port", str(port), "--no-compact", "--ttft-ms", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port, process)
-    yield f"http://127.0.0.1:{port}"
-    stop_process(process)
 
 
 @pytest.fixture(params=["responses", "chat", "responses-without-compact"])

@@ -4,8 +4,6 @@ structured output work on each, count usage where the stream has none, and list 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -18,7 +16,7 @@ from pydantic import BaseModel
 
 import runs.upstream.chat
 from gateway.config import load_settings
-from tests.conftest import Gateway, free_port, serve_gateway, stop_process, wait_for_port
+from tests.conftest import Gateway, serve_gateway, simulator_process
 from tests.helpers import sim_requests
 
 
@@ -28,12 +26,8 @@ class Forecast(BaseModel):
 
 
 def _simulator(*flags: str) -> Iterator[str]:
-    port = free_port()
-    command = [sys.executable, "-m", "gateway", "simulate", "--port", str(port), "--ttft-ms", "1", *flags]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port, process)
-    yield f"http://127.0.0.1:{port}"
-    stop_process(process)
+    with simulator_process(*flags) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import openai
@@ -16,7 +14,7 @@ from aiohttp.test_utils import TestServer
 from gateway.config import load_settings
 from runs.token_count import COUNT_SOURCE_HEADER
 from runs.token_estimate import estimate_tokens
-from tests.conftest import Gateway, free_port, serve_gateway, stop_process, wait_for_port
+from tests.conftest import Gateway, serve_gateway
 from tests.helpers import upstream_calls
 
 _TOOL: Any = {"type": "function", "name": "lookup", "parameters": {"type": "object", "properties": {}}}
@@ -90,19 +88,8 @@ async def test_bad_count_requests_are_refused_before_the_provider_is_asked(
     assert await upstream_calls(simulator_url, key_prefix) == before
 
 
-@pytest.fixture(scope="module")
-def simulator_without_extras() -> Iterator[str]:
-    """A simulator started with `--no-compact`: a Responses provider with neither input_tokens nor compact."""
-    port = free_port()
-    command = [sys.executable, "-m", "gateway", "simulate", "--port", str(port), "--no-compact", "--ttft-ms", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for_port(port, process)
-    yield f"http://127.0.0.1:{port}"
-    stop_process(process)
-
-
-async def test_a_provider_that_cannot_count_gets_an_estimate_marked_as_such(simulator_without_extras: str) -> None:
-    settings = load_settings(upstreams=[_upstream("responses", simulator_without_extras)])
+async def test_a_provider_that_cannot_count_gets_an_estimate_marked_as_such(simulator_without_compact: str) -> None:
+    settings = load_settings(upstreams=[_upstream("responses", simulator_without_compact)])
     body: dict[str, Any] = {"model": "sim-1", "input": "a" * 400, "tools": [_TOOL]}
     async with serve_gateway(settings) as gateway:
         tokens, counted_by = await _count(gateway, **body)

@@ -150,12 +150,7 @@ class UpstreamClient:
             if failure.status in _NO_SUCH_ENDPOINT and failure.code in (None, "unknown_url", "not_found"):
                 return None
             raise
-        try:
-            payload = await response.read()
-        except _TRANSPORT_ERRORS as error:
-            raise connection_failure(self._name, error) from error
-        finally:
-            response.release()
+        payload = await self._body(response)
         try:
             answer = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -167,15 +162,18 @@ class UpstreamClient:
     async def list_models(self) -> list[str]:
         """The model ids the provider lists at `GET /models`."""
         response = await self._send("GET", "/models", self._json_headers)
+        page = orjson.loads(await self._body(response))
+        data = page.get("data") if isinstance(page, dict) else None
+        return [str(entry["id"]) for entry in data or [] if isinstance(entry, dict) and "id" in entry]
+
+    async def _body(self, response: aiohttp.ClientResponse) -> bytes:
+        """A 2xx response's whole body; its connection goes back to the pool."""
         try:
-            payload = await response.read()
+            return await response.read()
         except _TRANSPORT_ERRORS as error:
             raise connection_failure(self._name, error) from error
         finally:
             response.release()
-        page = orjson.loads(payload)
-        data = page.get("data") if isinstance(page, dict) else None
-        return [str(entry["id"]) for entry in data or [] if isinstance(entry, dict) and "id" in entry]
 
     async def close(self) -> None:
         """Close the pooled connections."""
