@@ -12,8 +12,9 @@ from gateway.auth import Authenticator, auth_middleware
 from gateway.config import Settings
 from gateway.errors import MAX_BODY_BYTES, error_middleware
 from gateway.request_id import request_id_middleware, send_request_id
-from gateway.routes import compaction, conversations, health, input_tokens, models, responses
+from gateway.routes import compaction, conversations, health, input_tokens, models, responses, steering
 from gateway.state import FAULTS, LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE
+from gateway.websocket import SOCKET_COUNTS, SocketCounts
 from runs.faults import FaultPoints
 from runs.lifecycle import Lifecycle, RunSettings
 from runs.live import LiveEvents
@@ -156,6 +157,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(send_request_id)
     app[SETTINGS] = settings
     app[MAX_BODY_BYTES] = settings.server.max_body_bytes
+    app[SOCKET_COUNTS] = SocketCounts()
     if not settings.auth.enabled and settings.server.host not in LOOPBACK_HOSTS:
         log.warning(
             "!!! auth is disabled and the gateway listens on %s: anyone who can reach it can use your upstream "
@@ -167,6 +169,7 @@ def create_app(settings: Settings) -> web.Application:
     input_tokens.add_routes(app)
     compaction.add_routes(app)
     responses.add_routes(app)
+    steering.add_routes(app)
     models.add_routes(app)
     conversations.add_routes(app)
     return app

@@ -144,6 +144,31 @@ class SseConfig(_Section):
     socket_send_buffer_bytes: int = Field(0, ge=0)
 
 
+class WebSocketConfig(_Section):
+    """WebSocket mode (`GET /v1/responses` with an upgrade): its limits and keep-alive."""
+
+    max_sockets_per_key: int = Field(64, ge=1)
+    # As at OpenAI: responses in flight on one socket (more wait for one to end), distinct named lanes
+    # (`stream_id`s) over the socket's life; and, the gateway's own bound, creates waiting on one lane.
+    max_in_flight_per_socket: int = Field(16, ge=1)
+    max_stream_ids_per_socket: int = Field(32, ge=1)
+    max_queued_per_lane: int = Field(64, ge=1)
+    # A bigger frame closes the socket with 1009 (the message is never buffered whole).
+    max_message_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # Pings every this often; a client that does not answer within the next period is closed.
+    heartbeat_seconds: float = Field(20.0, gt=0)
+    # A socket with nothing in flight and no client message for this long is closed (1000).
+    idle_timeout_seconds: float = Field(600.0, gt=0)
+    # `store=false` responses this socket remembers for `previous_response_id` continuations.
+    unstored_responses_kept: int = Field(32, ge=1)
+
+
+class SteeringConfig(_Section):
+    """Steering (`response.steer`, `POST /v1/responses/{id}/steer`)."""
+
+    max_pending_per_response: int = Field(8, ge=1)
+
+
 class RunsConfig(_Section):
     """How many runs an instance takes, and how their ownership is kept."""
 
@@ -222,6 +247,8 @@ class Settings(BaseSettings):
     auth: AuthConfig = Field(default_factory=lambda: AuthConfig())
     shutdown: ShutdownConfig = Field(default_factory=lambda: ShutdownConfig())
     simulator: SimulatorConfig = Field(default_factory=lambda: SimulatorConfig())
+    websocket: WebSocketConfig = Field(default_factory=lambda: WebSocketConfig())
+    steering: SteeringConfig = Field(default_factory=lambda: SteeringConfig())
 
     @field_validator("upstreams")
     @classmethod

@@ -16,7 +16,7 @@ from storage.keys import idempotency_shard, with_shard
 
 # Fields the gateway answers itself; the rest of the request goes to the provider as given.
 _GATEWAY_FIELDS = frozenset(
-    {"background", "store", "stream", "previous_response_id", "conversation", "context_management"}
+    {"background", "store", "stream", "previous_response_id", "conversation", "context_management", "stream_id"}
 )
 
 
@@ -83,15 +83,20 @@ def new_response(
     tenant: str = "default",
     idempotency: tuple[str, str] | None = None,
     turn: str | None = None,
+    queued: bool = False,
+    shard: int | None = None,
 ) -> tuple[NewResponse, Json]:
     """The record admission creates (owned by `owner`, or queued for any instance when it is ""), and the
     snapshot the run starts from. `turn` is the conversation whose turn it takes; `idempotency` the (scope, key)
-    that names it."""
-    # Only a background response that waits for capacity is stored `queued`; one this instance owns starts now.
-    status = ResponseStatus.QUEUED if request.is_background and not owner else ResponseStatus.IN_PROGRESS
+    that names it; `shard` the shard its id is made in (beside a response it changes in the same step)."""
+    # Only a background response that waits for capacity (or one the gateway itself `queued`: a steered
+    # response's successor) is stored `queued`; one this instance owns starts now.
+    status = ResponseStatus.QUEUED if (request.is_background or queued) and not owner else ResponseStatus.IN_PROGRESS
     response_id = new_response_id()
     if idempotency is not None:  # made where its key's claim lives, so that one step can change both
         response_id = with_shard(response_id, idempotency_shard(*idempotency))
+    elif shard is not None:
+        response_id = with_shard(response_id, shard)
     snapshot = initial_snapshot(request, response_id=response_id, created_at=int(time.time()), status=status)
     if conversation_id is not None:
         snapshot["conversation"] = {"id": conversation_id}

@@ -18,6 +18,7 @@ from runs.ids import new_id
 from runs.items import Json
 from runs.run import ResponseRun, emit_terminal
 from runs.status import TERMINAL, ResponseStatus
+from runs.steering import resolve_after_end
 from storage.base import (
     ConversationMissing,
     Lease,
@@ -301,7 +302,8 @@ class Lifecycle:
 
     async def settle(self, response_id: str) -> bool:
         """The follow-ups of a durably ended response, wherever it ran, driven by the stored record: a completed
-        turn's items join its conversation and the turn is released; then it leaves the run index and its
+        turn's items join its conversation and the turn is released; steering queued for it is resolved (a
+        successor queued, or the input kept pending, or failed); then it leaves the run index and its
         idempotency key restarts its TTL. Each step is idempotent, and the index entry goes last, so a process
         that dies half-way leaves the response due for a sweeper to settle again. False when it has not ended."""
         record = await self._store.get_response(response_id)
@@ -320,6 +322,11 @@ class Lifecycle:
                 output=output,
             )
             await self.faults.reach("finish.turn_ended", response_id)
+        if record is not None:
+            # Steering queued for it: a successor commits it (or it is kept pending, or failed), before the
+            # response leaves the index, so a death in between leaves it due for whoever sweeps next.
+            await resolve_after_end(self._store, record)
+            await self.faults.reach("finish.steers_resolved", response_id)
         return await self._store.settle_response(
             response_id, idempotency_ttl_seconds=self.settings.idempotency_ttl_seconds
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass
@@ -19,16 +20,18 @@ from runs.conversations import get_conversation
 from runs.errors import ApiError, TooManyRequests, Unavailable
 from runs.history import conversation_id_of, history_for
 from runs.idempotency import IdempotencyKey, claim_key
-from runs.items import Json
+from runs.items import Json, normalise_items
 from runs.lifecycle import Lifecycle, RunSettings, TakeOver
 from runs.request import CreateResponseRequest
 from runs.run import ResponseRun
 from runs.slots import RunSlots
+from runs.steering import pending_input
 from runs.upstream.base import Upstream
 from runs.upstream.head_start import HeadStart
 from runs.upstream.retry import stream_with_retries
 from runs.upstream.router import UpstreamRouter
 from storage.base import Lease, NoticeKind, ResponseRecord, Store, StoredEvent
+from storage.keys import shard_of
 
 __all__ = ["Admission", "RunManager", "RunSettings"]
 
@@ -111,6 +114,10 @@ class RunManager:
                 continue
             response_id = notice.response_id
             run = self._runs.get(response_id)
+            if notice.kind is NoticeKind.STEER:
+                if run is not None:
+                    run.steer()  # stops at its next safe boundary; a run elsewhere (or none) hears its own notice
+                continue
             if run is not None:
                 log.info("cancelling %s at another instance's request", response_id)
                 run.cancel()
@@ -248,13 +255,16 @@ class RunManager:
         if turn is not None:  # another tenant's conversation is a 404 before anything happens to it
             await get_conversation(self._store, turn, tenant=caller.tenant, param="conversation")
         history: list[Json] | None = None
+        takes_steers: tuple[str, int] | None = None
         if turn is None:
             # A previous_response_id chain (or a read-only conversation) does not change: read it before anything
             # is stored, so that a refusal leaves nothing to undo.
             history = await history_for(self._store, request, tenant=caller.tenant)
+            if request.previous_response_id is not None:
+                request, takes_steers = await self._with_pending_steers(request, idempotency)
             if needs_history(request):  # (without, check_admissible checked the input alone)
                 check_history(request, history)
-            if history:
+            if history or takes_steers is not None:
                 body = upstream_body(request, history)
                 provider_body = upstream.prepare(body)
                 compaction = compaction_due(request, body)
@@ -267,7 +277,10 @@ class RunManager:
             tenant=caller.tenant,
             idempotency=(idempotency.scope, idempotency.key) if idempotency is not None else None,
             turn=turn,
+            shard=shard_of(takes_steers[0]) if takes_steers is not None else None,
         )
+        if takes_steers is not None and idempotency is None:
+            record = dataclasses.replace(record, takes_steers=takes_steers)
         if idempotency is not None:
             holder = await claim_key(self._store, idempotency, record.response_id)
             if holder is not None:
@@ -325,6 +338,20 @@ class RunManager:
             compaction,
         )
         return Admission(run.response_id, run=run, first_events=record.events)
+
+    async def _with_pending_steers(
+        self, request: CreateResponseRequest, idempotency: IdempotencyKey | None
+    ) -> tuple[CreateResponseRequest, tuple[str, int] | None]:
+        """A continuation of a response that stopped for the client's tool outputs while steering input was
+        queued for it: the input goes first, in submission order, and this response commits it (atomically when
+        it can be made in that response's shard: not with an Idempotency-Key, whose shard it must be in)."""
+        previous = request.previous_response_id
+        assert previous is not None
+        steer_input, count = await pending_input(self._store, previous)
+        if not count:
+            return request, None
+        request = request.model_copy(update={"input": steer_input + normalise_items(request.input)})
+        return request, (previous, count)
 
     def _start(
         self,

@@ -83,6 +83,9 @@ class CreateResponseRequest(BaseModel):
     service_tier: str | None = None
     prompt: dict[str, Any] | None = None
     context_management: list[ContextManagement] | None = None
+    # The WebSocket lane a response's events are echoed on (WebSocket mode only; never sent upstream). Kept with
+    # the stored request so a resumed stream, or a steered response's successor, is on the same lane.
+    stream_id: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
 
     @property
     def is_stored(self) -> bool:

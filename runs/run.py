@@ -76,6 +76,11 @@ class ResponseRun:
         self._abandoned = False
         self._consumer: asyncio.Task[None] | None = None
         self._cancel_requested = False
+        # Steering input was queued for it: stop at the next safe boundary (no output item half emitted), ending
+        # `incomplete` / `steered`; `_steered` once it stops for that reason.
+        self._steer_requested = False
+        self._steered = False
+        self._open_items = 0
         # The store lost events this run had stored: it stops and ends past them.
         self._events_lost = False
         self._finished = asyncio.Event()
@@ -134,6 +139,13 @@ class ResponseRun:
         """Stop the upstream call; the run ends `cancelled` with one terminal event."""
         self._cancel_requested = True
         if self._consumer is not None:
+            self._consumer.cancel()
+
+    def steer(self) -> None:
+        """Steering input was queued: end at the next safe boundary, at once when no output item is open."""
+        self._steer_requested = True
+        if self._open_items == 0 and self._consumer is not None and not self._consumer.done():
+            self._steered = True
             self._consumer.cancel()
 
     def events_lost(self) -> None:
@@ -207,6 +219,9 @@ class ResponseRun:
             log.error("run %s: the store lost events it had stored; ending it past them", self.response_id)
             await self._end_after_loss()
             return
+        if consumer.cancelled() and self._steered and not self._cancel_requested:
+            await self._end(ResponseStatus.INCOMPLETE, incomplete_details={"reason": "steered"})
+            return
         if consumer.cancelled():
             await self._end(ResponseStatus.CANCELLED)
             return
@@ -260,6 +275,16 @@ class ResponseRun:
         if self._compacted is not None and isinstance(event.get("output_index"), int):
             event["output_index"] += 1  # after the compaction item
         await self._log.emit(event)
+        if kind == "response.output_item.added":
+            self._open_items += 1
+        elif kind == "response.output_item.done":
+            self._open_items -= 1
+            if self._steer_requested and self._open_items <= 0:
+                # A safe boundary: the item is whole. Stored first, then the provider call is closed.
+                await self._log.flush()
+                self._steered = True
+                await self._end(ResponseStatus.INCOMPLETE, incomplete_details={"reason": "steered"})
+                return True
         if not self.emitted_output and "run.output" in self._faults.hooks:
             await self._log.flush()
             await self._faults.reach("run.output", self.response_id)

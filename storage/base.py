@@ -124,11 +124,38 @@ class NewResponse:
     tenant: str = "default"
     idempotency: tuple[str, str] | None = None  # (scope, key) of the Idempotency-Key that created it
     conversation_id: str | None = None  # the conversation whose turn it takes
+    # (steered response id, number of its queued steers): this response commits them, in the same step (it is made
+    # in that response's shard); refused with SteersTaken when they are no longer all queued.
+    takes_steers: tuple[str, int] | None = None
 
 
 class NoticeKind(Enum):
     CANCEL = "cancel"  # a cancel was requested for the response
     QUEUED = "queued"  # the response was queued: an instance with a free slot should start the queue's head
+    STEER = "steer"  # steering input was queued for the response: its run should stop at its next safe boundary
+
+
+class SteersTaken(StoreError):
+    """A response meant to commit a response's queued steering input found it committed (or resolved) already."""
+
+
+class SteerQueueOutcome(Enum):
+    """What `queue_steer` did."""
+
+    QUEUED = "queued"
+    MISSING = "missing"
+    ENDED = "ended"  # the response has ended: nothing is queued
+    FULL = "full"  # as many steers as allowed are queued already
+
+
+@dataclass(frozen=True, slots=True)
+class SteerState:
+    """A response's steering: what is queued (stored JSON, in submission order), the successor that committed it,
+    or what became of it instead (`pending`: waiting for the client's tool outputs; `failed:<code>`)."""
+
+    queued: Sequence[bytes]
+    successor: str | None = None
+    outcome: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,6 +333,20 @@ class RunQueueStore(Protocol):
         ...
 
 
+class SteeringStore(Protocol):
+    """Steering input queued for a running response, kept beside it (same shard, same retention)."""
+
+    async def queue_steer(self, response_id: str, steer: bytes, *, max_pending: int) -> SteerQueueOutcome:
+        """Queue `steer` while the response has not ended, and notify its owner (a STEER notice)."""
+        ...
+
+    async def steer_state(self, response_id: str) -> SteerState: ...
+
+    async def resolve_steers(self, response_id: str, outcome: str) -> None:
+        """Record what became of the queued steers when no successor commits them (`pending`, `failed:<code>`)."""
+        ...
+
+
 class IdempotencyStore(Protocol):
     """Idempotency-Key claims: one winner per key, across instances."""
 
@@ -381,7 +422,7 @@ class ConversationStore(Protocol):
         """Remove one item. False when there was no such item. Raises ConversationMissing."""
 
 
-class Store(EventLogStore, RunQueueStore, IdempotencyStore, ConversationStore, Protocol):
+class Store(EventLogStore, RunQueueStore, IdempotencyStore, ConversationStore, SteeringStore, Protocol):
     """Persistence of responses, runs, keys and conversations. Every write sets the retention TTL of what it
     touches."""
 

@@ -94,6 +94,11 @@ class KeySpace:
         """String: the response's input items as a JSON array (for input_items and previous_response_id)."""
         return f"{self.shard_tag(shard_of(response_id))}:{response_id}:input"
 
+    def response_steers(self, response_id: str) -> str:
+        """List: steering input queued for the response (JSON each, in submission order), until a successor
+        commits it; kept with the response's other keys (same slot, same retention)."""
+        return f"{self.shard_tag(shard_of(response_id))}:{response_id}:steers"
+
     def response_state_pattern(self) -> str:
         """A SCAN pattern that matches every response's state hash (for tests and operators)."""
         return f"{self.prefix}:{{{self.prefix}:*}}:*:state"

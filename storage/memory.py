@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from storage.base import (
     DeleteOutcome,
@@ -23,6 +23,9 @@ from storage.base import (
     ResponseRecord,
     RunNotice,
     SequenceConflict,
+    SteerQueueOutcome,
+    SteersTaken,
+    SteerState,
     StoredEvent,
 )
 from storage.fold import fold_events
@@ -52,6 +55,9 @@ class _Entry:
     idempotency: tuple[str, str] | None = None
     conversation_id: str | None = None
     snapshot_seq: int = -1
+    steers: list[bytes] = field(default_factory=list)
+    successor: str | None = None
+    steer_outcome: str | None = None
 
 
 class MemoryStore(MemoryConversations):
@@ -107,6 +113,13 @@ class MemoryStore(MemoryConversations):
     async def create_response(self, new: NewResponse) -> Lease | None:
         if self._live(new.response_id) is not None:
             raise ResponseAlreadyExists(new.response_id)
+        if new.takes_steers is not None:
+            steered_id, count = new.takes_steers
+            steered = self._live(steered_id)
+            if steered is None or len(steered.steers) != count or steered.successor is not None:
+                raise SteersTaken(steered_id)
+            steered.steers = []
+            steered.successor = new.response_id
         lease_until = self._now_ms() + new.lease_ms if new.owner else 0
         entry = _Entry(
             snapshot=_kept(new.snapshot),
@@ -228,6 +241,8 @@ class MemoryStore(MemoryConversations):
         entry = self._live(response_id)
         if entry is not None and entry.status not in TERMINAL_STATUSES:
             return False
+        if entry is not None and entry.steers and entry.steer_outcome is None:
+            return False  # its steering input is not resolved yet (runs/steering.py: resolve_after_end)
         self._run_index.pop(response_id, None)
         self._queue.pop(response_id, None)
         if entry is not None and entry.idempotency is not None:
@@ -311,6 +326,29 @@ class MemoryStore(MemoryConversations):
             entry.cancel_requested = True
             self._notify(RunNotice(NoticeKind.CANCEL, response_id))
         return entry.status
+
+    async def queue_steer(self, response_id: str, steer: bytes, *, max_pending: int) -> SteerQueueOutcome:
+        entry = self._live(response_id)
+        if entry is None:
+            return SteerQueueOutcome.MISSING
+        if entry.status in TERMINAL_STATUSES:
+            return SteerQueueOutcome.ENDED
+        if len(entry.steers) >= max_pending:
+            return SteerQueueOutcome.FULL
+        entry.steers.append(steer)
+        self._notify(RunNotice(NoticeKind.STEER, response_id))
+        return SteerQueueOutcome.QUEUED
+
+    async def steer_state(self, response_id: str) -> SteerState:
+        entry = self._live(response_id)
+        if entry is None:
+            return SteerState(())
+        return SteerState(tuple(entry.steers), entry.successor, entry.steer_outcome)
+
+    async def resolve_steers(self, response_id: str, outcome: str) -> None:
+        entry = self._live(response_id)
+        if entry is not None and entry.steers and entry.successor is None and entry.steer_outcome is None:
+            entry.steer_outcome = outcome
 
     async def run_notices(self) -> AsyncIterator[RunNotice]:
         listener: asyncio.Queue[RunNotice] = asyncio.Queue()

@@ -16,6 +16,9 @@ from storage.base import (
     NewResponse,
     ResponseAlreadyExists,
     ResponseRecord,
+    SteerQueueOutcome,
+    SteersTaken,
+    SteerState,
     StoredEvent,
 )
 from storage.fold import fold_events
@@ -83,6 +86,8 @@ class RedisStore(RedisConversations, RedisRunQueue):
         self._abandon_script = LuaScript.of(load_lua("abandon_admission.lua"))
         self._read_events_script = LuaScript.of(load_lua("read_events.lua"))
         self._read_response_script = LuaScript.of(load_lua("read_response.lua"))
+        self._queue_steer_script = LuaScript.of(load_lua("queue_steer.lua"))
+        self._steer_state_script = LuaScript.of(load_lua("steer_state.lua"))
         self._plain_appends = PlainAppends(self._mux, self._keys)
         self._replica_acks = ReplicaAcks(
             client, replicas=replica_acks, timeout_ms=replica_ack_timeout_ms, ttl_ms=self._ttl_ms, cluster=cluster
@@ -141,6 +146,9 @@ class RedisStore(RedisConversations, RedisRunQueue):
     @unavailable_on_connection_error
     async def create_response(self, new: NewResponse) -> Lease | None:
         keys = [*self._keys.response_keys(new.response_id), *self._keys.response_index(new.response_id)]
+        if new.takes_steers is not None:
+            steered_id = new.takes_steers[0]
+            keys += [self._keys.response_state(steered_id), self._keys.response_steers(steered_id)]
         idempotency_key = self._keys.idempotency(*new.idempotency) if new.idempotency is not None else ""
         args: list[bytes | str | int] = [
             self._ttl_ms,
@@ -156,11 +164,14 @@ class RedisStore(RedisConversations, RedisRunQueue):
             new.tenant,
             idempotency_key,
             new.conversation_id or "",
+            "" if new.takes_steers is None else new.takes_steers[1],
         ]
         args += event_args(new.events)
         result = await self._mux.script(self._create_script, keys, args)
         if result == b"EXISTS":
             raise ResponseAlreadyExists(new.response_id)
+        if result == b"STEERS_TAKEN":
+            raise SteersTaken(new.takes_steers[0] if new.takes_steers else new.response_id)
         _, epoch, until = result
         return Lease(new.owner, int(epoch), int(until)) if new.owner else None
 
@@ -291,8 +302,32 @@ class RedisStore(RedisConversations, RedisRunQueue):
         return events
 
     @unavailable_on_connection_error
+    async def queue_steer(self, response_id: str, steer: bytes, *, max_pending: int) -> SteerQueueOutcome:
+        channel, publish = self.notice_channel(response_id)
+        keys = [self._keys.response_state(response_id), self._keys.response_steers(response_id)]
+        args = [steer, max_pending, self._ttl_ms, channel, f"steer {response_id}", publish]
+        result = await self._mux.script(self._queue_steer_script, keys, args)
+        return SteerQueueOutcome(result.decode().lower())
+
+    async def steer_state(self, response_id: str) -> SteerState:
+        return await self._steer_state(response_id, "read", "")
+
+    async def resolve_steers(self, response_id: str, outcome: str) -> None:
+        await self._steer_state(response_id, "resolve", outcome)
+
+    @unavailable_on_connection_error
+    async def _steer_state(self, response_id: str, action: str, outcome: str) -> SteerState:
+        keys = [self._keys.response_state(response_id), self._keys.response_steers(response_id)]
+        queued, successor, resolved = await self._mux.script(self._steer_state_script, keys, [action, outcome])
+        return SteerState(tuple(queued), successor.decode() or None, resolved.decode() or None)
+
+    @unavailable_on_connection_error
     async def delete_response(self, response_id: str, *, only_if_finished: bool = True) -> DeleteOutcome:
-        keys = [*self._keys.response_keys(response_id), *self._keys.response_index(response_id)]
+        keys = [
+            *self._keys.response_keys(response_id),
+            *self._keys.response_index(response_id),
+            self._keys.response_steers(response_id),
+        ]
         result = await self._mux.script(self._delete_script, keys, [int(only_if_finished), response_id])
         return DeleteOutcome(result.decode().lower())
 

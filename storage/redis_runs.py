@@ -24,6 +24,9 @@ from storage.redis_support import (
     unavailable_on_connection_error,
 )
 
+# The word before a notice's response id; a bare id is a cancel.
+_NOTICE_KINDS = {"queued": NoticeKind.QUEUED, "steer": NoticeKind.STEER}
+
 
 class RedisRunQueue:
     """The run-queue half of RedisStore (a mixin: it shares the store's client, keys and retention)."""
@@ -93,7 +96,7 @@ class RedisRunQueue:
     @unavailable_on_connection_error
     async def settle_response(self, response_id: str, *, idempotency_ttl_seconds: int) -> bool:
         state = self._keys.response_state(response_id)
-        keys = [state, *self._keys.response_index(response_id)]
+        keys = [state, *self._keys.response_index(response_id), self._keys.response_steers(response_id)]
         idempotency_key = await self._mux.execute("HGET", state, "idem")
         if idempotency_key:
             keys.append(idempotency_key.decode())
@@ -122,10 +125,11 @@ class RedisRunQueue:
     async def run_notices(self) -> AsyncIterator[RunNotice]:
         async for message in self._notice_messages():
             kind, _, response_id = message.rpartition(" ")
-            yield RunNotice(NoticeKind.QUEUED if kind == "queued" else NoticeKind.CANCEL, response_id)
+            yield RunNotice(_NOTICE_KINDS.get(kind, NoticeKind.CANCEL), response_id)
 
     async def _notice_messages(self) -> AsyncIterator[str]:
-        """`<response id>` for a cancel, `queued <response id>` for a queued response."""
+        """`<response id>` for a cancel, `queued <response id>` for a queued response, `steer <response id>` for
+        steering input queued."""
         if isinstance(self._client, RedisCluster):
             assert self._cluster is not None
             channels = [self._keys.notice_channel(shard) for shard in range(SHARDS)]

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from storage.base import IdempotencyClaim, Lease, LeaseLost, StoredEvent
-from storage.keys import idempotency_shard, with_shard
+from storage.base import IdempotencyClaim, Lease, LeaseLost, SteerQueueOutcome, StoredEvent
+from storage.keys import idempotency_shard, shard_of, with_shard
 from storage.redis import RedisStore
 from storage.redis_cluster import ClusterCommands
 from storage.redis_mux import LuaScript
@@ -96,8 +96,16 @@ async def _every_step(store: RedisStore) -> None:
     assert await store.due_runs(10) is not None
     assert (await store.get_response(keyed)) is not None
     assert await store.request_cancel(keyed) == "in_progress"
+    # Steering: queued while it runs; settling waits for it; a successor made in its shard commits it.
+    assert await store.queue_steer(keyed, b'{"id":"steer_1","input":[]}', max_pending=4) is SteerQueueOutcome.QUEUED
     done = StoredEvent(5, "response.completed", b'{"type":"response.completed","sequence_number":5}')
     await store.append_events(keyed, [done], snapshot=b'{"status":"completed"}', status="completed", lease=new_lease)
+    assert not await store.settle_response(keyed, idempotency_ttl_seconds=60)
+    assert len((await store.steer_state(keyed)).queued) == 1
+    successor = with_shard("resp_successor_00", shard_of(keyed))
+    await store.create_response(dataclasses.replace(new_response(successor), takes_steers=(keyed, 1)))
+    assert (await store.steer_state(keyed)).successor == successor
+    await store.resolve_steers(keyed, "pending")  # resolved already: changes nothing
     assert await store.settle_response(keyed, idempotency_ttl_seconds=60)
     await store.release_idempotency_key("default", "key-1", response_id="resp_other")  # names another: kept
     await store.delete_response(keyed)

@@ -17,6 +17,7 @@ from gateway.pagination import PageQuery
 from gateway.request_id import request_id_of
 from gateway.sse import StreamSettings, open_stream, write_events
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
+from gateway.websocket import responses_socket
 from runs import idempotency, responses
 from runs.errors import InvalidRequest
 from runs.manager import Admission
@@ -287,6 +288,7 @@ async def list_input_items(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/responses", create_response)
+    app.router.add_get("/v1/responses", responses_socket)  # WebSocket mode
     app.router.add_get("/v1/responses/{response_id}", retrieve_response)
     app.router.add_delete("/v1/responses/{response_id}", delete_response)
     app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)

@@ -1,16 +1,25 @@
 -- Admit a response in one step: its first events, snapshot, input items and stored request, and its place in
 -- the run index (owned, due when its lease expires) or at the tail of the queue (unowned, FIFO by Redis time).
 -- A response is never stored without being indexed or queued, so no sweeper can miss it.
--- KEYS: state hash, events stream, input string, run index, queue (all of the response's shard: one hash slot)
+-- A steered response's successor commits its queued steering input in the same step (runs/steering.py).
+-- KEYS: state hash, events stream, input string, run index, queue (all of the response's shard: one hash slot),
+--       then, for a successor, the steered response's state hash and steers list (the same shard)
 -- ARGV: ttl_ms, response_id, snapshot, status, background, stored, input_json, request_json, owner ('' to queue),
 --       lease_ms, tenant, idempotency key name ('' for none), conversation id of its turn ('' for none),
---       then (entry_id, type, data) per event, from seq 0
--- Returns {'OK', epoch, lease_until_ms} or 'EXISTS'.
+--       number of steers it commits ('' for none), then (entry_id, type, data) per event, from seq 0
+-- Returns {'OK', epoch, lease_until_ms}, 'EXISTS' or 'STEERS_TAKEN'.
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 'EXISTS'
 end
+if ARGV[14] ~= '' then
+  if redis.call('LLEN', KEYS[7]) ~= tonumber(ARGV[14]) or redis.call('HEXISTS', KEYS[6], 'successor') == 1 then
+    return 'STEERS_TAKEN'
+  end
+  redis.call('DEL', KEYS[7])
+  redis.call('HSET', KEYS[6], 'successor', ARGV[2])
+end
 local ttl = ARGV[1]
-local first_event = 14
+local first_event = 15
 local count = (#ARGV - first_event + 1) / 3
 for i = 0, count - 1 do
   local base = first_event + 3 * i
