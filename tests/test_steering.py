@@ -1,0 +1,257 @@
+"""Steering, over the SDK's `responses.connect()` and over HTTP: a steer sent to either instance reaches the run
+wherever it is owned, the run ends `incomplete` / `steered` at a safe boundary, and a successor continues with
+the steering input; the pending and failed outcomes; and an owner that dies between the end and the successor."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.conftest import Gateway, serve_gateway
+from tests.helpers import sim_requests
+from tests.lifecycle_checks import Freezer
+from tests.test_lifecycle_faults import FreezerFaults
+from tests.test_websocket import TERMINAL, knobs, settings_for, until_terminal
+
+
+@pytest.fixture(params=["responses", "chat"])
+def upstream_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def two_instances(
+    redis_server: str, simulator_url: str, key_prefix: str, upstream_kind: str
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    settings = settings_for(redis_server, simulator_url, key_prefix, upstream_kind)
+    async with serve_gateway(settings) as first, serve_gateway(settings) as second:
+        first.extra["tag"] = second.extra["tag"] = key_prefix
+        yield first, second
+
+
+async def first_delta(connection: Any) -> list[Any]:
+    events = []
+    async with asyncio.timeout(20):
+        async for event in connection:
+            events.append(event)
+            if event.type in ("response.output_text.delta", "response.function_call_arguments.delta"):
+                return events
+            assert event.type not in TERMINAL, event
+    return events
+
+
+async def test_a_steer_sent_to_the_other_instance_continues_the_run(
+    two_instances: tuple[Gateway, Gateway], simulator_url: str
+) -> None:
+    owner, other = two_instances
+    label = owner.extra["tag"]
+    async with owner.client.responses.connect() as socket, other.client.responses.connect() as steering_socket:
+        await socket.response.create(
+            model="sim-1", input="tell a story", stream_id="story", metadata=knobs(label, tokens=40, delay_ms=15)
+        )
+        started = await first_delta(socket)
+        response_id = started[0].response.id
+        await steering_socket.response.steer(previous_response_id=response_id, input="make it about foxes")
+        accepted = await steering_socket.recv()
+        assert accepted.type == "response.steer.accepted", accepted
+        assert accepted.steer.previous_response_id == response_id
+        assert accepted.steer.id.startswith("steer_")
+        assert accepted.stream_id == "story", "a steer's events are on the lane of the response it steers"
+        rest = await until_terminal(socket, responses=2)
+    steered = rest[[event.type for event in rest].index("response.incomplete")]
+    assert steered.response.id == response_id
+    assert steered.response.incomplete_details.reason == "steered"
+    successor = next(event for event in rest if event.type == "response.created")
+    assert successor.response.previous_response_id == response_id
+    assert successor.stream_id == "story"
+    assert rest[-1].type == "response.completed"
+    assert rest[-1].response.id == successor.response.id
+    assert all(event.stream_id == "story" for event in rest)
+    # The successor's provider call carries the steered turn and the steering input after it.
+    sent = orjson.dumps((await sim_requests(simulator_url, label))[-1]).decode()
+    assert "tell a story" in sent
+    assert "make it about foxes" in sent
+    assert sent.index("tell a story") < sent.index("make it about foxes")
+    # Over HTTP the steered response says what became of its steering.
+    reply = await owner.http.get(f"/v1/responses/{response_id}/steering")
+    state = await reply.json()
+    assert state["status"] == "committed"
+    assert state["successor_response_id"] == successor.response.id
+
+
+async def test_steering_refusals(redis_server: str, simulator_url: str, key_prefix: str) -> None:
+    async with serve_gateway(settings_for(redis_server, simulator_url, key_prefix)) as gateway:
+        async with gateway.client.responses.connect() as socket:
+            await socket.response.create(model="sim-1", input="short", stream_id="s", metadata=knobs(key_prefix))
+            done = (await until_terminal(socket))[-1]
+            cases: list[tuple[str, Any, str]] = [
+                (done.response.id, "too late", "response_already_completed"),
+                ("resp_unknown00", "hello", "response_not_found"),
+                (done.response.id, [{"role": "assistant", "content": "no"}], "invalid_input"),
+                (done.response.id, [], "invalid_input"),
+            ]
+            for target, value, code in cases:
+                await socket.response.steer(previous_response_id=target, input=value)
+                failed = await socket.recv()
+                assert failed.type == "response.steer.failed", failed
+                assert failed.error.code == code, (value, failed)
+                assert failed.steer.input == value
+                assert failed.steer.id is None
+            assert failed.stream_id is None
+            await socket.send_raw(
+                orjson.dumps(
+                    {"type": "response.steer", "previous_response_id": done.response.id, "input": "x", "stream_id": "s"}
+                )
+            )
+            extra = await socket.recv()
+            assert extra.type == "response.steer.failed"
+            assert extra.error.code == "invalid_input"
+        # Over HTTP: the same codes, as error envelopes.
+        for target, body, status, code in [
+            (done.response.id, {"input": "late"}, 409, "response_already_completed"),
+            ("resp_unknown00", {"input": "x"}, 404, "response_not_found"),
+            (done.response.id, {"input": 3}, 400, "invalid_input"),
+            (done.response.id, {"input": "x", "stream_id": "s"}, 400, "unknown_parameter"),
+        ]:
+            reply = await gateway.http.post(f"/v1/responses/{target}/steer", json=body)
+            assert reply.status == status, await reply.text()
+            assert (await reply.json())["error"]["code"] == code
+
+
+async def test_steering_waits_for_tool_outputs_then_goes_first(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    label = key_prefix
+    tools = [
+        {
+            "type": "function",
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+                "required": ["city", "days"],
+                "additionalProperties": False,
+            },
+            "strict": True,
+        }
+    ]
+    async with (
+        serve_gateway(settings_for(redis_server, simulator_url, key_prefix)) as gateway,
+        gateway.client.responses.connect() as socket,
+    ):
+        await socket.response.create(
+            model="sim-1",
+            input="weather?",
+            tools=tools,
+            stream_id="t",
+            metadata=knobs(label, delay_ms=60),  # type: ignore[arg-type]
+        )
+        started = await first_delta(socket)
+        response_id = started[0].response.id
+        await socket.response.steer(previous_response_id=response_id, input="and tomorrow too")
+        events = []
+        async with asyncio.timeout(20):
+            async for event in socket:
+                events.append(event)
+                if event.type == "response.steer.pending":
+                    break
+        kinds = [event.type for event in events]
+        assert "response.steer.accepted" in kinds
+        ended = next(event for event in events if event.type in TERMINAL)
+        call = next(item for item in ended.response.output if item.type == "function_call")
+        pending = events[-1]
+        assert pending.steer.previous_response_id == response_id
+        assert pending.stream_id == "t"
+        assert pending.reason == "waiting_for_required_input"
+        assert [(stub.type, stub.call_id, stub.name) for stub in pending.required_input] == [
+            ("function_call_output", call.call_id, "get_weather")
+        ]
+        await socket.response.create(
+            model="sim-1",
+            previous_response_id=response_id,
+            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],
+            tools=tools,  # type: ignore[arg-type]
+            stream_id="t",
+            metadata=knobs(label),
+        )
+        answer = (await until_terminal(socket))[-1]
+        assert answer.type == "response.completed", answer
+        sent = orjson.dumps((await sim_requests(simulator_url, label))[-1]).decode()
+        assert sent.index("and tomorrow too") < sent.index("sunny"), "queued steering goes before the tool outputs"
+        reply = await gateway.http.get(f"/v1/responses/{response_id}/steering")
+        assert (await reply.json())["successor_response_id"] == answer.response.id
+
+
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+async def test_a_background_run_steered_over_http(
+    backend: str, request: pytest.FixtureRequest, simulator_url: str, key_prefix: str
+) -> None:
+    label = key_prefix
+    storage_url = "memory://" if backend == "memory" else request.getfixturevalue("redis_server")
+    async with serve_gateway(settings_for(storage_url, simulator_url, key_prefix)) as gateway:
+        created = await gateway.client.responses.create(
+            model="sim-1", input="draft a plan", background=True, metadata=knobs(label, tokens=40, delay_ms=15)
+        )
+        reply = await gateway.http.post(f"/v1/responses/{created.id}/steer", json={"input": "shorter, please"})
+        assert reply.status == 200, await reply.text()
+        accepted = await reply.json()
+        assert accepted["status"] == "accepted"
+        assert accepted["previous_response_id"] == created.id
+        successor_id = None
+        for _ in range(200):
+            state = await (await gateway.http.get(f"/v1/responses/{created.id}/steering")).json()
+            successor_id = state["successor_response_id"]
+            if successor_id:
+                break
+            await asyncio.sleep(0.05)
+        assert successor_id, state
+        for _ in range(200):
+            successor = await gateway.client.responses.retrieve(successor_id)
+            if successor.status == "completed":
+                break
+            await asyncio.sleep(0.05)
+        assert successor.status == "completed"
+        assert successor.previous_response_id == created.id
+        steered = await gateway.client.responses.retrieve(created.id)
+        assert steered.status == "incomplete"
+        assert steered.incomplete_details is not None
+        assert steered.incomplete_details.reason == "steered"
+        items = [item async for item in gateway.client.responses.input_items.list(successor_id)]
+        assert "shorter, please" in orjson.dumps([item.model_dump() for item in items]).decode()
+
+
+async def test_an_owner_that_dies_before_the_successor_is_replaced(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    """The owner stores the steered end and dies before resolving the steering: another instance's sweeper
+    settles the response, and the successor it queues is what the client's socket (on the dead-looking owner,
+    which still serves its socket) goes on with."""
+    label = key_prefix
+    settings = settings_for(redis_server, simulator_url, key_prefix)
+    freezer = Freezer("finish.terminal_stored", only=lambda response_id: steered_id.get("id") == response_id)
+    faults = FreezerFaults(freezer)
+    steered_id: dict[str, str] = {}
+    async with serve_gateway(settings, faults) as owner:
+        freezer.app = owner.app
+        async with owner.client.responses.connect() as socket:
+            await socket.response.create(
+                model="sim-1", input="a long one", metadata=knobs(label, tokens=40, delay_ms=10)
+            )
+            started = await first_delta(socket)
+            steered_id["id"] = started[0].response.id
+            await socket.response.steer(previous_response_id=steered_id["id"], input="change of plan")
+            await asyncio.wait_for(freezer.reached, 20)
+            async with serve_gateway(settings) as _rescuer:
+                rest = await until_terminal(socket, responses=2)
+    kinds = [event.type for event in rest]
+    assert "response.incomplete" in kinds, kinds
+    assert rest[-1].type == "response.completed", kinds
+    assert rest[-1].response.previous_response_id == steered_id["id"]
+    sent = orjson.dumps((await sim_requests(simulator_url, label))[-1]).decode()
+    assert "change of plan" in sent
