@@ -144,6 +144,8 @@ class ResponseRun:
     def steer(self) -> None:
         """Steering input was queued: end at the next safe boundary, at once when no output item is open."""
         self._steer_requested = True
+        if self.status in TERMINAL:
+            return  # its end is being written: the steer applies after it
         if self._open_items == 0 and self._consumer is not None and not self._consumer.done():
             self._steered = True
             self._consumer.cancel()

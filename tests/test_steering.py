@@ -255,3 +255,76 @@ async def test_an_owner_that_dies_before_the_successor_is_replaced(
     assert rest[-1].response.previous_response_id == steered_id["id"]
     sent = orjson.dumps((await sim_requests(simulator_url, label))[-1]).decode()
     assert "change of plan" in sent
+
+
+@pytest.mark.parametrize("after_events", [1, 2, 5, 12, 25, 26, 27, 40])
+async def test_a_steer_at_any_point_is_committed_once_or_refused(
+    after_events: int, redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    """Steer a response after its n-th event, from before its first token to after its end (its end is event 27
+    or so): the input is either committed by exactly one successor, which completes with it, or refused because
+    the response had ended; never lost, never applied twice, nothing left running."""
+    async with serve_gateway(settings_for(redis_server, simulator_url, key_prefix)) as gateway:
+        stream = await gateway.client.responses.create(
+            model="sim-1", input="count", background=True, stream=True, metadata=knobs(key_prefix, tokens=20)
+        )
+        seen: list[Any] = []
+        async for event in stream:
+            seen.append(event)
+            if len(seen) == after_events:
+                break
+        await stream.close()
+        response_id = seen[0].response.id
+        reply = await gateway.http.post(f"/v1/responses/{response_id}/steer", json={"input": "one more thing"})
+        assert reply.status in (200, 409), await reply.text()
+        state: dict[str, Any] = {}
+        for _ in range(300):
+            state = await (await gateway.http.get(f"/v1/responses/{response_id}/steering")).json()
+            if state["status"] in ("committed", "none", "failed", "pending"):
+                break
+            await asyncio.sleep(0.02)
+        steered = await gateway.client.responses.retrieve(response_id)
+        if reply.status == 409:
+            assert (await reply.json())["error"]["code"] == "response_already_completed"
+            assert state["status"] == "none"
+            assert steered.status == "completed"
+            return
+        assert state["status"] == "committed", state
+        if steered.status == "incomplete":
+            assert steered.incomplete_details is not None
+            assert steered.incomplete_details.reason == "steered"
+        else:
+            assert steered.status == "completed"
+        successor_id = state["successor_response_id"]
+        for _ in range(300):
+            successor = await gateway.client.responses.retrieve(successor_id)
+            if successor.status not in ("queued", "in_progress"):
+                break
+            await asyncio.sleep(0.02)
+        assert successor.status == "completed"
+        sent = await sim_requests(simulator_url, key_prefix)
+        with_steer = [body for body in sent if "one more thing" in orjson.dumps(body).decode()]
+        assert len(with_steer) == 1, "the steering input reached the provider once"
+
+
+async def test_a_steer_before_the_first_token_stops_the_run_at_once(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    """No output item is open while the provider thinks: that is a safe boundary, so the run stops there, with no
+    output, and the successor starts from the steering input."""
+    async with serve_gateway(settings_for(redis_server, simulator_url, key_prefix)) as gateway:
+        slow_start = {**knobs(key_prefix), "sim_ttft_ms": "60000"}
+        created = await gateway.client.responses.create(
+            model="sim-1", input="think", background=True, metadata=slow_start
+        )
+        reply = await gateway.http.post(f"/v1/responses/{created.id}/steer", json={"input": "never mind"})
+        assert reply.status == 200, await reply.text()
+        for _ in range(300):
+            steered = await gateway.client.responses.retrieve(created.id)
+            if steered.status not in ("queued", "in_progress"):
+                break
+            await asyncio.sleep(0.02)
+        assert steered.status == "incomplete"
+        assert steered.output == []
+        state = await (await gateway.http.get(f"/v1/responses/{created.id}/steering")).json()
+        assert state["status"] == "committed"
