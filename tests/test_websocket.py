@@ -131,8 +131,18 @@ async def test_two_lanes_interleave_and_one_lane_runs_in_order(one_instance: Gat
     assert created_a[1] > first_a_end, "a lane's second create overlapped its first"
 
 
+@pytest.fixture
+async def instance_of_kind(
+    redis_server: str, simulator_url: str, key_prefix: str, upstream_kind: str
+) -> AsyncIterator[Gateway]:
+    async with serve_gateway(settings_for(redis_server, simulator_url, key_prefix, upstream_kind)) as served:
+        served.extra["tag"] = key_prefix
+        yield served
+
+
 @pytest.mark.parametrize("store", [True, False])
-async def test_a_continuation_on_the_socket(one_instance: Gateway, simulator_url: str, store: bool) -> None:
+async def test_a_continuation_on_the_socket(instance_of_kind: Gateway, simulator_url: str, store: bool) -> None:
+    one_instance = instance_of_kind
     tag = one_instance.extra["tag"]
     async with one_instance.client.responses.connect() as connection:
         await connection.response.create(model="sim-1", input="first turn words", store=store, metadata=knobs(tag))
@@ -148,7 +158,7 @@ async def test_a_continuation_on_the_socket(one_instance: Gateway, simulator_url
         second = (await until_terminal(connection))[-1]
     assert second.type == "response.completed", second
     sent = await sim_requests(simulator_url, tag)
-    history = orjson.dumps(sent[-1]["input"]).decode()
+    history = orjson.dumps(sent[-1].get("input") or sent[-1]["messages"]).decode()  # Responses, or Chat
     assert "first turn words" in history
     assert first.response.output_text in history
     assert "second turn" in history
@@ -313,3 +323,15 @@ async def test_a_stream_id_limit_per_socket(redis_server: str, simulator_url: st
     errors = [event for event in events if event.type == "error"]
     assert [error.error.code for error in errors] == ["websocket_stream_limit_reached"]
     assert errors[0].stream_id == "z"
+
+
+async def test_an_idle_socket_is_closed(redis_server: str, simulator_url: str, key_prefix: str) -> None:
+    settings = settings_for(redis_server, simulator_url, key_prefix, websocket={"idle_timeout_seconds": 0.3})
+    async with (
+        serve_gateway(settings) as gateway,
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"{gateway.url}/v1/responses") as socket,
+    ):
+        closing = await socket.receive(timeout=10)
+        assert closing.type is aiohttp.WSMsgType.CLOSE
+        assert socket.close_code == 1000
