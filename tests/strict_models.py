@@ -26,6 +26,7 @@ from openai.types.responses import (
     ResponseItemList,
     ResponseStreamEvent,
 )
+from openai.types.responses.responses_server_event import ResponsesServerEvent
 
 # Fields OpenAI's Response object carries that the SDK's model does not declare (the Open Responses schema
 # requires them; OpenAI's API returns them). They are the only unknown fields allowed.
@@ -38,9 +39,18 @@ RESPONSE_FIELDS_BEYOND_THE_SDK: Mapping[str, Any] = {
 # Models whose every declared field must be present, and the fields to require on other models.
 _ALL_FIELDS_PRESENT: frozenset[type[pydantic.BaseModel]] = frozenset({Response})
 _ALSO_PRESENT: Mapping[type[pydantic.BaseModel], frozenset[str]] = {FunctionTool: frozenset({"parameters", "strict"})}
-# Sampling settings OpenAI always reports as numbers, though the SDK's model lets them be null.
+
+
+def _union_members(union: Any) -> tuple[type[pydantic.BaseModel], ...]:
+    """The members of one of the SDK's event unions (`Annotated[Union[...], PropertyInfo]`)."""
+    return get_args(get_args(union)[0])
+
+
+# Sampling settings OpenAI always reports as numbers, though the SDK's model lets them be null. And a WebSocket
+# event's `stream_id` (the lane it belongs to) is left out when there is no lane: when present it is a string.
 _NEVER_NULL: Mapping[type[pydantic.BaseModel], frozenset[str]] = {
-    Response: frozenset({"temperature", "top_p", "top_logprobs"})
+    Response: frozenset({"temperature", "top_p", "top_logprobs"}),
+    **{member: frozenset({"stream_id"}) for member in _union_members(ResponsesServerEvent)},
 }
 
 # A list that is empty has no first or last id: the gateway sends null there, as OpenAI's list endpoints do,
@@ -73,9 +83,9 @@ def _strict_type(annotation: Any) -> Any:
     if origin in (Union, types.UnionType):
         return Union[tuple(_strict_type(arg) for arg in args)]  # noqa: UP007 - built from a runtime tuple
     if origin in (list, typing.List):  # noqa: UP006
-        return list[_strict_type(args[0])]  # type: ignore[misc]
+        return types.GenericAlias(list, (_strict_type(args[0]),))  # list[...] of a type known only at run time
     if origin in (dict, typing.Dict):  # noqa: UP006
-        return dict[args[0], _strict_type(args[1])]  # type: ignore[misc]
+        return types.GenericAlias(dict, (args[0], _strict_type(args[1])))
     return annotation
 
 
@@ -96,7 +106,7 @@ def _compacted_output() -> Any:
     messages, followed by a single compaction item"), which the SDK's output-item union cannot express."""
     output_item = _strict_type(CompactedResponse.model_fields["output"].annotation)
     (item,) = get_args(output_item)
-    return list[Union[item, strict_model(ResponseInputMessageItem)]]  # type: ignore[valid-type]  # noqa: UP007
+    return types.GenericAlias(list, (Union[(item, strict_model(ResponseInputMessageItem))],))  # noqa: UP007
 
 
 def strict_model(model: type[pydantic.BaseModel]) -> type[pydantic.BaseModel]:
@@ -120,24 +130,26 @@ def strict_model(model: type[pydantic.BaseModel]) -> type[pydantic.BaseModel]:
         fields["output"] = (_compacted_output(), ...)
     if model is Response:
         fields.update({name: (kind, ...) for name, kind in RESPONSE_FIELDS_BEYOND_THE_SDK.items()})
-    built: type[pydantic.BaseModel] = pydantic.create_model(  # type: ignore[call-overload]
+    built: type[pydantic.BaseModel] = pydantic.create_model(  # type: ignore[call-overload, unused-ignore]
         f"Strict{model.__name__}", __config__=_STRICT, **fields
     )
     _built[model] = built
     return built
 
 
-def _event_models() -> dict[str, type[pydantic.BaseModel]]:
-    """Each stream event type's strict model, keyed by its `type`."""
-    union = get_args(ResponseStreamEvent)[0]  # Annotated[Union[...], PropertyInfo]
+def _event_models(union: Any) -> dict[str, type[pydantic.BaseModel]]:
+    """Each event type's strict model in one of the SDK's event unions, keyed by its `type`."""
     by_type: dict[str, type[pydantic.BaseModel]] = {}
-    for member in get_args(union):
+    for member in _union_members(union):
         (event_type,) = get_args(member.model_fields["type"].annotation)
         by_type[event_type] = strict_model(member)
     return by_type
 
 
-EVENT_MODELS = _event_models()
+# What an SSE stream carries, and what a WebSocket (`GET /v1/responses` upgraded) does: the same events with an
+# optional `stream_id`, an `error` whose `sequence_number` is optional, and the `response.steer.*` notes.
+EVENT_MODELS = _event_models(ResponseStreamEvent)
+WS_EVENT_MODELS = _event_models(ResponsesServerEvent)
 
 # Bodies by their `object`; lists by the path that returns them.
 BODY_MODELS: Mapping[str, type[pydantic.BaseModel]] = {
@@ -163,6 +175,21 @@ def check_event(event: Mapping[str, Any]) -> None:
     if event_type == "error" and "sequence_number" not in event:
         event = {**event, "sequence_number": 0}
     EVENT_MODELS[event_type].model_validate(event)
+
+
+def check_ws_event(event: Mapping[str, Any]) -> None:
+    """Validate one WebSocket server event strictly; raise pydantic.ValidationError or KeyError (unknown type).
+
+    One deliberate exception: `response.steer.failed` for `invalid_input` gives the client's input back as it was
+    sent (as the SDK documents: "Returns the original, uncommitted input"), and input that failed validation need
+    not fit the input schema; it is checked as a string in its place."""
+    event_type = event.get("type")
+    if not isinstance(event_type, str) or event_type not in WS_EVENT_MODELS:
+        raise KeyError(f"unknown event type {event_type!r}")
+    error = event.get("error")
+    if event_type == "response.steer.failed" and isinstance(error, dict) and error.get("code") == "invalid_input":
+        event = {**event, "steer": {**event.get("steer", {}), "input": "(the client's invalid input)"}}
+    WS_EVENT_MODELS[event_type].model_validate(event)
 
 
 @functools.cache

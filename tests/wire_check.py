@@ -1,8 +1,8 @@
 """What in-process gateways send, checked against the SDK's models made strict (tests/strict_models.py).
 
-Every test that serves a gateway in this process has every JSON body and every SSE event the gateway wrote
-validated after the test, whichever client read them (the SDK, raw aiohttp, a deliberately broken client). The
-bytes are taken where aiohttp's server writes them, so nothing a client does can hide a malformed event.
+Every test that serves a gateway in this process has every JSON body, every SSE event and every WebSocket frame
+the gateway wrote validated after the test, whichever client read them (the SDK, raw aiohttp, a deliberately broken
+client). The bytes are taken where aiohttp's server writes them, so nothing a client does can hide a malformed event.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 import orjson
 import pydantic
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from gateway.state import STORE
-from tests.strict_models import body_model, check_event, conversation_item_model
+from tests.strict_models import body_model, check_event, check_ws_event, conversation_item_model
 
 _CONVERSATION_ITEM_PATH = re.compile(r"^/v1/conversations/[^/]+/items/[^/]+$")
 
@@ -31,6 +31,7 @@ class _Written:
     status: int
     content_type: str
     data: bytearray = field(default_factory=bytearray)
+    frames: list[tuple[WSMsgType, bytes]] = field(default_factory=list)  # a WebSocket's data frames, in order
 
 
 @dataclass
@@ -39,18 +40,32 @@ class WireCheck:
 
     written: dict[int, _Written] = field(default_factory=dict)
     event_types: set[str] = field(default_factory=set)
+    ws_event_types: set[str] = field(default_factory=set)
     bodies_checked: int = 0
 
     def record(self, response: web.StreamResponse, data: bytes) -> None:
+        written = self._written(response)
+        if written is not None:
+            written.data += data
+
+    def record_frame(self, socket: web.WebSocketResponse, data: bytes, opcode: WSMsgType) -> None:
+        """One data frame a WebSocket sent (control frames, pings and the close, are aiohttp's, not the gateway's)."""
+        if opcode not in (WSMsgType.TEXT, WSMsgType.BINARY):
+            return
+        written = self._written(socket)
+        if written is not None:
+            written.frames.append((opcode, data))
+
+    def _written(self, response: web.StreamResponse) -> _Written | None:
         request = getattr(response, "_req", None)
         if request is None or STORE not in request.app:
-            return  # not a gateway (the simulator, a test's own server)
+            return None  # not a gateway (the simulator, a test's own server)
         written = self.written.get(id(response))
         if written is None:
             written = self.written[id(response)] = _Written(
                 response, request.method, request.path, response.status, response.content_type
             )
-        written.data += data
+        return written
 
     def problems(self) -> list[str]:
         """Everything written that a strict client would refuse; forgets what it checked."""
@@ -61,6 +76,9 @@ class WireCheck:
         return found
 
     def _check(self, written: _Written) -> Iterator[str]:
+        if isinstance(written.response, web.WebSocketResponse):
+            yield from self._check_frames(written)
+            return
         where = f"{written.method} {written.path} ({written.status})"
         if written.content_type == "text/event-stream":
             for event in _complete_events(bytes(written.data)):
@@ -93,6 +111,27 @@ class WireCheck:
         except pydantic.ValidationError as error:
             yield f"{where}: body {body.get('object')}: {_short(error)}"
 
+    def _check_frames(self, written: _Written) -> Iterator[str]:
+        """Each frame must be one JSON server event of the SDK's `ResponsesServerEvent` union, in a text frame."""
+        where = f"{written.method} {written.path} (WS)"
+        for number, (opcode, data) in enumerate(written.frames, 1):
+            if opcode is not WSMsgType.TEXT:
+                yield f"{where}: frame {number}: a {opcode.name.lower()} frame, not a text frame"
+                continue
+            try:
+                event = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                yield f"{where}: frame {number}: text that is not JSON"
+                continue
+            if not isinstance(event, dict):
+                yield f"{where}: frame {number}: JSON that is not an object"
+                continue
+            self.ws_event_types.add(str(event.get("type")))
+            try:
+                check_ws_event(event)
+            except (pydantic.ValidationError, KeyError) as error:
+                yield f"{where}: event {event.get('type')} #{event.get('sequence_number')}: {_short(error)}"
+
 
 def _short(error: pydantic.ValidationError | KeyError) -> str:
     if isinstance(error, KeyError):
@@ -116,8 +155,9 @@ def _complete_events(stream: bytes) -> Iterator[dict[str, Any]]:
 
 @contextlib.contextmanager
 def recording(check: WireCheck) -> Iterator[None]:
-    """Tee what aiohttp's server writes into `check` while the block runs."""
+    """Tee what aiohttp's server writes into `check` while the block runs: bodies, and WebSocket frames."""
     original_write, original_write_eof = web.StreamResponse.write, web.StreamResponse.write_eof
+    original_send_frame = web.WebSocketResponse.send_frame
 
     async def write(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
         check.record(self, bytes(data))
@@ -128,10 +168,18 @@ def recording(check: WireCheck) -> Iterator[None]:
             check.record(self, bytes(data))
         await original_write_eof(self, data)
 
+    async def send_frame(
+        self: web.WebSocketResponse[Any], message: bytes, opcode: WSMsgType, compress: int | None = None
+    ) -> None:
+        check.record_frame(self, bytes(message), opcode)
+        await original_send_frame(self, message, opcode, compress)
+
     web.StreamResponse.write = write  # type: ignore[method-assign]
     web.StreamResponse.write_eof = write_eof  # type: ignore[method-assign]
+    web.WebSocketResponse.send_frame = send_frame  # type: ignore[method-assign]
     try:
         yield
     finally:
         web.StreamResponse.write = original_write  # type: ignore[method-assign]
         web.StreamResponse.write_eof = original_write_eof  # type: ignore[method-assign]
+        web.WebSocketResponse.send_frame = original_send_frame  # type: ignore[method-assign]
