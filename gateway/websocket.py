@@ -17,7 +17,7 @@ import contextlib
 import logging
 import re
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,15 +28,16 @@ from pydantic import ValidationError
 from gateway.auth import PRINCIPAL
 from gateway.config import WebSocketConfig
 from gateway.errors import invalid_body
-from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
+from gateway.state import LIVE_EVENTS, ROUTER, RUN_MANAGER, SETTINGS, STORE
 from runs import responses, steering
-from runs.errors import ApiError, InvalidRequest, TooManyRequests
-from runs.items import Json, normalise_items
+from runs.errors import ApiError, InvalidRequest, TooManyRequests, Unavailable
+from runs.items import Json, check_input_items, normalise_items
 from runs.request import CreateResponseRequest
 from runs.status import TERMINAL_EVENT_TYPES
 from runs.steering import SteerOutcome
-from runs.store import StoredEvent
+from runs.store import StoredEvent, StoreUnavailable
 from runs.subscription import follow_events
+from runs.upstream.router import UpstreamRouter
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,19 @@ class _Lane:
     task: asyncio.Task[None] | None = None
 
 
+def steerable_models(router: UpstreamRouter) -> Callable[[str], bool]:
+    """Whether a response of `model` can be steered: not over an upstream called with the client's own key (its
+    successor runs after the client's request is gone, and the key was never stored)."""
+
+    def steerable(model: str) -> bool:
+        try:
+            return not router.route(model).spec.forward_client_key
+        except ApiError:
+            return True  # no longer routed: its successor fails like any response of an unknown model
+
+    return steerable
+
+
 def is_websocket_upgrade(request: web.Request) -> bool:
     return request.headers.get("Upgrade", "").lower() == "websocket"
 
@@ -132,9 +146,15 @@ def with_lane(data: bytes, stream_id: str | None) -> bytes:
     return data[:-1] + b',"stream_id":' + orjson.dumps(stream_id) + b"}"
 
 
+def _store_unavailable() -> Unavailable:
+    return Unavailable("The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"})
+
+
 def error_event(error: ApiError, stream_id: str | None = None) -> bytes:
     """The `error` event the SDK parses (`ResponseWsError`): the HTTP status it stands for and the usual body."""
     event: Json = {"type": "error", "status": error.status, **error.envelope()}
+    if error.headers:
+        event["error"]["headers"] = error.headers
     if stream_id is not None:
         event["stream_id"] = stream_id
     return orjson.dumps(event)
@@ -148,6 +168,15 @@ async def responses_socket(request: web.Request) -> web.StreamResponse:
             status=405,
             type="invalid_request_error",
             code="method_not_allowed",
+        )
+    if "Origin" in request.headers and not request.app[SETTINGS].auth.enabled:
+        # Browsers apply no CORS to WebSockets: without auth, any web page could drive the operator's models and
+        # read what they answer. API clients (the SDK, Codex) send no Origin.
+        raise ApiError(
+            "WebSocket connections from a browser page (with an Origin header) need auth enabled on this gateway.",
+            status=403,
+            type="invalid_request_error",
+            code="origin_not_allowed",
         )
     settings = request.app[SETTINGS].websocket
     tenant = request[PRINCIPAL].tenant
@@ -184,12 +213,12 @@ class ResponsesSocket:
         self._heartbeat_seconds = app[SETTINGS].sse.heartbeat_seconds
         self._max_pending_steers = app[SETTINGS].steering.max_pending_per_response
         self._principal = request[PRINCIPAL]
+        self._steerable = steerable_models(app[ROUTER])
         self._lanes: dict[str | None, _Lane] = {}
         self._stream_ids_seen: set[str] = set()
         self._in_flight = asyncio.Semaphore(settings.max_in_flight_per_socket)
         # store=false responses of this socket, newest last: id -> the items a continuation of it builds on.
         self._unstored: OrderedDict[str, list[Json]] = OrderedDict()
-        self._helpers: set[asyncio.Task[None]] = set()
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._last_heard = loop.time()
@@ -211,7 +240,7 @@ class ResponsesSocket:
 
     async def _stop(self) -> None:
         """The socket is gone: its lanes stop following (store=true runs go on; store=false ones end with it)."""
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None] + list(self._helpers)
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -237,7 +266,7 @@ class ResponsesSocket:
             if kind == CREATE:
                 self._queue(_Create(event), _stream_id_of(event))
             elif kind == STEER:
-                self._helper(self._steer(event))
+                await self._steer(event)  # in turn: steers are queued in the order the client sent them
             elif kind == RESUME:
                 response_id = event.get("response_id")
                 if not isinstance(response_id, str) or not response_id:
@@ -255,6 +284,9 @@ class ResponsesSocket:
                 raise InvalidRequest("Each message must be a JSON object with a string 'type'.", param="type")
         except ApiError as error:
             await self._send(error_event(error, event.get("stream_id") if _has_lane(event) else None))
+        except StoreUnavailable as error:
+            log.warning("websocket: store unavailable: %s", error)
+            await self._send(error_event(_store_unavailable(), event.get("stream_id") if _has_lane(event) else None))
 
     def _queue(self, work: _Create | _Resume, stream_id: str | None) -> None:
         lane = self._lanes.get(stream_id)
@@ -297,11 +329,6 @@ class ResponsesSocket:
         except ApiError as error:
             await self._send(error_event(error, stream_id))
 
-    def _helper(self, work: Any) -> None:
-        task = asyncio.create_task(work)
-        self._helpers.add(task)
-        task.add_done_callback(self._helpers.discard)
-
     # -- lanes -------------------------------------------------------------------------------------------
 
     async def _work_lane(self, lane: _Lane) -> None:
@@ -313,6 +340,9 @@ class ResponsesSocket:
                         await self._do(work, lane)
                 except ApiError as error:
                     await self._send(error_event(error, lane.stream_id))
+                except StoreUnavailable as error:
+                    log.warning("websocket lane %r: store unavailable: %s", lane.stream_id, error)
+                    await self._send(error_event(_store_unavailable(), lane.stream_id))
                 except (ConnectionResetError, asyncio.CancelledError):
                     raise
                 except Exception:
@@ -367,6 +397,8 @@ class ResponsesSocket:
         previous = create.previous_response_id
         if previous is None or previous not in self._unstored:
             return create
+        if isinstance(create.input, list):
+            check_input_items(create.input)  # before it is read (admission would check it only after)
         self._unstored.move_to_end(previous)
         own = normalise_items(create.input) if create.input is not None else []
         return create.model_copy(update={"previous_response_id": None, "input": [*self._unstored[previous], *own]})
@@ -435,7 +467,11 @@ class ResponsesSocket:
 
     async def _steer(self, event: dict[str, Any]) -> None:
         note = await steering.steer_from_socket(
-            self._store, event, tenant=self._principal.tenant, max_pending=self._max_pending_steers
+            self._store,
+            event,
+            tenant=self._principal.tenant,
+            max_pending=self._max_pending_steers,
+            steerable=self._steerable,
         )
         await self._send(with_lane(orjson.dumps(note.event), note.stream_id))
 

@@ -17,7 +17,7 @@ from runs.admission import check_admissible, check_history, needs_history, new_r
 from runs.cancellation import cancel_response
 from runs.compaction import CompactionDue, compaction_due
 from runs.conversations import get_conversation
-from runs.errors import ApiError, TooManyRequests, Unavailable
+from runs.errors import ApiError, Conflict, TooManyRequests, Unavailable
 from runs.history import conversation_id_of, history_for
 from runs.idempotency import IdempotencyKey, claim_key
 from runs.items import Json, normalise_items
@@ -30,7 +30,7 @@ from runs.upstream.base import Upstream
 from runs.upstream.head_start import HeadStart
 from runs.upstream.retry import stream_with_retries
 from runs.upstream.router import UpstreamRouter
-from storage.base import Lease, NoticeKind, ResponseRecord, Store, StoredEvent
+from storage.base import Lease, NoticeKind, ResponseRecord, SteersTaken, Store, StoredEvent
 from storage.keys import shard_of
 
 __all__ = ["Admission", "RunManager", "RunSettings"]
@@ -279,7 +279,7 @@ class RunManager:
             turn=turn,
             shard=shard_of(takes_steers[0]) if takes_steers is not None else None,
         )
-        if takes_steers is not None and idempotency is None:
+        if takes_steers is not None:
             record = dataclasses.replace(record, takes_steers=takes_steers)
         if idempotency is not None:
             holder = await claim_key(self._store, idempotency, record.response_id)
@@ -288,13 +288,23 @@ class RunManager:
             await self.lifecycle.faults.reach("admit.key_claimed", record.response_id)
         # Where admit() could not send the provider call yet, it goes out now, in parallel with the store's round
         # trip (unless the response takes a conversation's turn, whose history is read once the turn is ours).
-        if head_start is None and not queued and turn is None and compaction is None:
+        # Not for a continuation that takes queued steering input: another may take it first, and the input must
+        # reach the provider once.
+        if head_start is None and not queued and turn is None and compaction is None and takes_steers is None:
             api_key = upstream.spec.call_key(caller.api_key)
             head_start = HeadStart(stream_with_retries(upstream, provider_body, api_key))
         # Undone on any failure from here on, the create included: its reply may have been lost after it ran
         # (undoing what does not exist changes nothing).
         try:
-            lease = await self.lifecycle.admit(record)
+            try:
+                lease = await self.lifecycle.admit(record)
+            except SteersTaken:
+                raise Conflict(
+                    f"Another continuation of '{request.previous_response_id}' took the steering input queued for "
+                    "it while this request was admitted; retry (it will continue without that input).",
+                    param="previous_response_id",
+                    code="steering_input_taken",
+                ) from None
             if turn is not None:
                 # The response exists before it takes the turn, so a racing instance that finds it holding the
                 # turn never mistakes it for a dead holder. History is read once the turn is ours: the previous
@@ -347,6 +357,10 @@ class RunManager:
         it can be made in that response's shard: not with an Idempotency-Key, whose shard it must be in)."""
         previous = request.previous_response_id
         assert previous is not None
+        if idempotency is not None:
+            # Its id must be in its key's shard, so it cannot commit the input in the step that creates it: the
+            # input stays pending for a continuation without a key (README, steering).
+            return request, None
         steer_input, count = await pending_input(self._store, previous)
         if not count:
             return request, None

@@ -76,8 +76,11 @@ class ResponseRun:
         self._abandoned = False
         self._consumer: asyncio.Task[None] | None = None
         self._cancel_requested = False
-        # Steering input was queued for it: stop at the next safe boundary (no output item half emitted), ending
-        # `incomplete` / `steered`; `_steered` once it stops for that reason.
+        # Steering input was queued for it: stop at the next safe boundary, ending `incomplete` / `steered`
+        # (`_steered` once it stops for that reason). The boundary is where a new output item would begin: at once
+        # while the provider has not started its output, else before the next item's `output_item.added`. An item
+        # already begun is finished, and a provider that ends instead (its `response.completed`, usage and all)
+        # ends the response normally: the steering then follows it.
         self._steer_requested = False
         self._steered = False
         self._open_items = 0
@@ -142,11 +145,11 @@ class ResponseRun:
             self._consumer.cancel()
 
     def steer(self) -> None:
-        """Steering input was queued: end at the next safe boundary, at once when no output item is open."""
+        """Steering input was queued: end at the next safe boundary (at once when no output has begun)."""
         self._steer_requested = True
         if self.status in TERMINAL:
             return  # its end is being written: the steer applies after it
-        if self._open_items == 0 and self._consumer is not None and not self._consumer.done():
+        if not self.emitted_output and self._consumer is not None and not self._consumer.done():
             self._steered = True
             self._consumer.cancel()
 
@@ -273,6 +276,12 @@ class ResponseRun:
             raise UpstreamFailure(str(event.get("message") or "upstream error"), code=event.get("code"))
         if not isinstance(kind, str) or kind in LIFECYCLE_EVENT_TYPES:
             return False  # our own created / in_progress were already emitted with our id
+        if kind == "response.output_item.added" and self._steer_requested and self._open_items == 0:
+            # A safe boundary: every item so far is whole, and this one is not emitted. What came before is stored
+            # first, then the provider call is closed.
+            self._steered = True
+            await self._end(ResponseStatus.INCOMPLETE, incomplete_details={"reason": "steered"})
+            return True
         event = dict(event)
         if self._compacted is not None and isinstance(event.get("output_index"), int):
             event["output_index"] += 1  # after the compaction item
@@ -281,12 +290,6 @@ class ResponseRun:
             self._open_items += 1
         elif kind == "response.output_item.done":
             self._open_items -= 1
-            if self._steer_requested and self._open_items <= 0:
-                # A safe boundary: the item is whole. Stored first, then the provider call is closed.
-                await self._log.flush()
-                self._steered = True
-                await self._end(ResponseStatus.INCOMPLETE, incomplete_details={"reason": "steered"})
-                return True
         if not self.emitted_output and "run.output" in self._faults.hooks:
             await self._log.flush()
             await self._faults.reach("run.output", self.response_id)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,9 +133,7 @@ def steer_items(value: Any) -> list[Json]:
         if set(item) - {"type", "role", "content"}:
             raise SteerRefused("invalid_input", "A steering message may contain only 'type', 'role' and 'content'.")
         content = item.get("content")
-        parts_ok = isinstance(content, list) and all(
-            isinstance(part, dict) and part.get("type") in _STEER_PART_TYPES for part in content
-        )
+        parts_ok = isinstance(content, list) and all(_part_ok(part) for part in content)
         if not (isinstance(content, str) and content) and not (parts_ok and content):
             raise SteerRefused(
                 "invalid_input",
@@ -145,8 +143,28 @@ def steer_items(value: Any) -> list[Json]:
     return items
 
 
-async def queue_steer(store: Store, response_id: Any, value: Any, *, tenant: str, max_pending: int) -> Accepted:
-    """Store steering input for the tenant's running response; SteerRefused says why it cannot be."""
+def _part_ok(part: Any) -> bool:
+    """A content part of steering input, shaped as the API takes it: text with its text, an image or a file with
+    where it is."""
+    if not isinstance(part, dict) or part.get("type") not in _STEER_PART_TYPES:
+        return False
+    if part["type"] == "input_text":
+        return isinstance(part.get("text"), str) and bool(part["text"])
+    sources = ("image_url", "file_id") if part["type"] == "input_image" else ("file_id", "file_data", "file_url")
+    return any(isinstance(part.get(source), str) and part[source] for source in sources)
+
+
+async def queue_steer(
+    store: Store,
+    response_id: Any,
+    value: Any,
+    *,
+    tenant: str,
+    max_pending: int,
+    steerable: Callable[[str], bool] = lambda model: True,
+) -> Accepted:
+    """Store steering input for the tenant's running response; SteerRefused says why it cannot be. `steerable`
+    says whether responses of a model can be steered at all."""
     if not isinstance(response_id, str) or not response_id or len(response_id) > 256:
         raise SteerRefused("invalid_input", "Missing required parameter: 'previous_response_id'.")
     items = steer_items(value)
@@ -155,7 +173,11 @@ async def queue_steer(store: Store, response_id: Any, value: Any, *, tenant: str
         raise SteerRefused("response_not_found", f"Response with id '{response_id}' not found.")
     request = orjson.loads(record.request)
     stream_id = request.get("stream_id")
-    if request.get("conversation") is not None or request.get("context_management"):
+    if (
+        request.get("conversation") is not None
+        or request.get("context_management")
+        or not steerable(str(request.get("model")))
+    ):
         raise SteerRefused("steering_not_supported", stream_id=stream_id)
     if ResponseStatus(record.status) in TERMINAL:
         raise _ended(record.status, stream_id)
@@ -178,7 +200,14 @@ def _ended(status: str, stream_id: str | None) -> SteerRefused:
     return SteerRefused(code, stream_id=stream_id)
 
 
-async def steer_from_socket(store: Store, event: dict[str, Any], *, tenant: str, max_pending: int) -> SocketNote:
+async def steer_from_socket(
+    store: Store,
+    event: dict[str, Any],
+    *,
+    tenant: str,
+    max_pending: int,
+    steerable: Callable[[str], bool] = lambda model: True,
+) -> SocketNote:
     """A `response.steer` client event's answer: `response.steer.accepted` once the input is stored, or
     `response.steer.failed` with the input given back."""
     previous = event.get("previous_response_id")
@@ -188,7 +217,9 @@ async def steer_from_socket(store: Store, event: dict[str, Any], *, tenant: str,
             raise SteerRefused(
                 "invalid_input", "response.steer accepts only 'type', 'previous_response_id' and 'input'."
             )
-        accepted = await queue_steer(store, previous, value, tenant=tenant, max_pending=max_pending)
+        accepted = await queue_steer(
+            store, previous, value, tenant=tenant, max_pending=max_pending, steerable=steerable
+        )
     except SteerRefused as refusal:
         steer = {"input": value, "previous_response_id": previous if isinstance(previous, str) else ""}
         failed = {
@@ -262,7 +293,17 @@ async def pending_input(store: Store, response_id: str) -> tuple[list[Json], int
     """Steering input kept `pending` for a response that stopped for the client's tool outputs: the client's
     continuation of it gets this input first (and commits it). Empty when there is none."""
     state = await store.steer_state(response_id)
-    if state.outcome != PENDING_OUTCOME or state.successor is not None or not state.queued:
+    if state.successor is not None or not state.queued:
+        return [], 0
+    if state.outcome is None:
+        # Not resolved yet (its instance is settling it right now, or died first): it is pending all the same when
+        # the response has ended waiting for tool outputs. Committing it is count-guarded, so it cannot go twice.
+        record = await store.get_response(response_id)
+        if record is None or ResponseStatus(record.status) not in (ResponseStatus.COMPLETED, ResponseStatus.INCOMPLETE):
+            return [], 0
+        if not required_input(orjson.loads(record.snapshot).get("output") or []):
+            return [], 0
+    elif state.outcome != PENDING_OUTCOME:
         return [], 0
     return [item for raw in state.queued for item in orjson.loads(raw)["input"]], len(state.queued)
 

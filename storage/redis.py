@@ -318,7 +318,8 @@ class RedisStore(RedisConversations, RedisRunQueue):
     @unavailable_on_connection_error
     async def _steer_state(self, response_id: str, action: str, outcome: str) -> SteerState:
         keys = [self._keys.response_state(response_id), self._keys.response_steers(response_id)]
-        queued, successor, resolved = await self._mux.script(self._steer_state_script, keys, [action, outcome])
+        args = [action, outcome, self._ttl_ms]
+        queued, successor, resolved = await self._mux.script(self._steer_state_script, keys, args)
         return SteerState(tuple(queued), successor.decode() or None, resolved.decode() or None)
 
     @unavailable_on_connection_error

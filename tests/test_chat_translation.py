@@ -350,3 +350,29 @@ def test_client_only_fields_never_reach_a_chat_server() -> None:
         {"model": "m", "input": "hi", "client_metadata": {"session_id": "s"}}, model="m", dialect=DIALECT
     )
     assert "client_metadata" not in chat
+
+
+def test_a_message_between_tool_calls_and_their_outputs_goes_after_the_outputs() -> None:
+    """Steering input joins a continuation before its tool outputs (as the Responses API orders it); Chat wants
+    an assistant's tool calls answered at once, so the message moves to just after the answers."""
+    body = {
+        "input": [
+            {"role": "user", "content": "weather?"},
+            {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+            {"type": "function_call", "call_id": "c2", "name": "get_weather", "arguments": "{}"},
+            {"role": "user", "content": "and tomorrow too"},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+            {"type": "function_call_output", "call_id": "c2", "output": "rainy"},
+            {"role": "user", "content": "thanks"},
+        ]
+    }
+    chat = chat_request(body, model="m", dialect=DIALECT)
+    roles = [(message["role"], message.get("content")) for message in chat["messages"]]
+    assert roles == [
+        ("user", "weather?"),
+        ("assistant", None),
+        ("tool", "sunny"),
+        ("tool", "rainy"),
+        ("user", "and tomorrow too"),
+        ("user", "thanks"),
+    ]

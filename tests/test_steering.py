@@ -34,6 +34,17 @@ async def two_instances(
         yield first, second
 
 
+async def until_event(connection: Any, kind: str) -> list[Any]:
+    events = []
+    async with asyncio.timeout(20):
+        async for event in connection:
+            events.append(event)
+            if event.type == kind:
+                return events
+            assert event.type not in TERMINAL, event
+    return events
+
+
 async def first_delta(connection: Any) -> list[Any]:
     events = []
     async with asyncio.timeout(20):
@@ -50,11 +61,12 @@ async def test_a_steer_sent_to_the_other_instance_continues_the_run(
 ) -> None:
     owner, other = two_instances
     label = owner.extra["tag"]
+    # Steered while the provider has not begun its output (a safe boundary: no item is open), so the run stops at
+    # once; steered later, a run finishes the item it has begun (see the test at any point below).
+    thinking = {**knobs(label, tokens=40, delay_ms=15), "sim_ttft_ms": "400"}
     async with owner.client.responses.connect() as socket, other.client.responses.connect() as steering_socket:
-        await socket.response.create(
-            model="sim-1", input="tell a story", stream_id="story", metadata=knobs(label, tokens=40, delay_ms=15)
-        )
-        started = await first_delta(socket)
+        await socket.response.create(model="sim-1", input="tell a story", stream_id="story", metadata=thinking)
+        started = await until_event(socket, "response.in_progress")
         response_id = started[0].response.id
         await steering_socket.response.steer(previous_response_id=response_id, input="make it about foxes")
         accepted = await steering_socket.recv()
@@ -121,6 +133,70 @@ async def test_steering_refusals(redis_server: str, simulator_url: str, key_pref
             reply = await gateway.http.post(f"/v1/responses/{target}/steer", json=body)
             assert reply.status == status, await reply.text()
             assert (await reply.json())["error"]["code"] == code
+
+
+WEATHER_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+        "strict": True,
+    }
+]
+
+
+async def test_concurrent_continuations_of_a_pending_response(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    """Several continuations of a response whose steering waits for its tool outputs (parallel branches, or
+    retries): exactly one takes the input; the others are told to retry (409), never a 500."""
+    async with serve_gateway(settings_for(redis_server, simulator_url, key_prefix)) as gateway:
+        stream = await gateway.client.responses.create(
+            model="sim-1",
+            input="weather?",
+            tools=WEATHER_TOOLS,
+            background=True,
+            stream=True,
+            metadata=knobs(key_prefix, delay_ms=60),
+        )
+        response_id = None
+        async for event in stream:
+            if event.type == "response.created":
+                response_id = event.response.id
+            if event.type == "response.function_call_arguments.delta":
+                break
+        await stream.close()
+        reply = await gateway.http.post(f"/v1/responses/{response_id}/steer", json={"input": "and tomorrow too"})
+        assert reply.status == 200, await reply.text()
+        for _ in range(300):
+            state = await (await gateway.http.get(f"/v1/responses/{response_id}/steering")).json()
+            if state["status"] == "pending":
+                break
+            await asyncio.sleep(0.02)
+        assert state["status"] == "pending", state
+        ended = await gateway.client.responses.retrieve(str(response_id))
+        call = next(item for item in ended.output if item.type == "function_call")
+        body = {
+            "model": "sim-1",
+            "previous_response_id": response_id,
+            "input": [{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],  # type: ignore[union-attr]
+            "metadata": knobs(key_prefix),
+        }
+        replies = await asyncio.gather(*(gateway.http.post("/v1/responses", json=body) for _ in range(4)))
+        statuses = sorted(reply.status for reply in replies)
+        assert set(statuses) <= {200, 409}, statuses
+        for reply in replies:
+            if reply.status == 409:
+                assert (await reply.json())["error"]["code"] == "steering_input_taken"
+        assert 200 in statuses
+        sent = await sim_requests(simulator_url, key_prefix)
+        assert sum("and tomorrow too" in orjson.dumps(body).decode() for body in sent) == 1
 
 
 async def test_steering_waits_for_tool_outputs_then_goes_first(
@@ -196,7 +272,10 @@ async def test_a_background_run_steered_over_http(
     storage_url = "memory://" if backend == "memory" else request.getfixturevalue("redis_server")
     async with serve_gateway(settings_for(storage_url, simulator_url, key_prefix)) as gateway:
         created = await gateway.client.responses.create(
-            model="sim-1", input="draft a plan", background=True, metadata=knobs(label, tokens=40, delay_ms=15)
+            model="sim-1",
+            input="draft a plan",
+            background=True,
+            metadata={**knobs(label, tokens=40, delay_ms=15), "sim_ttft_ms": "300"},
         )
         reply = await gateway.http.post(f"/v1/responses/{created.id}/steer", json={"input": "shorter, please"})
         assert reply.status == 200, await reply.text()
@@ -240,10 +319,9 @@ async def test_an_owner_that_dies_before_the_successor_is_replaced(
     async with serve_gateway(settings, faults) as owner:
         freezer.app = owner.app
         async with owner.client.responses.connect() as socket:
-            await socket.response.create(
-                model="sim-1", input="a long one", metadata=knobs(label, tokens=40, delay_ms=10)
-            )
-            started = await first_delta(socket)
+            thinking = {**knobs(label, tokens=10), "sim_ttft_ms": "300"}
+            await socket.response.create(model="sim-1", input="a long one", metadata=thinking)
+            started = await until_event(socket, "response.in_progress")
             steered_id["id"] = started[0].response.id
             await socket.response.steer(previous_response_id=steered_id["id"], input="change of plan")
             await asyncio.wait_for(freezer.reached, 20)
@@ -326,5 +404,9 @@ async def test_a_steer_before_the_first_token_stops_the_run_at_once(
             await asyncio.sleep(0.02)
         assert steered.status == "incomplete"
         assert steered.output == []
-        state = await (await gateway.http.get(f"/v1/responses/{created.id}/steering")).json()
+        for _ in range(300):
+            state = await (await gateway.http.get(f"/v1/responses/{created.id}/steering")).json()
+            if state["status"] == "committed":
+                break
+            await asyncio.sleep(0.02)
         assert state["status"] == "committed"

@@ -26,7 +26,7 @@ def settings_for(storage_url: str, simulator_url: str, key_prefix: str, kind: st
     on) gets the simulator's pace as headers too."""
     headers = {"x-sim-tag": key_prefix}
     if kind == "chat":
-        headers |= {"x-sim-tokens": "40", "x-sim-token-delay-ms": "15"}
+        headers |= {"x-sim-tokens": "40", "x-sim-token-delay-ms": "15", "x-sim-ttft-ms": "400"}
     upstream = {"name": "sim", "kind": kind, "base_url": f"{simulator_url}/v1", "max_retries": 0, "headers": headers}
     return load_settings(
         storage={"url": storage_url, "key_prefix": key_prefix, "retention_seconds": 600},
@@ -165,6 +165,24 @@ async def test_a_continuation_on_the_socket(instance_of_kind: Gateway, simulator
     if store:
         return
     # A store=false response lives in its socket's memory only: another socket cannot continue it.
+    # A bad item continuing it is refused like any (before the socket's memory is read).
+    async with one_instance.client.responses.connect() as connection:
+        await connection.response.create(model="sim-1", input="one", store=False, metadata=knobs(tag))
+        kept = (await until_terminal(connection))[-1]
+        await connection.send_raw(
+            orjson.dumps(
+                {
+                    "type": "response.create",
+                    "model": "sim-1",
+                    "store": False,
+                    "previous_response_id": kept.response.id,
+                    "input": [{"type": ["not", "a", "type"], "role": "user", "content": "x"}],
+                }
+            )
+        )
+        refused = (await until_terminal(connection))[-1]
+    assert refused.type == "error", refused
+    assert refused.status == 400, refused
     async with one_instance.client.responses.connect() as connection:
         await connection.response.create(
             model="sim-1", input="again", store=False, previous_response_id=first.response.id

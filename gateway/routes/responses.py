@@ -113,6 +113,12 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         create = CreateResponseRequest.model_validate(body)
     except ValidationError as error:
         raise invalid_body(error) from None
+    if create.stream_id is not None:
+        raise InvalidRequest(
+            "Unknown parameter: 'stream_id' (it is WebSocket mode's: send response.create on GET /v1/responses).",
+            param="stream_id",
+            code="unknown_parameter",
+        )
     principal = request[PRINCIPAL]
     key = None
     if key_header is not None:

@@ -8,7 +8,8 @@ from aiohttp import web
 from gateway.auth import PRINCIPAL
 from gateway.errors import json_response
 from gateway.routes.responses import read_json_object
-from gateway.state import SETTINGS, STORE
+from gateway.state import ROUTER, SETTINGS, STORE
+from gateway.websocket import steerable_models
 from runs import responses, steering
 from runs.errors import InvalidRequest
 
@@ -29,6 +30,7 @@ async def steer_response(request: web.Request) -> web.Response:
         body.get("input"),
         tenant=request[PRINCIPAL].tenant,
         max_pending=request.app[SETTINGS].steering.max_pending_per_response,
+        steerable=steerable_models(request.app[ROUTER]),
     )
     return json_response(
         {

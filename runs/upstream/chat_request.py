@@ -155,7 +155,34 @@ def _messages(
             continue  # a model's own earlier reasoning: Chat has no way to take it back, and needs none
         else:
             translation.unsupported(f"Input item type {kind!r}", param)
-    return messages
+    return _answers_right_after_calls(messages)
+
+
+def _answers_right_after_calls(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Chat requires an assistant message's tool calls to be followed at once by the tool messages that answer
+    them. Input may put a user message in between (steering input goes before the tool outputs of the
+    continuation it joins, as the Responses API has it): such messages move to just after the answers."""
+    ordered: list[dict[str, Any]] = []
+    waiting: set[Any] = set()  # call ids not answered yet
+    held: list[dict[str, Any]] = []  # messages that came before the answers
+    for message in messages:
+        if message["role"] == "tool" and message.get("tool_call_id") in waiting:
+            ordered.append(message)
+            waiting.discard(message.get("tool_call_id"))
+            if not waiting:
+                ordered += held
+                held = []
+            continue
+        if waiting and message["role"] in ("user", "system", "developer"):
+            held.append(message)
+            continue
+        ordered += held
+        held = []
+        waiting = set()
+        ordered.append(message)
+        if message["role"] == "assistant" and message.get("tool_calls"):
+            waiting = {call.get("id") for call in message["tool_calls"]}
+    return ordered + held
 
 
 def flat_name(namespace: str, name: str) -> str:

@@ -12,7 +12,8 @@ if redis.call('EXISTS', KEYS[1]) == 1 then
   return 'EXISTS'
 end
 if ARGV[14] ~= '' then
-  if redis.call('LLEN', KEYS[7]) ~= tonumber(ARGV[14]) or redis.call('HEXISTS', KEYS[6], 'successor') == 1 then
+  if redis.call('EXISTS', KEYS[6]) == 0 or redis.call('LLEN', KEYS[7]) ~= tonumber(ARGV[14])
+      or redis.call('HEXISTS', KEYS[6], 'successor') == 1 then
     return 'STEERS_TAKEN'
   end
   redis.call('DEL', KEYS[7])
