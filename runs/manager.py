@@ -88,6 +88,8 @@ class RunManager:
         self._slot_tenant: dict[str, str] = {}  # response id -> the tenant its run slot counts against
         # Cancel notices for responses not running here (yet), oldest first, kept for a lease period.
         self._early_cancels: dict[str, float] = {}
+        # Likewise steering notices, so a run claimed while its steer was announced still stops for it.
+        self._early_steers: dict[str, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._notice_listener: asyncio.Task[None] | None = None
         self._draining = False
@@ -116,7 +118,11 @@ class RunManager:
             run = self._runs.get(response_id)
             if notice.kind is NoticeKind.STEER:
                 if run is not None:
-                    run.steer()  # stops at its next safe boundary; a run elsewhere (or none) hears its own notice
+                    run.steer()  # stops at its next safe boundary; a run elsewhere hears its own notice
+                else:
+                    # It may be starting here right now (a queued response claimed, a takeover): _start looks here.
+                    self._early_steers[response_id] = asyncio.get_running_loop().time()
+                    self._forget_old_cancels()
                 continue
             if run is not None:
                 log.info("cancelling %s at another instance's request", response_id)
@@ -128,8 +134,9 @@ class RunManager:
 
     def _forget_old_cancels(self) -> None:
         horizon = asyncio.get_running_loop().time() - self.settings.lease_ms / 1000
-        while self._early_cancels and next(iter(self._early_cancels.values())) < horizon:
-            del self._early_cancels[next(iter(self._early_cancels))]
+        for early in (self._early_cancels, self._early_steers):
+            while early and next(iter(early.values())) < horizon:
+                del early[next(iter(early))]
 
     @property
     def store(self) -> Store:
@@ -394,6 +401,8 @@ class RunManager:
             head_start=head_start,
             compaction=compaction,
         )
+        if self._early_steers.pop(run.response_id, None) is not None:
+            run.steer()
         if self._early_cancels.pop(run.response_id, None) is not None:
             run.cancel()
         run.call_upstream_now()

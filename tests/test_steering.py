@@ -410,3 +410,29 @@ async def test_a_steer_before_the_first_token_stops_the_run_at_once(
                 break
             await asyncio.sleep(0.02)
         assert state["status"] == "committed"
+
+
+async def test_a_queued_response_steered_before_it_starts(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    """The steer is announced while nobody runs the response (it waits for a run slot): the instance that starts
+    it remembers the notice, so the run stops before its first output item, and the successor follows."""
+    settings = settings_for(redis_server, simulator_url, key_prefix, runs={"max_concurrent": 1})
+    async with serve_gateway(settings) as gateway:
+        busy = await gateway.client.responses.create(
+            model="sim-1", input="first", background=True, metadata=knobs(key_prefix, tokens=30)
+        )
+        waiting = await gateway.client.responses.create(
+            model="sim-1", input="second", background=True, metadata=knobs(key_prefix)
+        )
+        assert waiting.status == "queued"
+        reply = await gateway.http.post(f"/v1/responses/{waiting.id}/steer", json={"input": "actually, stop"})
+        assert reply.status == 200, await reply.text()
+        for _ in range(300):
+            steered = await gateway.client.responses.retrieve(waiting.id)
+            if steered.status not in ("queued", "in_progress"):
+                break
+            await asyncio.sleep(0.02)
+        assert steered.status == "incomplete"
+        assert steered.output == []
+        assert (await gateway.client.responses.retrieve(busy.id)).status in ("in_progress", "completed")

@@ -31,7 +31,7 @@ def settings_for(storage_url: str, simulator_url: str, key_prefix: str, kind: st
     return load_settings(
         storage={"url": storage_url, "key_prefix": key_prefix, "retention_seconds": 600},
         upstreams=[upstream],
-        runs={"lease_seconds": 2.0, "renew_seconds": 0.5, "sweep_seconds": 0.2},
+        runs={"lease_seconds": 2.0, "renew_seconds": 0.5, "sweep_seconds": 0.2, **extra.pop("runs", {})},
         **extra,
     )
 

@@ -276,6 +276,8 @@ async def cancel_response(request: web.Request) -> web.Response:
 async def delete_response(request: web.Request) -> web.Response:
     """DELETE /v1/responses/{response_id}: every key of it gone; refused while it runs."""
     response_id = request.match_info["response_id"]
+    # Another tenant's (or a missing) response is a 404 before anything happens to it.
+    await responses.visible_response(request.app[STORE], response_id, tenant=request[PRINCIPAL].tenant)
     # An ended response whose follow-ups are not done yet (its turn, its index entry) gets them first: deleting it
     # before would leave its conversation locked by a response that no longer exists.
     await request.app[RUN_MANAGER].lifecycle.settle(response_id)
