@@ -39,6 +39,7 @@ from runs.faults import FaultPoints
 from storage.redis_cluster import ClusterAddress, open_cluster_client
 from tests.redis_cluster import RedisCluster
 from tests.tcp_proxy import TcpProxy
+from tests.websocket_support import settings_for
 from tests.wire_check import WireCheck, recording
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -366,3 +367,30 @@ async def eventually(check: Callable[[], Any], *, within: float = 10.0, interval
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s (last: {result!r})")
         await asyncio.sleep(interval)
+
+
+# -- WebSocket mode and steering (tests/websocket_support.py) ------------------------------------------------
+
+
+@pytest.fixture(params=["responses", "chat"])
+def upstream_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def two_instances(
+    redis_server: str, simulator_url: str, key_prefix: str, upstream_kind: str
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """Two gateway instances sharing one Redis, in front of the simulator (through either upstream kind)."""
+    settings = settings_for(redis_server, simulator_url, key_prefix, upstream_kind)
+    async with serve_gateway(settings) as first, serve_gateway(settings) as second:
+        first.extra["tag"] = second.extra["tag"] = key_prefix
+        yield first, second
+
+
+@pytest.fixture
+async def one_instance(redis_server: str, simulator_url: str, key_prefix: str) -> AsyncIterator[Gateway]:
+    async with serve_gateway(settings_for(redis_server, simulator_url, key_prefix)) as served:
+        served.extra["tag"] = key_prefix
+        yield served

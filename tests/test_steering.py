@@ -5,7 +5,6 @@ the steering input; the pending and failed outcomes; and an owner that dies betw
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -15,23 +14,7 @@ from tests.conftest import Gateway, serve_gateway
 from tests.helpers import sim_requests
 from tests.lifecycle_checks import Freezer
 from tests.test_lifecycle_faults import FreezerFaults
-from tests.test_websocket import TERMINAL, knobs, settings_for, until_terminal
-
-
-@pytest.fixture(params=["responses", "chat"])
-def upstream_kind(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
-
-
-@pytest.fixture
-async def two_instances(
-    redis_server: str, simulator_url: str, key_prefix: str, upstream_kind: str
-) -> AsyncIterator[tuple[Gateway, Gateway]]:
-    settings = settings_for(redis_server, simulator_url, key_prefix, upstream_kind)
-    async with serve_gateway(settings) as first, serve_gateway(settings) as second:
-        first.extra["tag"] = second.extra["tag"] = key_prefix
-        yield first, second
+from tests.websocket_support import TERMINAL, knobs, settings_for, until_terminal
 
 
 async def until_event(connection: Any, kind: str) -> list[Any]:
@@ -203,20 +186,7 @@ async def test_steering_waits_for_tool_outputs_then_goes_first(
     redis_server: str, simulator_url: str, key_prefix: str
 ) -> None:
     label = key_prefix
-    tools = [
-        {
-            "type": "function",
-            "name": "get_weather",
-            "description": "Weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
-                "required": ["city", "days"],
-                "additionalProperties": False,
-            },
-            "strict": True,
-        }
-    ]
+    tools = WEATHER_TOOLS
     async with (
         serve_gateway(settings_for(redis_server, simulator_url, key_prefix)) as gateway,
         gateway.client.responses.connect() as socket,
