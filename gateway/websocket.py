@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,8 +28,21 @@ from gateway.auth import PRINCIPAL
 from gateway.config import WebSocketConfig
 from gateway.errors import invalid_body
 from gateway.state import LIVE_EVENTS, ROUTER, RUN_MANAGER, SETTINGS, STORE
+from gateway.websocket_frames import (
+    CREATE,
+    RESUME,
+    STEER,
+    Resume,
+    error_event,
+    has_lane,
+    parse_cursor,
+    parse_resume_query,
+    store_unavailable,
+    stream_id_of,
+    with_lane,
+)
 from runs import responses, steering
-from runs.errors import ApiError, InvalidRequest, TooManyRequests, Unavailable
+from runs.errors import ApiError, InvalidRequest, TooManyRequests
 from runs.items import Json, check_input_items, normalise_items
 from runs.request import CreateResponseRequest
 from runs.status import TERMINAL_EVENT_TYPES
@@ -40,18 +52,6 @@ from runs.subscription import follow_events
 from runs.upstream.router import UpstreamRouter
 
 log = logging.getLogger(__name__)
-
-CREATE = "response.create"
-STEER = "response.steer"
-# The gateway's own client event (README, "WebSocket mode"): resume a response's events after a cursor.
-RESUME = "response.resume"
-
-# A cursor, as on HTTP: a sequence number below 2^63, in at most this many digits.
-_MAX_CURSOR_DIGITS = 18
-# How many responses one handshake's `resume` parameter may name.
-MAX_RESUMES = 64
-# OpenAI's rule for a lane's name.
-_STREAM_ID = re.compile(r"[A-Za-z0-9_.-]{1,256}")
 
 
 class SocketCounts:
@@ -82,18 +82,12 @@ class _Create:
     event: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
-class _Resume:
-    response_id: str
-    after: int
-
-
 @dataclass(slots=True)
 class _Lane:
     """One `stream_id`'s work, done in order by one task."""
 
     stream_id: str | None
-    waiting: deque[_Create | _Resume] = field(default_factory=deque)
+    waiting: deque[_Create | Resume] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
 
 
@@ -112,52 +106,6 @@ def steerable_models(router: UpstreamRouter) -> Callable[[str], bool]:
 
 def is_websocket_upgrade(request: web.Request) -> bool:
     return request.headers.get("Upgrade", "").lower() == "websocket"
-
-
-def parse_cursor(value: Any, param: str) -> int:
-    """A `starting_after`: an integer from 0 (digits, in a string or a JSON number) below 2^63."""
-    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > _MAX_CURSOR_DIGITS:
-        raise InvalidRequest(f"'{param}' must be a sequence number (an integer from 0).", param=param)
-    return int(text)
-
-
-def parse_resume_query(values: Sequence[str]) -> list[_Resume]:
-    """`resume=<response id>[:<sequence number>]`, comma-separated or repeated: the responses a (re)connecting
-    client follows on the new socket, after the event it last received (from the first one without a number)."""
-    resumes = []
-    for value in values:
-        for part in value.split(","):
-            if not part:
-                continue
-            response_id, colon, cursor = part.partition(":")
-            if not response_id or len(response_id) > 256:
-                raise InvalidRequest("Each 'resume' entry must be '<response id>[:<sequence number>]'.", param="resume")
-            resumes.append(_Resume(response_id, parse_cursor(cursor, "resume") if colon else -1))
-    if len(resumes) > MAX_RESUMES:
-        raise InvalidRequest(f"'resume' may name at most {MAX_RESUMES} responses.", param="resume")
-    return resumes
-
-
-def with_lane(data: bytes, stream_id: str | None) -> bytes:
-    """A stored event's JSON with the lane's `stream_id` added (the stored bytes end with the object's `}`)."""
-    if stream_id is None:
-        return data
-    return data[:-1] + b',"stream_id":' + orjson.dumps(stream_id) + b"}"
-
-
-def _store_unavailable() -> Unavailable:
-    return Unavailable("The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"})
-
-
-def error_event(error: ApiError, stream_id: str | None = None) -> bytes:
-    """The `error` event the SDK parses (`ResponseWsError`): the HTTP status it stands for and the usual body."""
-    event: Json = {"type": "error", "status": error.status, **error.envelope()}
-    if error.headers:
-        event["error"]["headers"] = error.headers
-    if stream_id is not None:
-        event["stream_id"] = stream_id
-    return orjson.dumps(event)
 
 
 async def responses_socket(request: web.Request) -> web.StreamResponse:
@@ -223,7 +171,7 @@ class ResponsesSocket:
         self._loop = loop
         self._last_heard = loop.time()
 
-    async def serve(self, resumes: Sequence[_Resume]) -> None:
+    async def serve(self, resumes: Sequence[Resume]) -> None:
         for resume in resumes:
             await self._begin_resume(resume, None)
         idle = asyncio.create_task(self._close_when_idle(), name="websocket-idle")
@@ -264,7 +212,7 @@ class ResponsesSocket:
         kind = event.get("type") if isinstance(event, dict) else None
         try:
             if kind == CREATE:
-                self._queue(_Create(event), _stream_id_of(event))
+                self._queue(_Create(event), stream_id_of(event))
             elif kind == STEER:
                 await self._steer(event)  # in turn: steers are queued in the order the client sent them
             elif kind == RESUME:
@@ -272,8 +220,8 @@ class ResponsesSocket:
                 if not isinstance(response_id, str) or not response_id:
                     raise InvalidRequest("Missing required parameter: 'response_id'.", param="response_id")
                 after = event.get("starting_after")
-                resume = _Resume(response_id, -1 if after is None else parse_cursor(after, "starting_after"))
-                await self._begin_resume(resume, _stream_id_of(event) if "stream_id" in event else None)
+                resume = Resume(response_id, -1 if after is None else parse_cursor(after, "starting_after"))
+                await self._begin_resume(resume, stream_id_of(event) if "stream_id" in event else None)
             elif isinstance(kind, str):
                 raise InvalidRequest(
                     f"Unknown event type '{kind[:64]}': expected {CREATE}, {STEER} or {RESUME}.",
@@ -283,12 +231,12 @@ class ResponsesSocket:
             else:
                 raise InvalidRequest("Each message must be a JSON object with a string 'type'.", param="type")
         except ApiError as error:
-            await self._send(error_event(error, event.get("stream_id") if _has_lane(event) else None))
+            await self._send(error_event(error, event.get("stream_id") if has_lane(event) else None))
         except StoreUnavailable as error:
             log.warning("websocket: store unavailable: %s", error)
-            await self._send(error_event(_store_unavailable(), event.get("stream_id") if _has_lane(event) else None))
+            await self._send(error_event(store_unavailable(), event.get("stream_id") if has_lane(event) else None))
 
-    def _queue(self, work: _Create | _Resume, stream_id: str | None) -> None:
+    def _queue(self, work: _Create | Resume, stream_id: str | None) -> None:
         lane = self._lanes.get(stream_id)
         if stream_id is not None and stream_id not in self._stream_ids_seen:
             limit = self._settings.max_stream_ids_per_socket
@@ -311,7 +259,7 @@ class ResponsesSocket:
         if lane.task is None:
             lane.task = asyncio.create_task(self._work_lane(lane), name=f"websocket-lane:{stream_id}")
 
-    async def _begin_resume(self, resume: _Resume, stream_id: str | None) -> None:
+    async def _begin_resume(self, resume: Resume, stream_id: str | None) -> None:
         """Check a resume before it waits its turn (a wrong id or cursor is an error now), and queue it on the
         lane its response was created on unless the client names one."""
         try:
@@ -342,7 +290,7 @@ class ResponsesSocket:
                     await self._send(error_event(error, lane.stream_id))
                 except StoreUnavailable as error:
                     log.warning("websocket lane %r: store unavailable: %s", lane.stream_id, error)
-                    await self._send(error_event(_store_unavailable(), lane.stream_id))
+                    await self._send(error_event(store_unavailable(), lane.stream_id))
                 except (ConnectionResetError, asyncio.CancelledError):
                     raise
                 except Exception:
@@ -351,7 +299,7 @@ class ResponsesSocket:
         finally:
             self._lanes.pop(lane.stream_id, None)
 
-    async def _do(self, work: _Create | _Resume, lane: _Lane) -> None:
+    async def _do(self, work: _Create | Resume, lane: _Lane) -> None:
         if isinstance(work, _Create):
             await self._create(work.event, lane.stream_id)
         else:
@@ -481,25 +429,3 @@ class ResponsesSocket:
         if self._socket.closed:
             raise ConnectionResetError("the WebSocket is closed")
         await self._socket.send_frame(frame, WSMsgType.TEXT)
-
-
-def _has_lane(event: Any) -> bool:
-    return (
-        isinstance(event, dict)
-        and isinstance(event.get("stream_id"), str)
-        and bool(_STREAM_ID.fullmatch(event["stream_id"]))
-    )
-
-
-def _stream_id_of(event: dict[str, Any]) -> str | None:
-    stream_id = event.get("stream_id")
-    if stream_id is None:
-        return None
-    if not isinstance(stream_id, str) or not _STREAM_ID.fullmatch(stream_id):
-        raise InvalidRequest(
-            "The 'stream_id' field must be a non-empty string with at most 256 characters and may only contain "
-            "letters, numbers, underscores, hyphens, and periods.",
-            param="stream_id",
-            code="invalid_stream_id",
-        )
-    return stream_id
