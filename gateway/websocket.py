@@ -291,7 +291,9 @@ class ResponsesSocket:
                 except StoreUnavailable as error:
                     log.warning("websocket lane %r: store unavailable: %s", lane.stream_id, error)
                     await self._send(error_event(store_unavailable(), lane.stream_id))
-                except (ConnectionResetError, asyncio.CancelledError):
+                except ConnectionResetError:
+                    return  # the socket is gone: its store=true runs go on, and the client resumes them
+                except asyncio.CancelledError:
                     raise
                 except Exception:
                     log.exception("websocket lane %r failed", lane.stream_id)

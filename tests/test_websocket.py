@@ -292,3 +292,54 @@ async def test_an_idle_socket_is_closed(redis_server: str, simulator_url: str, k
         closing = await socket.receive(timeout=10)
         assert closing.type is aiohttp.WSMsgType.CLOSE
         assert socket.close_code == 1000
+
+
+async def test_lanes_survive_repeated_socket_drops(redis_server: str, simulator_url: str, key_prefix: str) -> None:
+    """A bounded chaos run: six lanes with a response each, while the socket is dropped (TCP abort, no close
+    frame) every 15 events and reopened on the other instance with a `resume` for every response not ended.
+    Every response's events arrive exactly once, in order, on its own lane."""
+    settings = settings_for(redis_server, simulator_url, key_prefix)
+    async with serve_gateway(settings) as first, serve_gateway(settings) as second:
+        gateways = [first, second]
+        received: dict[str, list[int]] = {}  # response id -> sequence numbers received, in order
+        response_of: dict[str, str] = {}  # lane -> its response
+        ended: set[str] = set()
+        sockets = 0
+
+        async def one_socket(resume: list[str], create: bool, drop_after: int | None) -> None:
+            nonlocal sockets
+            gateway = gateways[sockets % 2]
+            sockets += 1
+            query = {"resume": ",".join(resume)} if resume else {}
+            async with gateway.client.responses.connect(extra_query=query) as connection:
+                if create:
+                    for lane in "abcdef":
+                        await connection.response.create(
+                            model="sim-1", input=lane, stream_id=lane, metadata=knobs(key_prefix, tokens=12, delay_ms=8)
+                        )
+                seen = 0
+                async with asyncio.timeout(30):
+                    async for event in connection:
+                        if event.type == "response.created":
+                            response_of.setdefault(event.stream_id, event.response.id)
+                        response_id = response_of[event.stream_id]
+                        received.setdefault(response_id, []).append(event.sequence_number)
+                        if event.type in TERMINAL:
+                            ended.add(response_id)
+                            if len(ended) == 6:
+                                return
+                        seen += 1
+                        if drop_after is not None and seen >= drop_after and len(response_of) == 6:
+                            connection._connection.transport.abort()
+                            return
+
+        await one_socket([], create=True, drop_after=15)
+        drops = 0
+        while len(ended) < 6 and drops < 8:
+            drops += 1
+            resume = [f"{rid}:{numbers[-1]}" for rid, numbers in received.items() if rid not in ended]
+            await one_socket(resume, create=False, drop_after=15 if drops < 4 else None)
+    assert len(ended) == 6, f"{len(ended)} of 6 responses ended after {drops} drops"
+    assert drops >= 3
+    for response_id, numbers in received.items():
+        assert numbers == list(range(len(numbers))), f"{response_id}: {numbers}"
