@@ -43,8 +43,10 @@ from gateway.websocket_frames import (
 )
 from runs import responses, steering
 from runs.errors import ApiError, InvalidRequest, TooManyRequests
+from runs.ids import new_id
 from runs.items import Json, check_input_items, normalise_items
 from runs.request import CreateResponseRequest
+from runs.run import ResponseRun
 from runs.status import TERMINAL_EVENT_TYPES
 from runs.steering import SteerOutcome
 from runs.store import StoredEvent, StoreUnavailable
@@ -80,6 +82,15 @@ SOCKET_COUNTS = web.AppKey("websocket_counts", SocketCounts)
 @dataclass(frozen=True, slots=True)
 class _Create:
     event: dict[str, Any]
+
+
+@dataclass(slots=True)
+class _UnstoredRun:
+    """A store=false response of this socket while it runs. Steering for it stays with the socket (nothing of it
+    is stored): the run is told directly, and the socket itself continues it with the input once it ends."""
+
+    run: ResponseRun
+    steers: list[Json] = field(default_factory=list)  # {"id", "input"} each, in submission order
 
 
 @dataclass(slots=True)
@@ -167,6 +178,10 @@ class ResponsesSocket:
         self._in_flight = asyncio.Semaphore(settings.max_in_flight_per_socket)
         # store=false responses of this socket, newest last: id -> the items a continuation of it builds on.
         self._unstored: OrderedDict[str, list[Json]] = OrderedDict()
+        self._running_unstored: dict[str, _UnstoredRun] = {}
+        # Steering input for a store=false response that ended waiting for tool outputs: the socket's continuation
+        # of it gets the input first.
+        self._pending_unstored: dict[str, list[Json]] = {}
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._last_heard = loop.time()
@@ -331,15 +346,44 @@ class ResponsesSocket:
             max_tenant_runs=principal.max_concurrent_runs,
         )
         run = admission.run
+        local = None
+        if run is not None and not create.is_stored:
+            local = self._running_unstored[admission.response_id] = _UnstoredRun(run)
         try:
             final = await self._follow(admission.response_id, -1, stream_id, known=admission.first_events)
         finally:
             if run is not None and not create.is_stored:
+                self._running_unstored.pop(admission.response_id, None)
                 self._manager.release_connection_owned(run)
         if final is not None and not create.is_stored:
             self._remember_unstored(create, final)
+            if local is not None and local.steers:
+                await self._continue_unstored(event, final, local.steers, stream_id)
         if final is not None and create.is_stored:
             await self._after_end(admission.response_id, stream_id)
+
+    async def _continue_unstored(
+        self, event: dict[str, Any], final: Json, steers: list[Json], stream_id: str | None
+    ) -> None:
+        """A store=false response steered on this socket has ended: the socket continues it with the input (the
+        create it came from, with the input instead of its own), or keeps the input for the client's continuation
+        when it waits for tool outputs, or fails it."""
+        response_id = final["id"]
+        items = [item for steer in steers for item in steer["input"]]
+        required = steering.required_input(final.get("output") or [])
+        outcome = None
+        if final.get("status") not in ("completed", "incomplete"):
+            outcome = "failed:response_not_active"
+        elif required:
+            outcome = steering.PENDING_OUTCOME
+            self._pending_unstored[response_id] = items
+        if outcome is not None:
+            note = steering.SteerOutcome(response_id, steers, None, outcome, required, 0)
+            for frame in steering.notes_for_clients(note):
+                await self._send(with_lane(orjson.dumps(frame), stream_id))
+            return
+        settings = {key: value for key, value in event.items() if key not in ("input", "previous_response_id")}
+        await self._create({**settings, "input": items, "previous_response_id": response_id}, stream_id)
 
     def _from_unstored(self, create: CreateResponseRequest) -> CreateResponseRequest:
         """A continuation of one of this socket's store=false responses carries its history as input (the store
@@ -351,6 +395,7 @@ class ResponsesSocket:
             check_input_items(create.input)  # before it is read (admission would check it only after)
         self._unstored.move_to_end(previous)
         own = normalise_items(create.input) if create.input is not None else []
+        own = self._pending_unstored.pop(previous, []) + own
         return create.model_copy(update={"previous_response_id": None, "input": [*self._unstored[previous], *own]})
 
     def _remember_unstored(self, create: CreateResponseRequest, final: Json) -> None:
@@ -416,6 +461,10 @@ class ResponsesSocket:
     # -- steering ----------------------------------------------------------------------------------------
 
     async def _steer(self, event: dict[str, Any]) -> None:
+        local = self._running_unstored.get(str(event.get("previous_response_id")))
+        if local is not None:
+            await self._steer_unstored(event, local)
+            return
         note = await steering.steer_from_socket(
             self._store,
             event,
@@ -424,6 +473,22 @@ class ResponsesSocket:
             steerable=self._steerable,
         )
         await self._send(with_lane(orjson.dumps(note.event), note.stream_id))
+
+    async def _steer_unstored(self, event: dict[str, Any], local: _UnstoredRun) -> None:
+        """Steer one of this socket's running store=false responses: kept here, the run told directly."""
+        stream_id = local.run.request.stream_id
+        try:
+            items = steering.check_steer_event(event)
+            if len(local.steers) >= self._max_pending_steers:
+                raise steering.SteerRefused("too_many_pending_steers")
+        except steering.SteerRefused as refusal:
+            await self._send(with_lane(orjson.dumps(steering.refused_note(refusal, event)), stream_id))
+            return
+        steer_id = new_id("steer")
+        local.steers.append({"id": steer_id, "input": items})
+        local.run.steer()
+        note = steering.accepted_note(steer_id, local.run.response_id, local.run.stored_through)
+        await self._send(with_lane(orjson.dumps(note), stream_id))
 
     # -- sending -----------------------------------------------------------------------------------------
 

@@ -200,6 +200,33 @@ def _ended(status: str, stream_id: str | None) -> SteerRefused:
     return SteerRefused(code, stream_id=stream_id)
 
 
+def check_steer_event(event: dict[str, Any]) -> list[Json]:
+    """The steering input of a `response.steer` event, as message items; SteerRefused when the event or its input
+    is not one the API takes."""
+    if set(event) - _STEER_EVENT_FIELDS:
+        raise SteerRefused("invalid_input", "response.steer accepts only 'type', 'previous_response_id' and 'input'.")
+    return steer_items(event.get("input"))
+
+
+def accepted_note(steer_id: str, response_id: str, sequence_number: int) -> Json:
+    return {
+        "type": ACCEPTED,
+        "sequence_number": sequence_number,
+        "steer": {"id": steer_id, "previous_response_id": response_id},
+    }
+
+
+def refused_note(refusal: SteerRefused, event: dict[str, Any]) -> Json:
+    """`response.steer.failed` for input refused before it was accepted (no steer id): the input given back."""
+    previous = event.get("previous_response_id")
+    return {
+        "type": FAILED,
+        "sequence_number": 0,
+        "error": {"type": "invalid_request_error", "code": refusal.code, "message": refusal.message},
+        "steer": {"input": event.get("input"), "previous_response_id": previous if isinstance(previous, str) else ""},
+    }
+
+
 async def steer_from_socket(
     store: Store,
     event: dict[str, Any],
@@ -210,31 +237,21 @@ async def steer_from_socket(
 ) -> SocketNote:
     """A `response.steer` client event's answer: `response.steer.accepted` once the input is stored, or
     `response.steer.failed` with the input given back."""
-    previous = event.get("previous_response_id")
-    value = event.get("input")
     try:
-        if set(event) - _STEER_EVENT_FIELDS:
-            raise SteerRefused(
-                "invalid_input", "response.steer accepts only 'type', 'previous_response_id' and 'input'."
-            )
+        check_steer_event(event)
         accepted = await queue_steer(
-            store, previous, value, tenant=tenant, max_pending=max_pending, steerable=steerable
+            store,
+            event.get("previous_response_id"),
+            event.get("input"),
+            tenant=tenant,
+            max_pending=max_pending,
+            steerable=steerable,
         )
     except SteerRefused as refusal:
-        steer = {"input": value, "previous_response_id": previous if isinstance(previous, str) else ""}
-        failed = {
-            "type": FAILED,
-            "sequence_number": 0,
-            "error": {"type": "invalid_request_error", "code": refusal.code, "message": refusal.message},
-            "steer": steer,
-        }
-        return SocketNote(failed, refusal.stream_id)
-    note = {
-        "type": ACCEPTED,
-        "sequence_number": accepted.sequence_number,
-        "steer": {"id": accepted.steer_id, "previous_response_id": accepted.response_id},
-    }
-    return SocketNote(note, accepted.stream_id)
+        return SocketNote(refused_note(refusal, event), refusal.stream_id)
+    return SocketNote(
+        accepted_note(accepted.steer_id, accepted.response_id, accepted.sequence_number), accepted.stream_id
+    )
 
 
 def required_input(output: Sequence[Any]) -> list[Json]:

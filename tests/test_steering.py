@@ -182,6 +182,22 @@ async def test_concurrent_continuations_of_a_pending_response(
         assert sum("and tomorrow too" in orjson.dumps(body).decode() for body in sent) == 1
 
 
+async def steer_during_a_call(socket: Any, **create: Any) -> tuple[str, list[Any]]:
+    """Ask for the weather (the model calls the tool), steer while the call's arguments stream, and read until
+    `response.steer.pending`: the response's id and the events read."""
+    await socket.response.create(model="sim-1", input="weather?", tools=WEATHER_TOOLS, **create)
+    started = await first_delta(socket)
+    response_id: str = started[0].response.id
+    await socket.response.steer(previous_response_id=response_id, input="and tomorrow too")
+    events = []
+    async with asyncio.timeout(20):
+        async for event in socket:
+            events.append(event)
+            if event.type == "response.steer.pending":
+                break
+    return response_id, events
+
+
 async def test_steering_waits_for_tool_outputs_then_goes_first(
     redis_server: str, simulator_url: str, key_prefix: str
 ) -> None:
@@ -191,22 +207,7 @@ async def test_steering_waits_for_tool_outputs_then_goes_first(
         serve_gateway(settings_for(redis_server, simulator_url, key_prefix)) as gateway,
         gateway.client.responses.connect() as socket,
     ):
-        await socket.response.create(
-            model="sim-1",
-            input="weather?",
-            tools=tools,
-            stream_id="t",
-            metadata=knobs(label, delay_ms=60),  # type: ignore[arg-type]
-        )
-        started = await first_delta(socket)
-        response_id = started[0].response.id
-        await socket.response.steer(previous_response_id=response_id, input="and tomorrow too")
-        events = []
-        async with asyncio.timeout(20):
-            async for event in socket:
-                events.append(event)
-                if event.type == "response.steer.pending":
-                    break
+        response_id, events = await steer_during_a_call(socket, stream_id="t", metadata=knobs(label, delay_ms=60))
         kinds = [event.type for event in events]
         assert "response.steer.accepted" in kinds
         ended = next(event for event in events if event.type in TERMINAL)
@@ -406,3 +407,56 @@ async def test_a_queued_response_steered_before_it_starts(
         assert steered.status == "incomplete"
         assert steered.output == []
         assert (await gateway.client.responses.retrieve(busy.id)).status in ("in_progress", "completed")
+
+
+async def test_a_store_false_response_is_steered_on_its_own_socket(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    """Nothing of a store=false response is stored, so its steering stays with its socket (as at OpenAI): the run
+    is stopped directly and the socket continues it with the input, from its own memory; another socket cannot
+    steer it. With tool calls waiting, the input goes first into the client's continuation."""
+    async with serve_gateway(settings_for(redis_server, simulator_url, key_prefix)) as gateway:
+        async with gateway.client.responses.connect() as socket, gateway.client.responses.connect() as other:
+            thinking = {**knobs(key_prefix), "sim_ttft_ms": "300"}
+            await socket.response.create(
+                model="sim-1", input="private words", store=False, stream_id="p", metadata=thinking
+            )
+            response_id = (await until_event(socket, "response.in_progress"))[0].response.id
+            await other.response.steer(previous_response_id=response_id, input="from elsewhere")
+            refused = await other.recv()
+            assert refused.type == "response.steer.failed"
+            assert refused.error.code == "response_not_found"
+            await socket.response.steer(previous_response_id=response_id, input="steer privately")
+            events = await until_terminal(socket, responses=2)
+        kinds = [event.type for event in events]
+        assert kinds[0] == "response.steer.accepted", kinds
+        assert events[0].stream_id == "p"
+        assert "response.incomplete" in kinds
+        assert events[-1].type == "response.completed"
+        assert all(event.stream_id == "p" for event in events)
+        sent = orjson.dumps((await sim_requests(simulator_url, key_prefix))[-1]).decode()
+        assert sent.index("private words") < sent.index("steer privately")
+        # Waiting for tool outputs: the input goes first into the socket's continuation.
+        async with gateway.client.responses.connect() as socket:
+            response_id, events = await steer_during_a_call(
+                socket, store=False, metadata=knobs(key_prefix, delay_ms=60)
+            )
+            call = next(
+                item
+                for event in events
+                if event.type in TERMINAL
+                for item in event.response.output
+                if item.type == "function_call"
+            )
+            await socket.response.create(
+                model="sim-1",
+                previous_response_id=response_id,
+                store=False,
+                input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}],  # type: ignore[union-attr]
+                tools=WEATHER_TOOLS,
+                metadata=knobs(key_prefix),
+            )
+            answer = (await until_terminal(socket))[-1]
+        assert answer.type == "response.completed", answer
+        sent = orjson.dumps((await sim_requests(simulator_url, key_prefix))[-1]).decode()
+        assert sent.index("weather?") < sent.index("and tomorrow too") < sent.index("sunny")
