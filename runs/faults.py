@@ -24,6 +24,7 @@ BOUNDARIES = (
     "run.output",  # the first output event is stored
     "finish.terminal_stored",  # the terminal event is stored; its follow-ups are not done
     "finish.turn_ended",  # the conversation turn is released; the index and idempotency key not yet settled
+    "finish.steers_resolved",  # queued steering is resolved (its successor queued); the index not yet settled
     "cancel.flagged",  # the cancel request is stored; nobody has acted on it yet
 )
 
