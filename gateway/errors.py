@@ -106,6 +106,11 @@ def upstream_refusal(failure: UpstreamFailure) -> ApiError:
     return UpstreamError(failure.message)
 
 
+def store_unavailable() -> Unavailable:
+    """What a client is told when the store cannot be reached (HTTP 503, or a WebSocket `error` event)."""
+    return Unavailable("The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"})
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """ApiError → its envelope; aiohttp's HTTP errors → the same envelope; anything else → 500, logged."""
@@ -117,9 +122,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.warning(
             "request %s: store unavailable on %s %s: %s", request_id_of(request), request.method, request.path, error
         )
-        return error_response(
-            Unavailable("The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"})
-        )
+        return error_response(store_unavailable())
     except web.HTTPException as error:
         if error.status == 413:
             limit = request.app[MAX_BODY_BYTES]

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 
 from gateway.auth import PRINCIPAL
 from gateway.config import WebSocketConfig
-from gateway.errors import invalid_body
+from gateway.errors import invalid_body, store_unavailable
 from gateway.state import LIVE_EVENTS, ROUTER, RUN_MANAGER, SETTINGS, STORE
 from gateway.websocket_frames import (
     CREATE,
@@ -37,7 +37,6 @@ from gateway.websocket_frames import (
     has_lane,
     parse_cursor,
     parse_resume_query,
-    store_unavailable,
     stream_id_of,
     with_lane,
 )

@@ -10,7 +10,8 @@ from typing import Any
 
 import orjson
 
-from runs.errors import ApiError, InvalidRequest, Unavailable
+from gateway.cursors import is_cursor_part
+from runs.errors import ApiError, InvalidRequest
 from runs.items import Json
 
 CREATE = "response.create"
@@ -18,8 +19,6 @@ STEER = "response.steer"
 # The gateway's own client event (README, "WebSocket mode"): resume a response's events after a cursor.
 RESUME = "response.resume"
 
-# A cursor, as on HTTP: a sequence number below 2^63, in at most this many digits.
-_MAX_CURSOR_DIGITS = 18
 # How many responses one handshake's `resume` parameter may name.
 MAX_RESUMES = 64
 # OpenAI's rule for a lane's name.
@@ -37,7 +36,7 @@ class Resume:
 def parse_cursor(value: Any, param: str) -> int:
     """A `starting_after`: an integer from 0 (digits, in a string or a JSON number) below 2^63."""
     text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > _MAX_CURSOR_DIGITS:
+    if not isinstance(text, str) or not is_cursor_part(text):
         raise InvalidRequest(f"'{param}' must be a sequence number (an integer from 0).", param=param)
     return int(text)
 
@@ -64,10 +63,6 @@ def with_lane(data: bytes, stream_id: str | None) -> bytes:
     if stream_id is None:
         return data
     return data[:-1] + b',"stream_id":' + orjson.dumps(stream_id) + b"}"
-
-
-def store_unavailable() -> Unavailable:
-    return Unavailable("The gateway's store is unavailable; retry shortly.", headers={"Retry-After": "1"})
 
 
 def error_event(error: ApiError, stream_id: str | None = None) -> bytes:

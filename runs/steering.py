@@ -31,7 +31,7 @@ from runs.ids import new_id
 from runs.items import Json
 from runs.request import CreateResponseRequest
 from runs.status import TERMINAL, ResponseStatus
-from storage.base import ResponseRecord, SteerQueueOutcome, SteersTaken, Store
+from storage.base import ResponseRecord, SteerQueueOutcome, SteersTaken, SteerState, Store
 from storage.keys import shard_of
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ async def resolve_after_end(store: Store, record: ResponseRecord) -> None:
     except ValidationError:
         await store.resolve_steers(response_id, _FAILED_PREFIX + "successor_creation_failed")
         return
-    items = [item for raw in state.queued for item in orjson.loads(raw)["input"]]
+    items = _queued_input(state)
     # The steered response's settings, continued from it with the queued input. Streamed as far as the stored
     # request says (nobody waits on a connection for it: a takeover must not fail it as unanswerable).
     successor = request.model_copy(update={"input": items, "previous_response_id": response_id, "stream": True})
@@ -322,7 +322,31 @@ async def pending_input(store: Store, response_id: str) -> tuple[list[Json], int
             return [], 0
     elif state.outcome != PENDING_OUTCOME:
         return [], 0
-    return [item for raw in state.queued for item in orjson.loads(raw)["input"]], len(state.queued)
+    return _queued_input(state), len(state.queued)
+
+
+def _queued_input(state: SteerState) -> list[Json]:
+    """All the queued steering input, in submission order."""
+    return [item for raw in state.queued for item in orjson.loads(raw)["input"]]
+
+
+async def steering_summary(store: Store, response_id: str) -> Json:
+    """What `GET /v1/responses/{id}/steering` shows: `status` (none, queued, committed, pending, failed), how much
+    input is queued, the successor that committed it, and a failure's code."""
+    state = await store.steer_state(response_id)
+    status, _, code = (state.outcome or "").partition(":")
+    if state.successor is not None:
+        status = "committed"
+    elif not status:
+        status = "queued" if state.queued else "none"
+    return {
+        "object": "response.steering",
+        "response_id": response_id,
+        "status": status,
+        "queued": len(state.queued) if state.successor is None else 0,
+        "successor_response_id": state.successor,
+        "error_code": code or None,
+    }
 
 
 async def outcome_of(store: Store, response_id: str) -> SteerOutcome | None:

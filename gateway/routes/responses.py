@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from gateway.auth import PRINCIPAL
+from gateway.cursors import is_cursor_part
 from gateway.errors import invalid_body, json_response, raw_json_response, upstream_refusal
 from gateway.pagination import PageQuery
 from gateway.request_id import request_id_of
@@ -201,14 +202,6 @@ def _validate_include(request: web.Request) -> None:
             raise InvalidRequest(f"Invalid value for 'include': {value!r} is not supported.", param="include")
 
 
-# A sequence number or an epoch: ASCII digits that fit a stream entry id's 64-bit halves.
-_MAX_CURSOR_DIGITS = 18
-
-
-def _cursor_part(text: str) -> bool:
-    return text.isascii() and text.isdigit() and len(text) <= _MAX_CURSOR_DIGITS
-
-
 def resume_cursor(request: web.Request) -> tuple[int, int | None]:
     """Where a GET stream starts: after `starting_after`, else after `Last-Event-ID`, else from the first event;
     with the epoch of that event when the cursor is an SSE `id:` (`<sequence number>.<epoch>`, see
@@ -221,7 +214,7 @@ def resume_cursor(request: web.Request) -> tuple[int, int | None]:
     last_event_id = request.headers.get("Last-Event-ID", "").strip()
     if last_event_id:
         number, dot, epoch = last_event_id.partition(".")
-        if not _cursor_part(number) or (dot and not _cursor_part(epoch)):
+        if not is_cursor_part(number) or (dot and not is_cursor_part(epoch)):
             raise InvalidRequest(
                 "Last-Event-ID must be the id of an event of this stream (a sequence number, optionally followed "
                 "by '.' and its epoch).",

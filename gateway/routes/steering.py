@@ -49,24 +49,7 @@ async def steering_state(request: web.Request) -> web.Response:
     response_id = request.match_info["response_id"]
     store = request.app[STORE]
     await responses.visible_response(store, response_id, tenant=request[PRINCIPAL].tenant)
-    state = await store.steer_state(response_id)
-    status = "none"
-    if state.successor is not None:
-        status = "committed"
-    elif state.outcome is not None:
-        status = state.outcome.partition(":")[0]
-    elif state.queued:
-        status = "queued"
-    return json_response(
-        {
-            "object": "response.steering",
-            "response_id": response_id,
-            "status": status,
-            "queued": len(state.queued) if state.successor is None else 0,
-            "successor_response_id": state.successor,
-            "error_code": state.outcome.partition(":")[2] or None if state.outcome else None,
-        }
-    )
+    return json_response(await steering.steering_summary(store, response_id))
 
 
 def add_routes(app: web.Application) -> None:
