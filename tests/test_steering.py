@@ -10,11 +10,32 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.conftest import Gateway, serve_gateway
+from tests.conftest import Gateway, eventually, serve_gateway
 from tests.helpers import sim_requests
 from tests.lifecycle_checks import Freezer
 from tests.test_lifecycle_faults import FreezerFaults
 from tests.websocket_support import TERMINAL, knobs, settings_for, until_terminal
+
+
+async def once_ended(gateway: Gateway, response_id: str) -> Any:
+    """The response, once it has ended."""
+
+    async def ended() -> Any:
+        response = await gateway.client.responses.retrieve(response_id)
+        return response if response.status not in ("queued", "in_progress") else None
+
+    return await eventually(ended, interval=0.02)
+
+
+async def steering_reaches(gateway: Gateway, response_id: str, *statuses: str) -> dict[str, Any]:
+    """`GET /v1/responses/{id}/steering`, once its status is one of `statuses`."""
+
+    async def reached() -> dict[str, Any] | None:
+        state: dict[str, Any] = await (await gateway.http.get(f"/v1/responses/{response_id}/steering")).json()
+        return state if state["status"] in statuses else None
+
+    result: dict[str, Any] = await eventually(reached, interval=0.02)
+    return result
 
 
 async def until_event(connection: Any, kind: str) -> list[Any]:
@@ -157,12 +178,7 @@ async def test_concurrent_continuations_of_a_pending_response(
         await stream.close()
         reply = await gateway.http.post(f"/v1/responses/{response_id}/steer", json={"input": "and tomorrow too"})
         assert reply.status == 200, await reply.text()
-        for _ in range(300):
-            state = await (await gateway.http.get(f"/v1/responses/{response_id}/steering")).json()
-            if state["status"] == "pending":
-                break
-            await asyncio.sleep(0.02)
-        assert state["status"] == "pending", state
+        await steering_reaches(gateway, str(response_id), "pending")
         ended = await gateway.client.responses.retrieve(str(response_id))
         call = next(item for item in ended.output if item.type == "function_call")
         body = {
@@ -253,19 +269,8 @@ async def test_a_background_run_steered_over_http(
         accepted = await reply.json()
         assert accepted["status"] == "accepted"
         assert accepted["previous_response_id"] == created.id
-        successor_id = None
-        for _ in range(200):
-            state = await (await gateway.http.get(f"/v1/responses/{created.id}/steering")).json()
-            successor_id = state["successor_response_id"]
-            if successor_id:
-                break
-            await asyncio.sleep(0.05)
-        assert successor_id, state
-        for _ in range(200):
-            successor = await gateway.client.responses.retrieve(successor_id)
-            if successor.status == "completed":
-                break
-            await asyncio.sleep(0.05)
+        successor_id = (await steering_reaches(gateway, created.id, "committed"))["successor_response_id"]
+        successor = await once_ended(gateway, successor_id)
         assert successor.status == "completed"
         assert successor.previous_response_id == created.id
         steered = await gateway.client.responses.retrieve(created.id)
@@ -327,12 +332,7 @@ async def test_a_steer_at_any_point_is_committed_once_or_refused(
         response_id = seen[0].response.id
         reply = await gateway.http.post(f"/v1/responses/{response_id}/steer", json={"input": "one more thing"})
         assert reply.status in (200, 409), await reply.text()
-        state: dict[str, Any] = {}
-        for _ in range(300):
-            state = await (await gateway.http.get(f"/v1/responses/{response_id}/steering")).json()
-            if state["status"] in ("committed", "none", "failed", "pending"):
-                break
-            await asyncio.sleep(0.02)
+        state = await steering_reaches(gateway, response_id, "committed", "none", "failed", "pending")
         steered = await gateway.client.responses.retrieve(response_id)
         if reply.status == 409:
             assert (await reply.json())["error"]["code"] == "response_already_completed"
@@ -346,11 +346,7 @@ async def test_a_steer_at_any_point_is_committed_once_or_refused(
         else:
             assert steered.status == "completed"
         successor_id = state["successor_response_id"]
-        for _ in range(300):
-            successor = await gateway.client.responses.retrieve(successor_id)
-            if successor.status not in ("queued", "in_progress"):
-                break
-            await asyncio.sleep(0.02)
+        successor = await once_ended(gateway, successor_id)
         assert successor.status == "completed"
         sent = await sim_requests(simulator_url, key_prefix)
         with_steer = [body for body in sent if "one more thing" in orjson.dumps(body).decode()]
@@ -369,19 +365,10 @@ async def test_a_steer_before_the_first_token_stops_the_run_at_once(
         )
         reply = await gateway.http.post(f"/v1/responses/{created.id}/steer", json={"input": "never mind"})
         assert reply.status == 200, await reply.text()
-        for _ in range(300):
-            steered = await gateway.client.responses.retrieve(created.id)
-            if steered.status not in ("queued", "in_progress"):
-                break
-            await asyncio.sleep(0.02)
+        steered = await once_ended(gateway, created.id)
         assert steered.status == "incomplete"
         assert steered.output == []
-        for _ in range(300):
-            state = await (await gateway.http.get(f"/v1/responses/{created.id}/steering")).json()
-            if state["status"] == "committed":
-                break
-            await asyncio.sleep(0.02)
-        assert state["status"] == "committed"
+        await steering_reaches(gateway, created.id, "committed")
 
 
 async def test_a_queued_response_steered_before_it_starts(
@@ -400,11 +387,7 @@ async def test_a_queued_response_steered_before_it_starts(
         assert waiting.status == "queued"
         reply = await gateway.http.post(f"/v1/responses/{waiting.id}/steer", json={"input": "actually, stop"})
         assert reply.status == 200, await reply.text()
-        for _ in range(300):
-            steered = await gateway.client.responses.retrieve(waiting.id)
-            if steered.status not in ("queued", "in_progress"):
-                break
-            await asyncio.sleep(0.02)
+        steered = await once_ended(gateway, waiting.id)
         assert steered.status == "incomplete"
         assert steered.output == []
         assert (await gateway.client.responses.retrieve(busy.id)).status in ("in_progress", "completed")
