@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from gateway.auth import Authenticator, auth_middleware
-from gateway.config import Settings
+from gateway.config import Settings, WebhooksConfig
 from gateway.errors import MAX_BODY_BYTES, error_middleware
 from gateway.request_id import request_id_middleware, send_request_id
 from gateway.routes import compaction, conversations, health, input_tokens, models, responses, steering
-from gateway.state import FAULTS, LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE
+from gateway.state import FAULTS, LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE, WEBHOOK_SETTINGS
 from gateway.websocket import SOCKET_COUNTS, SocketCounts
 from runs.faults import FaultPoints
 from runs.lifecycle import Lifecycle, RunSettings
@@ -23,6 +23,7 @@ from runs.ownership import Ownership
 from runs.store import open_store
 from runs.upstream.base import UpstreamSpec
 from runs.upstream.router import UpstreamRouter
+from runs.webhooks import WebhookEndpoint, WebhookSender, WebhookSettings
 from simulator import SimulatorSettings, create_simulator_app
 
 log = logging.getLogger("gateway")
@@ -101,11 +102,13 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
         handover=not settings.storage.url.startswith("memory://"),
         idempotency_ttl_seconds=settings.idempotency.ttl_seconds,
     )
+    webhooks = WebhookSender(app[STORE], app[WEBHOOK_SETTINGS]) if app[WEBHOOK_SETTINGS].endpoints else None
     lifecycle = Lifecycle(
         app[STORE],
         run_settings,
         app.get(FAULTS) or FaultPoints.from_environment(),
         publisher=app[LIVE_EVENTS],
+        webhooks=webhooks,
     )
     manager = RunManager(app[STORE], app[ROUTER], run_settings, lifecycle=lifecycle)
     manager.start()
@@ -113,10 +116,16 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
     ownership.start()
     app[RUN_MANAGER] = manager
     app[OWNERSHIP] = ownership
+    if webhooks is not None:
+        webhooks.start()
+        names = ", ".join(endpoint.name for endpoint in app[WEBHOOK_SETTINGS].endpoints)
+        log.info("webhooks: background responses that end are announced to %s", names)
     log.info("instance %s: up to %d concurrent runs", run_settings.instance_id, run_settings.max_concurrent)
     yield
     await ownership.close()
     await manager.close()
+    if webhooks is not None:
+        await webhooks.close()
 
 
 async def drain(app: web.Application, hurry: asyncio.Event | None = None) -> None:
@@ -145,6 +154,30 @@ async def drain(app: web.Application, hurry: asyncio.Event | None = None) -> Non
         await manager.close()
 
 
+def webhook_settings(config: WebhooksConfig) -> WebhookSettings:
+    """The sender's settings, with each endpoint's secret read from its environment variable (ConfigError if
+    unset)."""
+    endpoints = tuple(
+        WebhookEndpoint(
+            name=endpoint.name,
+            url=endpoint.url,
+            secret=endpoint.secret(),
+            events=frozenset(endpoint.events),
+            tenants=frozenset(endpoint.tenants),
+        )
+        for endpoint in config.endpoints
+    )
+    return WebhookSettings(
+        endpoints=endpoints,
+        poll_seconds=config.poll_seconds,
+        timeout_seconds=config.timeout_seconds,
+        first_retry_seconds=config.first_retry_seconds,
+        max_retry_seconds=config.max_retry_seconds,
+        give_up_after_seconds=config.give_up_after_seconds,
+        max_in_flight=config.max_in_flight,
+    )
+
+
 def create_app(settings: Settings) -> web.Application:
     """A gateway application. Resources are opened on startup and closed on cleanup, in dependency order."""
     authenticator = Authenticator(settings.auth)
@@ -158,6 +191,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[MAX_BODY_BYTES] = settings.server.max_body_bytes
     app[SOCKET_COUNTS] = SocketCounts()
+    app[WEBHOOK_SETTINGS] = webhook_settings(settings.webhooks)  # now: a missing secret fails the start
     if not settings.auth.enabled and settings.server.host not in LOOPBACK_HOSTS:
         log.warning(
             "!!! auth is disabled and the gateway listens on %s: anyone who can reach it can use your upstream "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -233,6 +236,58 @@ class SimulatorConfig(_Section):
     ttft_ms: float = Field(50.0, ge=0)
 
 
+def _refuse_duplicates(what: str, names: list[str]) -> None:
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate {what} name {duplicates[0]!r}")
+
+
+WebhookEvent = Literal["response.completed", "response.failed", "response.cancelled", "response.incomplete"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = typing.get_args(WebhookEvent)
+
+
+class WebhookEndpointConfig(_Section):
+    """One receiver of webhooks. Its signing secret comes from an environment variable (`whsec_...` as OpenAI
+    issues them, or any string), never from this file."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str = Field(pattern=r"^https?://[^\s]+$")
+    secret_env: str = Field(min_length=1)
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1)
+    tenants: list[str] = Field(default_factory=list)  # empty: every tenant's responses
+
+    def secret(self) -> str:
+        """The signing secret; raises ConfigError when it is unset or not a valid `whsec_` secret."""
+        raw = os.environ.get(self.secret_env, "")
+        where = f"webhooks.endpoints: environment variable {self.secret_env!r} (endpoint {self.name!r})"
+        if not raw:
+            raise ConfigError(f"{where} is not set")
+        if raw.startswith("whsec_"):
+            try:
+                base64.b64decode(raw.removeprefix("whsec_"), validate=True)
+            except binascii.Error:
+                raise ConfigError(f"{where} is not valid base64 after whsec_") from None
+        return raw
+
+
+class WebhooksConfig(_Section):
+    """Webhooks for background responses that end (see runs/webhooks.py)."""
+
+    endpoints: list[WebhookEndpointConfig] = Field(default_factory=list)
+    poll_seconds: float = Field(1.0, gt=0)
+    timeout_seconds: float = Field(10.0, gt=0)
+    first_retry_seconds: float = Field(5.0, gt=0)
+    max_retry_seconds: float = Field(3600.0, gt=0)
+    give_up_after_seconds: float = Field(72 * 3600.0, gt=0)
+    max_in_flight: int = Field(16, ge=1)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _unique_names(cls, endpoints: list[WebhookEndpointConfig]) -> list[WebhookEndpointConfig]:
+        _refuse_duplicates("endpoint", [endpoint.name for endpoint in endpoints])
+        return endpoints
+
+
 class Settings(BaseSettings):
     """Every setting of a gateway process. Precedence: CLI flags > environment > YAML file > defaults."""
 
@@ -249,14 +304,12 @@ class Settings(BaseSettings):
     simulator: SimulatorConfig = Field(default_factory=lambda: SimulatorConfig())
     websocket: WebSocketConfig = Field(default_factory=lambda: WebSocketConfig())
     steering: SteeringConfig = Field(default_factory=lambda: SteeringConfig())
+    webhooks: WebhooksConfig = Field(default_factory=lambda: WebhooksConfig())
 
     @field_validator("upstreams")
     @classmethod
     def _unique_names(cls, upstreams: list[UpstreamConfig]) -> list[UpstreamConfig]:
-        names = [upstream.name for upstream in upstreams]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate upstream name {duplicates[0]!r}")
+        _refuse_duplicates("upstream", [upstream.name for upstream in upstreams])
         return upstreams
 
     @classmethod

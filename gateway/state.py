@@ -11,6 +11,7 @@ from runs.manager import RunManager
 from runs.ownership import Ownership
 from runs.store import Store
 from runs.upstream.router import UpstreamRouter
+from runs.webhooks import WebhookSettings
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
@@ -18,5 +19,6 @@ ROUTER = web.AppKey("router", UpstreamRouter)
 RUN_MANAGER = web.AppKey("run_manager", RunManager)
 LIVE_EVENTS = web.AppKey("live_events", LiveEvents)
 OWNERSHIP = web.AppKey("ownership", Ownership)
+WEBHOOK_SETTINGS = web.AppKey("webhook_settings", WebhookSettings)
 # Set before start-up by tests that stop or kill a run between two store steps; absent in production.
 FAULTS = web.AppKey("faults", FaultPoints)

@@ -10,7 +10,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, apply_event, stored_json
-from storage.base import Lease, LeaseLost, LogRewound, Store, StoreClosed, StoredEvent, StoreUnavailable
+from storage.base import (
+    Lease,
+    LeaseLost,
+    LogRewound,
+    OutboxEntry,
+    Store,
+    StoreClosed,
+    StoredEvent,
+    StoreUnavailable,
+)
 from storage.status import TERMINAL_STATUSES
 
 log = logging.getLogger(__name__)
@@ -62,8 +71,13 @@ class EventLog:
         on_cancel_requested: Callable[[], None] | None = None,
         write_retry_seconds: float | None = None,
         publisher: EventPublisher | None = None,
+        outbox: Callable[[str], Sequence[OutboxEntry]] | None = None,
     ) -> None:
         self._store = store
+        # The webhook deliveries the response owes if it ends with a given status (runs/webhooks.py): written by
+        # the append of its terminal event, in the same step. Made once: a retried append must be the same.
+        self._outbox = outbox
+        self._owed: Sequence[OutboxEntry] | None = None
         self.lease = lease
         # Called when the store refuses a write because this instance no longer owns the response.
         self.on_lease_lost: Callable[[], None] | None = None
@@ -273,6 +287,12 @@ class EventLog:
         loop = self._loop
         deadline = loop.time() + self._write_retry_seconds
         delay = WRITE_RETRY_FIRST_DELAY_SECONDS
+        extra: dict[str, Any] = {}
+        if self._outbox is not None and snapshot is not None and status in TERMINAL_STATUSES:
+            if self._owed is None:
+                self._owed = self._outbox(status)
+            if self._owed:
+                extra["outbox"] = self._owed
         while True:
             try:
                 cancel_requested = await self._store.append_events(
@@ -283,6 +303,7 @@ class EventLog:
                     lease=self.lease,
                     checked=self._check_next,
                     after_loss=self._after_loss,
+                    **extra,
                 )
                 self._check_next = False
                 return cancel_requested

@@ -19,6 +19,7 @@ from runs.items import Json
 from runs.run import ResponseRun, emit_terminal
 from runs.status import TERMINAL, ResponseStatus
 from runs.steering import resolve_after_end
+from runs.webhooks import WebhookSender
 from storage.base import (
     ConversationMissing,
     Lease,
@@ -80,16 +81,19 @@ class Lifecycle:
         faults: FaultPoints | None = None,
         *,
         publisher: EventPublisher | None = None,
+        webhooks: WebhookSender | None = None,
     ) -> None:
         self._store = store
+        # Told of the webhook deliveries a response owes when it ends; None: no endpoint configured.
+        self.webhooks = webhooks
         self.settings = settings
         self.faults = faults or FaultPoints()
         # Where the event logs of this process hand their stored events (its subscribers); None: nowhere, they
         # read everything from the store.
         self.publisher = publisher
 
-    def open_log(self, snapshot: Json, *, next_sequence_number: int, lease: Lease) -> EventLog:
-        """The event log of a response this instance now holds."""
+    def open_log(self, snapshot: Json, *, next_sequence_number: int, lease: Lease, tenant: str) -> EventLog:
+        """The event log of a response this instance now holds (for `tenant`: whose webhooks its end owes)."""
         return EventLog(
             self._store,
             snapshot["id"],
@@ -97,6 +101,7 @@ class Lifecycle:
             next_sequence_number=next_sequence_number,
             lease=lease,
             publisher=self.publisher,
+            outbox=None if self.webhooks is None else self.webhooks.outbox_for(snapshot, tenant),
         )
 
     # -- admit -------------------------------------------------------------------------------------------
@@ -226,7 +231,10 @@ class Lifecycle:
         """Write the single terminal event of a response this instance holds but does not run (the event log is
         the one numbering authority), then its follow-ups."""
         event_log = self.open_log(
-            orjson.loads(record.snapshot), next_sequence_number=record.last_sequence_number + 1, lease=lease
+            orjson.loads(record.snapshot),
+            next_sequence_number=record.last_sequence_number + 1,
+            lease=lease,
+            tenant=record.tenant,
         )
         try:
             await emit_terminal(event_log, status, error=error)
@@ -288,6 +296,7 @@ class Lifecycle:
         try:
             if ended_without_turn:
                 await self.faults.reach("finish.terminal_stored", response_id)
+                self._nudge_webhooks()
                 if await self._store.settle_response(
                     response_id, idempotency_ttl_seconds=self.settings.idempotency_ttl_seconds
                 ):
@@ -300,6 +309,11 @@ class Lifecycle:
             # Its index entry falls due when the lease lapses; whoever sweeps then finishes it.
             log.warning("could not finish %s now (%s); the sweeper will", response_id, error)
 
+    def _nudge_webhooks(self) -> None:
+        # The end may owe webhooks: deliver them now, not at the sender's next poll (it would find them then).
+        if self.webhooks is not None:
+            self.webhooks.nudge()
+
     async def settle(self, response_id: str) -> bool:
         """The follow-ups of a durably ended response, wherever it ran, driven by the stored record: a completed
         turn's items join its conversation and the turn is released; steering queued for it is resolved (a
@@ -310,6 +324,7 @@ class Lifecycle:
         if record is not None and ResponseStatus(record.status) not in TERMINAL:
             return False
         await self.faults.reach("finish.terminal_stored", response_id)
+        self._nudge_webhooks()
         if record is not None and record.conversation_id is not None:
             inputs: list[Json] = orjson.loads(await self._store.get_input_items(response_id) or b"[]")
             output: list[Json] = orjson.loads(record.snapshot).get("output", [])

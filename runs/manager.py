@@ -388,7 +388,9 @@ class RunManager:
         compaction: CompactionDue | None = None,
     ) -> ResponseRun:
         """Start a run in a slot the caller has taken (counted against `slot_tenant`)."""
-        event_log = self.lifecycle.open_log(snapshot, next_sequence_number=next_sequence_number, lease=lease)
+        event_log = self.lifecycle.open_log(
+            snapshot, next_sequence_number=next_sequence_number, lease=lease, tenant=caller.tenant
+        )
         run = ResponseRun(
             request=request,
             upstream=upstream,

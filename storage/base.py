@@ -99,6 +99,15 @@ class ResponseRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    """One webhook delivery owed for a response: `payload` is the sender's business (opaque to the store), kept
+    in the outbox of the response's shard until it is delivered or given up."""
+
+    response_id: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Lease:
     """The right to write a response: who holds it, with which fencing epoch, and until when (Redis time, ms)."""
 
@@ -240,6 +249,7 @@ class EventLogStore(Protocol):
         lease: Lease,
         checked: bool = False,
         after_loss: bool = False,
+        outbox: Sequence[OutboxEntry] = (),
     ) -> bool:
         """Append events continuing the log, if `lease` still holds: nobody has claimed the response since (same
         owner and epoch) and it has not ended. The events are stored under the lease's epoch.
@@ -259,6 +269,10 @@ class EventLogStore(Protocol):
         writer's first append after its store failed, which may have failed over). `after_loss`: the writer knows
         the log lost events (LogRewound) and appends past the hole, numbered after everything it had stored; only
         for its terminal event.
+
+        `outbox`: with an append that ends the response (a terminal `status`, with its snapshot), the webhook
+        deliveries it owes, put in the outbox in the same atomic step as the terminal event: a crash can never
+        leave a response ended and its notification forgotten.
         """
 
     async def get_response(self, response_id: str) -> ResponseRecord | None:
@@ -422,7 +436,24 @@ class ConversationStore(Protocol):
         """Remove one item. False when there was no such item. Raises ConversationMissing."""
 
 
-class Store(EventLogStore, RunQueueStore, IdempotencyStore, ConversationStore, SteeringStore, Protocol):
+class WebhookOutboxStore(Protocol):
+    """Webhook deliveries owed, written with the terminal event that owes them (`append_events(outbox=...)`) and
+    taken by whichever instance's sender gets there first. An entry is claimed for a while, not removed: a sender
+    that dies with it leaves it due again once the claim lapses (at least once, never lost)."""
+
+    async def due_webhooks(self, limit: int, *, claim_ms: int) -> list[OutboxEntry]:
+        """Up to `limit` entries due now, each claimed for `claim_ms` (not due again for anyone until then)."""
+
+    async def webhook_done(self, entry: OutboxEntry) -> None:
+        """Remove a delivered (or given up) entry from the outbox."""
+
+    async def retry_webhook(self, entry: OutboxEntry, *, delay_ms: int) -> None:
+        """Make a claimed entry due again in `delay_ms` (a failed attempt); nothing if it is gone."""
+
+
+class Store(
+    EventLogStore, RunQueueStore, IdempotencyStore, ConversationStore, SteeringStore, WebhookOutboxStore, Protocol
+):
     """Persistence of responses, runs, keys and conversations. Every write sets the retention TTL of what it
     touches."""
 

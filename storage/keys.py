@@ -140,6 +140,11 @@ class KeySpace:
         microseconds), so they start in admission order."""
         return f"{self.shard_tag(shard)}:queue"
 
+    def webhook_outbox(self, shard: int) -> str:
+        """Sorted set: the shard's webhook deliveries owed (`<response id> <payload>`), scored by when each is due
+        (Redis ms): written with the terminal event that owes it, pushed later while claimed or after a failure."""
+        return f"{self.shard_tag(shard)}:webhooks"
+
     def response_index(self, response_id: str) -> tuple[str, str]:
         """The run index and queue of the response's shard, in the order the Lua scripts take them."""
         shard = shard_of(response_id)

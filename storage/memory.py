@@ -16,6 +16,7 @@ from storage.base import (
     LogRewound,
     NewResponse,
     NoticeKind,
+    OutboxEntry,
     Renewal,
     ResponseAlreadyExists,
     ResponseClosed,
@@ -80,6 +81,8 @@ class MemoryStore(MemoryConversations):
         # Owned responses -> lease expiry (ms); unowned ones waiting, in admission order (dicts keep it).
         self._run_index: dict[str, int] = {}
         self._queue: dict[str, None] = {}
+        # Webhook deliveries owed -> when each is due (ms).
+        self._outbox: dict[OutboxEntry, int] = {}
 
     def _expire_due(self) -> None:
         now = self._clock()
@@ -155,6 +158,7 @@ class MemoryStore(MemoryConversations):
         lease: Lease,
         checked: bool = False,
         after_loss: bool = False,
+        outbox: Sequence[OutboxEntry] = (),
     ) -> bool:
         # `checked` and `after_loss` concern a log that lost acknowledged events, which this in-process one never
         # does: every append here is checked, and none is ever past a hole.
@@ -185,8 +189,25 @@ class MemoryStore(MemoryConversations):
         entry.snapshot = _kept(snapshot)
         entry.snapshot_seq = len(entry.events) - 1
         entry.status = status
+        if status in TERMINAL_STATUSES:
+            now = self._now_ms()
+            self._outbox.update(dict.fromkeys(outbox, now))
         self._touch(response_id, entry)
         return entry.cancel_requested
+
+    async def due_webhooks(self, limit: int, *, claim_ms: int) -> list[OutboxEntry]:
+        now = self._now_ms()
+        due = sorted((at, index, entry) for index, (entry, at) in enumerate(self._outbox.items()) if at <= now)
+        taken = [entry for _, _, entry in due[:limit]]
+        self._outbox.update(dict.fromkeys(taken, now + claim_ms))
+        return taken
+
+    async def webhook_done(self, entry: OutboxEntry) -> None:
+        self._outbox.pop(entry, None)
+
+    async def retry_webhook(self, entry: OutboxEntry, *, delay_ms: int) -> None:
+        if entry in self._outbox:
+            self._outbox[entry] = self._now_ms() + delay_ms
 
     def _holds(self, entry: _Entry, lease: Lease) -> bool:
         return entry.owner == lease.owner and entry.epoch == lease.epoch and entry.lease_until_ms >= self._now_ms()

@@ -14,6 +14,7 @@ from storage.base import (
     Lease,
     LogRewound,
     NewResponse,
+    OutboxEntry,
     ResponseAlreadyExists,
     ResponseRecord,
     SteerQueueOutcome,
@@ -22,7 +23,7 @@ from storage.base import (
     StoredEvent,
 )
 from storage.fold import fold_events
-from storage.keys import KeySpace, after_entry_id
+from storage.keys import KeySpace, after_entry_id, shard_of
 from storage.redis_appends import PlainAppends, append_refusal
 from storage.redis_cluster import (
     CLUSTER_SCHEMES,
@@ -48,10 +49,11 @@ from storage.redis_support import (
     parse_entries,
     unavailable_on_connection_error,
 )
+from storage.redis_webhooks import RedisWebhookOutbox, outbox_member
 from storage.status import TERMINAL_STATUSES
 
 
-class RedisStore(RedisConversations, RedisRunQueue):
+class RedisStore(RedisConversations, RedisRunQueue, RedisWebhookOutbox):
     """Store backed by Redis (or any server speaking its protocol, ≥ 6.2 for exclusive XRANGE)."""
 
     def __init__(
@@ -83,6 +85,7 @@ class RedisStore(RedisConversations, RedisRunQueue):
         self._release_script = LuaScript.of(load_lua("release_idempotency_key.lua"))
         self._register_conversation_scripts()
         self._register_run_queue_scripts()
+        self._register_webhook_scripts()
         self._abandon_script = LuaScript.of(load_lua("abandon_admission.lua"))
         self._read_events_script = LuaScript.of(load_lua("read_events.lua"))
         self._read_response_script = LuaScript.of(load_lua("read_response.lua"))
@@ -185,13 +188,14 @@ class RedisStore(RedisConversations, RedisRunQueue):
         lease: Lease,
         checked: bool = False,
         after_loss: bool = False,
+        outbox: Sequence[OutboxEntry] = (),
     ) -> bool:
         if not events:
             return False
         if snapshot is None and not (checked or after_loss):
             await self._plain_appends.append(response_id, events, lease)
             return False
-        cancel_requested = await self._checked_append(response_id, events, snapshot, status, lease, after_loss)
+        cancel_requested = await self._checked_append(response_id, events, snapshot, status, lease, after_loss, outbox)
         if self._replica_acks.replicas and status in TERMINAL_STATUSES:
             await self._wait_for_replicas(response_id)
         return cancel_requested and snapshot is not None
@@ -209,8 +213,9 @@ class RedisStore(RedisConversations, RedisRunQueue):
         status: str,
         lease: Lease,
         after_loss: bool,
+        outbox: Sequence[OutboxEntry],
     ) -> bool:
-        keys = self._keys.response_keys(response_id)
+        keys = [*self._keys.response_keys(response_id), self._keys.webhook_outbox(shard_of(response_id))]
         args: list[bytes | str | int] = [
             self._ttl_ms,
             snapshot or b"",
@@ -219,9 +224,11 @@ class RedisStore(RedisConversations, RedisRunQueue):
             lease.owner,
             lease.epoch,
             int(after_loss),
+            len(outbox),
         ]
+        args += [outbox_member(entry) for entry in outbox]
         args += event_args(events, lease.epoch)
-        result = await self._mux.script(self._append_script, list(keys), args)
+        result = await self._mux.script(self._append_script, keys, args)
         if result in (b"OK", b"CANCEL"):
             return bool(result == b"CANCEL")
         if isinstance(result, list) and result[0] == b"REWOUND":

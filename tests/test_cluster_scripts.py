@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from storage.base import IdempotencyClaim, Lease, LeaseLost, SteerQueueOutcome, StoredEvent
+from storage.base import IdempotencyClaim, Lease, LeaseLost, OutboxEntry, SteerQueueOutcome, StoredEvent
 from storage.keys import idempotency_shard, shard_of, with_shard
 from storage.redis import RedisStore
 from storage.redis_cluster import ClusterCommands
@@ -99,7 +99,18 @@ async def _every_step(store: RedisStore) -> None:
     # Steering: queued while it runs; settling waits for it; a successor made in its shard commits it.
     assert await store.queue_steer(keyed, b'{"id":"steer_1","input":[]}', max_pending=4) is SteerQueueOutcome.QUEUED
     done = StoredEvent(5, "response.completed", b'{"type":"response.completed","sequence_number":5}')
-    await store.append_events(keyed, [done], snapshot=b'{"status":"completed"}', status="completed", lease=new_lease)
+    owed = OutboxEntry(keyed, b'{"endpoint":"e"}')
+    await store.append_events(
+        keyed, [done], snapshot=b'{"status":"completed"}', status="completed", lease=new_lease, outbox=[owed]
+    )
+    # The webhook it owes entered its shard's outbox with it: claimed (not due again meanwhile), retried, done.
+    assert await store.due_webhooks(10, claim_ms=60_000) == [owed]
+    assert await store.due_webhooks(10, claim_ms=60_000) == []
+    await store.retry_webhook(owed, delay_ms=0)
+    assert await store.due_webhooks(10, claim_ms=60_000) == [owed]
+    await store.webhook_done(owed)
+    await store.retry_webhook(owed, delay_ms=0)  # gone: a retry does not bring it back
+    assert await store.due_webhooks(10, claim_ms=0) == []
     assert not await store.settle_response(keyed, idempotency_ttl_seconds=60)
     assert len((await store.steer_state(keyed)).queued) == 1
     successor = with_shard("resp_successor_00", shard_of(keyed))

@@ -21,6 +21,7 @@ from storage.base import (
     LogRewound,
     NewResponse,
     NoticeKind,
+    OutboxEntry,
     ResponseAlreadyExists,
     ResponseClosed,
     ResponseMissing,
@@ -190,6 +191,31 @@ async def test_repeating_an_append_is_idempotent(store: Store) -> None:
     closing = [event(3, "response.completed")]
     await store.append_events("resp_retry", closing, snapshot=b"{}", status="completed", lease=LEASE)
     await store.append_events("resp_retry", closing, snapshot=b"{}", status="completed", lease=LEASE)
+
+
+async def test_webhooks_owed_enter_the_outbox_only_with_a_stored_terminal_event(store: Store) -> None:
+    await store.create_response(new_response("resp_wh", events=1))
+    owed = [OutboxEntry("resp_wh", b'{"endpoint":"a"}'), OutboxEntry("resp_wh", b'{"endpoint":"b"}')]
+    # Not with an append that does not end the response, nor with a terminal one that is refused.
+    await store.append_events("resp_wh", [event(1)], snapshot=b"{}", status="in_progress", lease=LEASE, outbox=owed)
+    with pytest.raises(SequenceConflict):
+        await store.append_events(
+            "resp_wh", [event(5, "response.completed")], snapshot=b"{}", status="completed", lease=LEASE, outbox=owed
+        )
+    assert await store.due_webhooks(10, claim_ms=0) == []
+    closing = [event(2, "response.completed")]
+    await store.append_events("resp_wh", closing, snapshot=b"{}", status="completed", lease=LEASE, outbox=owed)
+    # A retry of that append (its reply lost) owes nothing more.
+    await store.append_events("resp_wh", closing, snapshot=b"{}", status="completed", lease=LEASE, outbox=owed)
+    due = await store.due_webhooks(10, claim_ms=60_000)
+    assert sorted(entry.payload for entry in due) == [b'{"endpoint":"a"}', b'{"endpoint":"b"}']
+    assert await store.due_webhooks(10, claim_ms=60_000) == []  # claimed: no other sender takes them meanwhile
+    await store.retry_webhook(owed[0], delay_ms=60_000)
+    await store.retry_webhook(owed[1], delay_ms=0)
+    assert await store.due_webhooks(10, claim_ms=60_000) == [owed[1]]
+    await store.webhook_done(owed[1])
+    await store.retry_webhook(owed[1], delay_ms=0)
+    assert await store.due_webhooks(10, claim_ms=60_000) == []
 
 
 async def test_append_reports_a_requested_cancel(store: Store) -> None:

@@ -4,10 +4,13 @@
 -- fenced by their entry ids: see storage/keys.py).
 -- Only the current owner, with the current epoch and an unexpired lease, may append (fencing): a writer that
 -- was paused past its lease and taken over can never write again.
--- KEYS: state hash, events stream, input string
+-- An append that ends the response may carry the webhook deliveries it owes: they enter the shard's outbox, due
+-- at once, in this same step (never an ended response whose notification is lost, nor a notification of an end
+-- that was not stored).
+-- KEYS: state hash, events stream, input string, the shard's webhook outbox
 -- ARGV: ttl_ms, snapshot ('' to keep the stored one), status, first_seq, owner, epoch,
 --       after_loss ('1': the writer knows the log lost its last events and ends it past them),
---       then (entry_id, type, data) per event
+--       n (outbox entries), then n outbox members, then (entry_id, type, data) per event
 -- Returns 'OK', or 'CANCEL' (appended, and a cancel was requested), 'MISSING', 'CLOSED', 'CONFLICT', 'FENCED',
 -- or {'REWOUND', last stored sequence number}: the log ends before events this writer had stored (a failover
 -- to a replica that had not received them), so appending would leave a hole or reuse numbers already seen.
@@ -19,7 +22,8 @@ end
 if state[1] ~= ARGV[5] or state[2] ~= ARGV[6] or tonumber(state[3]) < now_ms() then
   return 'FENCED'
 end
-local first_event = 8
+local outbox_count = tonumber(ARGV[8])
+local first_event = 9 + outbox_count
 local count = (#ARGV - first_event + 1) / 3
 local first = tonumber(ARGV[4])
 local last, whole = log_tail(KEYS[2])
@@ -63,6 +67,13 @@ if TERMINAL[ARGV[3]] then
   -- Nothing may follow the terminal event: move the stream's last id past every id of this epoch, so even a
   -- plain XADD of this writer is refused from here on.
   redis.call('XSETID', KEYS[2], string.format('%d-0', tonumber(ARGV[6]) + 1))
+  if outbox_count > 0 then
+    local due = now_ms()
+    for i = 9, 8 + outbox_count do
+      redis.call('ZADD', KEYS[4], due, ARGV[i])
+    end
+    redis.call('PEXPIRE', KEYS[4], ttl)
+  end
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
