@@ -414,7 +414,7 @@ class ResponsesSocket:
         self, response_id: str, after: int, stream_id: str | None, *, known: Sequence[StoredEvent] = ()
     ) -> Json | None:
         """Send the response's events after `after` until its terminal one; return that event's response."""
-        subscription = self._live.subscribe(response_id, after)
+        subscription = self._live.subscribe(response_id)
         events = follow_events(
             self._store,
             self._live,

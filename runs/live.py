@@ -155,14 +155,16 @@ class LiveEvents:
     def watched(self) -> int:
         return len(self._watches)
 
-    def subscribe(self, response_id: str, cursor: int) -> LiveSubscription:
+    def subscribe(self, response_id: str) -> LiveSubscription:
         """Start buffering events of `response_id`: every event this process stores after this call reaches the
-        subscription at once; events stored by other instances reach it once `follow` says from where (events up
-        to the cursor may arrive too; the follower skips them)."""
+        subscription at once; events stored by other instances reach it once `follow` says from where (events the
+        subscriber has may arrive too; it skips them). The client's own cursor is not the watch's: only a point a
+        follower has actually read the store up to is (see follow), so no cursor a client makes up, however far
+        past the end, can hold back another subscriber or the feed's read."""
         subscription = LiveSubscription(response_id, self._buffer_events, closed=self._closed)
         watch = self._watches.get(response_id)
         if watch is None:
-            self._watches[response_id] = _Watch(cursor, {subscription})
+            self._watches[response_id] = _Watch(-1, {subscription})
         else:
             watch.subscribers.add(subscription)
         return subscription

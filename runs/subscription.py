@@ -45,7 +45,7 @@ async def follow_events(
     longer the stored ones: the store failed over and lost them, and a later owner wrote others under their
     numbers (known by their higher epoch). The follower then cannot go on without mixing two histories.
     """
-    subscription = subscription or live.subscribe(response_id, after)
+    subscription = subscription or live.subscribe(response_id)
     cursor = after
     # The epoch of the event at the cursor, once known: which event the follower has, not just its number.
     cursor_epoch = after_epoch

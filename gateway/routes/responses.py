@@ -53,16 +53,6 @@ def query_flag(request: web.Request, name: str) -> bool:
     return value in ("true", "1")
 
 
-def _query_int(request: web.Request, name: str) -> int | None:
-    value = request.query.get(name)
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidRequest(f"Invalid value for '{name}': expected an integer.", param=name) from None
-
-
 def _stream_settings(request: web.Request) -> StreamSettings:
     sse = request.app[SETTINGS].sse
     return StreamSettings(
@@ -87,7 +77,7 @@ async def stream_response(
     settings = _stream_settings(request)
     live = request.app[LIVE_EVENTS]
     # Subscribed before the first await, so nothing stored after `known` can be missed.
-    subscription = live.subscribe(response_id, after)
+    subscription = live.subscribe(response_id)
     events = follow_events(
         request.app[STORE],
         live,
@@ -206,11 +196,15 @@ def resume_cursor(request: web.Request) -> tuple[int, int | None]:
     """Where a GET stream starts: after `starting_after`, else after `Last-Event-ID`, else from the first event;
     with the epoch of that event when the cursor is an SSE `id:` (`<sequence number>.<epoch>`, see
     gateway/sse.py), which tells exactly which event the client has."""
-    starting_after = _query_int(request, "starting_after")
+    starting_after = request.query.get("starting_after")
     if starting_after is not None:
-        if starting_after < 0:
-            raise InvalidRequest("'starting_after' must be at least 0.", param="starting_after")
-        return starting_after, None
+        # The cursor rule, not int(): that takes "+5", " 5", "1_0", other scripts' digits and numbers past 64 bits.
+        if not is_cursor_part(starting_after):
+            raise InvalidRequest(
+                "Invalid value for 'starting_after': expected a sequence number (digits, 0 or more).",
+                param="starting_after",
+            )
+        return int(starting_after), None
     last_event_id = request.headers.get("Last-Event-ID", "").strip()
     if last_event_id:
         number, dot, epoch = last_event_id.partition(".")

@@ -1,0 +1,120 @@
+"""Hostile input, tried as an attacker with a valid key would: no tenant can slow or break another tenant's
+service, and no input gets anything but a 4xx in the OpenAI envelope."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+
+from gateway.config import load_settings
+from tests.conftest import Gateway, serve_gateway
+
+KEY_A = "sk-hostile-a-0123456789abcdef"
+KEY_B = "sk-hostile-b-fedcba9876543210"
+POISONED_CURSORS = [
+    {"params": {"starting_after": "18446744073709551616"}},  # past a stream id's 64 bits
+    {"params": {"starting_after": "9" * 5000}},
+    {"params": {"starting_after": "+5"}},
+    {"params": {"starting_after": "1_0"}},
+    {"params": {"starting_after": "\u0663"}},  # a digit to int(), not to a stream id
+    {"headers": {"Last-Event-ID": "\u00b2"}},
+    {"headers": {"Last-Event-ID": "9" * 5000}},
+]
+
+
+def two_tenant_settings(redis_url: str, simulator_url: str, key_prefix: str, **extra: Any) -> Any:
+    keys = [
+        {"tenant": tenant, "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
+        for tenant, key in (("a", KEY_A), ("b", KEY_B))
+    ]
+    return load_settings(
+        storage={"url": redis_url, "key_prefix": key_prefix},
+        upstreams=[{"name": "sim", "base_url": f"{simulator_url}/v1", "max_retries": 0}],
+        auth={"enabled": True, "keys": keys},
+        **extra,
+    )
+
+
+@pytest.fixture
+async def owner_and_reader(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """Two instances on one Redis: responses run on the first; the second serves their streams through its one
+    shared feed read, the path a poisoned cursor once broke for every stream of the instance."""
+    settings = two_tenant_settings(redis_server, simulator_url, key_prefix, sse={"heartbeat_seconds": 5})
+    async with serve_gateway(settings) as owner, serve_gateway(settings) as reader:
+        yield owner, reader
+
+
+def sdk(gateway: Gateway, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0)
+
+
+async def test_a_poisoned_cursor_is_refused_and_another_tenants_stream_keeps_the_models_pace(
+    owner_and_reader: tuple[Gateway, Gateway], key_prefix: str
+) -> None:
+    owner, reader = owner_and_reader
+    pace = {"sim_tag": key_prefix, "sim_tokens": "60", "sim_token_delay_ms": "20"}
+    a_owner, b_owner, a_reader, b_reader = (
+        sdk(owner, KEY_A),
+        sdk(owner, KEY_B),
+        sdk(reader, KEY_A),
+        sdk(reader, KEY_B),
+    )
+    try:
+        theirs = await b_owner.responses.create(model="sim-1", input="b", background=True, metadata=pace)
+        mine = await a_owner.responses.create(model="sim-1", input="a", background=True, metadata=pace)
+        arrivals: list[float] = []
+
+        async def tenant_b_streams() -> None:
+            stream = await b_reader.responses.retrieve(theirs.id, stream=True)
+            async for event in stream:
+                arrivals.append(time.monotonic())
+                if event.type == "response.completed":
+                    return
+
+        async def tenant_a_attacks() -> list[tuple[int, dict[str, Any]]]:
+            # A legitimate follower of A's own response keeps its watch alive meanwhile.
+            follower = asyncio.ensure_future(_drain(await a_reader.responses.retrieve(mine.id, stream=True)))
+            refused = []
+            held = []  # a poisoned stream that was let in stays open, as the attacker would keep it
+            for _ in range(3):
+                for attempt in POISONED_CURSORS:
+                    headers = {"Authorization": f"Bearer {KEY_A}", **attempt.get("headers", {})}
+                    params = {"stream": "true", **attempt.get("params", {})}
+                    reply = await reader.http.get(f"/v1/responses/{mine.id}", params=params, headers=headers)
+                    if reply.status == 200:
+                        held.append(asyncio.ensure_future(reply.read()))
+                        refused.append((reply.status, {}))
+                        continue
+                    refused.append((reply.status, await reply.json()))
+                    reply.release()
+                await asyncio.sleep(0.2)
+            await follower
+            await asyncio.gather(*held)
+            return refused
+
+        refused, _ = await asyncio.gather(tenant_a_attacks(), tenant_b_streams())
+    finally:
+        for client in (a_owner, b_owner, a_reader, b_reader):
+            await client.close()
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    assert len(arrivals) > 60
+    # At the model's pace (20 ms a token); a broken shared read would leave B waiting a heartbeat (5 s) at a time.
+    assert max(gaps) < 2.0, max(gaps)
+    for status, body in refused:
+        assert status == 400, body
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["param"] in ("starting_after", "Last-Event-ID")
+
+
+async def _drain(stream: Any) -> None:
+    async for _ in stream:
+        pass
