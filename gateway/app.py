@@ -101,6 +101,7 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
         sweep_seconds=runs.sweep_seconds,
         handover=not settings.storage.url.startswith("memory://"),
         idempotency_ttl_seconds=settings.idempotency.ttl_seconds,
+        tenant_run_limits=tenant_run_limits(settings),
     )
     webhooks = WebhookSender(app[STORE], app[WEBHOOK_SETTINGS]) if app[WEBHOOK_SETTINGS].endpoints else None
     lifecycle = Lifecycle(
@@ -152,6 +153,17 @@ async def drain(app: web.Application, hurry: asyncio.Event | None = None) -> Non
         # Streams stay open to send the terminal event; the server's shutdown waits for them (bounded by its
         # shutdown_timeout) before the live events close.
         await manager.close()
+
+
+def tenant_run_limits(settings: Settings) -> dict[str, int]:
+    """Each limited tenant's runs at once, for queued runs (which start without their key): the most any of its
+    keys allows; a tenant with an unlimited key has no limit."""
+    limits: dict[str, int | None] = {}
+    for key in settings.auth.keys if settings.auth.enabled else []:
+        known = limits.get(key.tenant, 0)
+        limit = key.max_concurrent_runs
+        limits[key.tenant] = None if known is None or limit is None else max(known, limit)
+    return {tenant: limit for tenant, limit in limits.items() if limit is not None}
 
 
 def webhook_settings(config: WebhooksConfig) -> WebhookSettings:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,9 @@ class RunSettings:
     handover: bool = True
     # An Idempotency-Key restarts its TTL when its response ends, so it outlives the response.
     idempotency_ttl_seconds: int = 86_400
+    # Runs a tenant may have here at once (its keys' `max_concurrent_runs`), for the queued responses the sweeper
+    # starts: they have no key with them, and count against their tenant like the ones admitted directly.
+    tenant_run_limits: Mapping[str, int] = field(default_factory=dict)
 
 
 class TakeOver:

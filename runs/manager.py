@@ -440,6 +440,11 @@ class RunManager:
 
     # -- starting and resuming runs the sweeper claims ----------------------------------------------------
 
+    def tenant_at_limit(self, tenant: str) -> bool:
+        """Whether `tenant` runs as many responses here as its keys allow (then its queued ones wait)."""
+        limit = self.settings.tenant_run_limits.get(tenant)
+        return limit is not None and self._slots.by_tenant[tenant] >= limit
+
     def try_take_slot(self) -> bool:
         """Take a run slot for a response about to be claimed, if there is one free."""
         if self.free_capacity == 0:
@@ -500,7 +505,13 @@ class RunManager:
         caller = _Caller(record.tenant, None)
         next_number = record.last_sequence_number + 1
         compaction = compaction_due(request, body)
-        self._start(request, upstream, provider_body, snapshot, next_number, lease, caller, SWEPT, None, compaction)
+        # The slot taken for whatever the sweep would find now counts against the response's tenant, so that its
+        # later requests see this run too (synchronously: no admission can slip in between).
+        self._slots.give_back(SWEPT)
+        self._slots.take(record.tenant)
+        self._start(
+            request, upstream, provider_body, snapshot, next_number, lease, caller, record.tenant, None, compaction
+        )
         return True
 
     # -- the run task --------------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ def _stop_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+# A sweep passes over at most this many queued responses whose tenants are at their limits, looking for one
+# it may start (so a tenant that queued thousands costs a bounded read).
+MAX_PASSED_OVER = 256
+
+
 class Ownership:
     """Two loops per instance. The keeper renews the lease of every local run (a run whose lease is lost stops at
     once: the store would refuse its writes anyway). The sweeper, on every instance (claims are atomic, so
@@ -94,16 +99,24 @@ class Ownership:
         await self.start_queued()
 
     async def start_queued(self) -> None:
-        """Claim queued responses in admission order while this instance has a free run slot."""
+        """Claim queued responses in admission order while this instance has a free run slot, passing over those
+        whose tenant is at its limit here (they keep their place; the ones behind them are not held up)."""
         if self._manager.draining:
             return
-        while self._manager.free_capacity > 0:
-            wanted = self._manager.free_capacity
+        passed_over: set[str] = set()
+        while self._manager.free_capacity > 0 and len(passed_over) < MAX_PASSED_OVER:
+            wanted = self._manager.free_capacity + len(passed_over)
             head = await self._store.queued_runs(wanted)
             # A shorter head than asked for is the whole queue: once it is claimed, nothing waits.
             self._manager.queue_seen(waiting=len(head) >= wanted)
-            claimed_any = False
+            claimed_any = passed_any = False
             for response_id in head:
+                if response_id in passed_over:
+                    continue
+                if await self._waits_for_its_tenant(response_id):
+                    passed_over.add(response_id)
+                    passed_any = True
+                    continue
                 if not self._manager.try_take_slot():
                     return
                 try:
@@ -111,8 +124,17 @@ class Ownership:
                 except Exception:
                     log.exception("could not start queued %s now", response_id)
                     return
-            if not claimed_any:
-                return  # all taken by other instances meanwhile: the next sweep looks again
+            if not (claimed_any or passed_any):
+                return  # all taken by other instances meanwhile (or nothing queued): the next sweep looks again
+
+    async def _waits_for_its_tenant(self, response_id: str) -> bool:
+        """Whether a queued response stays queued because its tenant already runs as many as it may here (one
+        read, only when some tenant has a limit): it starts once one of them ends, and the others' queued
+        responses are not held up behind it meanwhile."""
+        if not self._manager.settings.tenant_run_limits:
+            return False
+        record = await self._store.get_response(response_id)
+        return record is not None and self._manager.tenant_at_limit(record.tenant)
 
     async def _look_at(self, response_id: str) -> None:
         record = await self._store.get_response(response_id)

@@ -56,6 +56,9 @@ class SimulatorStats:
     requests_by_tag: Counter[str] = field(default_factory=Counter)
     requests_by_path: Counter[str] = field(default_factory=Counter)
     disconnects_by_tag: Counter[str] = field(default_factory=Counter)
+    # Generations running now, and the most ever running at once, by tag: what a concurrency limit is checked by.
+    active_by_tag: Counter[str] = field(default_factory=Counter)
+    peak_active_by_tag: Counter[str] = field(default_factory=Counter)
     recent: deque[tuple[str | None, Any]] = field(default_factory=lambda: deque(maxlen=REQUEST_LOG_SIZE))
 
     def record(self, tag: str | None, body: Any, path: str) -> None:
@@ -64,6 +67,17 @@ class SimulatorStats:
         if tag is not None:
             self.requests_by_tag[tag] += 1
         self.recent.append((tag, body))
+
+    def started(self, tag: str | None) -> None:
+        self.active += 1
+        if tag is not None:
+            self.active_by_tag[tag] += 1
+            self.peak_active_by_tag[tag] = max(self.peak_active_by_tag[tag], self.active_by_tag[tag])
+
+    def ended(self, tag: str | None) -> None:
+        self.active -= 1
+        if tag is not None:
+            self.active_by_tag[tag] -= 1
 
     def disconnected(self, tag: str | None) -> None:
         self.disconnects += 1
@@ -75,6 +89,7 @@ class SimulatorStats:
         self.requests_by_tag.clear()
         self.requests_by_path.clear()
         self.disconnects_by_tag.clear()
+        self.peak_active_by_tag = Counter(+self.active_by_tag)
         self.recent.clear()
 
     def as_json(self) -> dict[str, Any]:
@@ -91,6 +106,7 @@ class SimulatorStats:
                 **self.requests_by_path,
             },
             "disconnects_by_tag": dict(self.disconnects_by_tag),
+            "peak_active_by_tag": dict(self.peak_active_by_tag),
         }
 
 

@@ -41,7 +41,8 @@ The chat endpoint honours all of these, in its own wire format, and adds ``sim_t
 Stats: ``requests`` counts every request to a model route (faulted and malformed ones too): generation on
 either endpoint and the side routes (by route: ``requests_by_path``); ``active`` the generations running now;
 ``completed`` the ones that reached a terminal event; ``disconnects`` the ones whose client went away first
-(by tag: ``disconnects_by_tag``). ``/sim/reset`` zeroes the counters and the request log (``active`` is a
+(by tag: ``disconnects_by_tag``); ``peak_active_by_tag`` the most generations of a tag ever running at once.
+``/sim/reset`` zeroes the counters and the request log (``active`` is a
 gauge of live requests, so it is left alone).
 """
 
@@ -313,7 +314,7 @@ async def _serve(
     if body.get("stream"):
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await stream.prepare(request)
-    stats.active += 1
+    stats.started(tag)
     try:
         await _play(request, generation, stream)
     except _ClientGone:
@@ -329,7 +330,7 @@ async def _serve(
             request.transport.abort()
         return stream if stream is not None else web.Response()
     finally:
-        stats.active -= 1
+        stats.ended(tag)
     stats.completed += 1
     # aiohttp finishes a returned stream itself and shrugs off a client that left just now.
     return stream if stream is not None else generation.respond()

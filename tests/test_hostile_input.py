@@ -14,7 +14,8 @@ import openai
 import pytest
 
 from gateway.config import load_settings
-from tests.conftest import Gateway, serve_gateway
+from tests.conftest import Gateway, eventually, serve_gateway
+from tests.helpers import sim_stats, upstream_calls
 
 KEY_A = "sk-hostile-a-0123456789abcdef"
 KEY_B = "sk-hostile-b-fedcba9876543210"
@@ -118,3 +119,89 @@ async def test_a_poisoned_cursor_is_refused_and_another_tenants_stream_keeps_the
 async def _drain(stream: Any) -> None:
     async for _ in stream:
         pass
+
+
+async def _peak(simulator_url: str, tag: str) -> int:
+    return int((await sim_stats(simulator_url))["peak_active_by_tag"].get(tag, 0))
+
+
+async def test_a_burst_of_40_never_runs_more_than_max_concurrent_upstream_calls(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    settings = two_tenant_settings(redis_server, simulator_url, key_prefix, runs={"max_concurrent": 8})
+    pace = {"sim_tag": key_prefix, "sim_tokens": "8", "sim_token_delay_ms": "20"}
+    async with serve_gateway(settings) as gateway:
+        client = sdk(gateway, KEY_A)
+        try:
+            created = await asyncio.gather(
+                *(
+                    client.responses.create(model="sim-1", input=f"burst {i}", background=True, metadata=pace)
+                    for i in range(40)
+                )
+            )
+
+            async def all_completed() -> bool:
+                statuses = [(await client.responses.retrieve(r.id)).status for r in created]
+                return statuses == ["completed"] * 40
+
+            await eventually(all_completed, within=30, interval=0.2)
+        finally:
+            await client.close()
+    assert await upstream_calls(simulator_url, key_prefix) == 40
+    assert await _peak(simulator_url, key_prefix) == 8
+
+
+async def test_a_keys_queued_runs_start_within_its_limit_and_do_not_hold_up_others(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    """Queued responses start without their key: they still count against its tenant, and one tenant's queue
+    beyond its limit does not keep another tenant's queued responses waiting."""
+    keys = [
+        {"tenant": "a", "key_sha256": hashlib.sha256(KEY_A.encode()).hexdigest(), "max_concurrent_runs": 2},
+        {"tenant": "b", "key_sha256": hashlib.sha256(KEY_B.encode()).hexdigest()},
+    ]
+    settings = load_settings(
+        storage={"url": redis_server, "key_prefix": key_prefix},
+        upstreams=[{"name": "sim", "base_url": f"{simulator_url}/v1", "max_retries": 0}],
+        auth={"enabled": True, "keys": keys},
+        runs={"max_concurrent": 4, "sweep_seconds": 0.1},
+    )
+    a_tag, b_tag = f"{key_prefix}-a", f"{key_prefix}-b"
+    async with serve_gateway(settings) as gateway:
+        a, b = sdk(gateway, KEY_A), sdk(gateway, KEY_B)
+        try:
+            slow_b = {"sim_tag": f"{b_tag}-fill", "sim_tokens": "10", "sim_token_delay_ms": "30"}
+            filling = [
+                await b.responses.create(model="sim-1", input="fill", background=True, metadata=slow_b)
+                for _ in range(4)
+            ]
+            a_pace = {"sim_tag": a_tag, "sim_tokens": "10", "sim_token_delay_ms": "30"}
+            queued_a = [
+                await a.responses.create(model="sim-1", input=f"a {i}", background=True, metadata=a_pace)
+                for i in range(6)
+            ]
+            b_pace = {"sim_tag": b_tag, "sim_tokens": "10", "sim_token_delay_ms": "30"}
+            queued_b = [
+                await b.responses.create(model="sim-1", input=f"b {i}", background=True, metadata=b_pace)
+                for i in range(2)
+            ]
+
+            async def b_started() -> bool:
+                return await upstream_calls(simulator_url, b_tag) == 2
+
+            # B's queued responses, behind all of A's, start as soon as the fill ends: A at its limit holds 2 slots.
+            await eventually(b_started, within=10, interval=0.05)
+            assert await upstream_calls(simulator_url, a_tag) < 6
+
+            async def all_completed() -> bool:
+                responses = [*filling, *queued_a, *queued_b]
+                statuses = [(await b.responses.retrieve(r.id)).status for r in [*filling, *queued_b]]
+                statuses += [(await a.responses.retrieve(r.id)).status for r in queued_a]
+                return statuses == ["completed"] * len(responses)
+
+            await eventually(all_completed, within=30, interval=0.2)
+        finally:
+            await a.close()
+            await b.close()
+    assert await upstream_calls(simulator_url, a_tag) == 6
+    assert await _peak(simulator_url, a_tag) == 2

@@ -359,6 +359,7 @@ async def test_stats_tags_and_request_log(client: openai.AsyncOpenAI, http: Clie
         "requests_by_tag": {"a": 2, "b": 1},
         "requests_by_path": {"/v1/responses": 4, "/v1/chat/completions": 0},
         "disconnects_by_tag": {},
+        "peak_active_by_tag": {"a": 1, "b": 1},  # the malformed request never started a generation
     }
     async with http.get("/sim/requests", params={"tag": "a"}) as resp:
         assert [body["input"] for body in await resp.json()] == ["one", "three"]
@@ -833,6 +834,7 @@ async def test_chat_requests_share_the_stats_and_request_log(client: openai.Asyn
         "requests_by_tag": {"a": 2, "b": 2},
         "requests_by_path": {"/v1/responses": 1, "/v1/chat/completions": 4},
         "disconnects_by_tag": {},
+        "peak_active_by_tag": {"a": 1, "b": 1},
     }
     async with http.get("/sim/requests", params={"tag": "a"}) as resp:
         logged = await resp.json()
