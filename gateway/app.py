@@ -7,13 +7,25 @@ import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from opentelemetry.sdk.trace import TracerProvider
 
 from gateway.auth import Authenticator, auth_middleware
 from gateway.config import Settings, WebhooksConfig
 from gateway.errors import MAX_BODY_BYTES, error_middleware
 from gateway.request_id import request_id_middleware, send_request_id
 from gateway.routes import compaction, conversations, health, input_tokens, models, responses, steering
-from gateway.state import FAULTS, LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE, WEBHOOK_SETTINGS
+from gateway.state import (
+    FAULTS,
+    LIVE_EVENTS,
+    OWNERSHIP,
+    ROUTER,
+    RUN_MANAGER,
+    SETTINGS,
+    STORE,
+    TRACER,
+    WEBHOOK_SETTINGS,
+)
+from gateway.tracing import trace_requests, tracing_ctx
 from gateway.websocket import SOCKET_COUNTS, SocketCounts
 from runs.faults import FaultPoints
 from runs.lifecycle import Lifecycle, RunSettings
@@ -21,6 +33,7 @@ from runs.live import LiveEvents
 from runs.manager import RunManager
 from runs.ownership import Ownership
 from runs.store import open_store
+from runs.tracing import RunTracer
 from runs.upstream.base import UpstreamSpec
 from runs.upstream.router import UpstreamRouter
 from runs.webhooks import WebhookEndpoint, WebhookSender, WebhookSettings
@@ -111,7 +124,9 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
         publisher=app[LIVE_EVENTS],
         webhooks=webhooks,
     )
-    manager = RunManager(app[STORE], app[ROUTER], run_settings, lifecycle=lifecycle)
+    tracer = app.get(TRACER)
+    run_tracer = RunTracer(tracer) if tracer is not None else None
+    manager = RunManager(app[STORE], app[ROUTER], run_settings, lifecycle=lifecycle, tracer=run_tracer)
     manager.start()
     ownership = Ownership(manager, app[STORE])
     ownership.start()
@@ -190,13 +205,16 @@ def webhook_settings(config: WebhooksConfig) -> WebhookSettings:
     )
 
 
-def create_app(settings: Settings) -> web.Application:
-    """A gateway application. Resources are opened on startup and closed on cleanup, in dependency order."""
+def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> web.Application:
+    """A gateway application. Resources are opened on startup and closed on cleanup, in dependency order. With
+    `tracing.enabled`, spans go to `tracer_provider` if given (tests give an in-memory one), else to one built
+    from the settings; with tracing off nothing is traced, whatever is given."""
     authenticator = Authenticator(settings.auth)
+    tracing = [trace_requests] if settings.tracing.enabled else []
     # aiohttp stops reading at client_max_size (Content-Length or chunked alike) and raises 413: a body is never
     # buffered beyond the limit.
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, auth_middleware(authenticator)],
+        middlewares=[*tracing, request_id_middleware, error_middleware, auth_middleware(authenticator)],
         client_max_size=settings.server.max_body_bytes,
     )
     app.on_response_prepare.append(send_request_id)
@@ -211,6 +229,8 @@ def create_app(settings: Settings) -> web.Application:
             settings.server.host,
         )
     app.cleanup_ctx.extend([_store_ctx, _upstreams_ctx, _live_events_ctx, _runs_ctx])
+    if settings.tracing.enabled:
+        app.cleanup_ctx.insert(0, tracing_ctx(tracer_provider))
     health.add_routes(app)
     input_tokens.add_routes(app)
     compaction.add_routes(app)

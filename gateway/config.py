@@ -288,6 +288,19 @@ class WebhooksConfig(_Section):
         return endpoints
 
 
+class TracingConfig(_Section):
+    """OpenTelemetry tracing (README, "Tracing"): spans of requests, runs and provider calls, sent over OTLP/HTTP."""
+
+    enabled: bool = False
+    # The OTLP/HTTP traces URL. Unset: the standard OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, else
+    # OTEL_EXPORTER_OTLP_ENDPOINT (+ /v1/traces), else http://localhost:4318/v1/traces. The exporter's headers
+    # (credentials) come from OTEL_EXPORTER_OTLP_HEADERS only.
+    otlp_endpoint: str | None = None
+    service_name: str | None = None  # unset: OTEL_SERVICE_NAME, else responses-gateway
+    # The share of traces started here that are recorded; a request's sampled `traceparent` decides for its own.
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+
+
 class Settings(BaseSettings):
     """Every setting of a gateway process. Precedence: CLI flags > environment > YAML file > defaults."""
 
@@ -305,6 +318,7 @@ class Settings(BaseSettings):
     websocket: WebSocketConfig = Field(default_factory=lambda: WebSocketConfig())
     steering: SteeringConfig = Field(default_factory=lambda: SteeringConfig())
     webhooks: WebhooksConfig = Field(default_factory=lambda: WebhooksConfig())
+    tracing: TracingConfig = Field(default_factory=lambda: TracingConfig())
 
     @field_validator("upstreams")
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from opentelemetry.trace import Tracer
 
 from gateway.config import Settings
 from runs.faults import FaultPoints
@@ -22,3 +23,5 @@ OWNERSHIP = web.AppKey("ownership", Ownership)
 WEBHOOK_SETTINGS = web.AppKey("webhook_settings", WebhookSettings)
 # Set before start-up by tests that stop or kill a run between two store steps; absent in production.
 FAULTS = web.AppKey("faults", FaultPoints)
+# The tracer of the app's own tracer provider, present only when tracing is on (gateway/tracing.py).
+TRACER = web.AppKey("tracer", Tracer)

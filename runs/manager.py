@@ -26,9 +26,9 @@ from runs.request import CreateResponseRequest
 from runs.run import ResponseRun
 from runs.slots import RunSlots
 from runs.steering import pending_input
+from runs.tracing import RunTrace, RunTracer, provider_call
 from runs.upstream.base import Upstream
 from runs.upstream.head_start import HeadStart
-from runs.upstream.retry import stream_with_retries
 from runs.upstream.router import UpstreamRouter
 from storage.base import Lease, NoticeKind, ResponseRecord, SteersTaken, Store, StoredEvent
 from storage.keys import shard_of
@@ -78,8 +78,10 @@ class RunManager:
         settings: RunSettings | None = None,
         *,
         lifecycle: Lifecycle | None = None,
+        tracer: RunTracer | None = None,
     ) -> None:
         self._store = store
+        self._tracer = tracer  # None: tracing is off, and no run has a trace
         self._router = router
         self.settings = settings or RunSettings()
         self.lifecycle = lifecycle or Lifecycle(store, self.settings)
@@ -195,30 +197,35 @@ class RunManager:
         provider_body = upstream.prepare(body)
         compaction = compaction_due(request, body)
         caller = _Caller(tenant, api_key, request_id)
+        trace = self._tracer.admitted_run() if self._tracer is not None else None
         # The provider call goes out now, before the response is built and stored, when its body is final and
         # nothing may yet decide against it (a used Idempotency-Key, a conversation's turn, a history to read):
         # the provider's first token is what the client waits for, and admission's work and round trip overlap
         # it. Nothing it sends is emitted before the response is stored (see HeadStart).
         head_start = None
         if not queued and idempotency is None and not needs_history(request) and compaction is None:
-            head_start = HeadStart(stream_with_retries(upstream, provider_body, upstream.spec.call_key(api_key)))
+            head_start = HeadStart(provider_call(trace, upstream, provider_body, upstream.spec.call_key(api_key)))
         if not queued:
             self._slots.take(tenant)
         admitting = self._admit(
-            request, caller, idempotency, upstream, provider_body, head_start, compaction, queued=queued
+            request, caller, idempotency, upstream, provider_body, head_start, compaction, trace, queued=queued
         )
         if head_start is not None:
             admitting = self._after_head_start(head_start, admitting)
         admission = asyncio.ensure_future(admitting)
-        admission.add_done_callback(lambda done: self._after_admission(done, tenant, holds_slot=not queued))
+        admission.add_done_callback(lambda done: self._after_admission(done, tenant, trace, holds_slot=not queued))
         try:
             return await asyncio.shield(admission)
         except asyncio.CancelledError:
             admission.add_done_callback(self._after_abandoned_admission)
             raise
 
-    def _after_admission(self, admission: asyncio.Future[Admission], tenant: str, *, holds_slot: bool) -> None:
+    def _after_admission(
+        self, admission: asyncio.Future[Admission], tenant: str, trace: RunTrace | None, *, holds_slot: bool
+    ) -> None:
         started = not admission.cancelled() and admission.exception() is None and admission.result().run is not None
+        if trace is not None and not started:
+            trace.not_run(None if admission.cancelled() else admission.exception())
         if holds_slot and not started:
             self._slots.give_back(tenant)  # a started run gives it back when it ends
             self._slot_freed()
@@ -253,6 +260,7 @@ class RunManager:
         provider_body: Json,
         head_start: HeadStart | None,
         compaction: CompactionDue | None,
+        trace: RunTrace | None,
         *,
         queued: bool,
     ) -> Admission:
@@ -299,7 +307,7 @@ class RunManager:
         # reach the provider once.
         if head_start is None and not queued and turn is None and compaction is None and takes_steers is None:
             api_key = upstream.spec.call_key(caller.api_key)
-            head_start = HeadStart(stream_with_retries(upstream, provider_body, api_key))
+            head_start = HeadStart(provider_call(trace, upstream, provider_body, api_key))
         # Undone on any failure from here on, the create included: its reply may have been lost after it ran
         # (undoing what does not exist changes nothing).
         try:
@@ -353,6 +361,7 @@ class RunManager:
             caller.tenant,
             head_start,
             compaction,
+            trace,
         )
         return Admission(run.response_id, run=run, first_events=record.events)
 
@@ -386,6 +395,7 @@ class RunManager:
         slot_tenant: str,
         head_start: HeadStart | None = None,
         compaction: CompactionDue | None = None,
+        trace: RunTrace | None = None,
     ) -> ResponseRun:
         """Start a run in a slot the caller has taken (counted against `slot_tenant`)."""
         event_log = self.lifecycle.open_log(
@@ -402,7 +412,10 @@ class RunManager:
             faults=self.lifecycle.faults,
             head_start=head_start,
             compaction=compaction,
+            trace=trace,
         )
+        if trace is not None:
+            trace.started(run.response_id, model=request.model, background=request.is_background)
         if self._early_steers.pop(run.response_id, None) is not None:
             run.steer()
         if self._early_cancels.pop(run.response_id, None) is not None:
@@ -410,7 +423,7 @@ class RunManager:
         run.call_upstream_now()
         self._runs[run.response_id] = run
         self._slot_tenant[run.response_id] = slot_tenant
-        task = asyncio.create_task(self._execute(run), name=f"run:{run.response_id}")
+        task = asyncio.create_task(self._execute(run, trace), name=f"run:{run.response_id}")
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._forget(run, done))
         return run
@@ -509,18 +522,34 @@ class RunManager:
         # later requests see this run too (synchronously: no admission can slip in between).
         self._slots.give_back(SWEPT)
         self._slots.take(record.tenant)
+        # Not started by the request that admitted it (queued, or taken over): a trace of its own (runs/tracing.py).
+        trace = self._tracer.resumed_run() if self._tracer is not None else None
         self._start(
-            request, upstream, provider_body, snapshot, next_number, lease, caller, record.tenant, None, compaction
+            request,
+            upstream,
+            provider_body,
+            snapshot,
+            next_number,
+            lease,
+            caller,
+            record.tenant,
+            None,
+            compaction,
+            trace,
         )
         return True
 
     # -- the run task --------------------------------------------------------------------------------------
 
-    async def _execute(self, run: ResponseRun) -> None:
-        await run.execute()
-        if run.abandoned:
-            return  # another instance owns it now and finishes it
-        await self.lifecycle.finish(run.response_id, run.lease, ended_without_turn=run.ended_without_turn)
+    async def _execute(self, run: ResponseRun, trace: RunTrace | None) -> None:
+        try:
+            await run.execute()
+            if run.abandoned:
+                return  # another instance owns it now and finishes it
+            await self.lifecycle.finish(run.response_id, run.lease, ended_without_turn=run.ended_without_turn)
+        finally:
+            if trace is not None:
+                trace.ended(run.status.value, failure=run.failure, abandoned=run.abandoned)
 
     def _forget(self, run: ResponseRun, task: asyncio.Task[None]) -> None:
         self._runs.pop(run.response_id, None)

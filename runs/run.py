@@ -15,9 +15,9 @@ from runs.ids import new_id
 from runs.request import CreateResponseRequest
 from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, upstream_reported, with_notes
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
+from runs.tracing import RunTrace, provider_call
 from runs.upstream.base import Upstream, UpstreamFailure
 from runs.upstream.head_start import HeadStart
-from runs.upstream.retry import stream_with_retries
 from runs.usage import add_usage, complete_usage
 from storage.base import Lease, LeaseLost, LogRewound
 
@@ -55,6 +55,7 @@ class ResponseRun:
         faults: FaultPoints | None = None,
         head_start: HeadStart | None = None,
         compaction: CompactionDue | None = None,
+        trace: RunTrace | None = None,
     ) -> None:
         self.request = request
         self.tenant = tenant
@@ -70,6 +71,7 @@ class ResponseRun:
         # items follow it.
         self._compaction = compaction
         self._compacted: CompactedTurn | None = None
+        self._trace = trace  # the run's spans, when tracing is on (runs/tracing.py)
         self._log = log
         log.on_cancel_requested = self.cancel
         log.on_lease_lost = self.abandon
@@ -255,7 +257,7 @@ class ResponseRun:
             api_key = self._upstream.spec.call_key(self._api_key)
             if self._compaction is not None:
                 await self._compact_first(self._compaction, api_key)
-            stream = stream_with_retries(self._upstream, self._upstream_body, api_key)
+            stream = provider_call(self._trace, self._upstream, self._upstream_body, api_key)
         async with contextlib.aclosing(stream) as batches:
             async for events in batches:
                 for event in events:

@@ -30,6 +30,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from opentelemetry.sdk.trace import TracerProvider
 from redis.asyncio.cluster import RedisCluster as RedisClusterClient
 
 from gateway.app import create_app
@@ -252,10 +253,12 @@ def shared_redis_url(request: pytest.FixtureRequest) -> str:
 
 
 @contextlib.asynccontextmanager
-async def serve_gateway(settings: Settings, faults: FaultPoints | None = None) -> AsyncIterator[Gateway]:
+async def serve_gateway(
+    settings: Settings, faults: FaultPoints | None = None, tracer_provider: TracerProvider | None = None
+) -> AsyncIterator[Gateway]:
     """An in-process gateway (a real aiohttp server on loopback) and clients for it; `faults` act at the run
-    lifecycle's boundaries."""
-    app = create_app(settings)
+    lifecycle's boundaries; `tracer_provider` takes its spans when its settings enable tracing."""
+    app = create_app(settings, tracer_provider=tracer_provider)
     if faults is not None:
         app[FAULTS] = faults
     server = TestServer(app, host="127.0.0.1", handler_cancellation=True)

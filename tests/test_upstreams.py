@@ -10,7 +10,7 @@ import pytest
 
 from gateway.config import load_settings
 from runs.upstream import retry
-from runs.upstream.base import UpstreamFailure, UpstreamSpec
+from runs.upstream.base import CallTrace, UpstreamFailure, UpstreamSpec
 from runs.upstream.retry import stream_with_retries
 from tests.conftest import Gateway, serve_gateway
 from tests.helpers import expected_text, sim_requests, sim_stats, upstream_calls
@@ -248,7 +248,7 @@ class FlakyUpstream:
         return body
 
     async def stream_turn(
-        self, body: dict[str, Any], *, api_key: str | None = None
+        self, body: dict[str, Any], *, api_key: str | None = None, call: CallTrace | None = None
     ) -> AsyncGenerator[list[dict[str, Any]], None]:
         self.attempts += 1
         yield [{"type": "response.created"}]

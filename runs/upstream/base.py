@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -89,6 +89,30 @@ class UpstreamFailure(Exception):
         return "server_error"
 
 
+@dataclass(frozen=True, slots=True)
+class ProviderAnswer:
+    """What a provider said of its answer, for the call's trace: its own id and model, why it stopped, and its
+    usage (in the Responses shape)."""
+
+    response_id: str | None
+    model: str | None
+    finish_reasons: Sequence[str]
+    usage: Mapping[str, Any] | None
+
+
+class CallTrace(Protocol):
+    """The trace of one logical provider call, its retries included (`runs.tracing` makes one when tracing is
+    on): `headers` (the W3C `traceparent`) go with every attempt, and the adapter reports what the provider
+    `answered`."""
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def retrying(self, failure: UpstreamFailure) -> None: ...
+
+    def answered(self, answer: ProviderAnswer) -> None: ...
+
+
 class Upstream(Protocol):
     """A provider adapter. `prepare` turns a Responses body into the provider's request (raising InvalidRequest
     for what it cannot honour, before anything is stored); `stream_turn` sends it and yields Responses streaming
@@ -102,9 +126,10 @@ class Upstream(Protocol):
         ...
 
     def stream_turn(
-        self, body: dict[str, Any], *, api_key: str | None = None
+        self, body: dict[str, Any], *, api_key: str | None = None, call: CallTrace | None = None
     ) -> AsyncGenerator[list[dict[str, Any]], None]:
-        """Stream one model turn for the prepared body; `api_key` replaces the configured key (pass-through)."""
+        """Stream one model turn for the prepared body; `api_key` replaces the configured key (pass-through);
+        `call`, when traced, gives the headers to send and hears what the provider answered."""
         ...
 
     async def count_input_tokens(self, body: dict[str, Any], *, api_key: str | None = None) -> TokenCount | None:

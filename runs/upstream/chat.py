@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from runs.token_estimate import CHARACTERS_PER_TOKEN
-from runs.upstream.base import TokenCount, UpstreamFailure, UpstreamSpec
+from runs.upstream.base import CallTrace, ProviderAnswer, TokenCount, UpstreamFailure, UpstreamSpec
 from runs.upstream.chat_request import GATEWAY_NOTES, ChatDialect, chat_request
 from runs.upstream.chat_stream import ChatStreamTranslator
 from runs.upstream.client import UpstreamClient
@@ -54,14 +54,15 @@ class ChatUpstream:
         return chat
 
     async def stream_turn(
-        self, body: dict[str, Any], *, api_key: str | None = None
+        self, body: dict[str, Any], *, api_key: str | None = None, call: CallTrace | None = None
     ) -> AsyncGenerator[list[dict[str, Any]], None]:
         translator = ChatStreamTranslator()
         notes = body.get(GATEWAY_NOTES) or {}
         sent = {key: value for key, value in body.items() if key != GATEWAY_NOTES}
         namespaces: dict[str, list[str]] = notes.get("namespaces") or {}
+        stream = self._client.stream_json("/chat/completions", sent, api_key, call.headers if call else None)
         # aclosing: when the run closes this turn, the connection is let go now, not when garbage is collected.
-        async with contextlib.aclosing(self._client.stream_json("/chat/completions", sent, api_key)) as batches:
+        async with contextlib.aclosing(stream) as batches:
             async for chunks in batches:
                 events = [event for chunk in chunks for event in translator.feed(chunk)]
                 if events:
@@ -80,6 +81,9 @@ class ChatUpstream:
         response = terminal["response"]
         if response.get("usage") is None:
             await self._count_usage(sent, response, api_key)
+        if call is not None:
+            reasons = [translator.finish_reason] if translator.finish_reason else []
+            call.answered(ProviderAnswer(translator.completion_id, translator.model, reasons, response.get("usage")))
         if notes.get("dropped"):
             # What the request asked for and this provider could not take: the client can see it.
             response["metadata"] = {**(response.get("metadata") or {}), "dropped": ", ".join(notes["dropped"])}

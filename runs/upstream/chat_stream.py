@@ -84,6 +84,9 @@ class ChatStreamTranslator:
     _next_output_index: int = 0
     _finish_reason: str | None = None
     _usage: dict[str, Any] | None = None
+    # The provider's completion id and model, as its finishing chunk names them (for the call's trace).
+    completion_id: str | None = None
+    model: str | None = None
 
     def feed(self, chunk: dict[str, Any]) -> list[Event]:
         events: list[Event] = []
@@ -103,12 +106,18 @@ class ChatStreamTranslator:
                 events += self._tool_call_delta(call)
             if choice.get("finish_reason"):
                 self._finish_reason = choice["finish_reason"]
+                self.completion_id, self.model = chunk.get("id"), chunk.get("model")
         return events
 
     @property
     def finished(self) -> bool:
         """Whether the provider said why it stopped (a finish reason), i.e. the answer is whole."""
         return self._finish_reason is not None
+
+    @property
+    def finish_reason(self) -> str | None:
+        """Why the provider stopped, in its own words (`stop`, `length`, `tool_calls`, …)."""
+        return self._finish_reason
 
     def finish(self) -> list[Event]:
         events = self._close_reasoning() + self._close_message() + self._close_calls()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import aiohttp
@@ -90,16 +90,24 @@ class UpstreamClient:
         raise status_failure(response.status, body, response.headers)
 
     async def stream_json(
-        self, path: str, body: dict[str, Any], api_key: str | None = None
+        self,
+        path: str,
+        body: dict[str, Any],
+        api_key: str | None = None,
+        trace_headers: Mapping[str, str] | None = None,
     ) -> AsyncGenerator[list[dict[str, Any]], None]:
         """POST `body` to `path` and yield the streamed JSON objects as plain dicts, a list of those that arrived
         together at a time (so that what arrived together is stored together), until `[DONE]` or the end of the
-        body. `api_key` (a client's own key, for pass-through upstreams) replaces the configured one. Closing the
-        generator early drops the connection at once, so the provider stops generating."""
+        body. `api_key` (a client's own key, for pass-through upstreams) replaces the configured one;
+        `trace_headers` (W3C trace context) are added. Closing the generator early drops the connection at once,
+        so the provider stops generating."""
         headers = self._stream_headers
-        if api_key:
+        if api_key or trace_headers:
             headers = headers.copy()
-            headers["Authorization"] = f"Bearer {api_key}"
+            if api_key:
+                headers["Authorization"] = f"Bearer {api_key}"
+            if trace_headers:
+                headers.update(trace_headers)
         response = await self._send("POST", path, headers, orjson.dumps(body))
         splitter = SSESplitter()
         try:

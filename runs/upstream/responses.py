@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from runs.upstream.base import TokenCount, UpstreamFailure, UpstreamSpec
+from runs.upstream.base import CallTrace, ProviderAnswer, TokenCount, UpstreamFailure, UpstreamSpec
 from runs.upstream.client import UpstreamClient
 
 _TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
@@ -31,13 +31,16 @@ class ResponsesUpstream:
         return {**body, "model": self.spec.upstream_model(body["model"]), "stream": True, "store": False}
 
     async def stream_turn(
-        self, body: dict[str, Any], *, api_key: str | None = None
+        self, body: dict[str, Any], *, api_key: str | None = None, call: CallTrace | None = None
     ) -> AsyncGenerator[list[dict[str, Any]], None]:
+        trace_headers = call.headers if call is not None else None
         # aclosing: leaving at the terminal event, or being closed by the run, lets go of the connection now.
-        async with contextlib.aclosing(self._client.stream_json("/responses", body, api_key)) as batches:
+        async with contextlib.aclosing(self._client.stream_json("/responses", body, api_key, trace_headers)) as batches:
             async for events in batches:
                 for index, event in enumerate(events):
                     if event.get("type") in _TERMINAL_EVENTS:
+                        if call is not None:
+                            _report_answer(call, event)
                         yield events[: index + 1]
                         return
                 yield events
@@ -67,3 +70,16 @@ class ResponsesUpstream:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _report_answer(call: CallTrace, terminal: dict[str, Any]) -> None:
+    """What the provider's terminal event says of its answer. The Responses API has no finish reason: the
+    incomplete reason stands for one (`max_output_tokens`, `content_filter`), else the final status."""
+    response = terminal.get("response")
+    response = response if isinstance(response, dict) else {}
+    details = response.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, dict) else None
+    status = response.get("status") or terminal["type"].removeprefix("response.")
+    usage = response.get("usage")
+    usage = usage if isinstance(usage, dict) else None
+    call.answered(ProviderAnswer(response.get("id"), response.get("model"), [str(reason or status)], usage))

@@ -8,7 +8,7 @@ import random
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from runs.upstream.base import Upstream, UpstreamFailure
+from runs.upstream.base import CallTrace, Upstream, UpstreamFailure
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +24,18 @@ def backoff_seconds(attempt: int, base: float) -> float:
 
 
 async def stream_with_retries(
-    upstream: Upstream, body: dict[str, Any], api_key: str | None = None
+    upstream: Upstream, body: dict[str, Any], api_key: str | None = None, call: CallTrace | None = None
 ) -> AsyncGenerator[list[dict[str, Any]], None]:
     """The upstream's events, in the lists they arrived in. A retryable failure (connection error, 408, 409,
     429, 5xx, a stream cut short) before the first output event is retried up to `max_retries` times, honouring
     the provider's Retry-After; once output has been emitted a failure is final: re-running the model would bill
-    twice and change the text."""
+    twice and change the text. `call` (started and ended by its caller) hears of each retry."""
     spec = upstream.spec
     attempt = 0
     while True:
         emitted_output = False
         try:
-            async for events in upstream.stream_turn(body, api_key=api_key):
+            async for events in upstream.stream_turn(body, api_key=api_key, call=call):
                 if not emitted_output and any(event.get("type") not in _NOT_OUTPUT for event in events):
                     emitted_output = True
                 yield events
@@ -56,4 +56,6 @@ async def stream_with_retries(
                 spec.max_retries,
                 delay,
             )
+            if call is not None:
+                call.retrying(failure)
             await asyncio.sleep(delay)
