@@ -28,6 +28,7 @@ from gateway.state import (
 from gateway.tracing import trace_requests, tracing_ctx
 from gateway.websocket import SOCKET_COUNTS, SocketCounts
 from runs.faults import FaultPoints
+from runs.history import HistoryBounds
 from runs.lifecycle import Lifecycle, RunSettings
 from runs.live import LiveEvents
 from runs.manager import RunManager
@@ -115,6 +116,11 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
         handover=not settings.storage.url.startswith("memory://"),
         idempotency_ttl_seconds=settings.idempotency.ttl_seconds,
         tenant_run_limits=tenant_run_limits(settings),
+        history_bounds=HistoryBounds(
+            max_bytes=settings.limits.max_history_bytes,
+            max_items=settings.limits.max_history_items,
+            max_chain_length=settings.limits.max_chain_length,
+        ),
     )
     webhooks = WebhookSender(app[STORE], app[WEBHOOK_SETTINGS]) if app[WEBHOOK_SETTINGS].endpoints else None
     lifecycle = Lifecycle(

@@ -188,6 +188,16 @@ class RunsConfig(_Section):
         return self
 
 
+class LimitsConfig(_Section):
+    """Bounds on what one request may bring in besides its own body (README, "Security")."""
+
+    # History a request's conversation or previous_response_id chain brings in, counted as stored; beyond it 400
+    # history_too_large naming the parameter. It is read, held and sent to the provider again on every turn.
+    max_history_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_history_items: int = Field(10_000, ge=1)
+    max_chain_length: int = Field(256, ge=1)
+
+
 class ShutdownConfig(_Section):
     grace_seconds: float = Field(30.0, ge=0)
 
@@ -318,6 +328,7 @@ class Settings(BaseSettings):
     websocket: WebSocketConfig = Field(default_factory=lambda: WebSocketConfig())
     steering: SteeringConfig = Field(default_factory=lambda: SteeringConfig())
     webhooks: WebhooksConfig = Field(default_factory=lambda: WebhooksConfig())
+    limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
     tracing: TracingConfig = Field(default_factory=lambda: TracingConfig())
 
     @field_validator("upstreams")

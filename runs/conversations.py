@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import orjson
@@ -175,14 +176,17 @@ async def list_items(
     return [orjson.loads(item) for item in page], has_more
 
 
-async def all_items(store: Store, conversation_id: str) -> list[Json]:
-    """Every item, oldest first (the history a turn gives the model)."""
+async def all_items(store: Store, conversation_id: str, spend: Callable[[int, int], None] | None = None) -> list[Json]:
+    """Every item, oldest first (the history a turn gives the model); `spend(bytes, items)` is told of each page
+    before it is parsed, and may refuse it by raising."""
     items: list[Json] = []
     after = None
     while True:
         page, has_more = await store.list_conversation_items(
             conversation_id, after=after, limit=HISTORY_PAGE, order="asc"
         )
+        if spend is not None:
+            spend(sum(len(item) for item in page), len(page))
         items += [orjson.loads(item) for item in page]
         if not has_more or not page:
             return items

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import orjson
 
@@ -15,8 +16,38 @@ from storage.base import ResponseRecord, Store
 
 log = logging.getLogger(__name__)
 
-# A previous_response_id chain is followed this far back at most.
-MAX_CHAIN_LENGTH = 1000
+
+@dataclass(frozen=True, slots=True)
+class HistoryBounds:
+    """How much history one request may bring in (config `limits`): it is read from the store, held in memory and
+    sent to the provider on every turn, so a few small requests continuing a huge chain must not multiply it.
+    Bytes are counted as stored (each link's input items and Response, each conversation item's JSON)."""
+
+    max_bytes: int = 16 * 1024 * 1024
+    max_items: int = 10_000
+    max_chain_length: int = 256
+
+
+class _Budget:
+    """What is left of the bounds while a history is read; a 400 naming `param` once it is spent."""
+
+    def __init__(self, bounds: HistoryBounds, param: str) -> None:
+        self._bounds = bounds
+        self._param = param
+        self._bytes = 0
+        self._items = 0
+
+    def spend(self, size: int, items: int) -> None:
+        self._bytes += size
+        self._items += items
+        if self._bytes > self._bounds.max_bytes or self._items > self._bounds.max_items:
+            raise InvalidRequest(
+                f"The history that '{self._param}' brings in is larger than this gateway allows (at most "
+                f"{self._bounds.max_bytes} bytes and {self._bounds.max_items} items); start a new one, or compact "
+                "it first (POST /v1/responses/compact).",
+                param=self._param,
+                code="history_too_large",
+            )
 
 
 def conversation_id_of(request: CreateResponseRequest) -> str | None:
@@ -39,7 +70,9 @@ async def visible_previous_response(store: Store, previous_response_id: str, *, 
     return record
 
 
-async def previous_response_history(store: Store, previous_response_id: str, *, tenant: str) -> list[Json]:
+async def previous_response_history(
+    store: Store, previous_response_id: str, *, tenant: str, bounds: HistoryBounds | None = None
+) -> list[Json]:
     """Inputs and outputs of every response in the chain ending at `previous_response_id`, oldest first.
 
     A `completed` or `incomplete` response can be continued (an incomplete one's output so far is history, as at
@@ -63,26 +96,41 @@ async def previous_response_history(store: Store, previous_response_id: str, *, 
             param="previous_response_id",
             code="previous_response_not_completed",
         )
+    bounds = bounds or HistoryBounds()
+    budget = _Budget(bounds, "previous_response_id")
     segments: list[list[Json]] = []
     current: str | None = previous_response_id
-    while current is not None and len(segments) < MAX_CHAIN_LENGTH:
+    while current is not None:
+        if len(segments) >= bounds.max_chain_length:
+            raise InvalidRequest(
+                f"The previous_response_id chain is longer than this gateway follows ({bounds.max_chain_length} "
+                "responses); start a new one, or compact it first (POST /v1/responses/compact).",
+                param="previous_response_id",
+                code="history_too_large",
+            )
         link = await store.get_response(current)
         inputs = await store.get_input_items(current)
         if link is None or inputs is None:
             log.warning("history of %s stops at %s, which no longer exists", previous_response_id, current)
             break
         snapshot = orjson.loads(link.snapshot)
-        segments.append(orjson.loads(inputs) + snapshot.get("output", []))
+        segment = orjson.loads(inputs) + snapshot.get("output", [])
+        budget.spend(len(inputs) + len(link.snapshot), len(segment))
+        segments.append(segment)
         current = snapshot.get("previous_response_id")
     return [item for segment in reversed(segments) for item in segment]
 
 
-async def history_for(store: Store, request: CreateResponseRequest, *, tenant: str) -> list[Json]:
-    """The items before the request's own input: a conversation's, or a previous_response_id chain's."""
+async def history_for(
+    store: Store, request: CreateResponseRequest, *, tenant: str, bounds: HistoryBounds | None = None
+) -> list[Json]:
+    """The items before the request's own input: a conversation's, or a previous_response_id chain's (400
+    `history_too_large` beyond `bounds`)."""
+    bounds = bounds or HistoryBounds()
     conversation_id = conversation_id_of(request)
     if conversation_id is not None:
         await get_conversation(store, conversation_id, tenant=tenant, param="conversation")
-        return await all_items(store, conversation_id)
+        return await all_items(store, conversation_id, _Budget(bounds, "conversation").spend)
     if request.previous_response_id is not None:
-        return await previous_response_history(store, request.previous_response_id, tenant=tenant)
+        return await previous_response_history(store, request.previous_response_id, tenant=tenant, bounds=bounds)
     return []

@@ -15,6 +15,7 @@ import orjson
 from runs.conversations import busy_error, conversation_not_found, end_turn
 from runs.event_log import EventLog, EventPublisher
 from runs.faults import FaultPoints
+from runs.history import HistoryBounds
 from runs.ids import new_id
 from runs.items import Json
 from runs.run import ResponseRun, emit_terminal
@@ -65,6 +66,8 @@ class RunSettings:
     # Runs a tenant may have here at once (its keys' `max_concurrent_runs`), for the queued responses the sweeper
     # starts: they have no key with them, and count against their tenant like the ones admitted directly.
     tenant_run_limits: Mapping[str, int] = field(default_factory=dict)
+    # How much history (a conversation, a previous_response_id chain) one request may bring in.
+    history_bounds: HistoryBounds = field(default_factory=HistoryBounds)
 
 
 class TakeOver:

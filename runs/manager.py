@@ -274,7 +274,7 @@ class RunManager:
         if turn is None:
             # A previous_response_id chain (or a read-only conversation) does not change: read it before anything
             # is stored, so that a refusal leaves nothing to undo.
-            history = await history_for(self._store, request, tenant=caller.tenant)
+            history = await history_for(self._store, request, tenant=caller.tenant, bounds=self.settings.history_bounds)
             if request.previous_response_id is not None:
                 request, takes_steers = await self._with_pending_steers(request, idempotency)
             if needs_history(request):  # (without, check_admissible checked the input alone)
@@ -325,7 +325,9 @@ class RunManager:
                 # turn never mistakes it for a dead holder. History is read once the turn is ours: the previous
                 # turn's items are in by then.
                 await self.lifecycle.take_turn(turn, record.response_id)
-                history = await history_for(self._store, request, tenant=caller.tenant)
+                history = await history_for(
+                    self._store, request, tenant=caller.tenant, bounds=self.settings.history_bounds
+                )
                 # Only now: a call the previous turn made is in the conversation once that turn has ended. A refusal
                 # here is undone like any failure below.
                 check_history(request, history)
@@ -506,7 +508,7 @@ class RunManager:
             turn = conversation_id if conversation_id is not None and request.is_stored else None
             if turn is not None:
                 await self.lifecycle.take_turn(turn, record.response_id)
-            history = await history_for(self._store, request, tenant=record.tenant)
+            history = await history_for(self._store, request, tenant=record.tenant, bounds=self.settings.history_bounds)
             check_history(request, history)
             body = upstream_body(request, history)
             provider_body = upstream.prepare(body)

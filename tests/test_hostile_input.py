@@ -15,7 +15,7 @@ import pytest
 
 from gateway.config import load_settings
 from tests.conftest import Gateway, eventually, serve_gateway
-from tests.helpers import sim_stats, upstream_calls
+from tests.helpers import keys_with_prefix, sim_stats, upstream_calls
 
 KEY_A = "sk-hostile-a-0123456789abcdef"
 KEY_B = "sk-hostile-b-fedcba9876543210"
@@ -205,3 +205,54 @@ async def test_a_keys_queued_runs_start_within_its_limit_and_do_not_hold_up_othe
             await b.close()
     assert await upstream_calls(simulator_url, a_tag) == 6
     assert await _peak(simulator_url, a_tag) == 2
+
+
+async def test_history_beyond_the_bounds_is_a_400_naming_its_parameter_and_nothing_is_sent_or_stored(
+    redis_server: str, simulator_url: str, key_prefix: str, redis_client: Any
+) -> None:
+    """A few small requests continuing a huge history must not each send it all upstream again."""
+    limits = {"max_history_bytes": 150_000, "max_history_items": 50, "max_chain_length": 4}
+    settings = two_tenant_settings(redis_server, simulator_url, key_prefix, limits=limits)
+    tag = {"sim_tag": key_prefix, "sim_tokens": "2", "sim_token_delay_ms": "0"}
+    big = "x" * 80_000
+    async with serve_gateway(settings) as gateway:
+        client = sdk(gateway, KEY_A)
+        try:
+            first = await client.responses.create(model="sim-1", input=big, metadata=tag)
+            second = await client.responses.create(
+                model="sim-1", input=big, previous_response_id=first.id, metadata=tag
+            )
+            keys_before = len(await keys_with_prefix(redis_client, key_prefix))
+            calls_before = await upstream_calls(simulator_url, key_prefix)
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(model="sim-1", input="hi", previous_response_id=second.id, metadata=tag)
+            assert (refused.value.code, refused.value.param) == ("history_too_large", "previous_response_id")
+            # Many items, each small: the item bound.
+            conversation = await client.conversations.create(
+                items=[{"type": "message", "role": "user", "content": f"item {i}"} for i in range(20)]
+            )
+            await client.conversations.items.create(
+                conversation.id,
+                items=[{"type": "message", "role": "user", "content": f"more {i}"} for i in range(20)],
+            )
+            await client.conversations.items.create(
+                conversation.id,
+                items=[{"type": "message", "role": "user", "content": f"last {i}"} for i in range(20)],
+            )
+            keys_before = len(await keys_with_prefix(redis_client, key_prefix))
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(model="sim-1", input="hi", conversation=conversation.id, metadata=tag)
+            assert (refused.value.code, refused.value.param) == ("history_too_large", "conversation")
+            assert await upstream_calls(simulator_url, key_prefix) == calls_before
+            assert len(await keys_with_prefix(redis_client, key_prefix)) == keys_before
+            # The chain length: small links; 4 are followed, not 5.
+            link = await client.responses.create(model="sim-1", input="a", metadata=tag)
+            for _ in range(4):
+                link = await client.responses.create(
+                    model="sim-1", input="b", previous_response_id=link.id, metadata=tag
+                )
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(model="sim-1", input="c", previous_response_id=link.id, metadata=tag)
+            assert (refused.value.code, refused.value.param) == ("history_too_large", "previous_response_id")
+        finally:
+            await client.close()
