@@ -30,7 +30,7 @@ async def cancel_response(manager: RunManager, response_id: str, *, tenant: str)
     cannot be cancelled (400); an unknown one is 404.
     """
     store, lifecycle = manager.store, manager.lifecycle
-    record = await store.get_response(response_id)
+    record = await store.get_response(response_id, tenant=tenant)
     if record is None or not record.stored or record.tenant != tenant:
         raise response_not_found(response_id)
     if not record.background:

@@ -60,7 +60,7 @@ def conversation_id_of(request: CreateResponseRequest) -> str | None:
 async def visible_previous_response(store: Store, previous_response_id: str, *, tenant: str) -> ResponseRecord:
     """The tenant's stored response named by `previous_response_id`; 404 `previous_response_not_found` for one
     that is missing, not stored, or another tenant's (alike: existence is not told across tenants)."""
-    record = await store.get_response(previous_response_id)
+    record = await store.get_response(previous_response_id, tenant=tenant)
     if record is None or not record.stored or record.tenant != tenant:
         raise NotFound(
             f"Previous response with id '{previous_response_id}' not found.",

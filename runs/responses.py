@@ -12,7 +12,7 @@ from storage.base import DeleteOutcome, ResponseRecord, Store
 async def visible_response(store: Store, response_id: str, *, tenant: str) -> ResponseRecord:
     """The tenant's stored response, or the 404 OpenAI gives for an unknown id: a `store=false` response, and
     another tenant's, are answered exactly like one that does not exist."""
-    record = await store.get_response(response_id)
+    record = await store.get_response(response_id, tenant=tenant)
     if record is None or not record.stored or record.tenant != tenant:
         raise response_not_found(response_id)
     return record

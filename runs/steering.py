@@ -168,7 +168,7 @@ async def queue_steer(
     if not isinstance(response_id, str) or not response_id or len(response_id) > 256:
         raise SteerRefused("invalid_input", "Missing required parameter: 'previous_response_id'.")
     items = steer_items(value)
-    record = await store.get_response(response_id)
+    record = await store.get_response(response_id, tenant=tenant)
     if record is None or not record.stored or record.tenant != tenant:
         raise SteerRefused("response_not_found", f"Response with id '{response_id}' not found.")
     request = orjson.loads(record.request)

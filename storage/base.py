@@ -275,8 +275,9 @@ class EventLogStore(Protocol):
         leave a response ended and its notification forgotten.
         """
 
-    async def get_response(self, response_id: str) -> ResponseRecord | None:
-        """The response's snapshot and state, or None when it does not exist."""
+    async def get_response(self, response_id: str, *, tenant: str | None = None) -> ResponseRecord | None:
+        """The response's snapshot and state, or None when it does not exist. With `tenant`, another tenant's
+        response is None too, decided before the record is read (its size shows in no answer's timing)."""
 
     async def get_input_items(self, response_id: str) -> bytes | None:
         """The response's input items as a JSON array, or None when it does not exist."""

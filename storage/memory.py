@@ -293,9 +293,9 @@ class MemoryStore(MemoryConversations):
             if conversation is not None and conversation.active == response_id:
                 conversation.active = None
 
-    async def get_response(self, response_id: str) -> ResponseRecord | None:
+    async def get_response(self, response_id: str, *, tenant: str | None = None) -> ResponseRecord | None:
         entry = self._live(response_id)
-        if entry is None:
+        if entry is None or (tenant is not None and entry.tenant != tenant):
             return None
         snapshot = entry.snapshot
         if entry.snapshot_seq < len(entry.events) - 1:

@@ -250,9 +250,9 @@ class RedisStore(RedisConversations, RedisRunQueue, RedisWebhookOutbox):
             await self.clear_conversation_turn(conversation_id, response_id)
 
     @unavailable_on_connection_error
-    async def get_response(self, response_id: str) -> ResponseRecord | None:
+    async def get_response(self, response_id: str, *, tenant: str | None = None) -> ResponseRecord | None:
         keys = [self._keys.response_state(response_id), self._keys.response_events(response_id)]
-        reply: list[Any] = await self._mux.script(self._read_response_script, keys, [])
+        reply: list[Any] = await self._mux.script(self._read_response_script, keys, [tenant or ""])
         if not reply:
             return None
         flat, after_snapshot = reply

@@ -98,6 +98,33 @@ async def test_create_then_read_everything(store: Store) -> None:
     assert await store.get_input_items("resp_a") == b"[]"
 
 
+async def test_a_read_for_another_tenant_finds_nothing(store: Store) -> None:
+    await store.create_response(dataclasses.replace(new_response("resp_t"), tenant="a"))
+    assert await store.get_response("resp_t", tenant="b") is None
+    record = await store.get_response("resp_t", tenant="a")
+    assert record is not None
+    assert record.tenant == "a"
+
+
+async def test_redis_reads_nothing_large_of_another_tenants_response(redis_server: str, key_prefix: str) -> None:
+    """Another tenant's response is told apart by its tenant field alone: neither its state nor its events are
+    read (Lua's commands count in INFO commandstats), so its size shows in no answer's timing."""
+    store = RedisStore.from_url(redis_server, key_prefix=key_prefix, retention_seconds=60)
+    client = aioredis.Redis.from_url(redis_server)
+    try:
+        await store.create_response(dataclasses.replace(new_response("resp_big", events=50), tenant="a"))
+        await client.config_resetstat()
+        assert await store.get_response("resp_big", tenant="b") is None
+        stats = await client.info("commandstats")
+        assert "cmdstat_hgetall" not in stats
+        assert "cmdstat_xrange" not in stats
+        assert await store.get_response("resp_big", tenant="a") is not None
+        assert "cmdstat_hgetall" in await client.info("commandstats")
+    finally:
+        await client.aclose()
+        await store.close()
+
+
 async def test_create_twice_is_refused(store: Store) -> None:
     await store.create_response(new_response("resp_dup"))
     with pytest.raises(ResponseAlreadyExists):
