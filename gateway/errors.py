@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from gateway.request_id import request_id_of
 from runs.errors import ApiError, InvalidRequest, NotFound, PayloadTooLarge, Unavailable, UpstreamError
 from runs.store import StoreUnavailable
+from runs.subscription import RESPONSE_ID_HEADER
 from runs.upstream.base import UpstreamFailure
 
 log = logging.getLogger(__name__)
@@ -95,15 +96,16 @@ def logged_refusal(failure: UpstreamFailure, request_id: str) -> ApiError:
     return upstream_refusal(failure)
 
 
-def upstream_refusal(failure: UpstreamFailure) -> ApiError:
+def upstream_refusal(failure: UpstreamFailure, response_id: str | None = None) -> ApiError:
     """The error a synchronous caller gets when the provider refused the turn before any output: what it would
     have got from the provider directly (a failed Response with 200 would hide a 400 or a 429), with the message
-    cleaned of the provider's internals."""
+    cleaned of the provider's internals. The failed response is stored all the same (its events were seen by any
+    follower): `x-response-id` names it, so it is never one nobody was told of."""
+    headers = {RESPONSE_ID_HEADER: response_id} if response_id is not None else None
     if failure.status in _CLIENT_FAULT_STATUSES:
-        return ApiError(
-            failure.message, code=failure.code, status=failure.status, type=_CLIENT_FAULT_STATUSES[failure.status]
-        )
-    return UpstreamError(failure.message)
+        kind = _CLIENT_FAULT_STATUSES[failure.status]
+        return ApiError(failure.message, code=failure.code, status=failure.status, type=kind, headers=headers)
+    return UpstreamError(failure.message, headers=headers)
 
 
 def store_unavailable() -> Unavailable:

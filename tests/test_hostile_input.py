@@ -256,3 +256,26 @@ async def test_history_beyond_the_bounds_is_a_400_naming_its_parameter_and_nothi
             assert (refused.value.code, refused.value.param) == ("history_too_large", "previous_response_id")
         finally:
             await client.close()
+
+
+async def test_a_synchronous_request_the_provider_refuses_names_the_response_it_stored(
+    redis_server: str, simulator_url: str, key_prefix: str
+) -> None:
+    settings = two_tenant_settings(redis_server, simulator_url, key_prefix)
+    async with serve_gateway(settings) as gateway:
+        client = sdk(gateway, KEY_A)
+        try:
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(
+                    model="sim-1", input="hi", metadata={"sim_tag": key_prefix, "sim_fault": "http_400"}
+                )
+            response_id = refused.value.response.headers["x-response-id"]
+            stored = await client.responses.retrieve(response_id)
+            assert stored.status == "failed"
+            with pytest.raises(openai.InternalServerError) as failed:  # a provider's 5xx: a 502 naming it too
+                await client.responses.create(
+                    model="sim-1", input="hi", metadata={"sim_tag": key_prefix, "sim_fault": "http_500"}
+                )
+            assert (await client.responses.retrieve(failed.value.response.headers["x-response-id"])).status == "failed"
+        finally:
+            await client.close()

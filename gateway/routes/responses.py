@@ -171,7 +171,7 @@ async def _serve_created(
         if run.failure is not None and not run.emitted_output:
             if key is not None:
                 await idempotency.release_after_refusal(store, key, run.response_id)
-            raise upstream_refusal(run.failure)
+            raise upstream_refusal(run.failure, run.response_id)
         # What this instance ran is not the outcome: the store is. If the run was taken over (its lease lost) or
         # its end could not be written here, the response is finished elsewhere; follow it there.
         record = await wait_for_end(store, request.app[LIVE_EVENTS], run.response_id, _sync_wait_seconds(request))

@@ -57,6 +57,34 @@ class TokenCount:
     source: Literal["upstream", "tokenizer", "estimate"]
 
 
+# The codes a failed Response's `error.code` may take (the SDK's `ResponseError.code`, a closed set).
+RESPONSE_ERROR_CODES = frozenset(
+    {
+        "server_error",
+        "rate_limit_exceeded",
+        "invalid_prompt",
+        "data_residency_mismatch",
+        "bio_policy",
+        "misalignment_policy_violation",
+        "vector_store_timeout",
+        "invalid_image",
+        "invalid_image_format",
+        "invalid_base64_image",
+        "invalid_image_url",
+        "image_too_large",
+        "image_too_small",
+        "image_parse_error",
+        "image_content_policy_violation",
+        "invalid_image_mode",
+        "image_file_too_large",
+        "unsupported_image_media_type",
+        "empty_image_file",
+        "failed_to_download_image",
+        "image_file_not_found",
+    }
+)
+
+
 class UpstreamFailure(Exception):
     """The provider refused or broke the turn. `status` is its HTTP status when it answered with one."""
 
@@ -81,11 +109,14 @@ class UpstreamFailure(Exception):
         self.retry_after_seconds = retry_after_seconds
 
     def response_error_code(self) -> str:
-        """The `error.code` of the failed Response: the provider's own code when it gave one."""
+        """The `error.code` of the failed Response, which clients parse as one of a fixed set: the provider's own
+        code when it is one of them, else the one its status comes closest to."""
         if self.status == 429:
             return "rate_limit_exceeded"
-        if self.code:
+        if self.code in RESPONSE_ERROR_CODES:
             return self.code
+        if self.status in (400, 413, 422):
+            return "invalid_prompt"  # the request's content, as the provider judged it
         return "server_error"
 
 
