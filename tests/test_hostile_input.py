@@ -279,3 +279,30 @@ async def test_a_synchronous_request_the_provider_refuses_names_the_response_it_
             assert (await client.responses.retrieve(failed.value.response.headers["x-response-id"])).status == "failed"
         finally:
             await client.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "code"),
+    [
+        (b'{"model":"sim-1","input":"hi"}', {"Content-Encoding": "gzip"}, "invalid_body"),
+        (b'{"model":"sim-1","input":' + b"[" * 65 + b"]" * 65 + b"}", {}, "invalid_json"),
+        (b'{"model":"sim-1","input":"hi","metadata":' + b'{"a":' * 300 + b"1" + b"}" * 301, {}, "invalid_json"),
+    ],
+)
+async def test_a_body_that_cannot_be_read_or_nests_too_deep_is_a_400(
+    redis_server: str, simulator_url: str, key_prefix: str, body: bytes, headers: dict[str, str], code: str
+) -> None:
+    settings = two_tenant_settings(redis_server, simulator_url, key_prefix)
+    async with serve_gateway(settings) as gateway:
+        for path in ("/v1/responses", "/v1/conversations", "/v1/responses/input_tokens"):
+            request_headers = {
+                "Authorization": f"Bearer {KEY_A}",
+                "Content-Type": "application/json",
+                "Connection": "close",  # a body it could not read leaves the connection unusable
+                **headers,
+            }
+            async with gateway.http.post(path, data=body, headers=request_headers) as reply:
+                assert reply.status == 400, path
+                error = (await reply.json())["error"]
+            assert error["code"] == code
+            assert set(error) == {"message", "type", "param", "code"}

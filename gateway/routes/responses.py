@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from pydantic import ValidationError
 
 from gateway.auth import PRINCIPAL
@@ -29,11 +30,21 @@ from runs.subscription import check_resume_point, follow_events, until_ended, wa
 log = logging.getLogger(__name__)
 
 REPLAYED_HEADER = "Idempotent-Replayed"
+# How deep a request body's arrays and objects may nest: far more than any SDK body needs (a tool's JSON schema
+# included), far less than what breaks a recursive step later.
+MAX_JSON_DEPTH = 64
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong with it."""
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except RequestPayloadError:
+        # A body its Content-Encoding does not decode (a plain body sent as gzip), or one cut off mid-chunk.
+        encoding = request.headers.get("Content-Encoding", "identity")[:32]
+        raise InvalidRequest(
+            f"We could not read the body of your request (Content-Encoding: {encoding}).", code="invalid_body"
+        ) from None
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -43,7 +54,28 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         ) from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", code="invalid_json")
+    if nesting_depth(body) > MAX_JSON_DEPTH:
+        raise InvalidRequest(
+            f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json"
+        )
     return body
+
+
+def nesting_depth(value: Any) -> int:
+    """How deep arrays and objects nest in a parsed JSON value (a scalar is 0), without recursion: every later
+    step (validation, folding, the provider's body) recurses, so depth is bounded once, here."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth > MAX_JSON_DEPTH:
+            return depth  # deep enough to refuse: no need to walk the rest
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest
 
 
 def query_flag(request: web.Request, name: str) -> bool:
