@@ -59,7 +59,8 @@ class Authenticator:
                 "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
                 code="missing_api_key",
             )
-        digest = hashlib.sha256(presented.strip().encode()).digest()
+        # A header byte that is not UTF-8 reaches here as a lone surrogate: hashed as it is, it matches no key.
+        digest = hashlib.sha256(presented.strip().encode("utf-8", "surrogatepass")).digest()
         match: _KnownKey | None = None
         for known in self._keys:
             if hmac.compare_digest(digest, known.key_hash):

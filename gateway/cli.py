@@ -19,6 +19,7 @@ from aiohttp import web
 
 from gateway.app import create_app, drain
 from gateway.config import ConfigError, Settings, load_settings
+from gateway.protocol import GatewayRunner
 from simulator import SimulatorSettings, run_simulator
 
 log = logging.getLogger("gateway")
@@ -104,7 +105,14 @@ async def _run_server(settings: Settings) -> None:
     first, exits at once with FORCED_EXIT_CODE."""
     app = create_app(settings)
     grace = settings.shutdown.grace_seconds
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=OPEN_CONNECTIONS_SECONDS)
+    runner = GatewayRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=OPEN_CONNECTIONS_SECONDS,
+        keepalive_timeout=settings.server.idle_timeout_seconds,
+        max_connections_per_peer=settings.server.max_connections_per_ip,
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()

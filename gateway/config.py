@@ -40,6 +40,14 @@ class ServerConfig(_Section):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # uvloop measured better in `make bench` (bench/results/2026-11-27.md): asyncio stays as a choice.
     event_loop: Literal["asyncio", "uvloop"] = "uvloop"
+    # A connection with no request in progress (none yet, or none since the last response), or whose request's
+    # headers have not all arrived, is closed after this (slowloris, idle keep-alive).
+    idle_timeout_seconds: float = Field(30.0, gt=0)
+    # A request body must arrive within this plus its length at min_body_bytes_per_second, else 408.
+    body_timeout_seconds: float = Field(10.0, gt=0)
+    min_body_bytes_per_second: int = Field(64 * 1024, ge=1)
+    # Open connections one peer address may hold (0: no cap). Behind a proxy every client is the proxy's address.
+    max_connections_per_ip: int = Field(1024, ge=0)
 
 
 class StorageConfig(_Section):

@@ -33,7 +33,10 @@ def raw_json_response(body: bytes, *, status: int = 200, headers: dict[str, str]
 
 
 def error_response(error: ApiError) -> web.Response:
-    return json_response(error.envelope(), status=error.status, headers=error.headers or None)
+    response = json_response(error.envelope(), status=error.status, headers=error.headers or None)
+    if error.status == 408:
+        response.force_close()  # the rest of a body that stopped coming is not waited for
+    return response
 
 
 def _param_of(location: tuple[int | str, ...]) -> str:

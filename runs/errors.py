@@ -90,6 +90,14 @@ class PayloadTooLarge(ApiError):
     code = "request_too_large"
 
 
+class RequestTimeout(ApiError):
+    """408: the request's body did not arrive in time."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class UpstreamError(ApiError):
     """502: the model provider failed before the response could start."""
 

@@ -4,17 +4,20 @@ service, and no input gets anything but a 4xx in the OpenAI envelope."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import openai
+import orjson
 import pytest
 
 from gateway.config import load_settings
-from tests.conftest import Gateway, eventually, serve_gateway
+from tests.conftest import Gateway, GatewayProcess, eventually, redis_gateway_env, serve_gateway
 from tests.helpers import keys_with_prefix, sim_stats, upstream_calls
 
 KEY_A = "sk-hostile-a-0123456789abcdef"
@@ -306,3 +309,115 @@ async def test_a_body_that_cannot_be_read_or_nests_too_deep_is_a_400(
                 error = (await reply.json())["error"]
             assert error["code"] == code
             assert set(error) == {"message", "type", "param", "code"}
+
+
+def _exchange(port: int, data: bytes, *, wait: float = 5.0) -> bytes:
+    """Send raw bytes on a new connection and read until the server closes it (or `wait` passes)."""
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.settimeout(wait)
+        connection.sendall(data)
+        received = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := connection.recv(65536):
+                received += chunk
+        return received
+
+
+def _closed_within(connection: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `connection` (reads end) within `seconds`."""
+    connection.settimeout(seconds)
+    try:
+        return connection.recv(1) == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+@pytest.fixture
+def guarded_gateway(
+    start_gateway_process: Callable[..., GatewayProcess], redis_server: str, simulator_url: str, key_prefix: str
+) -> GatewayProcess:
+    """A real gateway process (the connection handling is the server's, not the app's) with auth on and short
+    connection bounds."""
+    keys = [{"tenant": "a", "key_sha256": hashlib.sha256(KEY_A.encode()).hexdigest()}]
+    env = redis_gateway_env(
+        redis_server,
+        simulator_url,
+        key_prefix,
+        GATEWAY_AUTH__ENABLED="true",
+        GATEWAY_AUTH__KEYS=orjson.dumps(keys).decode(),
+        GATEWAY_SERVER__IDLE_TIMEOUT_SECONDS="1",
+        GATEWAY_SERVER__BODY_TIMEOUT_SECONDS="1",
+        GATEWAY_SERVER__MIN_BODY_BYTES_PER_SECOND="10000000",  # so a 4 MB body has about 1.4 s
+        GATEWAY_SERVER__MAX_CONNECTIONS_PER_IP="8",
+    )
+    return start_gateway_process(env)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        f"Authorization: Bearer {KEY_A}\x7f".encode(),  # a DEL byte after the key
+        f"Authorization: Bearer {KEY_A}{' ' * 9000}".encode(),  # a line longer than the server reads
+        f"Authorization: Bearer {KEY_A}\rX: y".encode(),  # a CR inside a header
+        b"Content-Length: abc",
+    ],
+)
+def test_a_request_that_is_not_valid_http_gets_the_envelope_and_nothing_it_sent_is_echoed_or_logged(
+    guarded_gateway: GatewayProcess, header: bytes
+) -> None:
+    reply = _exchange(guarded_gateway.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.")
+    assert b" 400 " in head.split(b"\r\n")[0]
+    assert b"application/json" in head
+    error = orjson.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == "invalid_http_request"
+    assert KEY_A.encode() not in reply
+    log_text = guarded_gateway.log()
+    assert KEY_A not in log_text
+    assert "Traceback" not in log_text
+
+
+def test_a_non_utf8_key_is_a_401_not_a_500(guarded_gateway: GatewayProcess) -> None:
+    reply = _exchange(guarded_gateway.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\r\n\r\n")
+    assert b" 401 " in reply.split(b"\r\n")[0]
+    assert orjson.loads(reply.partition(b"\r\n\r\n")[2])["error"]["type"] == "invalid_request_error"
+
+
+def test_idle_slow_and_half_sent_requests_do_not_hold_a_connection(guarded_gateway: GatewayProcess) -> None:
+    port = guarded_gateway.port
+    with socket.create_connection(("127.0.0.1", port)) as idle:
+        assert _closed_within(idle, 5)  # never sent anything
+    with socket.create_connection(("127.0.0.1", port)) as slow:
+        slow.sendall(b"GET /v1/models HTTP/1.1\r\n")
+        for _ in range(6):  # a header byte now and then: the headers never finish
+            time.sleep(0.25)
+            with contextlib.suppress(OSError):
+                slow.sendall(b"X")
+        assert _closed_within(slow, 5)
+    body = b'{"model":"sim-1","input":"' + b"x" * 1000
+    half = (
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {KEY_A}\r\nContent-Length: 4000000\r\n\r\n".encode()
+        + body
+    )
+    reply = _exchange(port, half, wait=10)
+    assert b" 408 " in reply.split(b"\r\n")[0]
+    assert orjson.loads(reply.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+
+
+def test_one_address_holds_only_so_many_connections(guarded_gateway: GatewayProcess) -> None:
+    held = [socket.create_connection(("127.0.0.1", guarded_gateway.port)) for _ in range(8)]
+    try:
+        with socket.create_connection(("127.0.0.1", guarded_gateway.port)) as extra:
+            assert _closed_within(extra, 2)
+        held[0].close()
+        time.sleep(0.2)
+        reply = _exchange(guarded_gateway.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert b" 200 " in reply.split(b"\r\n")[0]
+    finally:
+        for connection in held:
+            connection.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from gateway.sse import StreamSettings, open_stream, write_events
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
 from gateway.websocket import responses_socket
 from runs import idempotency, responses
-from runs.errors import InvalidRequest
+from runs.errors import InvalidRequest, RequestTimeout
 from runs.manager import Admission
 from runs.request import INCLUDABLE, CreateResponseRequest
 from runs.store import ResponseRecord, Store, StoredEvent
@@ -37,8 +38,16 @@ MAX_JSON_DEPTH = 64
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong with it."""
+    server = request.app[SETTINGS].server
+    length = request.content_length if request.content_length is not None else server.max_body_bytes
     try:
-        raw = await request.read()
+        # A floor on the body's pace: a client that stops half-way does not hold the request forever.
+        async with asyncio.timeout(server.body_timeout_seconds + length / server.min_body_bytes_per_second):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(
+            "The body of your request did not arrive in time; send it at once, at a steady pace."
+        ) from None
     except RequestPayloadError:
         # A body its Content-Encoding does not decode (a plain body sent as gzip), or one cut off mid-chunk.
         encoding = request.headers.get("Content-Encoding", "identity")[:32]
