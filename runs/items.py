@@ -77,16 +77,25 @@ _REQUIRED_STRINGS = {
 }
 
 
+# An item's id names it in a conversation's store (a hash field) and in every listing; OpenAI's are ~50 characters.
+MAX_ID_LENGTH = 256
+MAX_TYPE_LENGTH = 64
+
+
 def check_input_items(items: Sequence[Any], param: str = "input") -> None:
     """Each item has the shape the gateway relies on when it stores, lists or replays it: a 400 naming the
     first one that does not, before anything is stored (an odd item stored once would break every later turn)."""
     for index, item in enumerate(items):
         where = f"{param}[{index}]"
         kind = item.get("type", "message")
-        if not isinstance(kind, str):
-            raise InvalidRequest("Input item type must be a string.", param=f"{where}.type")
-        if "id" in item and not isinstance(item["id"], str):
-            raise InvalidRequest("Input item id must be a string.", param=f"{where}.id")
+        if not isinstance(kind, str) or len(kind) > MAX_TYPE_LENGTH:
+            raise InvalidRequest(
+                f"Input item type must be a string of at most {MAX_TYPE_LENGTH} characters.", param=f"{where}.type"
+            )
+        if "id" in item and (not isinstance(item["id"], str) or not 0 < len(item["id"]) <= MAX_ID_LENGTH):
+            raise InvalidRequest(
+                f"Input item id must be a string of 1 to {MAX_ID_LENGTH} characters.", param=f"{where}.id"
+            )
         if kind == "message":
             if "role" not in item:
                 raise InvalidRequest(

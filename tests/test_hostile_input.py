@@ -421,3 +421,39 @@ def test_one_address_holds_only_so_many_connections(guarded_gateway: GatewayProc
     finally:
         for connection in held:
             connection.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"id": {"a": 1}},
+        {"id": ["x"]},
+        {"id": None},
+        {"id": ""},
+        {"id": "m" * 257},
+        {"type": ["message"]},
+        {"type": {"a": 1}},
+        {"type": "t" * 65},
+    ],
+)
+async def test_one_odd_input_item_is_a_400_and_the_conversation_goes_on(
+    redis_server: str, simulator_url: str, key_prefix: str, bad: dict[str, Any]
+) -> None:
+    settings = two_tenant_settings(redis_server, simulator_url, key_prefix)
+    tag = {"sim_tag": key_prefix, "sim_tokens": "2", "sim_token_delay_ms": "0"}
+    item = {"type": "message", "role": "user", "content": "hi", **bad}
+    async with serve_gateway(settings) as gateway:
+        client = sdk(gateway, KEY_A)
+        try:
+            conversation = await client.conversations.create()
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.responses.create(model="sim-1", input=[item], conversation=conversation.id, metadata=tag)
+            assert refused.value.param in ("input[0].id", "input[0].type")
+            with pytest.raises(openai.BadRequestError):
+                await client.conversations.items.create(conversation.id, items=[item])
+            turn = await client.responses.create(model="sim-1", input="hi", conversation=conversation.id, metadata=tag)
+            assert turn.status == "completed"
+            items = [entry async for entry in client.conversations.items.list(conversation.id)]
+            assert len(items) == 2
+        finally:
+            await client.close()
