@@ -457,3 +457,28 @@ async def test_one_odd_input_item_is_a_400_and_the_conversation_goes_on(
             assert len(items) == 2
         finally:
             await client.close()
+
+
+async def test_a_burst_from_one_key_never_runs_more_than_its_limit(
+    storage_url: str, simulator_url: str, key_prefix: str
+) -> None:
+    keys = [{"tenant": "a", "key_sha256": hashlib.sha256(KEY_A.encode()).hexdigest(), "max_concurrent_runs": 3}]
+    settings = load_settings(
+        storage={"url": storage_url, "key_prefix": key_prefix},
+        upstreams=[{"name": "sim", "base_url": f"{simulator_url}/v1", "max_retries": 0}],
+        auth={"enabled": True, "keys": keys},
+    )
+    pace = {"sim_tag": key_prefix, "sim_tokens": "10", "sim_token_delay_ms": "20"}
+    async with serve_gateway(settings) as gateway:
+        client = sdk(gateway, KEY_A)
+        try:
+            outcomes = await asyncio.gather(
+                *(client.responses.create(model="sim-1", input=f"b {i}", metadata=pace) for i in range(8)),
+                return_exceptions=True,
+            )
+        finally:
+            await client.close()
+    completed = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+    refused = [outcome for outcome in outcomes if isinstance(outcome, openai.RateLimitError)]
+    assert (len(completed), len(refused)) == (3, 5)
+    assert await _peak(simulator_url, key_prefix) == 3
