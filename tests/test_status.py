@@ -33,7 +33,7 @@ async def test_every_lua_script_compiles_and_is_registered(script: str, redis_cl
     assert await redis_client.script_load(load_lua(script))
     sources = "".join(
         (resources.files("storage") / name).read_text()
-        for name in ("redis.py", "redis_conversations.py", "redis_appends.py", "redis_runs.py")
+        for name in ("redis.py", "redis_conversations.py", "redis_appends.py", "redis_runs.py", "redis_webhooks.py")
     )
     assert f'load_lua("{script}")' in sources
 
