@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
+from gateway.access_log import access_log_middleware, note_sent_status
 from gateway.auth import Authenticator, auth_middleware
 from gateway.config import Settings, WebhooksConfig
 from gateway.errors import MAX_BODY_BYTES, error_middleware
@@ -33,7 +34,7 @@ from runs.lifecycle import Lifecycle, RunSettings
 from runs.live import LiveEvents
 from runs.manager import RunManager
 from runs.ownership import Ownership
-from runs.store import open_store
+from runs.store import check_reachable, open_store
 from runs.tracing import RunTracer
 from runs.upstream.base import UpstreamSpec
 from runs.upstream.router import UpstreamRouter
@@ -44,6 +45,8 @@ log = logging.getLogger("gateway")
 
 SIMULATOR_UPSTREAM = "simulator"
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# How long start-up waits for the store to answer before saying it does not (it starts either way).
+STARTUP_PING_SECONDS = 2.0
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -63,6 +66,17 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("storage: embedded in-process store (memory://); responses live as long as this process")
     else:
         log.info("storage: %s (key prefix %r)", storage.url.split("@")[-1], storage.key_prefix)
+        # Not fatal: Redis may come up after the gateway (one compose up), and an outage later is served the same
+        # way; but a wrong URL is said once, here, in words.
+        try:
+            await check_reachable(store, timeout_seconds=STARTUP_PING_SECONDS)
+        except Exception as error:
+            log.warning(
+                "storage: %s does not answer (%s); serving anyway: /readyz answers 503 and requests get 503 until "
+                "it does",
+                storage.url.split("@")[-1],
+                error or type(error).__name__,
+            )
     app[STORE] = store
     yield
     await store.close()
@@ -220,10 +234,18 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     # aiohttp stops reading at client_max_size (Content-Length or chunked alike) and raises 413: a body is never
     # buffered beyond the limit.
     app = web.Application(
-        middlewares=[*tracing, request_id_middleware, error_middleware, auth_middleware(authenticator)],
+        middlewares=[
+            *tracing,
+            request_id_middleware,
+            *([access_log_middleware] if settings.logging.access_log else []),
+            error_middleware,
+            auth_middleware(authenticator),
+        ],
         client_max_size=settings.server.max_body_bytes,
     )
     app.on_response_prepare.append(send_request_id)
+    if settings.logging.access_log:
+        app.on_response_prepare.append(note_sent_status)
     app[SETTINGS] = settings
     app[MAX_BODY_BYTES] = settings.server.max_body_bytes
     app[SOCKET_COUNTS] = SocketCounts()

@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable
@@ -19,7 +20,9 @@ from aiohttp import web
 
 from gateway.app import create_app, drain
 from gateway.config import ConfigError, Settings, load_settings
+from gateway.logs import configure_logging
 from gateway.protocol import GatewayRunner
+from gateway.state import SETTINGS
 from simulator import SimulatorSettings, run_simulator
 
 log = logging.getLogger("gateway")
@@ -32,6 +35,8 @@ SHUTDOWN_MARGIN_SECONDS = 5.0
 OPEN_CONNECTIONS_SECONDS = 2.0
 # The exit code when that deadline (or a third signal) cuts the shutdown short; a clean shutdown exits 0.
 FORCED_EXIT_CODE = 70  # EX_SOFTWARE
+# The exit code when the gateway cannot start (bad config, port in use, …), with one line on stderr saying why.
+STARTUP_FAILED_EXIT_CODE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="YAML config file (default: $GATEWAY_CONFIG)")
     serve.add_argument("--host", help="address to bind (overrides server.host)")
     serve.add_argument("--port", type=int, help="port to bind (overrides server.port)")
-    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument("--log-level", type=str.upper, help="DEBUG, INFO, WARNING, ERROR (overrides logging.level)")
+    serve.add_argument("--log-format", help="text or json: JSON lines for log collectors (overrides logging.format)")
     simulate = commands.add_parser("simulate", help="run the simulated OpenAI-compatible model server")
     simulate.add_argument("--host", default="127.0.0.1")
     simulate.add_argument("--port", type=int, required=True)
@@ -67,25 +73,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+class StartupError(Exception):
+    """Why the gateway cannot start, worded as one line."""
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The flags that override settings, as nested keys: the same validation (and one-line errors) as the file."""
+    flags = {
+        "server": {"host": args.host, "port": args.port},
+        "logging": {"level": args.log_level, "format": args.log_format},
+    }
+    overrides = {section: {k: v for k, v in keys.items() if v is not None} for section, keys in flags.items()}
+    return {section: keys for section, keys in overrides.items() if keys}
 
 
 def _serve(args: argparse.Namespace) -> int:
-    server: dict[str, Any] = {}
-    if args.host is not None:
-        server["host"] = args.host
-    if args.port is not None:
-        server["port"] = args.port
     try:
-        settings = load_settings(args.config, **({"server": server} if server else {}))
-    except ConfigError as error:
-        print(f"responses-gateway: config error: {error}", file=sys.stderr)
-        return 2
-    _configure_logging(args.log_level)
-    with asyncio.Runner(loop_factory=_loop_factory(settings.server.event_loop)) as runner:
-        runner.run(_run_server(settings))
+        settings = load_settings(args.config, **_flag_overrides(args))
+        configure_logging(settings.logging.level, settings.logging.format)
+        with asyncio.Runner(loop_factory=_loop_factory(settings.server.event_loop)) as runner:
+            runner.run(_run_server(settings))
+    except ConfigError as error:  # raised by load_settings, or by create_app (an API key's variable unset)
+        return _cannot_start(f"config error: {error}")
+    except StartupError as error:
+        return _cannot_start(str(error))
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed: nothing was serving yet
+        return 130
     return 0
+
+
+def _cannot_start(reason: str) -> int:
+    print(f"responses-gateway: {reason}", file=sys.stderr)
+    return STARTUP_FAILED_EXIT_CODE
 
 
 def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -103,24 +122,16 @@ async def _run_server(settings: Settings) -> None:
     the running responses finish or are handed over, and only then stop. A second signal skips the rest of the
     grace period (runs are handed over, or ended, at once); a third, or grace + SHUTDOWN_MARGIN_SECONDS after the
     first, exits at once with FORCED_EXIT_CODE."""
-    app = create_app(settings)
     grace = settings.shutdown.grace_seconds
-    runner = GatewayRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=OPEN_CONNECTIONS_SECONDS,
-        keepalive_timeout=settings.server.idle_timeout_seconds,
-        max_connections_per_peer=settings.server.max_connections_per_ip,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, settings.server.host, settings.server.port)
-    await site.start()
-    # Everything made so far (modules, schemas, the app) lives as long as the process: out of the collector's
-    # sight, a full collection no longer scans it (it cost ~30 ms, a pause every stream in flight felt).
-    gc.collect()
-    gc.freeze()
-    log.info("responses-gateway listening on http://%s:%d", settings.server.host, settings.server.port)
+    # Bound before anything is made: a port in use is one line, with no store or upstream to close again.
+    sockets = _bind(settings.server.host, settings.server.port)
+    try:
+        app = create_app(settings)
+        runner = await _set_up(app)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     stop, hurry = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:
@@ -137,12 +148,59 @@ async def _run_server(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
     try:
+        for sock in sockets:
+            await web.SockSite(runner, sock).start()
+        # Everything made so far (modules, schemas, the app) lives as long as the process: out of the collector's
+        # sight, a full collection no longer scans it (it cost ~30 ms, a pause every stream in flight felt).
+        gc.collect()
+        gc.freeze()
+        log.info("responses-gateway listening on http://%s:%d", settings.server.host, sockets[0].getsockname()[1])
         await stop.wait()
         log.info("shutting down: draining (grace %.0fs; signal again to skip it)", grace)
         await drain(app, hurry)
     finally:
         await runner.cleanup()
     log.info("stopped")
+
+
+async def _set_up(app: web.Application) -> web.AppRunner:
+    """The app started (store, upstreams, run manager opened); a failure is one line (its traceback at DEBUG)."""
+    settings = app[SETTINGS]
+    runner = GatewayRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=OPEN_CONNECTIONS_SECONDS,
+        keepalive_timeout=settings.server.idle_timeout_seconds,
+        max_connections_per_peer=settings.server.max_connections_per_ip,
+    )
+    try:
+        await runner.setup()
+    except Exception as error:
+        log.debug("start-up failed", exc_info=True)
+        await runner.cleanup()
+        raise StartupError(f"start-up failed: {type(error).__name__}: {error}") from None
+    return runner
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """A socket bound to each address `host` resolves to (as asyncio's create_server would bind them); the server
+    listens on them once the app has started, so a connection that gets through is served."""
+    sockets: list[socket.socket] = []
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, _, _, _, address in dict.fromkeys(addresses):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    return sockets
 
 
 def _exit_if_still_running_after(seconds: float) -> None:
@@ -161,7 +219,7 @@ def _exit_now(reason: str) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    _configure_logging("INFO")
+    configure_logging("INFO")
     settings = SimulatorSettings(
         tokens=args.tokens,
         token_delay_ms=args.token_delay_ms,

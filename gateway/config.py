@@ -9,6 +9,7 @@ import os
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -65,6 +66,8 @@ class StorageConfig(_Section):
         schemes = STORAGE_URL_PREFIXES
         if not url.startswith(schemes):
             raise ValueError("must start with " + ", ".join(schemes[:-1]) + " or " + schemes[-1])
+        if url.startswith(("redis://", "rediss://")):
+            _ = urlsplit(url).port  # raises for a port that is not a number: named now, not by a traceback later
         return url
 
     @model_validator(mode="after")
@@ -210,6 +213,14 @@ class ShutdownConfig(_Section):
     grace_seconds: float = Field(30.0, ge=0)
 
 
+class LoggingConfig(_Section):
+    """The process's log lines (stderr): their level, text or JSON lines, and the access log."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    access_log: bool = True
+
+
 class ApiKeyConfig(_Section):
     """One gateway API key and the tenant it belongs to. The key itself comes from an environment variable, or
     only its SHA-256 is written here; the raw key is never stored or logged."""
@@ -332,6 +343,7 @@ class Settings(BaseSettings):
     runs: RunsConfig = Field(default_factory=lambda: RunsConfig())
     auth: AuthConfig = Field(default_factory=lambda: AuthConfig())
     shutdown: ShutdownConfig = Field(default_factory=lambda: ShutdownConfig())
+    logging: LoggingConfig = Field(default_factory=lambda: LoggingConfig())
     simulator: SimulatorConfig = Field(default_factory=lambda: SimulatorConfig())
     websocket: WebSocketConfig = Field(default_factory=lambda: WebSocketConfig())
     steering: SteeringConfig = Field(default_factory=lambda: SteeringConfig())

@@ -1,16 +1,20 @@
-"""Real gateway processes: two instances on one Redis, the zero-config `serve`, and start-up config errors."""
+"""Real gateway processes: two instances on one Redis, the zero-config `serve`, start-up failures, log formats."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from openai.types.responses import Response
 
-from tests.conftest import ROOT, GatewayProcess, eventually, redis_gateway_env
+from tests.conftest import ROOT, GatewayProcess, eventually, redis_gateway_env, stop_process
 from tests.helpers import expected_text, sdk_for
 
 
@@ -92,3 +96,49 @@ def test_missing_config_file_is_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "does not exist" in result.stderr
+
+
+def assert_one_line_exit_2(result: subprocess.CompletedProcess[str], *expected: str) -> None:
+    """The start-up failure a newcomer trusts: exit 2 and one line saying why, on stderr, with no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("responses-gateway: ")
+    for words in expected:
+        assert words in line
+
+
+def test_a_port_in_use_is_one_line() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--port", str(port))
+    assert_one_line_exit_2(result, f"cannot listen on 127.0.0.1:{port}", "Address already in use")
+
+
+def test_an_unset_api_key_variable_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "auth.yaml"
+    config.write_text("auth:\n  enabled: true\n  keys:\n    - {tenant: acme, key_env: RGW_TEST_UNSET_KEY}\n")
+    result = run_cli("serve", "--config", str(config))
+    assert_one_line_exit_2(result, "config error: auth.keys", "RGW_TEST_UNSET_KEY")
+
+
+def test_a_storage_url_with_a_bad_port_is_one_line() -> None:
+    result = run_cli("serve", env={**os.environ, "GATEWAY_STORAGE__URL": "redis://127.0.0.1:63a9/0"})
+    assert_one_line_exit_2(result, "config error: storage.url", "63a9")
+
+
+def test_log_flags_are_checked_like_the_config() -> None:
+    assert_one_line_exit_2(run_cli("serve", "--log-format", "xml"), "logging.format")
+    assert_one_line_exit_2(run_cli("serve", "--log-level", "loud"), "logging.level")
+
+
+def test_json_log_format_writes_only_json_lines(start_gateway_process: Callable[..., GatewayProcess]) -> None:
+    gateway = start_gateway_process(args=["--log-format", "json"])
+    with urllib.request.urlopen(f"{gateway.url}/v1/models") as reply:
+        request_id = reply.headers["x-request-id"]
+    stop_process(gateway.process)
+    entries = [json.loads(line) for line in gateway.log().splitlines()]
+    assert {"timestamp", "level", "logger", "message"} <= entries[0].keys()
+    (access,) = [entry for entry in entries if entry["logger"] == "gateway.access"]
+    assert access["request_id"] == request_id
+    assert (access["method"], access["path"], access["status"]) == ("GET", "/v1/models", 200)

@@ -14,6 +14,7 @@ import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
+from openai.types.responses import ResponseCreatedEvent, ResponseFailedEvent, ResponseStreamEvent
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.config import load_settings
@@ -27,7 +28,7 @@ from tests.conftest import (
     stop_process,
     wait_for_port,
 )
-from tests.helpers import Frame, expected_text, read_frames, sdk_for, stream_frames
+from tests.helpers import Frame, expected_text, sdk_for, stream_frames
 
 FAST_LEASES = {
     "GATEWAY_RUNS__LEASE_SECONDS": "2",
@@ -39,9 +40,14 @@ TERMINAL = {"response.completed", "response.failed", "response.incomplete"}
 
 def assert_clean_log(frames: list[Frame]) -> None:
     """Contiguous from 0, no duplicate, exactly one terminal event, and it is the last."""
-    assert [frame.number for frame in frames] == list(range(len(frames)))
-    assert sum(frame.event in TERMINAL for frame in frames) == 1
-    assert frames[-1].event in TERMINAL
+    assert_clean_sequence([(frame.event, frame.number) for frame in frames])
+
+
+def assert_clean_sequence(events: list[tuple[str | None, int]]) -> None:
+    """The same, of (type, sequence number) pairs: what an SDK client saw."""
+    assert [number for _, number in events] == list(range(len(events)))
+    assert sum(kind in TERMINAL for kind, _ in events) == 1
+    assert events[-1][0] in TERMINAL
 
 
 @pytest.fixture
@@ -252,40 +258,75 @@ async def test_sigterm_hands_a_long_run_over_at_the_grace_deadline(fleet: Callab
         await client_b.close()
 
 
-async def signal_twice(gateway: GatewayProcess) -> float:
-    """SIGTERM, then (once it is draining, so the two are not one pending signal) SIGTERM again; returns the
-    seconds from the second signal to the exit."""
-    gateway.process.send_signal(signal.SIGTERM)
+async def signal_twice(gateway: GatewayProcess, signum: signal.Signals = signal.SIGTERM) -> float:
+    """SIGTERM (or `signum`), then (once it is draining, so the two are not one pending signal) the same again;
+    returns the seconds from the second signal to the exit."""
+    gateway.process.send_signal(signum)
     await until_draining(gateway)
     loop = asyncio.get_running_loop()
     second = loop.time()
-    gateway.process.send_signal(signal.SIGTERM)
+    gateway.process.send_signal(signum)
     assert await asyncio.to_thread(gateway.process.wait, 20) == 0
     return loop.time() - second
 
 
-async def test_a_second_sigterm_ends_local_runs_at_once_on_the_embedded_store(
-    start_gateway_process: Callable[..., GatewayProcess],
+SLOW_OUTPUT = {"sim_token_delay_ms": "100", "sim_tokens": "600"}  # a minute of output
+
+
+async def stream_until_signalled_twice(
+    client: openai.AsyncOpenAI, gateway: GatewayProcess, signum: signal.Signals
+) -> tuple[list[ResponseStreamEvent], float]:
+    """A long background response streamed through the SDK, the gateway signalled twice once output has started
+    (Ctrl-C twice): the events the client saw, and the seconds from the second signal to the exit."""
+    stream = await client.responses.create(
+        model="sim-1", input="long", stream=True, background=True, metadata=SLOW_OUTPUT
+    )
+    seen: list[ResponseStreamEvent] = []
+    exit_seconds = float("nan")
+    async for event in stream:
+        seen.append(event)
+        if len(seen) == 5:
+            exit_seconds = await signal_twice(gateway, signum)
+    return seen, exit_seconds
+
+
+def numbered(events: list[ResponseStreamEvent]) -> list[tuple[str | None, int]]:
+    return [(event.type, event.sequence_number) for event in events]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_a_second_signal_ends_local_runs_at_once_on_the_embedded_store(
+    start_gateway_process: Callable[..., GatewayProcess], signum: signal.Signals
 ) -> None:
     gateway = start_gateway_process({"GATEWAY_SHUTDOWN__GRACE_SECONDS": "60"})
-    slow = {"sim_token_delay_ms": "100", "sim_tokens": "600"}  # a minute of output
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{gateway.url}/v1/responses",
-            json={"model": "sim-1", "input": "long", "stream": True, "background": True, "metadata": slow},
-        ) as reply,
-    ):
-        assert reply.status == 200
-        frames = await read_frames(reply, limit=5)  # output has started
-        exit_seconds = await signal_twice(gateway)
-        frames += await read_frames(reply)
+    async with sdk_for(gateway.url) as client:
+        seen, exit_seconds = await stream_until_signalled_twice(client, gateway, signum)
     assert exit_seconds < 5  # not the 60 s grace
-    # Nobody to hand it over to: the run ends here, and its stream says so before the process goes.
-    assert_clean_log(frames)
-    assert frames[-1].data is not None
-    assert frames[-1].event == "response.failed"
-    assert frames[-1].data["response"]["error"]["message"] == "The gateway shut down before the response finished."
+    # Nobody to hand it over to: the run ends here, and the live client gets the terminal event before the
+    # process goes.
+    assert_clean_sequence(numbered(seen))
+    assert isinstance(seen[-1], ResponseFailedEvent)
+    assert seen[-1].response.error is not None
+    assert seen[-1].response.error.message == "The gateway shut down before the response finished."
+
+
+async def test_a_second_sigint_hands_a_live_stream_over_on_redis(fleet: Callable[..., GatewayProcess]) -> None:
+    """The stream from the instance going away ends without a terminal event (its run is handed over, not ended
+    there); its client picks it up on another instance from its cursor, and gets the end there."""
+    a = fleet(GATEWAY_SHUTDOWN__GRACE_SECONDS="60")
+    b = fleet()
+    async with sdk_for(a.url) as client_a, sdk_for(b.url) as client_b:
+        seen, exit_seconds = await stream_until_signalled_twice(client_a, a, signal.SIGINT)
+        assert exit_seconds < 5
+        assert seen[-1].type not in TERMINAL
+        assert isinstance(seen[0], ResponseCreatedEvent)
+        resumed = await client_b.responses.retrieve(
+            seen[0].response.id, stream=True, starting_after=seen[-1].sequence_number
+        )
+        rest = [event async for event in resumed]
+    assert "handing" in a.log()
+    assert_clean_sequence(numbered(seen + rest))
+    assert rest[-1].type == "response.failed"  # output had started: another instance cannot go on with it
 
 
 async def test_a_second_sigterm_hands_runs_over_at_once_on_redis(fleet: Callable[..., GatewayProcess]) -> None:
@@ -361,6 +402,26 @@ def own_redis(tmp_path: Path) -> Iterator[dict[str, Any]]:
     start()
     yield state
     stop_process(state["process"])
+
+
+async def test_redis_down_at_start_is_said_once_and_served_once_it_is_up(
+    own_redis: dict[str, Any], start_gateway_process: Callable[..., GatewayProcess]
+) -> None:
+    """Not fatal: Redis may come up after the gateway (one `compose up`). Until it does, /readyz is 503."""
+    stop_process(own_redis["process"])
+    gateway = start_gateway_process({"GATEWAY_STORAGE__URL": own_redis["url"]})
+    async with aiohttp.ClientSession(gateway.url) as http, sdk_for(gateway.url) as client:
+        async with http.get("/readyz") as ready, http.get("/healthz") as alive:
+            assert (ready.status, alive.status) == (503, 200)
+        assert f"storage: {own_redis['url']} does not answer" in gateway.log()
+        own_redis["start"]()
+
+        async def ready() -> bool:
+            async with http.get("/readyz") as reply:
+                return reply.status == 200
+
+        await eventually(ready, within=15)
+        assert (await client.responses.create(model="sim-1", input="redis is up")).status == "completed"
 
 
 async def test_redis_killed_and_restarted_mid_run(

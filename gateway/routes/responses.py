@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from pydantic import ValidationError
 
+from gateway.access_log import RESPONSE_ID
 from gateway.auth import PRINCIPAL
 from gateway.cursors import is_cursor_part
 from gateway.errors import invalid_body, json_response, raw_json_response, upstream_refusal
@@ -167,6 +168,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         max_tenant_runs=principal.max_concurrent_runs,
         request_id=request_id_of(request),
     )
+    request[RESPONSE_ID] = admission.response_id
     if admission.run is None:  # replayed, or queued for whichever instance has room first
         return await _serve_by_id(request, admission.response_id, create, replayed=admission.replayed)
     run = admission.run
