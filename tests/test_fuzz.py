@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -25,11 +26,13 @@ import openai
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
 from gateway.config import Settings
+from gateway.state import STORE
+from storage.memory import MemoryStore
 from tests.conftest import Gateway, serve_gateway, simulator_process
 from tests.helpers import keys_with_prefix, sim_stats
 from tests.test_hostile_input import KEY_A, KEY_B, two_tenant_settings
@@ -37,8 +40,11 @@ from tests.test_hostile_input import KEY_A, KEY_B, two_tenant_settings
 T = TypeVar("T")
 
 LONG_MODE_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
-DEFAULT_EXAMPLES = 600
-EXAMPLES = LONG_MODE_EXAMPLES or DEFAULT_EXAMPLES
+# About a minute for both backends by default (the embedded store's examples are the cheaper).
+EXAMPLES = {
+    "redis": LONG_MODE_EXAMPLES or 350,
+    "memory": LONG_MODE_EXAMPLES or 250,
+}
 REQUEST_TIMEOUT_SECONDS = 20.0
 QUIET_TIMEOUT_SECONDS = 20.0
 # A stream the gateway answers 200 is read this far, then cut (the client going away is legitimate).
@@ -50,6 +56,14 @@ URL_PART_CHARS = 600
 ENVELOPE_KEYS = {"message", "type", "param", "code"}
 TENANTS = ("a", "b")
 KEYS = {"a": KEY_A, "b": KEY_B}
+
+
+def weighted(*choices: tuple[int, st.SearchStrategy[T]]) -> st.SearchStrategy[T]:
+    """One of the strategies, each as often as its weight says (st.one_of flattens nested one_ofs, so repeating
+    a strategy in it does not weigh it)."""
+    table = [strategy for weight, strategy in choices for _ in range(weight)]
+    return st.integers(0, len(table) - 1).flatmap(lambda index: table[index])
+
 
 # --- values -------------------------------------------------------------------------------------------------
 
@@ -87,36 +101,35 @@ HOSTILE = st.one_of(
 )
 
 # Cursors and numbers as query strings: what int() takes and a stream id does not, and worse.
-HOSTILE_NUMBERS = st.one_of(
-    st.sampled_from(
-        [
-            "0",
-            "1",
-            "2",
-            "-1",
-            "+5",
-            "1_0",
-            " 5",
-            "5 ",
-            "\u00b2",
-            "\u0663",
-            "\uff11",
-            "1e3",
-            "0x10",
-            "3.0",
-            "",
-            "9" * 18,
-            "9" * 19,
-            "18446744073709551615",
-            "18446744073709551616",
-            "9223372036854775808",
-            "9" * 5000,
-            "nan",
-            "true",
-        ]
-    ),
-    st.integers(min_value=-(2**80), max_value=2**80).map(str),
-    ANY_TEXT,
+CURSOR_LIKE = st.sampled_from(
+    [
+        "0",
+        "1",
+        "2",
+        "-1",
+        "+5",
+        "1_0",
+        " 5",
+        "5 ",
+        "\u00b2",
+        "\u0663",
+        "\uff11",
+        "1e3",
+        "0x10",
+        "3.0",
+        "",
+        "9" * 18,
+        "9" * 19,
+        "18446744073709551615",
+        "18446744073709551616",
+        "9223372036854775808",
+        "9" * 5000,
+        "nan",
+        "true",
+    ]
+)
+HOSTILE_NUMBERS = weighted(
+    (3, CURSOR_LIKE), (1, st.integers(min_value=-(2**80), max_value=2**80).map(str)), (1, ANY_TEXT)
 )
 
 # --- ids ----------------------------------------------------------------------------------------------------
@@ -171,13 +184,6 @@ LITERAL_IDS = st.one_of(
     ),
     ANY_TEXT.filter(bool),
 )
-
-
-def weighted(*choices: tuple[int, st.SearchStrategy[T]]) -> st.SearchStrategy[T]:
-    """One of the strategies, each as often as its weight says (st.one_of flattens nested one_ofs, so repeating
-    a strategy in it does not weigh it)."""
-    table = [strategy for weight, strategy in choices for _ in range(weight)]
-    return st.integers(0, len(table) - 1).flatmap(lambda index: table[index])
 
 
 def refs(kind: str, caller: str = "a") -> st.SearchStrategy[Ref]:
@@ -336,11 +342,16 @@ def _replace(value: Any, path: tuple[Any, ...], make: Callable[[Any], Any]) -> A
 
 
 DROP = object()
+WRONG_STRINGS = st.one_of(
+    st.sampled_from(["", "tool", "USER", "message ", "input_text", "function_call", "sim-1\u0000", "\u00b2"]), ANY_TEXT
+)
 UNKNOWN_FIELDS = st.sampled_from(["id", "type", "role", "content", "extra", "status", "__proto__", "\u0000", "a" * 300])
 
 
-def _mutation(operation: str, junk: Any, name: str, as_list: bool) -> Callable[[Any], Any]:
+def _mutation(operation: str, junk: Any, name: str, as_list: bool, text: str) -> Callable[[Any], Any]:
     def mutate(node: Any) -> Any:
+        if operation == "retext":  # a string where one goes, but not one the field takes
+            return text
         if operation == "drop":
             return DROP
         if operation == "null":
@@ -361,10 +372,11 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[dict[str, Any]]) -> Any:
     body: Any = draw(base)
     for _ in range(draw(st.integers(0, 3))):
         path = draw(st.sampled_from(list(_paths(body))))
-        operation = draw(st.sampled_from(["drop", "junk", "junk", "add", "wrap", "null"]))
+        operation = draw(st.sampled_from(["drop", "junk", "junk", "retext", "add", "wrap", "null"]))
         if not path and operation in ("drop", "null"):
             operation = "add"
-        body = _replace(body, path, _mutation(operation, draw(HOSTILE), draw(UNKNOWN_FIELDS), draw(st.booleans())))
+        make = _mutation(operation, draw(HOSTILE), draw(UNKNOWN_FIELDS), draw(st.booleans()), draw(WRONG_STRINGS))
+        body = _replace(body, path, make)
     return body
 
 
@@ -450,8 +462,8 @@ QUERY_VALUES: dict[str, st.SearchStrategy[str]] = {
     "stream": weighted(
         (2, st.sampled_from(["true", "false"])), (1, st.sampled_from(["1", "0", "True", "yes", ""])), (1, ANY_TEXT)
     ),
-    "starting_after": weighted((1, st.sampled_from(["0", "3", "-1"])), (1, HOSTILE_NUMBERS)),
-    "limit": weighted((1, st.sampled_from(["1", "2", "20", "100"])), (1, HOSTILE_NUMBERS)),
+    "starting_after": weighted((1, st.sampled_from(["0", "3", "-1"])), (3, HOSTILE_NUMBERS)),
+    "limit": weighted((1, st.sampled_from(["1", "2", "20", "100"])), (3, HOSTILE_NUMBERS)),
     "order": weighted((2, st.sampled_from(["asc", "desc"])), (1, st.sampled_from(["ASC", ""])), (1, ANY_TEXT)),
     "include[]": st.one_of(
         st.sampled_from(["message.output_text.logprobs", "reasoning.encrypted_content", "file_search_call.results"]),
@@ -461,18 +473,21 @@ QUERY_VALUES: dict[str, st.SearchStrategy[str]] = {
 }
 
 
-def query_for(route: Route, caller: str) -> st.SearchStrategy[list[tuple[str, str]]]:
-    def value_for(name: str) -> st.SearchStrategy[tuple[str, str]]:
+@st.composite
+def query_for(draw: st.DrawFn, route: Route, caller: str) -> list[tuple[str, str]]:
+    """Each parameter the route reads, or not, sometimes twice; sometimes one it does not read."""
+    pairs: list[tuple[str, Any]] = []
+    for name in route.query:
         if name == "after":
-            after = weighted((2, refs("input_item", caller)), (1, any_id_ref(caller)), (1, HOSTILE_NUMBERS))
-            return after.map(
-                lambda value: (name, value)  # type: ignore[arg-type]
-            )
-        return QUERY_VALUES[name].map(lambda value: (name, value))
-
-    known = st.lists(st.one_of(*[value_for(name) for name in route.query]), max_size=4) if route.query else st.just([])
-    unknown = st.lists(st.tuples(st.sampled_from(["foo", "limit", "stream", "\u00e9"]), ANY_TEXT), max_size=1)
-    return st.builds(lambda a, b: a + b, known, unknown)
+            listed = "input_item" if route.template.startswith("/v1/responses") else "item"
+            values = weighted((2, refs(listed, caller)), (1, any_id_ref(caller)), (1, HOSTILE_NUMBERS))
+        else:
+            values = QUERY_VALUES[name]
+        for _ in range(draw(st.sampled_from([0, 1, 1, 2]))):
+            pairs.append((name, draw(values)))
+    if draw(st.integers(0, 4)) == 0:
+        pairs.append((draw(st.sampled_from(["foo", "limit", "stream", "\u00e9"])), draw(ANY_TEXT)))
+    return pairs
 
 
 AUTH = st.sampled_from(["a", "a", "a", "a", "b", "b", "b", "b", "none"])
@@ -565,7 +580,8 @@ def _body_strategy(kind: str | None, tag: str, caller: str) -> st.SearchStrategy
 
 @st.composite
 def fuzz_requests(draw: st.DrawFn, tag: str) -> FuzzRequest:
-    route = draw(st.sampled_from(ROUTES))
+    # Routes that read more of the request are drawn more often.
+    route = draw(st.sampled_from([route for route in ROUTES for _ in range(2 if route.query or route.body else 1)]))
     auth, headers = draw(hostile_headers(route))
     caller = auth if auth in TENANTS else "a"
     path_refs: dict[str, Ref | str] = {}
@@ -582,6 +598,37 @@ def fuzz_requests(draw: st.DrawFn, tag: str) -> FuzzRequest:
         auth=auth,
         body=draw(_body_strategy(route.body, tag, caller)),
     )
+
+
+SDK_BODIES: dict[str, Any] = {
+    "create": {"model": "sim-1", "input": "hi"},
+    "compact": {"model": "sim-1", "input": "hi"},
+    "steer": {"input": "also this"},
+    "conversation_create": {"items": [{"role": "user", "content": "hi"}], "metadata": {"k": "v"}},
+    "conversation_update": {"metadata": {"k": "v"}},
+    "item_create": {"items": [{"role": "user", "content": "hi"}]},
+    "empty": {},
+}
+
+
+def plain_requests(tag: str) -> list[FuzzRequest]:
+    """One request per route as the SDK sends it, with tenant A's own ids: run before the drawn ones, so every
+    route is reached whatever the budget."""
+    plain = []
+    for route in ROUTES:
+        names = [name for name in ("response", "conversation", "item") if f"{{{name}}}" in route.template]
+        path_refs: dict[str, Ref | str] = {name: Ref(name) for name in names}
+        if "{model}" in route.template:
+            path_refs["model"] = "sim-1"
+        headers = {"Authorization": f"Bearer {KEY_A}"}
+        body = None
+        if route.body is not None:
+            headers["Content-Type"] = "application/json"
+            body = SDK_BODIES[route.body]
+            if route.body == "create":
+                body = {**body, "metadata": {"sim_tag": tag}}
+        plain.append(FuzzRequest(route, path_refs, [], headers, "a", body))
+    return plain
 
 
 # --- the harness --------------------------------------------------------------------------------------------
@@ -603,10 +650,86 @@ class Outcome:
     body: bytes
 
 
+class StoreView(Protocol):
+    """What a backend holds, as seen from outside the gateway."""
+
+    async def snapshot(self) -> dict[bytes, bytes]:
+        """Every object stored, by name, and a digest of its value."""
+        ...
+
+    async def has_runs(self) -> bool:
+        """Whether a response is owned or queued."""
+        ...
+
+
+@dataclass
+class RedisView:
+    redis: aioredis.Redis
+    prefix: str
+
+    async def snapshot(self) -> dict[bytes, bytes]:
+        """Every key under the test's prefix, its value read canonically (DUMP is not: a large hash's bytes follow
+        its table's layout, which a mere read can change while it rehashes)."""
+        keys = sorted(await keys_with_prefix(self.redis, self.prefix))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.type(key)
+            types = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key, kind in zip(keys, types, strict=True):
+                READ_VALUE[kind](pipe, key)
+            values = await pipe.execute()
+        return {key: _digest((kind, _canonical(value))) for key, kind, value in zip(keys, types, values, strict=True)}
+
+    async def has_runs(self) -> bool:
+        indexes = [
+            key for key in await keys_with_prefix(self.redis, self.prefix) if key.endswith((b":runs", b":queue"))
+        ]
+        if not indexes:
+            return False
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for key in indexes:
+                pipe.zcard(key)
+            return any(await pipe.execute())
+
+
+@dataclass
+class MemoryView:
+    """The embedded store, read in place (a test's look inside: it has no other reader)."""
+
+    store: MemoryStore
+
+    async def snapshot(self) -> dict[bytes, bytes]:
+        store = self.store
+        objects: dict[str, Any] = {}
+        for response_id, entry in store._entries.items():
+            objects[f"response:{response_id}"] = _fields(entry)
+        for conversation_id, conversation in store._conversations.items():
+            objects[f"conversation:{conversation_id}"] = _fields(conversation)
+        for (scope, key), (claim, _) in store._claims.items():
+            objects[f"claim:{scope}:{key}"] = claim
+        objects["runs"] = sorted(store._run_index)
+        objects["queue"] = list(store._queue)
+        objects["outbox"] = sorted(map(repr, store._outbox))
+        return {name.encode(): _digest(value) for name, value in objects.items()}
+
+    async def has_runs(self) -> bool:
+        return bool(self.store._run_index or self.store._queue)
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    """A dataclass's fields but its expiry (which moves with the clock, not with what is stored)."""
+    return {item.name: getattr(value, item.name) for item in dataclasses.fields(value) if item.name != "expires_at"}
+
+
+def _digest(value: Any) -> bytes:
+    return hashlib.sha256(repr(value).encode()).digest()
+
+
 @dataclass
 class Fuzzer:
     gateway: Gateway
-    redis: aioredis.Redis
+    store: StoreView
     simulator_url: str
     prefix: str
     tag: str
@@ -698,35 +821,10 @@ class Fuzzer:
 
     # -- what is stored and sent
 
-    async def snapshot(self) -> dict[bytes, bytes]:
-        """Every key under the test's prefix and a digest of its value, read canonically (DUMP is not: a large
-        hash's bytes follow its table's layout, which a mere read can change while it rehashes)."""
-        keys = sorted(await keys_with_prefix(self.redis, self.prefix))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.type(key)
-            types = await pipe.execute()
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, kind in zip(keys, types, strict=True):
-                READ_VALUE[kind](pipe, key)
-            values = await pipe.execute()
-        return {
-            key: hashlib.sha256(repr((kind, _canonical(value))).encode()).digest()
-            for key, kind, value in zip(keys, types, values, strict=True)
-        }
-
-    async def busy(self, snapshot: dict[bytes, bytes]) -> bool:
-        """Whether a run is going on: a generation at the provider, or a response owned or queued (its run index
-        or queue holds it: ended ones leave once their follow-ups are done)."""
-        if (await sim_stats(self.simulator_url))["active"]:
-            return True
-        indexes = [key for key in snapshot if key.endswith((b":runs", b":queue"))]
-        if not indexes:
-            return False
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in indexes:
-                pipe.zcard(key)
-            return any(await pipe.execute())
+    async def busy(self) -> bool:
+        """Whether a run is going on: a generation at the provider, or a response owned or queued (ended ones
+        leave the run index once their follow-ups are done)."""
+        return bool((await sim_stats(self.simulator_url))["active"]) or await self.store.has_runs()
 
     async def quiet(self) -> tuple[dict[bytes, bytes], int]:
         """Wait until no run is going on and the store stands still; then what it holds and the provider's count
@@ -734,8 +832,8 @@ class Fuzzer:
         deadline = time.monotonic() + QUIET_TIMEOUT_SECONDS
         previous: dict[bytes, bytes] | None = None
         while True:
-            snapshot = await self.snapshot()
-            if previous == snapshot and not await self.busy(snapshot):
+            snapshot = await self.store.snapshot()
+            if previous == snapshot and not await self.busy():
                 return snapshot, int((await sim_stats(self.simulator_url))["requests"])
             if time.monotonic() > deadline:
                 raise AssertionError(f"the gateway never came to rest within {QUIET_TIMEOUT_SECONDS}s")
@@ -881,14 +979,14 @@ def _difference(before: dict[bytes, bytes], after: dict[bytes, bytes]) -> str:
     return f"created {created[:5]}, removed {removed[:5]}, changed {changed[:5]}"
 
 
-def fuzz_settings(redis_url: str, simulator_url: str, prefix: str) -> Settings:
+def fuzz_settings(storage_url: str, simulator_url: str, prefix: str) -> Settings:
     """Two tenants, auth on; a Responses upstream for most models and a Chat one for `chat-*`, both tagged."""
     headers = {"x-sim-tag": prefix}
     upstreams = [
         {"name": "chat", "kind": "chat", "base_url": f"{simulator_url}/v1", "models": ["chat-*"], "headers": headers},
         {"name": "sim", "base_url": f"{simulator_url}/v1", "headers": headers},
     ]
-    return two_tenant_settings(redis_url, simulator_url, prefix, upstreams=upstreams)
+    return two_tenant_settings(storage_url, simulator_url, prefix, upstreams=upstreams)
 
 
 def _run(loop: asyncio.AbstractEventLoop, work: Awaitable[T]) -> T:
@@ -899,26 +997,35 @@ def _run(loop: asyncio.AbstractEventLoop, work: Awaitable[T]) -> T:
     return loop.run_until_complete(bounded())
 
 
-@pytest.mark.timeout(max(120, EXAMPLES))
-def test_no_input_gets_a_5xx_a_bare_error_or_leaves_a_trace(redis_server: str, key_prefix: str) -> None:
+@pytest.mark.timeout(max(120, LONG_MODE_EXAMPLES))
+@pytest.mark.parametrize("backend", ["redis", "memory"])
+def test_no_input_gets_a_5xx_a_bare_error_or_leaves_a_trace(backend: str, redis_server: str, key_prefix: str) -> None:
     # Synchronous (pytest-asyncio runs in auto mode): hypothesis drives examples on one loop of the test's own,
-    # with one gateway, one Redis client and one simulator (whose call count is this test's alone) for all.
+    # with one gateway and one simulator (whose call count is this test's alone) for all.
     loop = asyncio.new_event_loop()
     tag = f"{key_prefix}-fuzz"
     with simulator_process("--tokens", "3", "--token-delay-ms", "0") as simulator_url:
-        settings_ = fuzz_settings(redis_server, simulator_url, key_prefix)
-        served = serve_gateway(settings_)
+        storage_url = redis_server if backend == "redis" else "memory://"
+        served = serve_gateway(fuzz_settings(storage_url, simulator_url, key_prefix))
         gateway = _run(loop, served.__aenter__())
         redis_client = aioredis.Redis.from_url(redis_server)
+        view: StoreView
+        if backend == "redis":
+            view = RedisView(redis_client, key_prefix)
+        else:
+            assert gateway.app is not None
+            memory = gateway.app[STORE]
+            assert isinstance(memory, MemoryStore)
+            view = MemoryView(memory)
         clients = {
             tenant: openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS[tenant], max_retries=0)
             for tenant in TENANTS
         }
-        fuzzer = Fuzzer(gateway, redis_client, simulator_url, key_prefix, tag, clients)
+        fuzzer = Fuzzer(gateway, view, simulator_url, key_prefix, tag, clients)
         try:
             _run(loop, fuzzer.populate())
             budget = settings(
-                max_examples=EXAMPLES,
+                max_examples=EXAMPLES[backend],
                 deadline=None,
                 derandomize=not LONG_MODE_EXAMPLES,
                 database=None,
@@ -935,6 +1042,8 @@ def test_no_input_gets_a_5xx_a_bare_error_or_leaves_a_trace(redis_server: str, k
             def every_request_is_answered_well(request: FuzzRequest) -> None:
                 _run(loop, fuzzer.run(request))
 
+            for plain in plain_requests(tag):
+                every_request_is_answered_well = example(request=plain)(every_request_is_answered_well)
             every_request_is_answered_well()
         finally:
 
