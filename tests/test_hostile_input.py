@@ -38,9 +38,10 @@ def two_tenant_settings(redis_url: str, simulator_url: str, key_prefix: str, **e
         {"tenant": tenant, "key_sha256": hashlib.sha256(key.encode()).hexdigest()}
         for tenant, key in (("a", KEY_A), ("b", KEY_B))
     ]
+    upstreams = extra.pop("upstreams", [{"name": "sim", "base_url": f"{simulator_url}/v1"}])
     return load_settings(
         storage={"url": redis_url, "key_prefix": key_prefix},
-        upstreams=[{"name": "sim", "base_url": f"{simulator_url}/v1", "max_retries": 0}],
+        upstreams=[{"max_retries": 0, **upstream} for upstream in upstreams],
         auth={"enabled": True, "keys": keys},
         **extra,
     )
