@@ -6,7 +6,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 CHAOS_SECONDS ?= 150
 
-.PHONY: run test test-chaos test-realmodel lint format simulate clean bench bench-setup
+.PHONY: run test test-chaos test-fuzz test-realmodel lint format simulate clean bench bench-setup
 
 $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
@@ -54,6 +54,12 @@ test: lint
 test-chaos: $(VENV)/.installed-dev
 	@.ci/ensure-redis-server
 	CHAOS_SECONDS=$(CHAOS_SECONDS) $(BIN)/pytest -s tests/test_chaos.py $(PYTEST_ARGS)
+
+## test-fuzz: the hostile-input fuzz test alone, longer (FUZZ_EXAMPLES random examples per store, default 3000)
+FUZZ_EXAMPLES ?= 3000
+test-fuzz: $(VENV)/.installed-dev
+	@.ci/ensure-redis-server
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -s tests/test_fuzz.py $(PYTEST_ARGS)
 
 # llama.cpp's server lives in a venv of its own: building it takes minutes, and the suite does not need it.
 LLAMA_VENV ?= .venv-llama
