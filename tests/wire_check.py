@@ -58,7 +58,8 @@ class WireCheck:
 
     def _written(self, response: web.StreamResponse) -> _Written | None:
         request = getattr(response, "_req", None)
-        if request is None or STORE not in request.app:
+        # A BaseRequest (aiohttp's own answer to what is not valid HTTP) has no app: not the gateway's writing.
+        if not isinstance(request, web.Request) or STORE not in request.app:
             return None  # not a gateway (the simulator, a test's own server)
         written = self.written.get(id(response))
         if written is None:
