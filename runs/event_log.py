@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from runs.metrics import RunMetrics
 from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, apply_event, stored_json
 from storage.base import Lease, LeaseLost, LogRewound, Store, StoreClosed, StoredEvent, StoreUnavailable
 from storage.status import TERMINAL_STATUSES
@@ -62,8 +63,10 @@ class EventLog:
         on_cancel_requested: Callable[[], None] | None = None,
         write_retry_seconds: float | None = None,
         publisher: EventPublisher | None = None,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self.lease = lease
         # Called when the store refuses a write because this instance no longer owns the response.
         self.on_lease_lost: Callable[[], None] | None = None
@@ -232,6 +235,8 @@ class EventLog:
                         self.on_lease_lost()
                     return
                 self.stored_through = batch[-1].sequence_number
+                if self._metrics is not None:
+                    self._metrics.stored(len(batch), status)
                 if self._publisher is not None:
                     self._publisher.publish(self._response_id, batch)
                 if cancel_requested and self.on_cancel_requested is not None:

@@ -16,6 +16,7 @@ from runs.event_log import EventLog, EventPublisher
 from runs.faults import FaultPoints
 from runs.ids import new_id
 from runs.items import Json
+from runs.metrics import RunMetrics
 from runs.run import ResponseRun, emit_terminal
 from runs.status import TERMINAL, ResponseStatus
 from runs.steering import resolve_after_end
@@ -80,10 +81,12 @@ class Lifecycle:
         faults: FaultPoints | None = None,
         *,
         publisher: EventPublisher | None = None,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self._store = store
         self.settings = settings
         self.faults = faults or FaultPoints()
+        self.metrics = metrics or RunMetrics()
         # Where the event logs of this process hand their stored events (its subscribers); None: nowhere, they
         # read everything from the store.
         self.publisher = publisher
@@ -97,6 +100,7 @@ class Lifecycle:
             next_sequence_number=next_sequence_number,
             lease=lease,
             publisher=self.publisher,
+            metrics=self.metrics,
         )
 
     # -- admit -------------------------------------------------------------------------------------------
@@ -105,6 +109,7 @@ class Lifecycle:
         """Store the response with its first events and its place in the run index (owned: the lease returned) or
         at the tail of the queue (None), in one step: it can never exist unindexed."""
         lease = await self._store.create_response(new)
+        self.metrics.admitted(len(new.events), queued=lease is None)
         await self.faults.reach("admit.created", new.response_id)
         return lease
 
