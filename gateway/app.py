@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.auth import Authenticator, auth_middleware
 from gateway.config import Settings
 from gateway.errors import MAX_BODY_BYTES, error_middleware
+from gateway.metrics import METRICS, GatewayMetrics
 from gateway.request_id import request_id_middleware, send_request_id
 from gateway.routes import compaction, conversations, health, input_tokens, models, responses, steering
 from gateway.state import FAULTS, LIVE_EVENTS, OWNERSHIP, ROUTER, RUN_MANAGER, SETTINGS, STORE
@@ -42,6 +43,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         replica_ack_timeout_ms=storage.replica_ack_timeout_ms,
     )
     faults = app.get(FAULTS)
+    store = app[METRICS].runs.measure(store)
     if faults is not None and faults.wrap_store is not None:
         store = faults.wrap_store(store)
     if storage.url.startswith("memory://"):
@@ -83,7 +85,11 @@ async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _live_events_ctx(app: web.Application) -> AsyncIterator[None]:
-    live = LiveEvents(app[STORE].open_event_feed(), buffer_events=app[SETTINGS].sse.subscriber_buffer_events)
+    live = LiveEvents(
+        app[STORE].open_event_feed(),
+        buffer_events=app[SETTINGS].sse.subscriber_buffer_events,
+        metrics=app[METRICS].runs,
+    )
     live.start()
     app[LIVE_EVENTS] = live
     yield
@@ -106,6 +112,7 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
         run_settings,
         app.get(FAULTS) or FaultPoints.from_environment(),
         publisher=app[LIVE_EVENTS],
+        metrics=app[METRICS].runs,
     )
     manager = RunManager(app[STORE], app[ROUTER], run_settings, lifecycle=lifecycle)
     manager.start()
@@ -148,14 +155,21 @@ async def drain(app: web.Application, hurry: asyncio.Event | None = None) -> Non
 def create_app(settings: Settings) -> web.Application:
     """A gateway application. Resources are opened on startup and closed on cleanup, in dependency order."""
     authenticator = Authenticator(settings.auth)
+    metrics = GatewayMetrics(settings.metrics)
     # aiohttp stops reading at client_max_size (Content-Length or chunked alike) and raises 413: a body is never
     # buffered beyond the limit.
     app = web.Application(
-        middlewares=[request_id_middleware, error_middleware, auth_middleware(authenticator)],
+        middlewares=[
+            metrics.middleware,
+            request_id_middleware,
+            error_middleware,
+            auth_middleware(authenticator, metrics.public_paths()),
+        ],
         client_max_size=settings.server.max_body_bytes,
     )
     app.on_response_prepare.append(send_request_id)
     app[SETTINGS] = settings
+    app[METRICS] = metrics
     app[MAX_BODY_BYTES] = settings.server.max_body_bytes
     app[SOCKET_COUNTS] = SocketCounts()
     if not settings.auth.enabled and settings.server.host not in LOOPBACK_HOSTS:
@@ -172,4 +186,5 @@ def create_app(settings: Settings) -> web.Application:
     steering.add_routes(app)
     models.add_routes(app)
     conversations.add_routes(app)
+    metrics.watch(app)
     return app
