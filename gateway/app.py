@@ -13,6 +13,7 @@ from gateway.access_log import access_log_middleware, note_sent_status
 from gateway.auth import Authenticator, auth_middleware
 from gateway.config import Settings, WebhooksConfig
 from gateway.errors import MAX_BODY_BYTES, error_middleware
+from gateway.metrics import METRICS, GatewayMetrics
 from gateway.request_id import request_id_middleware, send_request_id
 from gateway.routes import compaction, conversations, health, input_tokens, models, responses, steering
 from gateway.state import (
@@ -60,6 +61,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         replica_ack_timeout_ms=storage.replica_ack_timeout_ms,
     )
     faults = app.get(FAULTS)
+    store = app[METRICS].runs.measure(store)
     if faults is not None and faults.wrap_store is not None:
         store = faults.wrap_store(store)
     if storage.url.startswith("memory://"):
@@ -112,7 +114,11 @@ async def _upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _live_events_ctx(app: web.Application) -> AsyncIterator[None]:
-    live = LiveEvents(app[STORE].open_event_feed(), buffer_events=app[SETTINGS].sse.subscriber_buffer_events)
+    live = LiveEvents(
+        app[STORE].open_event_feed(),
+        buffer_events=app[SETTINGS].sse.subscriber_buffer_events,
+        metrics=app[METRICS].runs,
+    )
     live.start()
     app[LIVE_EVENTS] = live
     yield
@@ -136,13 +142,15 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
             max_chain_length=settings.limits.max_chain_length,
         ),
     )
-    webhooks = WebhookSender(app[STORE], app[WEBHOOK_SETTINGS]) if app[WEBHOOK_SETTINGS].endpoints else None
+    webhook_settings = app[WEBHOOK_SETTINGS]
+    webhooks = WebhookSender(app[STORE], webhook_settings, app[METRICS].runs) if webhook_settings.endpoints else None
     lifecycle = Lifecycle(
         app[STORE],
         run_settings,
         app.get(FAULTS) or FaultPoints.from_environment(),
         publisher=app[LIVE_EVENTS],
         webhooks=webhooks,
+        metrics=app[METRICS].runs,
     )
     tracer = app.get(TRACER)
     run_tracer = RunTracer(tracer) if tracer is not None else None
@@ -231,15 +239,17 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     from the settings; with tracing off nothing is traced, whatever is given."""
     authenticator = Authenticator(settings.auth)
     tracing = [trace_requests] if settings.tracing.enabled else []
+    metrics = GatewayMetrics(settings.metrics)
     # aiohttp stops reading at client_max_size (Content-Length or chunked alike) and raises 413: a body is never
     # buffered beyond the limit.
     app = web.Application(
         middlewares=[
             *tracing,
+            metrics.middleware,
             request_id_middleware,
             *([access_log_middleware] if settings.logging.access_log else []),
             error_middleware,
-            auth_middleware(authenticator),
+            auth_middleware(authenticator, metrics.public_paths()),
         ],
         client_max_size=settings.server.max_body_bytes,
     )
@@ -247,6 +257,7 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     if settings.logging.access_log:
         app.on_response_prepare.append(note_sent_status)
     app[SETTINGS] = settings
+    app[METRICS] = metrics
     app[MAX_BODY_BYTES] = settings.server.max_body_bytes
     app[SOCKET_COUNTS] = SocketCounts()
     app[WEBHOOK_SETTINGS] = webhook_settings(settings.webhooks)  # now: a missing secret fails the start
@@ -266,4 +277,5 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     steering.add_routes(app)
     models.add_routes(app)
     conversations.add_routes(app)
+    metrics.watch(app)
     return app

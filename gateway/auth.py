@@ -70,12 +70,13 @@ class Authenticator:
         return Principal(match.tenant, match.max_concurrent_runs, presented.strip())
 
 
-def auth_middleware(authenticator: Authenticator) -> Middleware:
-    """Sets request[PRINCIPAL] on every route but the probes; 401 (in the error envelope) when auth fails."""
+def auth_middleware(authenticator: Authenticator, public_paths: frozenset[str] = PUBLIC_PATHS) -> Middleware:
+    """Sets request[PRINCIPAL] on every route but the public ones (the probes, and /metrics unless configured
+    otherwise); 401 (in the error envelope) when auth fails."""
 
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in PUBLIC_PATHS:
+        if request.path not in public_paths:
             request[PRINCIPAL] = authenticator.authenticate(request.headers.get("Authorization"))
         return await handler(request)
 

@@ -257,6 +257,22 @@ class IdempotencyConfig(_Section):
     ttl_seconds: int = Field(86400, ge=1)
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics at `/metrics`: on the main port (no API key asked, like /healthz, unless `require_auth`),
+    or on a port of its own, never behind auth."""
+
+    enabled: bool = True
+    port: int | None = Field(None, ge=0, le=65535)  # None: served on the main port
+    host: str | None = None  # the address of `port`; None: server.host
+    require_auth: bool = False  # on the main port: ask for an API key like every /v1 route
+
+    @model_validator(mode="after")
+    def _auth_only_on_the_main_port(self) -> MetricsConfig:
+        if self.require_auth and self.port is not None:
+            raise ValueError("require_auth applies on the main port only: a separate port is never behind auth")
+        return self
+
+
 class SimulatorConfig(_Section):
     """The built-in simulated model, served when no upstream is configured."""
 
@@ -350,6 +366,7 @@ class Settings(BaseSettings):
     webhooks: WebhooksConfig = Field(default_factory=lambda: WebhooksConfig())
     limits: LimitsConfig = Field(default_factory=lambda: LimitsConfig())
     tracing: TracingConfig = Field(default_factory=lambda: TracingConfig())
+    metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig())
 
     @field_validator("upstreams")
     @classmethod

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
+from gateway.metrics import stream_clock
 from runs.errors import EventsLost
 from runs.status import TERMINAL_EVENT_TYPES
 from runs.store import StoredEvent
@@ -146,6 +147,7 @@ async def write_events(
     with its cursor."""
     last = -1
     watch = _StallWatch(request, settings.write_timeout_seconds)
+    clock = stream_clock(request)
 
     async def send(frame: bytes) -> None:
         watch.writing()
@@ -155,6 +157,7 @@ async def write_events(
     # Goes out with the first write: what a client needs before any event, not a write of its own.
     preamble = retry_preamble(settings.retry_ms)
     final = b""
+    final_batch: list[StoredEvent] = []
     try:
         async for batch in events:
             if batch is None:
@@ -165,20 +168,29 @@ async def write_events(
             frames = preamble + b"".join(event_frame(event) for event in batch)
             preamble = b""
             if batch[-1].type in TERMINAL_EVENT_TYPES:
-                final = frames  # the stream ends with it: written together with the end of the body below
+                final, final_batch = frames, batch  # the stream ends with it: written with the end of the body
                 last = batch[-1].sequence_number
                 break
             await send(frames)
+            clock.written(batch)
             last = batch[-1].sequence_number
         watch.writing()
         await response.write_eof(preamble + final)
+        if final_batch:
+            clock.written(final_batch)
+    except asyncio.CancelledError:  # the client left (aiohttp cancels its handler)
+        clock.dropped("stalled" if watch.cut else "disconnected")
+        raise
     except ConnectionResetError:
+        clock.dropped("stalled" if watch.cut else "disconnected")
         log.debug("subscriber gone after %d (cut off for stalling: %s)", last, watch.cut)
     except EventsLost as error:
+        clock.dropped("events_lost")
         log.warning("event stream ended after %d: %s", last, error.message)
         with contextlib.suppress(ConnectionResetError):
             await response.write_eof(error_frame(error.code or "events_lost", error.message))
     except Exception:
+        clock.dropped("error")
         log.exception("event stream broke after %d", last)
         try:
             await response.write_eof(error_frame("server_error", "The event stream was interrupted; reconnect."))

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from runs.metrics import RunMetrics
 from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, apply_event, stored_json
 from storage.base import (
     Lease,
@@ -72,8 +73,10 @@ class EventLog:
         write_retry_seconds: float | None = None,
         publisher: EventPublisher | None = None,
         outbox: Callable[[str], Sequence[OutboxEntry]] | None = None,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         # The webhook deliveries the response owes if it ends with a given status (runs/webhooks.py): written by
         # the append of its terminal event, in the same step. Made once: a retried append must be the same.
         self._outbox = outbox
@@ -246,6 +249,8 @@ class EventLog:
                         self.on_lease_lost()
                     return
                 self.stored_through = batch[-1].sequence_number
+                if self._metrics is not None:
+                    self._metrics.stored(len(batch), status)
                 if self._publisher is not None:
                     self._publisher.publish(self._response_id, batch)
                 if cancel_requested and self.on_cancel_requested is not None:

@@ -18,6 +18,7 @@ from runs.faults import FaultPoints
 from runs.history import HistoryBounds
 from runs.ids import new_id
 from runs.items import Json
+from runs.metrics import RunMetrics
 from runs.run import ResponseRun, emit_terminal
 from runs.status import TERMINAL, ResponseStatus
 from runs.steering import resolve_after_end
@@ -89,12 +90,14 @@ class Lifecycle:
         *,
         publisher: EventPublisher | None = None,
         webhooks: WebhookSender | None = None,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self._store = store
         # Told of the webhook deliveries a response owes when it ends; None: no endpoint configured.
         self.webhooks = webhooks
         self.settings = settings
         self.faults = faults or FaultPoints()
+        self.metrics = metrics or RunMetrics()
         # Where the event logs of this process hand their stored events (its subscribers); None: nowhere, they
         # read everything from the store.
         self.publisher = publisher
@@ -109,6 +112,7 @@ class Lifecycle:
             lease=lease,
             publisher=self.publisher,
             outbox=None if self.webhooks is None else self.webhooks.outbox_for(snapshot, tenant),
+            metrics=self.metrics,
         )
 
     # -- admit -------------------------------------------------------------------------------------------
@@ -117,6 +121,7 @@ class Lifecycle:
         """Store the response with its first events and its place in the run index (owned: the lease returned) or
         at the tail of the queue (None), in one step: it can never exist unindexed."""
         lease = await self._store.create_response(new)
+        self.metrics.admitted(len(new.events), queued=lease is None)
         await self.faults.reach("admit.created", new.response_id)
         return lease
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from runs.metrics import RunMetrics
 from storage.base import EventFeed, StoredEvent
 
 log = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class LiveSubscription:
     buffer: deque[StoredEvent] = field(default_factory=deque)
     lagged: bool = False
     closed: bool = False
+    on_lagged: Callable[[], None] | None = None  # told each time the buffer is dropped
     # What `next` waits on while the buffer is empty. A bare future and a timer, not `asyncio.wait_for` on an
     # Event: that makes a Task per wait, and at a model's pace every event is a wait.
     _waiter: asyncio.Future[None] | None = None
@@ -51,6 +54,8 @@ class LiveSubscription:
             self.lagged = True
             self.buffer.clear()
             self.wake()
+            if self.on_lagged is not None:
+                self.on_lagged()
             return
         self.buffer.append(event)
         self.wake()
@@ -120,8 +125,11 @@ class LiveEvents:
     single feed read. A response whose writer here stops without ending it (handed over, lease lost) goes back to
     the feed from where its subscribers are."""
 
-    def __init__(self, feed: EventFeed, *, buffer_events: int = 1024, wait_ms: int = 5_000) -> None:
+    def __init__(
+        self, feed: EventFeed, *, buffer_events: int = 1024, wait_ms: int = 5_000, metrics: RunMetrics | None = None
+    ) -> None:
         self._feed = feed
+        self._on_lagged = None if metrics is None else functools.partial(metrics.subscriber_dropped, "lagged")
         self._buffer_events = buffer_events
         self._wait_ms = wait_ms
         self._watches: dict[str, _Watch] = {}
@@ -155,13 +163,20 @@ class LiveEvents:
     def watched(self) -> int:
         return len(self._watches)
 
+    @property
+    def subscriber_count(self) -> int:
+        """Subscribers here now (streams, and synchronous requests waiting for their response's end)."""
+        return sum(len(watch.subscribers) for watch in self._watches.values())
+
     def subscribe(self, response_id: str) -> LiveSubscription:
         """Start buffering events of `response_id`: every event this process stores after this call reaches the
         subscription at once; events stored by other instances reach it once `follow` says from where (events the
         subscriber has may arrive too; it skips them). The client's own cursor is not the watch's: only a point a
         follower has actually read the store up to is (see follow), so no cursor a client makes up, however far
         past the end, can hold back another subscriber or the feed's read."""
-        subscription = LiveSubscription(response_id, self._buffer_events, closed=self._closed)
+        subscription = LiveSubscription(
+            response_id, self._buffer_events, closed=self._closed, on_lagged=self._on_lagged
+        )
         watch = self._watches.get(response_id)
         if watch is None:
             self._watches[response_id] = _Watch(-1, {subscription})

@@ -204,7 +204,8 @@ class RunManager:
         # it. Nothing it sends is emitted before the response is stored (see HeadStart).
         head_start = None
         if not queued and idempotency is None and not needs_history(request) and compaction is None:
-            head_start = HeadStart(provider_call(trace, upstream, provider_body, upstream.spec.call_key(api_key)))
+            call_key = upstream.spec.call_key(api_key)
+            head_start = HeadStart(provider_call(trace, upstream, provider_body, call_key, self.lifecycle.metrics))
         if not queued:
             self._slots.take(tenant)
         admitting = self._admit(
@@ -299,6 +300,7 @@ class RunManager:
         if idempotency is not None:
             holder = await claim_key(self._store, idempotency, record.response_id)
             if holder is not None:
+                self.lifecycle.metrics.idempotent_replays.inc()
                 return Admission(holder, run=None, replayed=True)
             await self.lifecycle.faults.reach("admit.key_claimed", record.response_id)
         # Where admit() could not send the provider call yet, it goes out now, in parallel with the store's round
@@ -307,7 +309,7 @@ class RunManager:
         # reach the provider once.
         if head_start is None and not queued and turn is None and compaction is None and takes_steers is None:
             api_key = upstream.spec.call_key(caller.api_key)
-            head_start = HeadStart(provider_call(trace, upstream, provider_body, api_key))
+            head_start = HeadStart(provider_call(trace, upstream, provider_body, api_key, self.lifecycle.metrics))
         # Undone on any failure from here on, the create included: its reply may have been lost after it ran
         # (undoing what does not exist changes nothing).
         try:
@@ -412,6 +414,7 @@ class RunManager:
             api_key=caller.api_key,
             request_id=caller.request_id,
             faults=self.lifecycle.faults,
+            metrics=self.lifecycle.metrics,
             head_start=head_start,
             compaction=compaction,
             trace=trace,

@@ -148,4 +148,5 @@ class Ownership:
         needs_slot = self._lifecycle.will_run(record)
         if needs_slot and not self._manager.try_take_slot():
             return  # it may need a run slot; an instance with room will take it
-        await self._manager.take_over(response_id, needs_slot=needs_slot)
+        if await self._manager.take_over(response_id, needs_slot=needs_slot):
+            self._lifecycle.metrics.taken_over(record.lease_until_ms)

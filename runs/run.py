@@ -12,6 +12,7 @@ from runs.compaction import CompactedTurn, CompactionDue, compact_turn
 from runs.event_log import EventLog
 from runs.faults import FaultPoints
 from runs.ids import new_id
+from runs.metrics import RunMetrics
 from runs.request import CreateResponseRequest
 from runs.snapshot import LIFECYCLE_EVENT_TYPES, Json, upstream_reported, with_notes
 from runs.status import STATUS_EVENT_TYPE, TERMINAL, ResponseStatus, check_transition
@@ -53,6 +54,7 @@ class ResponseRun:
         api_key: str | None = None,
         request_id: str | None = None,
         faults: FaultPoints | None = None,
+        metrics: RunMetrics | None = None,
         head_start: HeadStart | None = None,
         compaction: CompactionDue | None = None,
         trace: RunTrace | None = None,
@@ -92,6 +94,7 @@ class ResponseRun:
         self.failure: UpstreamFailure | None = None
         self.emitted_output = False
         self._faults = faults or FaultPoints()
+        self._metrics = metrics
 
     @property
     def snapshot(self) -> dict[str, Any]:
@@ -257,7 +260,7 @@ class ResponseRun:
             api_key = self._upstream.spec.call_key(self._api_key)
             if self._compaction is not None:
                 await self._compact_first(self._compaction, api_key)
-            stream = provider_call(self._trace, self._upstream, self._upstream_body, api_key)
+            stream = provider_call(self._trace, self._upstream, self._upstream_body, api_key, self._metrics)
         async with contextlib.aclosing(stream) as batches:
             async for events in batches:
                 for event in events:

@@ -23,6 +23,7 @@ from opentelemetry.trace import Span, SpanKind, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
+from runs.metrics import RunMetrics
 from runs.upstream.base import ProviderAnswer, Upstream, UpstreamFailure, UpstreamSpec
 from runs.upstream.retry import stream_with_retries
 
@@ -114,10 +115,12 @@ class RunTrace:
             {RESPONSE_ID: response_id, "gen_ai.request.model": model, RUN_BACKGROUND: background}
         )
 
-    def model_call(self, upstream: Upstream, body: dict[str, Any], api_key: str | None) -> AsyncGenerator[Batch, None]:
+    def model_call(
+        self, upstream: Upstream, body: dict[str, Any], api_key: str | None, metrics: RunMetrics | None = None
+    ) -> AsyncGenerator[Batch, None]:
         """The provider call (`stream_with_retries`) as a child span of the run's, W3C `traceparent` sent."""
         parent = trace.set_span_in_context(self._run_span())
-        return ModelCall(self._tracer, parent, upstream.spec, body).stream(upstream, body, api_key)
+        return ModelCall(self._tracer, parent, upstream.spec, body).stream(upstream, body, api_key, metrics)
 
     def ended(self, status: str, *, failure: UpstreamFailure | None = None, abandoned: bool = False) -> None:
         """The run is over here: ended with `status`, or `abandoned` to another instance."""
@@ -167,7 +170,7 @@ class ModelCall:
         self.headers: dict[str, str] = {}
 
     async def stream(
-        self, upstream: Upstream, body: dict[str, Any], api_key: str | None
+        self, upstream: Upstream, body: dict[str, Any], api_key: str | None, metrics: RunMetrics | None = None
     ) -> AsyncGenerator[Batch, None]:
         # The span starts at the first step, as the call goes out, and ends with the stream: read to its end,
         # failed, or closed by the run (at the terminal event, or early: a cancel, steering, a dropped admission).
@@ -176,7 +179,7 @@ class ModelCall:
         _PROPAGATOR.inject(self.headers, context=trace.set_span_in_context(span))
         ended_by: BaseException | None = None
         try:
-            async with contextlib.aclosing(stream_with_retries(upstream, body, api_key, self)) as batches:
+            async with contextlib.aclosing(stream_with_retries(upstream, body, api_key, self, metrics)) as batches:
                 async for batch in batches:
                     yield batch
         except BaseException as error:
@@ -239,9 +242,14 @@ def _error_type(error: BaseException) -> str:
 
 
 def provider_call(
-    trace: RunTrace | None, upstream: Upstream, body: dict[str, Any], api_key: str | None
+    trace: RunTrace | None,
+    upstream: Upstream,
+    body: dict[str, Any],
+    api_key: str | None,
+    metrics: RunMetrics | None = None,
 ) -> AsyncGenerator[Batch, None]:
-    """A run's provider call, with its retries: traced as a child of the run's span when the run is traced."""
+    """A run's provider call, with its retries: traced as a child of the run's span when the run is traced, and
+    counted in `metrics`."""
     if trace is None:
-        return stream_with_retries(upstream, body, api_key)
-    return trace.model_call(upstream, body, api_key)
+        return stream_with_retries(upstream, body, api_key, metrics=metrics)
+    return trace.model_call(upstream, body, api_key, metrics)

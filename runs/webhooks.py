@@ -28,6 +28,7 @@ import aiohttp
 import orjson
 
 from runs.items import Json
+from runs.metrics import RunMetrics, WebhookResult
 from storage.base import OutboxEntry, Store, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,6 @@ def retry_delay(age_seconds: float, settings: WebhookSettings) -> float:
     return delay * random.uniform(0.8, 1.2)
 
 
-DeliveryObserver = Callable[[str, float], None]
-
-
 @dataclass
 class WebhookSender:
     """This instance's sender: it answers which deliveries an ending response owes, and delivers what the outbox
@@ -138,8 +136,8 @@ class WebhookSender:
 
     store: Store
     settings: WebhookSettings
-    # Told of each attempt's outcome (`delivered`, `retried`, `given_up`) and its age in seconds: the metrics.
-    observe: DeliveryObserver | None = None
+    # Each attempt's outcome, and for a delivered one how long after the end (`gateway_webhook_deliveries_total`).
+    metrics: RunMetrics | None = None
     _endpoints: dict[str, WebhookEndpoint] = field(init=False)
     _wake: asyncio.Event = field(init=False, default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = field(init=False, default=None)
@@ -286,6 +284,6 @@ class WebhookSender:
                 entry.response_id,
             )
 
-    def _observed(self, result: str, age: float) -> None:
-        if self.observe is not None:
-            self.observe(result, age)
+    def _observed(self, result: WebhookResult, age: float) -> None:
+        if self.metrics is not None:
+            self.metrics.webhook_delivery(result, age if result == "delivered" else None)

@@ -17,6 +17,7 @@ from gateway.state import STORE
 from storage.keys import KeySpace
 from storage.redis import RedisStore
 from tests.conftest import serve_gateway
+from tests.lifecycle_checks import real_store
 
 
 def acks_settings(storage_url: str, simulator_url: str, key_prefix: str) -> Any:
@@ -41,7 +42,7 @@ async def test_a_terminal_event_waits_for_a_replica(
     on_cluster = isinstance(shared_redis_client, RedisClusterClient)
     async with serve_gateway(acks_settings(shared_redis_url, simulator_url, key_prefix)) as gateway:
         assert gateway.app is not None
-        store = gateway.app[STORE]
+        store = real_store(gateway.app[STORE])
         assert isinstance(store, RedisStore)
         response = await gateway.client.responses.create(model="sim-1", input="wait for a replica")
         assert response.status == "completed"

@@ -30,6 +30,7 @@ from tests.conftest import (
     serve_gateway,
 )
 from tests.helpers import keys_with_prefix, sdk_for
+from tests.test_metrics import scrape, value
 
 SECRET_ENV = "TEST_WEBHOOK_SECRET"
 FAST = {"poll_seconds": 0.1, "first_retry_seconds": 0.3, "timeout_seconds": 2.0}
@@ -148,6 +149,9 @@ async def test_a_failed_attempt_is_retried_with_the_same_webhook_id(
         await eventually(receiver.delivered, within=10)
         await asyncio.sleep(0.5)
         assert [key for key in await keys_with_prefix(shared_redis_client, key_prefix) if b"webhooks" in key] == []
+        samples = await scrape(gateway.http)  # the delivery's status, in the metrics
+        deliveries = "gateway_webhook_deliveries_total"
+        assert (value(samples, deliveries, result="retried"), value(samples, deliveries, result="delivered")) == (1, 1)
     assert [headers["x-answered"] for headers, _ in receiver.attempts] == ["500", "200"]
     (first, first_body), (second, second_body) = receiver.attempts
     assert first["webhook-id"] == second["webhook-id"]
