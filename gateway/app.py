@@ -166,10 +166,14 @@ async def _runs_ctx(app: web.Application) -> AsyncIterator[None]:
         log.info("webhooks: background responses that end are announced to %s", names)
     log.info("instance %s: up to %d concurrent runs", run_settings.instance_id, run_settings.max_concurrent)
     yield
-    await ownership.close()
-    await manager.close()
-    if webhooks is not None:
-        await webhooks.close()
+    try:
+        await ownership.close()
+        await manager.close()
+    finally:
+        # Last: runs ended while closing owe theirs too. What is still owed stays in a shared store's outbox
+        # for the other instances (the embedded store's ends with the process).
+        if webhooks is not None:
+            await webhooks.close()
 
 
 async def drain(app: web.Application, hurry: asyncio.Event | None = None) -> None:
@@ -209,9 +213,10 @@ def tenant_run_limits(settings: Settings) -> dict[str, int]:
     return {tenant: limit for tenant, limit in limits.items() if limit is not None}
 
 
-def webhook_settings(config: WebhooksConfig) -> WebhookSettings:
+def webhook_settings(config: WebhooksConfig, retention_seconds: int) -> WebhookSettings:
     """The sender's settings, with each endpoint's secret read from its environment variable (ConfigError if
-    unset)."""
+    unset). A delivery is given up by the store's retention at the latest: the outbox, like every key, expires
+    with it."""
     endpoints = tuple(
         WebhookEndpoint(
             name=endpoint.name,
@@ -228,7 +233,7 @@ def webhook_settings(config: WebhooksConfig) -> WebhookSettings:
         timeout_seconds=config.timeout_seconds,
         first_retry_seconds=config.first_retry_seconds,
         max_retry_seconds=config.max_retry_seconds,
-        give_up_after_seconds=config.give_up_after_seconds,
+        give_up_after_seconds=min(config.give_up_after_seconds, retention_seconds),
         max_in_flight=config.max_in_flight,
     )
 
@@ -260,7 +265,9 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     app[METRICS] = metrics
     app[MAX_BODY_BYTES] = settings.server.max_body_bytes
     app[SOCKET_COUNTS] = SocketCounts()
-    app[WEBHOOK_SETTINGS] = webhook_settings(settings.webhooks)  # now: a missing secret fails the start
+    app[WEBHOOK_SETTINGS] = webhook_settings(
+        settings.webhooks, settings.storage.retention_seconds
+    )  # now: a missing secret fails the start
     if not settings.auth.enabled and settings.server.host not in LOOPBACK_HOSTS:
         log.warning(
             "!!! auth is disabled and the gateway listens on %s: anyone who can reach it can use your upstream "

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from gateway.auth import PRINCIPAL
 from gateway.config import WebSocketConfig
 from gateway.errors import invalid_body, store_unavailable
+from gateway.json_depth import MAX_JSON_DEPTH, nesting_depth
 from gateway.state import LIVE_EVENTS, ROUTER, RUN_MANAGER, SETTINGS, STORE
 from gateway.websocket_frames import (
     CREATE,
@@ -225,6 +226,10 @@ class ResponsesSocket:
             return
         kind = event.get("type") if isinstance(event, dict) else None
         try:
+            if nesting_depth(event) > MAX_JSON_DEPTH:
+                raise InvalidRequest(
+                    f"The message is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json"
+                )
             if kind == CREATE:
                 self._queue(_Create(event), stream_id_of(event))
             elif kind == STEER:

@@ -524,7 +524,8 @@ class RunManager:
         next_number = record.last_sequence_number + 1
         compaction = compaction_due(request, body)
         # The slot taken for whatever the sweep would find now counts against the response's tenant, so that its
-        # later requests see this run too (synchronously: no admission can slip in between).
+        # later requests see this run too. (The sweep checked the tenant's limit before claiming; an admission of
+        # the same tenant during the claim's awaits can put it one over, for this run's length.)
         self._slots.give_back(SWEPT)
         self._slots.take(record.tenant)
         # Not started by the request that admitted it (queued, or taken over): a trace of its own (runs/tracing.py).

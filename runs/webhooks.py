@@ -29,7 +29,7 @@ import orjson
 
 from runs.items import Json
 from runs.metrics import RunMetrics, WebhookResult
-from storage.base import OutboxEntry, Store, StoreUnavailable
+from storage.base import OutboxEntry, Store
 
 log = logging.getLogger(__name__)
 
@@ -174,20 +174,24 @@ class WebhookSender:
         self._wake.set()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._http is not None:
-            await self._http.close()
+        try:
+            if self._task is not None:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            if self._http is not None:
+                await self._http.close()
 
     async def _deliver_forever(self) -> None:
         claim_ms = int((2 * self.settings.timeout_seconds + CLAIM_MARGIN_SECONDS) * 1000)
         while True:
             try:
                 due = await self.store.due_webhooks(self.settings.max_in_flight, claim_ms=claim_ms)
-            except StoreUnavailable as error:
-                log.warning("webhook outbox unreachable (%s); trying again", error)
+            except Exception as error:
+                # Unreachable, or answering with an error (a Redis still LOADING its AOF, READONLY after a
+                # failover): the sender goes on, whatever the store said; what is owed stays in the outbox.
+                log.warning("webhook outbox unreadable (%s); trying again", error)
                 due = []
             if due:
                 await asyncio.gather(*(self._deliver(entry) for entry in due))
@@ -207,13 +211,19 @@ class WebhookSender:
         endpoint = self._endpoints.get(delivery.endpoint)
         age = max(time.time() - delivery.created_at, 0.0)
         if endpoint is None:
-            log.warning(
-                "webhook %s for %s: endpoint %r is no longer configured; dropping it",
-                delivery.webhook_id,
-                delivery.response_id,
-                delivery.endpoint,
-            )
-            await self._settle(entry, done=True)
+            # Another instance may know it (a rolling deploy that adds one): left for it, not deleted; given up
+            # only as any delivery is, once it has been owed for give_up_after_seconds.
+            if age >= self.settings.give_up_after_seconds:
+                log.error(
+                    "webhook %s for %s: endpoint %r unknown here; given up",
+                    delivery.webhook_id,
+                    delivery.response_id,
+                    delivery.endpoint,
+                )
+                self._observed("given_up", age)
+                await self._settle(entry, done=True)
+            else:
+                await self._settle(entry, done=False, delay_seconds=self.settings.max_retry_seconds)
             return
         outcome = await self._attempt(delivery, endpoint)
         if outcome is None:
@@ -268,7 +278,8 @@ class WebhookSender:
                 await reply.read()
                 return None if 200 <= reply.status < 300 else f"HTTP {reply.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            return type(error).__name__ + (f": {error}" if str(error) else "")
+            # The kind only: an error's text can quote the endpoint's URL, credentials in its query included.
+            return type(error).__name__
 
     async def _settle(self, entry: OutboxEntry, *, done: bool, delay_seconds: float = 0.0) -> None:
         """Record the attempt's outcome; a store that cannot take it leaves the entry claimed, due again later."""
@@ -277,7 +288,7 @@ class WebhookSender:
                 await self.store.webhook_done(entry)
             else:
                 await self.store.retry_webhook(entry, delay_ms=int(delay_seconds * 1000))
-        except StoreUnavailable as error:
+        except Exception as error:  # as in the loop: any store failure leaves the entry claimed, due again later
             log.warning(
                 "webhook outbox unreachable (%s); the webhook of %s is due again when its claim lapses",
                 error,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -34,6 +35,7 @@ class RedisWebhookOutbox:
 
     def _register_webhook_scripts(self) -> None:
         self._outbox_script = LuaScript.of(load_lua("webhook_outbox.lua"))
+        self._outbox_rotation = itertools.count()
 
     @unavailable_on_connection_error
     async def due_webhooks(self, limit: int, *, claim_ms: int) -> list[OutboxEntry]:
@@ -51,7 +53,13 @@ class RedisWebhookOutbox:
             if isinstance(reply, Exception):
                 raise reply
             entries += (_entry(member) for member in reply)
-        return entries[:limit]
+        # Each shard claimed up to `limit`; what is beyond it in all is handed back at once, due for anyone, rather
+        # than held for a whole claim nobody works on. The shards' order rotates, so none always goes last.
+        start = next(self._outbox_rotation) % SHARDS if entries else 0
+        entries.sort(key=lambda entry: (shard_of(entry.response_id) - start) % SHARDS)
+        taken, surplus = entries[:limit], entries[limit:]
+        await asyncio.gather(*(self.retry_webhook(entry, delay_ms=0) for entry in surplus))
+        return taken
 
     @unavailable_on_connection_error
     async def webhook_done(self, entry: OutboxEntry) -> None:

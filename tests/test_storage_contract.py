@@ -245,6 +245,24 @@ async def test_webhooks_owed_enter_the_outbox_only_with_a_stored_terminal_event(
     assert await store.due_webhooks(10, claim_ms=60_000) == []
 
 
+async def test_more_webhooks_due_than_a_sender_takes_stay_due_for_the_next(store: Store) -> None:
+    owed = []
+    for shard in range(0, 40, 4):  # ten responses, each in a shard of its own
+        response_id = with_shard("resp_whmany_00", shard)
+        await store.create_response(new_response(response_id, events=1))
+        entry = OutboxEntry(response_id, b'{"endpoint":"a"}')
+        owed.append(entry)
+        closing = [event(1, "response.completed")]
+        await store.append_events(response_id, closing, snapshot=b"{}", status="completed", lease=LEASE, outbox=[entry])
+    taken: list[OutboxEntry] = []
+    for _ in range(5):
+        batch = await store.due_webhooks(2, claim_ms=60_000)
+        assert len(batch) == 2
+        taken += batch
+    assert sorted(taken, key=lambda entry: entry.response_id) == sorted(owed, key=lambda entry: entry.response_id)
+    assert await store.due_webhooks(2, claim_ms=60_000) == []
+
+
 async def test_append_reports_a_requested_cancel(store: Store) -> None:
     await store.create_response(new_response("resp_cx", events=1))
     assert await store.append_events("resp_cx", [event(1)], snapshot=b"{}", status="in_progress", lease=LEASE) is False

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import secrets
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +18,14 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from redis.exceptions import ResponseError
 
 from gateway.app import create_app
 from gateway.config import ConfigError
 from runs.faults import KILL_AT_ENV
+from runs.webhooks import Delivery, WebhookEndpoint, WebhookSender, WebhookSettings, event_id
+from storage.base import OutboxEntry, StoredEvent
+from storage.memory import MemoryStore
 from tests.conftest import (
     Gateway,
     GatewayProcess,
@@ -31,6 +36,7 @@ from tests.conftest import (
 )
 from tests.helpers import keys_with_prefix, sdk_for
 from tests.test_metrics import scrape, value
+from tests.test_storage_contract import LEASE, new_response
 
 SECRET_ENV = "TEST_WEBHOOK_SECRET"
 FAST = {"poll_seconds": 0.1, "first_retry_seconds": 0.3, "timeout_seconds": 2.0}
@@ -238,3 +244,33 @@ def test_an_endpoint_without_its_secret_or_with_a_bad_one_stops_the_start(
         gateway_settings(
             storage_url="memory://", simulator_url=simulator_url, webhooks={"endpoints": [endpoint("ftp://x")]}
         )
+
+
+async def test_the_sender_outlives_a_store_that_answers_with_errors(receiver: Receiver, secret: str) -> None:
+    """A Redis still loading its AOF, or read-only after a failover, answers with an error reply: the sender
+    goes on and delivers once the store answers again."""
+    store = MemoryStore(retention_seconds=60)
+    await store.create_response(new_response("resp_flaky", events=1))
+    completed = "response.completed"
+    entry = Delivery("hook", event_id("resp_flaky", completed), completed, "resp_flaky", int(time.time())).entry()
+    done = [StoredEvent(1, "response.completed", b"{}")]
+    await store.append_events("resp_flaky", done, snapshot=b"{}", status="completed", lease=LEASE, outbox=[entry])
+    failures = [ResponseError("LOADING Redis is loading the dataset in memory")] * 3
+
+    class Flaky:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(store, name)
+
+        async def due_webhooks(self, limit: int, *, claim_ms: int) -> list[OutboxEntry]:
+            if failures:
+                raise failures.pop()
+            return await store.due_webhooks(limit, claim_ms=claim_ms)
+
+    settings = WebhookSettings(endpoints=(WebhookEndpoint("hook", receiver.url, secret),), poll_seconds=0.05)
+    sender = WebhookSender(Flaky(), settings)  # type: ignore[arg-type]
+    sender.start()
+    try:
+        await eventually(receiver.delivered, within=10)
+    finally:
+        await sender.close()
+    assert failures == []

@@ -247,6 +247,13 @@ async def test_bad_frames_get_error_events_and_the_socket_stays_open(
                 ),
                 ('{"type": "response.create", "input": "no model"}', {"param": "model"}),
                 ('{"type": "response.resume", "response_id": "resp_nope"}', {"param": "response_id"}),
+                (  # nested past what any later step could serialise: refused as it is parsed
+                    '{"type": "response.create", "model": "sim-1", "input": "x", "metadata": '
+                    + '{"a":' * 70
+                    + "1"
+                    + "}" * 71,
+                    {"code": "invalid_json"},
+                ),
             ]
             for frame, expected in frames:
                 await socket.send_str(frame)

@@ -17,6 +17,7 @@ from gateway.access_log import RESPONSE_ID
 from gateway.auth import PRINCIPAL
 from gateway.cursors import is_cursor_part
 from gateway.errors import invalid_body, json_response, raw_json_response, upstream_refusal
+from gateway.json_depth import MAX_JSON_DEPTH, nesting_depth
 from gateway.pagination import PageQuery
 from gateway.request_id import request_id_of
 from gateway.sse import StreamSettings, open_stream, write_events
@@ -32,15 +33,14 @@ from runs.subscription import check_resume_point, follow_events, until_ended, wa
 log = logging.getLogger(__name__)
 
 REPLAYED_HEADER = "Idempotent-Replayed"
-# How deep a request body's arrays and objects may nest: far more than any SDK body needs (a tool's JSON schema
-# included), far less than what breaks a recursive step later.
-MAX_JSON_DEPTH = 64
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 400 that says what is wrong with it."""
     server = request.app[SETTINGS].server
-    length = request.content_length if request.content_length is not None else server.max_body_bytes
+    # The body's length as far as it can be: a Content-Length past the limit (a lie, or a body refused anyway)
+    # gains no time.
+    length = min(request.content_length or server.max_body_bytes, server.max_body_bytes)
     try:
         # A floor on the body's pace: a client that stops half-way does not hold the request forever.
         async with asyncio.timeout(server.body_timeout_seconds + length / server.min_body_bytes_per_second):
@@ -69,23 +69,6 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
             f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep.", code="invalid_json"
         )
     return body
-
-
-def nesting_depth(value: Any) -> int:
-    """How deep arrays and objects nest in a parsed JSON value (a scalar is 0), without recursion: every later
-    step (validation, folding, the provider's body) recurses, so depth is bounded once, here."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is None:
-            continue
-        deepest = max(deepest, depth)
-        if depth > MAX_JSON_DEPTH:
-            return depth  # deep enough to refuse: no need to walk the rest
-        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
-    return deepest
 
 
 def query_flag(request: web.Request, name: str) -> bool:
