@@ -35,6 +35,7 @@ from gateway.state import STORE
 from storage.memory import MemoryStore
 from tests.conftest import Gateway, serve_gateway, simulator_process
 from tests.helpers import keys_with_prefix, sim_stats
+from tests.lifecycle_checks import real_store
 from tests.test_hostile_input import KEY_A, KEY_B, two_tenant_settings
 
 T = TypeVar("T")
@@ -1009,20 +1010,21 @@ def test_no_input_gets_a_5xx_a_bare_error_or_leaves_a_trace(backend: str, redis_
         served = serve_gateway(fuzz_settings(storage_url, simulator_url, key_prefix))
         gateway = _run(loop, served.__aenter__())
         redis_client = aioredis.Redis.from_url(redis_server)
-        view: StoreView
-        if backend == "redis":
-            view = RedisView(redis_client, key_prefix)
-        else:
-            assert gateway.app is not None
-            memory = gateway.app[STORE]
-            assert isinstance(memory, MemoryStore)
-            view = MemoryView(memory)
-        clients = {
-            tenant: openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS[tenant], max_retries=0)
-            for tenant in TENANTS
-        }
-        fuzzer = Fuzzer(gateway, view, simulator_url, key_prefix, tag, clients)
+        clients: dict[str, openai.AsyncOpenAI] = {}
         try:
+            view: StoreView
+            if backend == "redis":
+                view = RedisView(redis_client, key_prefix)
+            else:
+                assert gateway.app is not None
+                memory = real_store(gateway.app[STORE])  # under the metrics' timing wrapper
+                assert isinstance(memory, MemoryStore)
+                view = MemoryView(memory)
+            clients = {
+                tenant: openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=KEYS[tenant], max_retries=0)
+                for tenant in TENANTS
+            }
+            fuzzer = Fuzzer(gateway, view, simulator_url, key_prefix, tag, clients)
             _run(loop, fuzzer.populate())
             budget = settings(
                 max_examples=EXAMPLES[backend],
