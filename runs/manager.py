@@ -463,11 +463,12 @@ class RunManager:
         limit = self.settings.tenant_run_limits.get(tenant)
         return limit is not None and self._slots.by_tenant[tenant] >= limit
 
-    def try_take_slot(self) -> bool:
-        """Take a run slot for a response about to be claimed, if there is one free."""
-        if self.free_capacity == 0:
+    def try_take_slot(self, tenant: str = SWEPT) -> bool:
+        """Take a run slot for a response about to be claimed, if there is one free (and, for a known `tenant`,
+        if it is under its limit): checked and taken in one step, so no admission of that tenant slips between."""
+        if self.free_capacity == 0 or (tenant != SWEPT and self.tenant_at_limit(tenant)):
             return False
-        self._slots.take(SWEPT)
+        self._slots.take(tenant)
         return True
 
     def give_back_slot(self, tenant: str = SWEPT) -> None:
@@ -483,10 +484,10 @@ class RunManager:
         if self.queue_waiting or asyncio.get_running_loop().time() - self.queue_checked_at >= QUEUE_RECHECK_SECONDS:
             self.capacity_freed.set()
 
-    async def take_over(self, response_id: str, *, needs_slot: bool) -> bool:
+    async def take_over(self, response_id: str, *, needs_slot: bool, slot_tenant: str = SWEPT) -> bool:
         """Claim `response_id` (queued, or orphaned) and end it or run it, as its stored state says. With
-        `needs_slot`, a slot was taken for it by the caller (and is given back unless a run starts). False when
-        it could not be claimed (someone else holds it, or it has ended or gone)."""
+        `needs_slot`, a slot was taken for it by the caller, counted against `slot_tenant` (given back unless a run
+        starts). False when it could not be claimed (someone else holds it, or it has ended or gone)."""
         started = False
         try:
             claimed = await self.lifecycle.claim(response_id)
@@ -494,13 +495,13 @@ class RunManager:
                 return False
             record, lease = claimed
             if await self.lifecycle.take_over(record, lease) == TakeOver.RESUME:
-                started = await self._resume(record, lease)
+                started = await self._resume(record, lease, slot_tenant)
             return True
         finally:
             if needs_slot and not started:
-                self.give_back_slot()
+                self.give_back_slot(slot_tenant)
 
-    async def _resume(self, record: ResponseRecord, lease: Lease) -> bool:
+    async def _resume(self, record: ResponseRecord, lease: Lease, slot_tenant: str = SWEPT) -> bool:
         """Run a response this instance has just claimed: a queued one starting, or one whose owner died before
         it emitted any output, restarting (its stream simply goes on from its last event). One that can no longer
         run ends `failed`. True when a run started."""
@@ -523,11 +524,12 @@ class RunManager:
         caller = _Caller(record.tenant, None)
         next_number = record.last_sequence_number + 1
         compaction = compaction_due(request, body)
-        # The slot taken for whatever the sweep would find now counts against the response's tenant, so that its
-        # later requests see this run too. (The sweep checked the tenant's limit before claiming; an admission of
-        # the same tenant during the claim's awaits can put it one over, for this run's length.)
-        self._slots.give_back(SWEPT)
-        self._slots.take(record.tenant)
+        # The run counts against the response's tenant, so that its later requests see it too: a queued one's slot
+        # was taken for its tenant already (checked against its limit in the same step); one taken for whatever
+        # the sweep would find (an orphan, restarting) moves to its tenant now.
+        if slot_tenant != record.tenant:
+            self._slots.give_back(slot_tenant)
+            self._slots.take(record.tenant)
         # Not started by the request that admitted it (queued, or taken over): a trace of its own (runs/tracing.py).
         trace = self._tracer.resumed_run() if self._tracer is not None else None
         self._start(

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 
-from runs.manager import RunManager
+from runs.manager import SWEPT, RunManager
 from runs.run import ResponseRun
 from runs.status import TERMINAL, ResponseStatus
 from storage.base import Store
@@ -113,28 +113,28 @@ class Ownership:
             for response_id in head:
                 if response_id in passed_over:
                     continue
-                if await self._waits_for_its_tenant(response_id):
-                    passed_over.add(response_id)
+                tenant = await self._tenant_of(response_id)
+                if not self._manager.try_take_slot(tenant):
+                    if self._manager.free_capacity == 0:
+                        return
+                    passed_over.add(response_id)  # its tenant is at its limit here: it keeps its place
                     passed_any = True
                     continue
-                if not self._manager.try_take_slot():
-                    return
                 try:
-                    claimed_any |= await self._manager.take_over(response_id, needs_slot=True)
+                    claimed_any |= await self._manager.take_over(response_id, needs_slot=True, slot_tenant=tenant)
                 except Exception:
                     log.exception("could not start queued %s now", response_id)
                     return
             if not (claimed_any or passed_any):
                 return  # all taken by other instances meanwhile (or nothing queued): the next sweep looks again
 
-    async def _waits_for_its_tenant(self, response_id: str) -> bool:
-        """Whether a queued response stays queued because its tenant already runs as many as it may here (one
-        read, only when some tenant has a limit): it starts once one of them ends, and the others' queued
-        responses are not held up behind it meanwhile."""
+    async def _tenant_of(self, response_id: str) -> str:
+        """Whose a queued response is, when some tenant has a limit (one read): its slot is then taken for that
+        tenant, checked against its limit in the same step. Otherwise any slot will do (SWEPT)."""
         if not self._manager.settings.tenant_run_limits:
-            return False
+            return SWEPT
         record = await self._store.get_response(response_id)
-        return record is not None and self._manager.tenant_at_limit(record.tenant)
+        return record.tenant if record is not None else SWEPT
 
     async def _look_at(self, response_id: str) -> None:
         record = await self._store.get_response(response_id)
