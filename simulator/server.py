@@ -313,7 +313,13 @@ async def _serve(
     stream: web.StreamResponse | None = None
     if body.get("stream"):
         stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await stream.prepare(request)
+        try:
+            await stream.prepare(request)
+        except (ConnectionResetError, asyncio.CancelledError):
+            # Gone before the headers went out (a caller that dropped its call at once): a disconnect all the same.
+            if _client_gone(request):
+                stats.disconnected(tag)
+            raise
     stats.started(tag)
     try:
         await _play(request, generation, stream)
