@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -12,6 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from gateway.auth import PRINCIPAL, PUBLIC_PATHS
+from gateway.outcome import Outcome, answered
 from gateway.request_id import request_id_of
 
 log = logging.getLogger("gateway.access")
@@ -55,24 +55,16 @@ async def access_log_middleware(request: web.Request, handler: Handler) -> web.S
     when it ends, with the time to its end. Nothing from the Authorization header is logged: the tenant is the
     name the key maps to."""
     started = time.perf_counter()
-    status = 500
-    client_closed = False
+    outcome = Outcome()
     try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as error:
-        status = error.status
-        raise
-    except asyncio.CancelledError:
-        client_closed = True
-        status = request.get(_SENT_STATUS, CLIENT_CLOSED_STATUS)
-        raise
+        return await answered(request, handler, outcome)
     finally:
+        # A client that left got the status already sent, if any.
+        status = request.get(_SENT_STATUS, CLIENT_CLOSED_STATUS) if outcome.client_left else outcome.status
         # Probes that pass come every few seconds from every orchestrator: DEBUG, so they do not drown the rest.
         level = logging.DEBUG if request.path in PUBLIC_PATHS and status < 400 else logging.INFO
         if log.isEnabledFor(level):
-            _log_request(request, level, status, (time.perf_counter() - started) * 1000, client_closed)
+            _log_request(request, level, status, (time.perf_counter() - started) * 1000, outcome.client_left)
 
 
 def _addressed_response(request: web.Request) -> str | None:

@@ -3,7 +3,6 @@ port or a port of its own)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -24,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from gateway.auth import PUBLIC_PATHS
 from gateway.config import MetricsConfig
+from gateway.outcome import Outcome, answered
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS
 from runs.metrics import TTFT_BUCKETS_SECONDS, RunMetrics, SubscriberDrop, steps_1_2_5
 from runs.snapshot import LIFECYCLE_EVENT_TYPES
@@ -110,18 +110,11 @@ class GatewayMetrics:
         """Counts and times every request under its route's template (never its raw path: bounded labels)."""
         started = time.perf_counter()
         request[REQUEST_ARRIVED] = started
-        status = 500
+        outcome = Outcome()
         try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as error:
-            status = error.status
-            raise
-        except asyncio.CancelledError:
-            status = CLIENT_CLOSED_REQUEST
-            raise
+            return await answered(request, handler, outcome)
         finally:
+            status = CLIENT_CLOSED_REQUEST if outcome.client_left else outcome.status
             resource = request.match_info.route.resource
             route = UNMATCHED_ROUTE if resource is None else resource.canonical
             method = request.method if request.method in _METHODS else "other"
