@@ -62,8 +62,8 @@ class GatewayRequestHandler(web_protocol.RequestHandler):
             return
         server.connections_by_peer[self._peer] += 1
         if server.max_connections_per_peer and server.connections_by_peer[self._peer] > server.max_connections_per_peer:
-            if not server.warned_peers.get(self._peer):
-                server.warned_peers[self._peer] = True
+            if self._peer not in server.warned_peers:
+                server.warned_peers.add(self._peer)
                 log.warning(
                     "%s holds more than %d connections (server.max_connections_per_ip): refusing the rest",
                     self._peer,
@@ -78,7 +78,7 @@ class GatewayRequestHandler(web_protocol.RequestHandler):
             server.connections_by_peer[self._peer] -= 1
             if server.connections_by_peer[self._peer] <= 0:
                 del server.connections_by_peer[self._peer]
-                server.warned_peers.pop(self._peer, None)
+                server.warned_peers.discard(self._peer)
             self._peer = None
         super().connection_lost(exc)
 
@@ -128,7 +128,7 @@ class GatewayServer(web.Server):
 
     max_connections_per_peer = 0  # 0: no cap
     connections_by_peer: Counter[str]
-    warned_peers: dict[str, bool]
+    warned_peers: set[str]  # peers over the cap, warned of once until they are back under it
 
     def __call__(self) -> web_protocol.RequestHandler:
         return GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -150,5 +150,5 @@ class GatewayRunner(web.AppRunner):
         assert isinstance(server, GatewayServer)
         server.max_connections_per_peer = self._max_connections_per_peer
         server.connections_by_peer = Counter()
-        server.warned_peers = {}
+        server.warned_peers = set()
         return server
