@@ -25,7 +25,7 @@ from gateway.auth import PUBLIC_PATHS
 from gateway.config import MetricsConfig
 from gateway.outcome import Outcome, answered
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS
-from runs.metrics import TTFT_BUCKETS_SECONDS, RunMetrics, SubscriberDrop, steps_1_2_5
+from runs.metrics import TTFT_BUCKETS_SECONDS, LoopHistogram, RunMetrics, SubscriberDrop, steps_1_2_5
 from runs.snapshot import LIFECYCLE_EVENT_TYPES
 from runs.store import StoredEvent
 
@@ -70,14 +70,15 @@ class GatewayMetrics:
             buckets=REQUEST_BUCKETS_SECONDS,
             registry=self.registry,
         )
-        self.ttft = Histogram(
+        # Observed per client write (at light load, per event): the loop's own lock-free kind.
+        self.ttft = LoopHistogram(
             "gateway_ttft_seconds",
             "Time to first token as the gateway serves it: from a streamed create's arrival to its first output "
             "event written to the client (the provider's own part is gateway_upstream_ttft_seconds).",
             buckets=TTFT_BUCKETS_SECONDS,
             registry=self.registry,
         )
-        self.inter_event = Histogram(
+        self.inter_event = LoopHistogram(
             "gateway_inter_event_seconds",
             "Between two writes of events to one client stream, from its first output event on (a write carries "
             "every event at hand).",

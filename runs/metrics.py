@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from runs.status import TERMINAL
 from runs.upstream.base import UpstreamFailure
 from storage.base import Store
-from storage.metrics import StoreMetrics, measured_store, steps_1_2_5
+from storage.metrics import LoopCounter, LoopHistogram, StoreMetrics, measured_store, steps_1_2_5
 
 __all__ = [
     "SUBSCRIBER_DROPS",
@@ -20,6 +20,7 @@ __all__ = [
     "TTFT_BUCKETS_SECONDS",
     "WEBHOOK_BUCKETS_SECONDS",
     "WEBHOOK_RESULTS",
+    "LoopHistogram",
     "RunMetrics",
     "SubscriberDrop",
     "WebhookResult",
@@ -63,7 +64,7 @@ class RunMetrics:
             "Responses this instance admitted into the store's queue (it was at capacity); any instance starts them.",
             registry=registry,
         )
-        self._events_appended = Counter(
+        self._events_appended = LoopCounter(  # counted per batch: at light load, per event
             "gateway_events_appended_total",
             "Events this instance stored (admission's first events and every run's batches).",
             registry=registry,

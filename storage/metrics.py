@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, cast
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from storage.base import Store, StoreClosed, StoreError, StoreUnavailable
 
@@ -20,6 +23,99 @@ def steps_1_2_5(low: float, high: float) -> tuple[float, ...]:
     return tuple(bound for bound in bounds if low <= bound <= high)
 
 
+class LoopHistogram(Collector):
+    """A histogram for the event loop's hot path: observed only from the loop's thread, so an observation is a
+    bisect and two additions, with no lock. prometheus-client's Histogram takes a lock per bucket and per sum on
+    every observation (two lock round trips and a validity check, about 1.5 µs); the gateway observes a few per
+    event, which was a measurable share of an event's CPU. Exposed like prometheus-client's own (`_bucket` with
+    cumulative `le`, `_count`, `_sum`), read at scrape time (on the same loop, so never mid-observation).
+
+    Label values are resolved once with `labels(...)`, which returns a child whose `observe` is the cheap path."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        *,
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._bounds = (*sorted(float(bound) for bound in buckets if bound != math.inf), math.inf)
+        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
+        if not self._labelnames:
+            self._unlabelled = self.labels()
+        registry.register(self)
+
+    def labels(self, *values: str) -> LoopHistogramChild:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected labels {self._labelnames}, got {values}")
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = LoopHistogramChild(self._bounds)
+        return child
+
+    def observe(self, amount: float) -> None:
+        """For a histogram without labels."""
+        self._unlabelled.observe(amount)
+
+    def describe(self) -> Iterable[Metric]:
+        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in self._children.items():
+            cumulative = 0
+            buckets = []
+            for bound, count in zip(self._bounds, child.counts, strict=True):
+                cumulative += count
+                buckets.append((_le(bound), cumulative))
+            family.add_metric(list(values), buckets, child.sum)
+        yield family
+
+
+class LoopHistogramChild:
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bound >= amount: Prometheus buckets count what is less than or equal to their `le`.
+        self.counts[bisect.bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as Prometheus writes it (prometheus-client's own format: `+Inf`, `0.005`, `1.0`)."""
+    return "+Inf" if bound == math.inf else repr(bound)
+
+
+class LoopCounter(Collector):
+    """A counter without labels for the event loop's hot path, like LoopHistogram: a plain addition, no lock."""
+
+    def __init__(self, name: str, documentation: str, *, registry: CollectorRegistry) -> None:
+        # Named as prometheus-client names counters: the family without `_total`, its sample with it.
+        self._name = name.removesuffix("_total")
+        self._documentation = documentation
+        self.value = 0
+        registry.register(self)
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def describe(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation)
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self._name, self._documentation, value=self.value)
+
+
 # From a pipelined append (sub-millisecond) to a Redis that is about to time out (10 s).
 STORE_LATENCY_BUCKETS_SECONDS = steps_1_2_5(0.0001, 10.0)
 
@@ -29,7 +125,7 @@ class StoreMetrics:
     registry. `operation` is a Store method's name (the protocol's domain words), so its values are bounded."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.latency = Histogram(
+        self.latency = LoopHistogram(
             "gateway_store_operation_seconds",
             "Round trip of one store operation, as its caller waited for it (failed ones included).",
             ["operation"],

@@ -205,3 +205,37 @@ def test_a_webhook_delivery_is_recorded() -> None:
     assert value(samples, "gateway_webhook_deliveries_total", result="delivered") == 1
     assert value(samples, "gateway_webhook_deliveries_total", result="given_up") == 0
     assert value(samples, "gateway_webhook_delivery_seconds_count") == 1
+
+
+def test_loop_metrics_expose_what_prometheus_clients_own_would() -> None:
+    """The hot path's lock-free histogram and counter (storage/metrics.py) read exactly like prometheus-client's
+    Histogram and Counter fed the same values: buckets on their bounds, below the first, past the last, labelled or
+    not (its `_created` series aside, which they do not keep)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from storage.metrics import LoopCounter, LoopHistogram, steps_1_2_5
+
+    bounds = steps_1_2_5(0.001, 10.0)
+    theirs, ours = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
+    their_histogram = Histogram("h_seconds", "doc", ["op"], buckets=bounds, registry=theirs)
+    our_histogram = LoopHistogram("h_seconds", "doc", ["op"], buckets=bounds, registry=ours)
+    their_plain = Histogram("p_seconds", "doc", buckets=bounds, registry=theirs)
+    our_plain = LoopHistogram("p_seconds", "doc", buckets=bounds, registry=ours)
+    their_counter = Counter("c_total", "doc", registry=theirs)
+    our_counter = LoopCounter("c_total", "doc", registry=ours)
+    for amount in (0.0, 0.0005, 0.001, 0.0011, 0.25, 7.5, 10.0, 11.0, 1e9):
+        for op in ("append", "read"):
+            their_histogram.labels(op).observe(amount)
+            our_histogram.labels(op).observe(amount)
+        their_plain.observe(amount)
+        our_plain.observe(amount)
+    their_counter.inc(3)
+    our_counter.inc(3)
+
+    def without_created(registry: CollectorRegistry) -> Samples:
+        return {
+            key: sample for key, sample in parse(generate_latest(registry).decode()).items() if "_created" not in key[0]
+        }
+
+    assert without_created(ours) == without_created(theirs)
+    assert value(without_created(ours), "h_seconds_bucket", op="append", le="0.001") == 3
