@@ -142,12 +142,15 @@ class EventLog:
             and self._snapshot.get("status") in TERMINAL_STATUSES
         )
 
-    async def emit(self, event: dict[str, Any]) -> StoredEvent:
+    async def emit(self, event: dict[str, Any], *, flush_follows: bool = False) -> StoredEvent:
         """Number `event`, apply it to the snapshot and queue its append. Raises the store's error once a write
-        has failed: the log cannot go on with a gap."""
+        has failed: the log cannot go on with a gap. `flush_follows`: the caller flushes (or closes the log)
+        before it next waits for anything else, so the writer need not be woken (a loop callback per event at
+        light load, where every read from the provider is one event)."""
         if self._failure is not None:
             raise self._failure
         if len(self._pending) >= MAX_PENDING_EVENTS:
+            self._nudge_writer()  # a caller that would flush after its batch cannot while it waits here
             await self._drained.wait()
             if self._failure is not None:
                 raise self._failure
@@ -164,7 +167,7 @@ class EventLog:
         self._bytes_since_snapshot += len(data)
         self._pending.append(stored)
         self._drained.clear()
-        if not self._nudged:
+        if not self._nudged and not flush_follows:
             # After this step, not now: a caller that flushes right away appends the events itself.
             self._nudged = True
             self._loop.call_soon(self._nudge_writer)

@@ -100,6 +100,33 @@ async def test_appends_coalesce_while_one_is_in_flight(redis_server: str, key_pr
     await store.close()
 
 
+async def test_a_batch_longer_than_the_pending_limit_is_appended_by_the_writer(
+    redis_server: str, key_prefix: str
+) -> None:
+    """A caller that emits with `flush_follows` (the run, flushing after each read from the provider) but whose one
+    read holds more events than the log queues: the log appends them itself while the caller waits for room, so
+    the caller never waits for a flush only it could make (a provider at full speed sends thousands at once)."""
+    import redis.asyncio as aioredis
+
+    from runs.event_log import MAX_PENDING_EVENTS
+
+    store = CountingStore(aioredis.Redis.from_url(redis_server), key_prefix=key_prefix, retention_seconds=60)
+    log = await open_log(store, "resp_burst")
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    await log.emit({"type": "response.output_item.added", "output_index": 0, "item": item}, flush_follows=True)
+    part = {"type": "output_text", "text": "", "annotations": []}
+    part_added = {"type": "response.content_part.added", "output_index": 0, "content_index": 0, "part": part}
+    await log.emit(part_added, flush_follows=True)
+    deltas = MAX_PENDING_EVENTS + 10
+    for _ in range(deltas):
+        delta = {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": "w "}
+        await asyncio.wait_for(log.emit(delta, flush_follows=True), 10)
+    await log.close()
+    numbers, _ = await stored_log(store, "resp_burst")
+    assert numbers == list(range(deltas + 3))
+    await store.close()
+
+
 class GatedStore(RedisStore):
     """The real Redis store; the first append of more than one event stops at a gate until cancelled, before or
     after the append has reached Redis (as if its reply were on its way back)."""
