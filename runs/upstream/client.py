@@ -110,9 +110,11 @@ class UpstreamClient:
                 headers.update(trace_headers)
         response = await self._send("POST", path, headers, orjson.dumps(body))
         splitter = SSESplitter()
+        silence = _SilenceWatch(response, self._timeout.sock_read)
         try:
             try:
                 async for chunk in response.content.iter_any():
+                    silence.heard()
                     items: list[dict[str, Any]] = []
                     for _, data in splitter.feed(chunk):
                         failure = None
@@ -142,6 +144,7 @@ class UpstreamClient:
             except _TRANSPORT_ERRORS as error:
                 raise connection_failure(self._name, error) from error
         finally:
+            silence.stop()
             _let_go(response)
 
     async def post_json(self, path: str, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any] | None:
@@ -188,6 +191,43 @@ class UpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class _SilenceWatch:
+    """Ends a provider's stream once it has sent nothing for `timeout` seconds, as aiohttp's read timeout (which
+    still covers the wait for the headers) would: the reader gets aiohttp's own SocketTimeoutError. aiohttp re-arms
+    a timer at every chunk it receives, a timer cancelled and made per event at a model's pace; this one notes
+    each chunk's time and re-arms only when its timer fires, at most once per `timeout`."""
+
+    __slots__ = ("_last", "_loop", "_response", "_timeout", "_timer")
+
+    def __init__(self, response: aiohttp.ClientResponse, timeout: float | None) -> None:
+        self._response = response
+        self._timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._last = self._loop.time()
+        self._timer: asyncio.TimerHandle | None = None
+        connection = response.connection
+        if timeout and connection is not None and connection.protocol is not None:
+            connection.protocol.read_timeout = None  # its timer, armed for the headers, goes at the next chunk
+            self._timer = self._loop.call_at(self._last + timeout, self._check)
+
+    def heard(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        assert self._timeout is not None
+        quiet_until = self._last + self._timeout
+        if self._loop.time() < quiet_until:
+            self._timer = self._loop.call_at(quiet_until, self._check)
+            return
+        self._timer = None
+        self._response.content.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _server_root(base_path: str) -> str:
