@@ -242,8 +242,11 @@ class RunManager:
     async def _after_head_start(head_start: HeadStart, admission: Coroutine[Any, Any, Admission]) -> Admission:
         """`admission` run behind a provider call already made: the call is dropped if admission fails."""
         try:
-            # One turn of the loop first: on Python < 3.12 aiohttp writes a request's body in a task of its own,
-            # started by the head start's first step, and it should leave before admission's work runs.
+            # Two turns of the loop first. On Python < 3.12 aiohttp writes a request's body in a task of its own,
+            # started by the head start's first step (the turn after this admission was made), and the body should
+            # leave before admission's work runs; after a burst of requests, every one's body should leave before
+            # any admission's work, or the last provider call waits behind all the others' admissions.
+            await asyncio.sleep(0)
             await asyncio.sleep(0)
             return await admission
         except (Exception, asyncio.CancelledError):
