@@ -114,7 +114,6 @@ class UpstreamClient:
         try:
             try:
                 async for chunk in response.content.iter_any():
-                    silence.heard()
                     items: list[dict[str, Any]] = []
                     for _, data in splitter.feed(chunk):
                         failure = None
@@ -196,30 +195,33 @@ class UpstreamClient:
 class _SilenceWatch:
     """Ends a provider's stream once it has sent nothing for `timeout` seconds, as aiohttp's read timeout (which
     still covers the wait for the headers) would: the reader gets aiohttp's own SocketTimeoutError. aiohttp re-arms
-    a timer at every chunk it receives, a timer cancelled and made per event at a model's pace; this one notes
-    each chunk's time and re-arms only when its timer fires, at most once per `timeout`."""
+    a timer at every chunk it receives, a timer cancelled and made per event at a model's pace; this one looks at
+    the bytes received so far twice per `timeout` (so it ends a stream silent for between one and one and a half
+    timeouts), and costs nothing per chunk. What counts is what arrived, not what was read: a run that reads
+    slowly (a store retrying) is not the provider's silence."""
 
-    __slots__ = ("_last", "_loop", "_response", "_timeout", "_timer")
+    __slots__ = ("_heard_at", "_interval", "_loop", "_received", "_response", "_timeout", "_timer")
 
     def __init__(self, response: aiohttp.ClientResponse, timeout: float | None) -> None:
         self._response = response
-        self._timeout = timeout
+        self._timeout = timeout or 0.0
+        self._interval = self._timeout / 2
         self._loop = asyncio.get_running_loop()
-        self._last = self._loop.time()
+        self._heard_at = self._loop.time()
+        self._received = response.content.total_bytes
         self._timer: asyncio.TimerHandle | None = None
         connection = response.connection
         if timeout and connection is not None and connection.protocol is not None:
             connection.protocol.read_timeout = None  # its timer, armed for the headers, goes at the next chunk
-            self._timer = self._loop.call_at(self._last + timeout, self._check)
-
-    def heard(self) -> None:
-        self._last = self._loop.time()
+            self._timer = self._loop.call_later(self._interval, self._check)
 
     def _check(self) -> None:
-        assert self._timeout is not None
-        quiet_until = self._last + self._timeout
-        if self._loop.time() < quiet_until:
-            self._timer = self._loop.call_at(quiet_until, self._check)
+        now = self._loop.time()
+        received = self._response.content.total_bytes
+        if received != self._received:
+            self._received, self._heard_at = received, now
+        if now - self._heard_at < self._timeout:
+            self._timer = self._loop.call_later(self._interval, self._check)
             return
         self._timer = None
         self._response.content.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
