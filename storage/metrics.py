@@ -1,4 +1,5 @@
-"""The store's metrics: how long each operation's round trip takes, and which ones failed to reach the store."""
+"""The store's metrics (how long each operation's round trip takes, and which ones failed to reach the store), and
+the lock-free histogram and counter that every layer's per-event metrics use (this is the lowest layer)."""
 
 from __future__ import annotations
 

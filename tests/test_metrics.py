@@ -10,11 +10,12 @@ import uuid
 import aiohttp
 import openai
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import MetricsConfig, Settings
 from gateway.metrics import METRICS, GatewayMetrics
+from storage.metrics import LoopCounter, LoopHistogram, steps_1_2_5
 from tests.conftest import Gateway, eventually, gateway_settings, serve_gateway
 from tests.test_lifecycle_faults import frozen_at, instance
 
@@ -211,10 +212,6 @@ def test_loop_metrics_expose_what_prometheus_clients_own_would() -> None:
     """The hot path's lock-free histogram and counter (storage/metrics.py) read exactly like prometheus-client's
     Histogram and Counter fed the same values: buckets on their bounds, below the first, past the last, labelled or
     not (its `_created` series aside, which they do not keep)."""
-    from prometheus_client import CollectorRegistry, Counter, Histogram
-
-    from storage.metrics import LoopCounter, LoopHistogram, steps_1_2_5
-
     bounds = steps_1_2_5(0.001, 10.0)
     theirs, ours = CollectorRegistry(auto_describe=True), CollectorRegistry(auto_describe=True)
     their_histogram = Histogram("h_seconds", "doc", ["op"], buckets=bounds, registry=theirs)
