@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from runs.upstream.base import UpstreamFailure, UpstreamSpec
-from runs.upstream.client import PLACEHOLDER_API_KEY, UpstreamClient
+from runs.upstream.client import PLACEHOLDER_API_KEY, UpstreamClient, request_written
 from runs.upstream.failures import connection_failure, retry_after_seconds
 from tests.conftest import free_port
 
@@ -431,3 +431,29 @@ async def test_close_is_safe_twice_and_before_use(provider: Provider) -> None:
     assert await collect(client) == EVENTS
     await client.close()
     await client.close()
+
+
+async def test_a_callback_in_the_context_hears_that_the_request_has_left(provider: Provider) -> None:
+    """runs/upstream/head_start.py waits on it: called once the body is written, before any answer comes."""
+    left = asyncio.Event()
+    calls: list[None] = []
+
+    def written() -> None:
+        calls.append(None)
+        left.set()
+
+    async def call() -> None:
+        request_written.set(written)  # in this task's context only
+        await collect(provider.client("silent"), model="m", input="x" * 100_000)
+
+    task = asyncio.create_task(call())
+    await asyncio.wait_for(left.wait(), 5)
+    assert calls == [None] and not task.done()  # before any answer
+    async with asyncio.timeout(5):
+        while not provider.bodies:  # and it was the whole request: the provider gets all of it
+            await asyncio.sleep(0.01)
+    assert provider.bodies == [{"model": "m", "input": "x" * 100_000}]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert request_written.get() is None  # the test's own context was never touched

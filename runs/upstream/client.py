@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
+from contextvars import ContextVar
 from typing import Any
 
 import aiohttp
 import orjson
 import yarl
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 from runs.upstream.base import UpstreamFailure, UpstreamSpec
@@ -30,6 +32,31 @@ UPSTREAM_KEEPALIVE_SECONDS = 60.0
 _TRANSPORT_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError)
 # A provider's way of saying it has no such endpoint (a feature it lacks, not a failure).
 _NO_SUCH_ENDPOINT = frozenset({404, 405, 501})
+
+# Called once a provider request made in this context has been written to its connection. A head start sets it
+# for its call (runs/upstream/head_start.py), so that admission's work can wait until the request has left. A
+# context variable, as a trace's context is: the call passes through retries, tracing and an adapter, none of
+# which has a use for it.
+request_written: ContextVar[Callable[[], None] | None] = ContextVar("request_written", default=None)
+
+
+class _RequestBody(aiohttp.BytesPayload):
+    """A JSON request body that calls `written` once aiohttp has written it (after the headers it goes out with).
+    aiohttp 3.10 writes a body with `write`, later versions with `write_with_length`; `written` is idempotent."""
+
+    def __init__(self, value: bytes, written: Callable[[], None] | None) -> None:
+        super().__init__(value, content_type="application/json")
+        self._written = written
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        await super().write(writer)
+        if self._written is not None:
+            self._written()
+
+    async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
+        await super().write_with_length(writer, content_length)
+        if self._written is not None:
+            self._written()
 
 
 class UpstreamClient:
@@ -75,8 +102,9 @@ class UpstreamClient:
     ) -> aiohttp.ClientResponse:
         """The provider's 2xx response, its body unread; anything else raised as an UpstreamFailure."""
         url = self._url(path)
+        payload = None if data is None else _RequestBody(data, request_written.get())
         try:
-            response = await self._http().request(method, url, data=data, headers=headers)
+            response = await self._http().request(method, url, data=payload, headers=headers)
         except _TRANSPORT_ERRORS as error:
             raise connection_failure(self._name, error) from error
         if 200 <= response.status < 300:
