@@ -28,7 +28,7 @@ from runs.slots import RunSlots
 from runs.steering import pending_input
 from runs.tracing import RunTrace, RunTracer, provider_call
 from runs.upstream.base import Upstream
-from runs.upstream.head_start import HeadStart
+from runs.upstream.head_start import HeadStart, SendsFirst
 from runs.upstream.router import UpstreamRouter
 from storage.base import Lease, NoticeKind, ResponseRecord, SteersTaken, Store, StoredEvent
 from storage.keys import shard_of
@@ -86,6 +86,7 @@ class RunManager:
         self.settings = settings or RunSettings()
         self.lifecycle = lifecycle or Lifecycle(store, self.settings)
         self._slots = RunSlots(self.settings.max_concurrent)
+        self._sends = SendsFirst()  # provider calls leave before admissions' work runs
         self._runs: dict[str, ResponseRun] = {}
         self._slot_tenant: dict[str, str] = {}  # response id -> the tenant its run slot counts against
         # Cancel notices for responses not running here (yet), oldest first, kept for a lease period.
@@ -205,7 +206,9 @@ class RunManager:
         head_start = None
         if not queued and idempotency is None and not needs_history(request) and compaction is None:
             call_key = upstream.spec.call_key(api_key)
-            head_start = HeadStart(provider_call(trace, upstream, provider_body, call_key, self.lifecycle.metrics))
+            head_start = HeadStart(
+                provider_call(trace, upstream, provider_body, call_key, self.lifecycle.metrics), self._sends
+            )
         if not queued:
             self._slots.take(tenant)
         admitting = self._admit(
@@ -242,12 +245,6 @@ class RunManager:
     async def _after_head_start(head_start: HeadStart, admission: Coroutine[Any, Any, Admission]) -> Admission:
         """`admission` run behind a provider call already made: the call is dropped if admission fails."""
         try:
-            # Two turns of the loop first. On Python < 3.12 aiohttp writes a request's body in a task of its own,
-            # started by the head start's first step (the turn after this admission was made), and the body should
-            # leave before admission's work runs; after a burst of requests, every one's body should leave before
-            # any admission's work, or the last provider call waits behind all the others' admissions.
-            await asyncio.sleep(0)
-            await asyncio.sleep(0)
             return await admission
         except (Exception, asyncio.CancelledError):
             await head_start.discard()
@@ -268,6 +265,7 @@ class RunManager:
         *,
         queued: bool,
     ) -> Admission:
+        await self._sends.wait()  # this request's provider call, and those of the requests before it, leave first
         conversation_id = conversation_id_of(request)
         # store=false responses never touch conversation state: they only read it as context.
         turn = conversation_id if conversation_id is not None and request.is_stored else None
@@ -312,7 +310,9 @@ class RunManager:
         # reach the provider once.
         if head_start is None and not queued and turn is None and compaction is None and takes_steers is None:
             api_key = upstream.spec.call_key(caller.api_key)
-            head_start = HeadStart(provider_call(trace, upstream, provider_body, api_key, self.lifecycle.metrics))
+            head_start = HeadStart(
+                provider_call(trace, upstream, provider_body, api_key, self.lifecycle.metrics), self._sends
+            )
         # Undone on any failure from here on, the create included: its reply may have been lost after it ran
         # (undoing what does not exist changes nothing).
         try:
