@@ -35,6 +35,12 @@ SHUTDOWN_MARGIN_SECONDS = 5.0
 OPEN_CONNECTIONS_SECONDS = 2.0
 # The exit code when that deadline (or a third signal) cuts the shutdown short; a clean shutdown exits 0.
 FORCED_EXIT_CODE = 70  # EX_SOFTWARE
+# The collector's youngest generation is collected after this many more container objects made than freed
+# (CPython's default, 700, suits small scripts). A request or an event makes hundreds, so the default collected
+# several times per burst of requests, at ~0.2 ms each, and promoted every run's objects to older generations,
+# whose collections cost ~1.5 ms; 20,000 cut the added TTFT p99 at 20 streams by ~1.5-2.5 ms (bench (a'),
+# interleaved A/B). Garbage without cycles is freed at once either way; only cycles wait for a collection.
+GC_YOUNG_THRESHOLD = 20_000
 # The exit code when the gateway cannot start (bad config, port in use, …), with one line on stderr saying why.
 STARTUP_FAILED_EXIT_CODE = 2
 
@@ -154,6 +160,7 @@ async def _run_server(settings: Settings) -> None:
         # sight, a full collection no longer scans it (it cost ~30 ms, a pause every stream in flight felt).
         gc.collect()
         gc.freeze()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         log.info("responses-gateway listening on http://%s:%d", settings.server.host, sockets[0].getsockname()[1])
         await stop.wait()
         log.info("shutting down: draining (grace %.0fs; signal again to skip it)", grace)
