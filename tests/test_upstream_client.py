@@ -448,7 +448,8 @@ async def test_a_callback_in_the_context_hears_that_the_request_has_left(provide
 
     task = asyncio.create_task(call())
     await asyncio.wait_for(left.wait(), 5)
-    assert calls == [None] and not task.done()  # before any answer
+    assert calls == [None]
+    assert not task.done()  # before any answer
     async with asyncio.timeout(5):
         while not provider.bodies:  # and it was the whole request: the provider gets all of it
             await asyncio.sleep(0.01)
