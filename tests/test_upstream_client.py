@@ -450,10 +450,6 @@ async def test_a_callback_in_the_context_hears_that_the_request_has_left(provide
     await asyncio.wait_for(left.wait(), 5)
     assert calls == [None]
     assert not task.done()  # before any answer
-    async with asyncio.timeout(5):
-        while not provider.bodies:  # and it was the whole request: the provider gets all of it
-            await asyncio.sleep(0.01)
-    assert provider.bodies == [{"model": "m", "input": "x" * 100_000}]
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
