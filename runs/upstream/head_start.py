@@ -38,14 +38,14 @@ class SendsFirst:
 
     def __init__(self) -> None:
         self._unsent = 0
-        self._all_sent: asyncio.Event | None = None  # made on first use: an Event belongs to the loop that waits
+        self._all_sent = asyncio.Event()  # bound to a loop only when first waited on (Python >= 3.10)
+        self._all_sent.set()
 
     def sending(self) -> Callable[[], None]:
         """Count a call about to be made; the callback returned says it has left (or ended without leaving), and
         only its first call counts."""
         self._unsent += 1
-        if self._all_sent is not None:
-            self._all_sent.clear()
+        self._all_sent.clear()
         counted = True
 
         def sent() -> None:
@@ -53,17 +53,15 @@ class SendsFirst:
             if counted:
                 counted = False
                 self._unsent -= 1
-                if self._unsent == 0 and self._all_sent is not None:
+                if self._unsent == 0:
                     self._all_sent.set()
 
         return sent
 
     async def wait(self) -> None:
         """Until no call is left to write, or for SENDS_FIRST_LIMIT_SECONDS at most."""
-        if self._unsent == 0:
+        if self._all_sent.is_set():
             return
-        if self._all_sent is None:
-            self._all_sent = asyncio.Event()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(SENDS_FIRST_LIMIT_SECONDS):
                 await self._all_sent.wait()
