@@ -42,12 +42,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     # gains no time.
     length = min(request.content_length or server.max_body_bytes, server.max_body_bytes)
     try:
-        if request.content.is_eof():
-            raw = await request.read()  # all of it has arrived (most bodies): nothing to wait for, no timer to set
-        else:
-            # A floor on the body's pace: a client that stops half-way does not hold the request forever.
-            async with asyncio.timeout(server.body_timeout_seconds + length / server.min_body_bytes_per_second):
-                raw = await request.read()
+        # A floor on the body's pace: a client that stops half-way does not hold the request forever. A body that
+        # has all arrived (most bodies) has nothing to wait for: no deadline, so no timer is set.
+        deadline = server.body_timeout_seconds + length / server.min_body_bytes_per_second
+        async with asyncio.timeout(None if request.content.is_eof() else deadline):
+            raw = await request.read()
     except TimeoutError:
         raise RequestTimeout(
             "The body of your request did not arrive in time; send it at once, at a steady pace."
