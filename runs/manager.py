@@ -205,10 +205,7 @@ class RunManager:
         # it. Nothing it sends is emitted before the response is stored (see HeadStart).
         head_start = None
         if not queued and idempotency is None and not needs_history(request) and compaction is None:
-            call_key = upstream.spec.call_key(api_key)
-            head_start = HeadStart(
-                provider_call(trace, upstream, provider_body, call_key, self.lifecycle.metrics), self._sends
-            )
+            head_start = self._call_ahead(trace, upstream, provider_body, api_key)
         if not queued:
             self._slots.take(tenant)
         admitting = self._admit(
@@ -240,6 +237,13 @@ class RunManager:
         run = admission.result().run
         if run is not None and not run.request.is_stored:
             self.release_connection_owned(run)
+
+    def _call_ahead(
+        self, trace: RunTrace | None, upstream: Upstream, provider_body: Json, api_key: str | None
+    ) -> HeadStart:
+        """The provider call made now, read ahead until the run takes it over; admissions wait for it to leave."""
+        call = provider_call(trace, upstream, provider_body, upstream.spec.call_key(api_key), self.lifecycle.metrics)
+        return HeadStart(call, self._sends)
 
     @staticmethod
     async def _after_head_start(head_start: HeadStart, admission: Coroutine[Any, Any, Admission]) -> Admission:
@@ -309,10 +313,7 @@ class RunManager:
         # Not for a continuation that takes queued steering input: another may take it first, and the input must
         # reach the provider once.
         if head_start is None and not queued and turn is None and compaction is None and takes_steers is None:
-            api_key = upstream.spec.call_key(caller.api_key)
-            head_start = HeadStart(
-                provider_call(trace, upstream, provider_body, api_key, self.lifecycle.metrics), self._sends
-            )
+            head_start = self._call_ahead(trace, upstream, provider_body, caller.api_key)
         # Undone on any failure from here on, the create included: its reply may have been lost after it ran
         # (undoing what does not exist changes nothing).
         try:
