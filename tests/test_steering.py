@@ -66,8 +66,9 @@ async def test_a_steer_sent_to_the_other_instance_continues_the_run(
     owner, other = two_instances
     label = owner.extra["tag"]
     # Steered while the provider has not begun its output (a safe boundary: no item is open), so the run stops at
-    # once; steered later, a run finishes the item it has begun (see the test at any point below).
-    thinking = {**knobs(label, tokens=40, delay_ms=15), "sim_ttft_ms": "400"}
+    # once; steered later, a run finishes the item it has begun (see the test at any point below). The provider
+    # thinks long enough for the steer to arrive first on a loaded machine: 400 ms once did not (CI, full suite).
+    thinking = {**knobs(label, tokens=40, delay_ms=15), "sim_ttft_ms": "1500"}
     async with owner.client.responses.connect() as socket, other.client.responses.connect() as steering_socket:
         await socket.response.create(model="sim-1", input="tell a story", stream_id="story", metadata=thinking)
         started = await until_event(socket, "response.in_progress")
