@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 # After a failed feed read (store unreachable), wait this long, doubling up to the cap, before trying again.
 RETRY_DELAY_SECONDS = 0.1
 RETRY_DELAY_CAP_SECONDS = 2.0
+# A subscriber's idle timer may fire this much before the wait's end (the loop's timers round to milliseconds) and
+# still count it as idle, rather than be set again for what is left.
+IDLE_TIMER_SLACK_SECONDS = 0.001
 
 
 class LiveEventsClosed(Exception):
@@ -41,9 +44,15 @@ class LiveSubscription:
     lagged: bool = False
     closed: bool = False
     on_lagged: Callable[[], None] | None = None  # told each time the buffer is dropped
-    # What `next` waits on while the buffer is empty. A bare future and a timer, not `asyncio.wait_for` on an
-    # Event: that makes a Task per wait, and at a model's pace every event is a wait.
+    # What `next` waits on while the buffer is empty. A bare future, not `asyncio.wait_for` on an Event: that makes
+    # a Task per wait, and at a model's pace every event is a wait.
     _waiter: asyncio.Future[None] | None = None
+    # One idle timer per subscription, moved on lazily: when it fires early (events came meanwhile) it is set again
+    # for the current wait's end. A timer made and cancelled at each wait cost a timer per event.
+    _idle_timer: asyncio.TimerHandle | None = None
+    _idle_at: float = 0.0  # the loop time at which the current wait is idle
+    # Looked up once: on Python 3.11 `get_running_loop()` is a getpid() system call each time.
+    _loop: asyncio.AbstractEventLoop | None = None
 
     def push(self, event: StoredEvent) -> None:
         if self.lagged:
@@ -69,6 +78,21 @@ class LiveSubscription:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if self._waiter is None or self._loop is None:
+            return  # not waiting: the next wait sets the timer again
+        if self._loop.time() + IDLE_TIMER_SLACK_SECONDS >= self._idle_at:
+            self.wake()
+        else:
+            self._idle_timer = self._loop.call_at(self._idle_at, self._idle_check)
+
+    def stop_idle_timer(self) -> None:
+        """The subscriber is gone: its timer need not keep it until it fires."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
     def take_ready(self) -> list[StoredEvent]:
         """Every event buffered right now (after `next` returned one), without waiting."""
         if self.lagged or self.closed:
@@ -81,13 +105,16 @@ class LiveSubscription:
         """The next buffered event, or None after `idle_seconds` without one. Raises SubscriberLagged (once)
         when the buffer overflowed since the last call."""
         if not self.buffer and not self.lagged and not self.closed:
-            loop = asyncio.get_running_loop()
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
-            timer = loop.call_later(idle_seconds, self.wake)
+            self._idle_at = loop.time() + idle_seconds
+            if self._idle_timer is None:
+                self._idle_timer = loop.call_at(self._idle_at, self._idle_check)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
         if self.closed:
             raise LiveEventsClosed(self.response_id)
@@ -239,6 +266,7 @@ class LiveEvents:
                 return
 
     def unsubscribe(self, subscription: LiveSubscription) -> None:
+        subscription.stop_idle_timer()
         watch = self._watches.get(subscription.response_id)
         if watch is None:
             return

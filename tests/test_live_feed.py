@@ -11,6 +11,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from runs.live import IDLE_TIMER_SLACK_SECONDS, LiveSubscription
+from storage.base import StoredEvent
 from tests.conftest import eventually, gateway_settings, serve_gateway
 from tests.helpers import Frame, expected_text, parse_frame
 from tests.tcp_proxy import ProxiedConnection, TcpProxy
@@ -110,3 +112,35 @@ async def test_a_half_open_feed_connection_is_replaced_and_events_keep_flowing(
 
     warnings = [record for record in caplog.records if record.name == "runs.live"]
     assert len(warnings) == 1, [record.getMessage() for record in warnings]
+
+
+async def test_a_subscriber_hears_of_idleness_only_after_a_whole_idle_wait_without_events() -> None:
+    # The idle timer is set once and moved on lazily: when it fires while events keep coming it must not end a wait
+    # early, and once they stop the wait still ends (a heartbeat is due).
+    subscription = LiveSubscription("resp_idle", capacity=16)
+    idle_seconds = 0.2
+    stop = asyncio.Event()
+
+    async def pace() -> None:
+        for number in itertools.count():
+            if stop.is_set():
+                return
+            subscription.push(StoredEvent(number, "response.output_text.delta", b"{}"))
+            await asyncio.sleep(idle_seconds / 4)
+
+    pacer = asyncio.create_task(pace())
+    received = []
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        while loop.time() - started < 3 * idle_seconds:  # the first timer fires (and is moved on) meanwhile
+            received.append(await subscription.next(idle_seconds))
+    finally:
+        stop.set()
+        await pacer
+    assert None not in received
+    subscription.take_ready()
+    waited_from = loop.time()
+    assert await subscription.next(idle_seconds) is None
+    assert loop.time() - waited_from >= idle_seconds - IDLE_TIMER_SLACK_SECONDS
+    subscription.stop_idle_timer()
