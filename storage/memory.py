@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -71,8 +72,12 @@ class MemoryStore(MemoryConversations):
         # Response ids, least recently written first. Retention is one constant, so this is also expiry order:
         # one slot per response, moved to the end on write and dropped on delete, expired from the front.
         self._expiry: OrderedDict[str, None] = OrderedDict()
-        # Set (and replaced) on every append, for event feeds waiting on any response: see next_append.
-        self._any_append = asyncio.Event()
+        # Set (and dropped) at the next append, for event feeds waiting on any response: see next_append. Made only
+        # when a feed asks for it: an Event made at every append cost one per event.
+        self._any_append: asyncio.Event | None = None
+        # No response expires before this loop time (the front of `_expiry` did not, when last looked at, and the
+        # front only ever moves later): until then `_expire_due` need not look.
+        self._expiry_floor = -math.inf
         self._notice_listeners: set[asyncio.Queue[RunNotice]] = set()
         # (scope, key) -> (claim, expires_at)
         self._claims: dict[tuple[str, str], tuple[IdempotencyClaim, float]] = {}
@@ -86,12 +91,16 @@ class MemoryStore(MemoryConversations):
 
     def _expire_due(self) -> None:
         now = self._clock()
+        if now < self._expiry_floor:
+            return
         while self._expiry:
             response_id = next(iter(self._expiry))
             entry = self._entries.get(response_id)
             if entry is not None and entry.expires_at > now:
+                self._expiry_floor = entry.expires_at
                 return
             self._forget(response_id)
+        self._expiry_floor = -math.inf
 
     def _live(self, response_id: str) -> _Entry | None:
         self._expire_due()
@@ -107,8 +116,9 @@ class MemoryStore(MemoryConversations):
         self._expiry.pop(response_id, None)
 
     def _wake_readers(self) -> None:
-        self._any_append.set()
-        self._any_append = asyncio.Event()
+        if self._any_append is not None:
+            self._any_append.set()
+            self._any_append = None
 
     def _now_ms(self) -> int:
         return int(time.time() * 1000)
@@ -182,7 +192,8 @@ class MemoryStore(MemoryConversations):
             raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
         if entry.status in TERMINAL_STATUSES:
             raise ResponseClosed(response_id)
-        entry.events.extend(_kept_event(event, lease.epoch) for event in events)
+        epoch = lease.epoch
+        entry.events.extend([(event.type, _kept(event.data), epoch) for event in events])
         self._wake_readers()
         if snapshot is None:
             return False
@@ -428,6 +439,8 @@ class MemoryStore(MemoryConversations):
     def next_append(self) -> asyncio.Event:
         """The event set at the next append to any response. Take it in the same step as looking at the events
         (no await in between), then wait on it: an append in between has then set it, not a later one."""
+        if self._any_append is None:
+            self._any_append = asyncio.Event()
         return self._any_append
 
     def open_event_feed(self) -> MemoryEventFeed:
