@@ -157,25 +157,28 @@ class StreamClock:
     between its writes after that. One clock read and at most one observation per write, never per event. A clock
     of an app without metrics (a bare app in a test) records nothing."""
 
-    __slots__ = ("_arrived", "_last", "_metrics")
+    __slots__ = ("_arrived", "_gaps", "_last", "_metrics")
 
     def __init__(self, metrics: GatewayMetrics | None, arrived: float | None) -> None:
         self._metrics = metrics
         self._arrived = arrived
         self._last: float | None = None
+        # The histogram's child itself: observed at every write.
+        self._gaps = None if metrics is None else metrics.inter_event.labels()
 
     def written(self, batch: Sequence[StoredEvent]) -> None:
         """`batch` has just been written to the client."""
-        if self._metrics is None:
+        metrics, gaps = self._metrics, self._gaps
+        if metrics is None or gaps is None:
             return
         now = time.perf_counter()
         if self._last is not None:
-            self._metrics.inter_event.observe(now - self._last)
+            gaps.observe(now - self._last)
             self._last = now
         elif any(event.type not in LIFECYCLE_EVENT_TYPES for event in batch):
             self._last = now
             if self._arrived is not None:
-                self._metrics.ttft.observe(now - self._arrived)
+                metrics.ttft.observe(now - self._arrived)
 
     def dropped(self, reason: SubscriberDrop) -> None:
         """The stream ended before its terminal event was written, for `reason`."""

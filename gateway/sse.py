@@ -179,8 +179,10 @@ async def _write_events(
                 preamble = b""
                 continue
             # One write for everything at hand: a syscall per event was the largest single cost at the ceiling.
-            frames = preamble + b"".join(event_frame(event) for event in batch)
-            preamble = b""
+            # At a model's pace a batch is one event.
+            frames = event_frame(batch[0]) if len(batch) == 1 else b"".join([event_frame(event) for event in batch])
+            if preamble:
+                frames, preamble = preamble + frames, b""
             if batch[-1].type in TERMINAL_EVENT_TYPES:
                 final, final_batch = frames, batch  # the stream ends with it: written with the end of the body
                 last = batch[-1].sequence_number

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from runs.metrics import RunMetrics
@@ -154,6 +154,19 @@ class EventLog:
             await self._drained.wait()
             if self._failure is not None:
                 raise self._failure
+        return self._emit_now(event, flush_follows)
+
+    def try_emit(self, event: dict[str, Any], *, flush_follows: bool = False) -> bool:
+        """`emit` without waiting: False (nothing done) when the log has no room, and the caller must `await
+        emit`. At a model's pace every event is emitted this way, without a coroutine of its own."""
+        if self._failure is not None:
+            raise self._failure
+        if len(self._pending) >= MAX_PENDING_EVENTS:
+            return False
+        self._emit_now(event, flush_follows)
+        return True
+
+    def _emit_now(self, event: dict[str, Any], flush_follows: bool) -> StoredEvent:
         # Apply first: an event the snapshot cannot take raises here, before it has used up a sequence number.
         self._snapshot = apply_event(self._snapshot, event)
         event["sequence_number"] = self._next_sequence_number
@@ -190,9 +203,10 @@ class EventLog:
     async def flush(self) -> None:
         """Wait until every emitted event is stored (appending them in this task when no append is in flight);
         raise the store's error if one could not be."""
-        if self._unwritten and not self._appending and self._failure is None:
+        if (self._pending or self._interrupted is not None) and not self._appending and self._failure is None:
             await self._append_pending()
-        await self._drained.wait()
+        if not self._drained.is_set():
+            await self._drained.wait()
         if self._failure is not None:
             raise self._failure
 
@@ -225,7 +239,7 @@ class EventLog:
         append is idempotent, so the one it may have sent is no harm."""
         self._appending = True
         try:
-            while self._unwritten:
+            while self._pending or self._interrupted is not None:  # _unwritten, spelt out on the hot path
                 if self._interrupted is not None:
                     batch, snapshot, status = self._interrupted
                     self._interrupted = None
@@ -236,7 +250,12 @@ class EventLog:
                     snapshot = self._snapshot_to_write()
                     status = self._snapshot["status"]
                 try:
-                    cancel_requested = await self._append_with_retries(batch, snapshot, status)
+                    started = self._loop.time()
+                    try:
+                        cancel_requested = await self._append_call(batch, snapshot, status)
+                        self._check_next = False
+                    except StoreUnavailable as error:
+                        cancel_requested = await self._append_again(batch, snapshot, status, error, started)
                 except asyncio.CancelledError:
                     self._interrupted = (batch, snapshot, status)
                     self._appending = False
@@ -291,34 +310,45 @@ class EventLog:
             self._drained.clear()
             self._nudge_writer()  # the writer may have stopped at the failure: whoever waits for room is served
 
-    async def _append_with_retries(self, batch: list[StoredEvent], snapshot: bytes | None, status: str) -> bool:
-        loop = self._loop
-        deadline = loop.time() + self._write_retry_seconds
-        delay = WRITE_RETRY_FIRST_DELAY_SECONDS
+    def _append_call(self, batch: list[StoredEvent], snapshot: bytes | None, status: str) -> Awaitable[bool]:
+        """The store's append of `batch`, for the caller to await: a plain call, not a coroutine of its own, so an
+        append costs no frame of the log's beyond `_append_pending`."""
         extra: dict[str, Any] = {}
         if self._outbox is not None and snapshot is not None and status in TERMINAL_STATUSES:
             if self._owed is None:
                 self._owed = self._outbox(status)
             if self._owed:
                 extra["outbox"] = self._owed
+        return self._store.append_events(
+            self._response_id,
+            batch,
+            snapshot=snapshot,
+            status=status,
+            lease=self.lease,
+            checked=self._check_next,
+            after_loss=self._after_loss,
+            **extra,
+        )
+
+    async def _append_again(
+        self, batch: list[StoredEvent], snapshot: bytes | None, status: str, error: StoreUnavailable, started: float
+    ) -> bool:
+        """After the first append of `batch` (begun at loop time `started`) failed with `error`: again, backing off,
+        until the write retry window from `started` is used up; then the last error is raised."""
+        loop = self._loop
+        deadline = started + self._write_retry_seconds
+        delay = WRITE_RETRY_FIRST_DELAY_SECONDS
         while True:
+            self._check_next = True
+            if isinstance(error, StoreClosed) or loop.time() + delay > deadline:
+                raise error
+            log.warning("append to %s failed (%s); retrying in %.2fs", self._response_id, error, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WRITE_RETRY_MAX_DELAY_SECONDS)
             try:
-                cancel_requested = await self._store.append_events(
-                    self._response_id,
-                    batch,
-                    snapshot=snapshot,
-                    status=status,
-                    lease=self.lease,
-                    checked=self._check_next,
-                    after_loss=self._after_loss,
-                    **extra,
-                )
-                self._check_next = False
-                return cancel_requested
-            except StoreUnavailable as error:
-                self._check_next = True
-                if isinstance(error, StoreClosed) or loop.time() + delay > deadline:
-                    raise
-                log.warning("append to %s failed (%s); retrying in %.2fs", self._response_id, error, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, WRITE_RETRY_MAX_DELAY_SECONDS)
+                cancel_requested = await self._append_call(batch, snapshot, status)
+            except StoreUnavailable as again:
+                error = again
+                continue
+            self._check_next = False
+            return cancel_requested

@@ -290,7 +290,9 @@ class ResponseRun:
         event = dict(event)
         if self._compacted is not None and isinstance(event.get("output_index"), int):
             event["output_index"] += 1  # after the compaction item
-        await self._log.emit(event, flush_follows=True)  # _consume_upstream flushes after each read
+        # _consume_upstream flushes after each read.
+        if not self._log.try_emit(event, flush_follows=True):
+            await self._log.emit(event, flush_follows=True)
         if kind == "response.output_item.added":
             self._open_items += 1
         elif kind == "response.output_item.done":

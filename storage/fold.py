@@ -26,6 +26,9 @@ LIFECYCLE_EVENT_TYPES = frozenset(
 )
 
 
+_TEXT_DELTAS = frozenset({"response.output_text.delta", "response.reasoning_text.delta"})
+
+
 def _copy(value: Any) -> Any:
     """A deep copy of a JSON value: an item or part kept in the snapshot must not share the event's objects.
     Through orjson it costs a tenth of `copy.deepcopy`, which is made for arbitrary objects."""
@@ -84,6 +87,12 @@ def apply_event(snapshot: Json, event: Json) -> Json:
     objects rather than refused, so one odd event cannot stop a run.
     """
     kind = event["type"]
+    if kind in _TEXT_DELTAS:  # first: nearly every event is one
+        part = _part(snapshot, event)
+        part["text"] = part.get("text", "") + event["delta"]
+        if event.get("logprobs") and "logprobs" in part:
+            part["logprobs"] = [*(part["logprobs"] or []), *(_as_part_logprob(entry) for entry in event["logprobs"])]
+        return snapshot
     if kind in LIFECYCLE_EVENT_TYPES:
         return dict(event["response"])
     if kind in ("response.output_item.added", "response.output_item.done"):
@@ -96,11 +105,6 @@ def apply_event(snapshot: Json, event: Json) -> Json:
         index = int(event["content_index"])
         _slot(parts, index)
         parts[index] = _copy(event["part"])
-    elif kind in ("response.output_text.delta", "response.reasoning_text.delta"):
-        part = _part(snapshot, event)
-        part["text"] = part.get("text", "") + event["delta"]
-        if event.get("logprobs") and "logprobs" in part:
-            part["logprobs"] = [*(part["logprobs"] or []), *(_as_part_logprob(entry) for entry in event["logprobs"])]
     elif kind in ("response.output_text.done", "response.reasoning_text.done"):
         _part(snapshot, event)["text"] = event["text"]
     elif kind == "response.refusal.delta":
