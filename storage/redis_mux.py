@@ -135,10 +135,12 @@ class RedisMux:
             # the first, it dropped a command and sent the ones after it (an event log got a hole). Replies arrive
             # in order, so once the last is done every one is.
             await replies[-1]
-            return [await reply for reply in replies]
-        finally:
+        except BaseException:
             for reply in replies:
                 reply.cancel()  # no-op for those done; the rest are skipped or their replies dropped
+            raise
+        # Every one is done: `result()` is each reply (or raises its failure) without an await per command.
+        return [reply.result() for reply in replies]
 
     async def script(self, script: LuaScript, keys: list[str], args: list[Any]) -> Any:
         return await run_script(self, script, keys, args)
