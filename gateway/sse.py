@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 
-from gateway.metrics import stream_clock
+from gateway.metrics import StreamClock, stream_clock
 from runs.errors import EventsLost
 from runs.status import TERMINAL_EVENT_TYPES
 from runs.store import StoredEvent
@@ -136,11 +137,58 @@ class _StallWatch:
             self._timer.cancel()
 
 
+class DirectWrites:
+    """Writes one event to the client in the step of whoever has just stored it (a run, through the live fan-out:
+    `follow_events`' `direct`), instead of waking the stream's writer task for it: at a model's pace that was a
+    task wake-up and a resumption through the follower for every delta.
+
+    Only once the writer task has written (the headers and the reconnect preamble are out) and until it ends; only
+    while the socket has taken everything so far (a client that is not keeping up is written to by the writer
+    task, which waits for the socket and is cut off when stalled); only with the framing aiohttp itself would use
+    (chunked or plain, never compressed or length-bound), counted in what the response wrote."""
+
+    __slots__ = ("_clock", "_request", "_writer")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._writer: StreamWriter | None = None
+        self._clock: StreamClock | None = None
+
+    def start(self, response: web.StreamResponse, clock: StreamClock) -> None:
+        """The writer task has written to the client: events may go directly from now on."""
+        writer = self._request.writer
+        if (
+            isinstance(writer, StreamWriter)
+            and not response.compression
+            and writer.length is None
+            and writer.on_body_write is None
+        ):
+            self._writer, self._clock = writer, clock
+
+    def stop(self) -> None:
+        self._writer = self._clock = None
+
+    def __call__(self, event: StoredEvent) -> bool:
+        writer, clock = self._writer, self._clock
+        if writer is None or clock is None:
+            return False
+        transport = self._request.transport
+        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        frame = event_frame(event)
+        data = b"%x\r\n%b\r\n" % (len(frame), frame) if writer.chunked else frame
+        transport.write(data)
+        writer.output_size += len(data)
+        clock.written((event,))
+        return True
+
+
 async def write_events(
     request: web.Request,
     response: web.StreamResponse,
     events: AsyncIterator[list[StoredEvent] | None],
     settings: StreamSettings,
+    direct: DirectWrites | None = None,
 ) -> None:
     """Write batches of events as they come (None means idle: send a heartbeat), then end the body. A client
     that went away or stopped reading just stops receiving: no terminal event is invented for it, it reconnects
@@ -149,8 +197,10 @@ async def write_events(
     The writing runs in a task of its own, which the handler waits for: the writer is woken once per event at a
     model's pace, and a task resumes through every frame it awaits in. Under the handler that is the whole
     middleware stack (about fifteen frames); in its own task, two. A cancelled handler (shutdown, a client gone
-    with handler cancellation on) cancels the task it awaits, and wakes once the writer has ended."""
-    await asyncio.ensure_future(_write_events(request, response, events, settings))
+    with handler cancellation on) cancels the task it awaits, and wakes once the writer has ended.
+
+    `direct`, the one given to the events' follower, if any: the writer lets it write once it has written."""
+    await asyncio.ensure_future(_write_events(request, response, events, settings, direct))
 
 
 async def _write_events(
@@ -158,15 +208,22 @@ async def _write_events(
     response: web.StreamResponse,
     events: AsyncIterator[list[StoredEvent] | None],
     settings: StreamSettings,
+    direct: DirectWrites | None,
 ) -> None:
     last = -1
     watch = _StallWatch(request, settings.write_timeout_seconds)
     clock = stream_clock(request)
 
+    to_start = direct
+
     async def send(frame: bytes) -> None:
+        nonlocal to_start
         watch.writing()
         await response.write(frame)
         watch.written()
+        if to_start is not None:
+            to_start.start(response, clock)
+            to_start = None
 
     # Goes out with the first write: what a client needs before any event, not a write of its own.
     preamble = retry_preamble(settings.retry_ms)
@@ -214,3 +271,5 @@ async def _write_events(
             return
     finally:
         watch.stop()
+        if direct is not None:
+            direct.stop()

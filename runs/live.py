@@ -53,10 +53,27 @@ class LiveSubscription:
     _idle_at: float = 0.0  # the loop time at which the current wait is idle
     # Looked up once: on Python 3.11 `get_running_loop()` is a getpid() system call each time.
     _loop: asyncio.AbstractEventLoop | None = None
+    _idle_seconds: float = 0.0  # of the current wait
+    # Takes an event straight to the subscriber's client, in the step that pushes it (True: taken), or declines.
+    # Asked only while the subscriber waits with nothing buffered, so it never overtakes an event: the writer then
+    # has written everything before it. Saves waking the subscriber's task for each event (see follow_events).
+    direct: Callable[[StoredEvent], bool] | None = None
 
     def push(self, event: StoredEvent) -> None:
         if self.lagged:
             return
+        waiter = self._waiter
+        if self.direct is not None and waiter is not None and not waiter.done() and not self.buffer:
+            try:
+                taken = self.direct(event)
+            except Exception:  # the subscriber's trouble: it is woken and meets it itself, the pusher never does
+                log.exception("direct delivery of %s failed", self.response_id)
+                self.direct = None
+                taken = False
+            if taken:
+                if self._loop is not None:  # always, while a wait is on: set by it
+                    self._idle_at = self._loop.time() + self._idle_seconds  # the client has just heard something
+                return
         if len(self.buffer) >= self.capacity:
             # Drop the whole buffer rather than grow: memory is released now, and the subscriber reads what it
             # missed from the store at its own pace.
@@ -109,6 +126,7 @@ class LiveSubscription:
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
+            self._idle_seconds = idle_seconds
             self._idle_at = loop.time() + idle_seconds
             if self._idle_timer is None:
                 self._idle_timer = loop.call_at(self._idle_at, self._idle_check)

@@ -20,7 +20,7 @@ from gateway.errors import invalid_body, json_response, raw_json_response, upstr
 from gateway.json_depth import MAX_JSON_DEPTH, nesting_depth
 from gateway.pagination import PageQuery
 from gateway.request_id import request_id_of
-from gateway.sse import StreamSettings, open_stream, write_events
+from gateway.sse import DirectWrites, StreamSettings, open_stream, write_events
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS, STORE
 from gateway.websocket import responses_socket
 from runs import idempotency, responses
@@ -105,6 +105,7 @@ async def stream_response(
     live = request.app[LIVE_EVENTS]
     # Subscribed before the first await, so nothing stored after `known` can be missed.
     subscription = live.subscribe(response_id)
+    direct = DirectWrites(request)
     events = follow_events(
         request.app[STORE],
         live,
@@ -114,10 +115,11 @@ async def stream_response(
         known=known,
         subscription=subscription,
         after_epoch=after_epoch,
+        direct=direct,
     )
     response = await open_stream(request, settings, headers, events_at_hand=bool(known))
     async with contextlib.aclosing(events):  # unsubscribe at once when the client goes
-        await write_events(request, response, events, settings)
+        await write_events(request, response, events, settings, direct)
     return response
 
 
