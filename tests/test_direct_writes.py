@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -14,12 +16,13 @@ import pytest
 
 from gateway.sse import DirectWrites
 from runs.event_log import EventLog
-from runs.live import LiveEvents
+from runs.live import LiveEvents, LiveSubscription
 from runs.subscription import follow_events
-from storage.base import NewResponse, StoredEvent
+from storage.base import StoredEvent
 from storage.memory import MemoryStore
 from tests.conftest import Gateway
 from tests.helpers import parse_frame
+from tests.test_event_log import open_log
 
 
 def delta(text: str) -> dict[str, Any]:
@@ -27,32 +30,42 @@ def delta(text: str) -> dict[str, Any]:
             "delta": text}  # fmt: skip
 
 
-async def open_log(store: MemoryStore, live: LiveEvents, response_id: str) -> tuple[EventLog, StoredEvent]:
-    snapshot = {"id": response_id, "object": "response", "status": "in_progress", "output": []}
-    created = StoredEvent(0, "response.created", orjson.dumps({"type": "response.created", "response": snapshot}))
-    lease = await store.create_response(
-        NewResponse(
-            response_id=response_id,
-            snapshot=orjson.dumps(snapshot),
-            status="in_progress",
-            background=True,
-            stored=True,
-            input_items=b"[]",
-            events=[created],
-            owner="me",
-            lease_ms=60_000,
+@dataclass
+class Followed:
+    """An embedded store with live fan-out, a response in progress with its log, and a subscription to it."""
+
+    store: MemoryStore
+    live: LiveEvents
+    log: EventLog
+    created: StoredEvent  # the response's stored first event, as a follower that has it knows it
+    subscription: LiveSubscription
+
+    def follow(self, direct: Callable[[StoredEvent], bool]) -> AsyncGenerator[list[StoredEvent] | None, None]:
+        return follow_events(
+            self.store,
+            self.live,
+            self.subscription.response_id,
+            -1,
+            idle_seconds=30,
+            known=[self.created],
+            subscription=self.subscription,
+            direct=direct,
         )
-    )
-    assert lease is not None
-    created = StoredEvent(0, created.type, created.data, lease.epoch)
-    return EventLog(store, response_id, dict(snapshot), next_sequence_number=1, lease=lease, publisher=live), created
 
 
-async def test_the_follower_takes_each_next_event_directly_and_yields_the_rest_in_order() -> None:
+@pytest.fixture
+async def followed() -> AsyncIterator[Followed]:
     store = MemoryStore(retention_seconds=60)
     live = LiveEvents(store.open_event_feed())
     live.start()
-    log, created = await open_log(store, live, "resp_direct")
+    log = await open_log(store, "resp_direct", publisher=live)
+    created = StoredEvent(0, "response.created", b"{}", log.lease.epoch)
+    yield Followed(store, live, log, created, live.subscribe("resp_direct"))
+    await live.close()
+
+
+async def test_the_follower_takes_each_next_event_directly_and_yields_the_rest_in_order(followed: Followed) -> None:
+    log, subscription = followed.log, followed.subscription
     taken: list[int] = []
     accepting = True
 
@@ -61,13 +74,10 @@ async def test_the_follower_takes_each_next_event_directly_and_yields_the_rest_i
             taken.append(event.sequence_number)
         return accepting
 
-    subscription = live.subscribe("resp_direct")
     yielded: list[int] = []
 
     async def follow() -> None:
-        events = follow_events(
-            store, live, "resp_direct", -1, idle_seconds=30, known=[created], subscription=subscription, direct=direct
-        )
+        events = followed.follow(direct)
         async with contextlib.aclosing(events):
             async for batch in events:
                 assert batch is not None
@@ -101,38 +111,24 @@ async def test_the_follower_takes_each_next_event_directly_and_yields_the_rest_i
     assert yielded == [0, 6, 7, 10]  # the terminal event never goes directly: the follower ends the stream
     assert sorted(taken + yielded) == list(range(11))
     assert subscription.direct is None  # the follower ended: nothing can be taken for it any more
-    await live.close()
 
 
-async def test_an_event_after_a_gap_is_not_taken_directly() -> None:
-    store = MemoryStore(retention_seconds=60)
-    live = LiveEvents(store.open_event_feed())
-    live.start()
-    log, created = await open_log(store, live, "resp_gap")
+async def test_an_event_after_a_gap_is_not_taken_directly(followed: Followed) -> None:
+    log, subscription = followed.log, followed.subscription
     taken: list[int] = []
 
     def take(event: StoredEvent) -> bool:
         taken.append(event.sequence_number)
         return True
 
-    subscription = live.subscribe("resp_gap")
-    events = follow_events(
-        store,
-        live,
-        "resp_gap",
-        -1,
-        idle_seconds=30,
-        known=[created],
-        subscription=subscription,
-        direct=take,
-    )
+    events = followed.follow(take)
     async with contextlib.aclosing(events):
         assert [event.sequence_number for event in (await anext(events) or [])] == [0]
         waiting = asyncio.ensure_future(anext(events))
         await asyncio.sleep(0)
         # Event 2 arrives before 1 (a hint out of order): not the next one, so it wakes the follower instead, which
         # reads the store for the gap.
-        subscription.push(StoredEvent(2, "response.output_text.delta", b"{}", created.epoch))
+        subscription.push(StoredEvent(2, "response.output_text.delta", b"{}", followed.created.epoch))
         assert taken == []
         await log.emit(delta("a"))
         await log.emit(delta("b"))
@@ -140,7 +136,6 @@ async def test_an_event_after_a_gap_is_not_taken_directly() -> None:
         batch = await asyncio.wait_for(waiting, 5)
         assert batch is not None
         assert [event.sequence_number for event in batch] == [1, 2]
-    await live.close()
 
 
 async def read_http10_stream(url: str, body: bytes) -> tuple[bytes, bytes]:

@@ -12,6 +12,7 @@ import pytest
 from runs.event_log import EventLog, EventPublisher
 from runs.snapshot import apply_event
 from storage.base import Lease, NewResponse, StoredEvent
+from storage.memory import MemoryStore
 from storage.redis import RedisStore
 
 
@@ -55,7 +56,9 @@ async def stored_log(store: RedisStore, response_id: str) -> tuple[list[int], di
     return [event.sequence_number for event in events], replayed
 
 
-async def open_log(store: RedisStore, response_id: str, publisher: EventPublisher | None = None) -> EventLog:
+async def open_log(
+    store: RedisStore | MemoryStore, response_id: str, publisher: EventPublisher | None = None
+) -> EventLog:
     """A response created in progress, owned here, with its `response.created` stored; and its log from there."""
     snapshot = start_snapshot(response_id)
     created = {"type": "response.created", "response": snapshot, "sequence_number": 0}
