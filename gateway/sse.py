@@ -147,12 +147,13 @@ class DirectWrites:
     task, which waits for the socket and is cut off when stalled); only with the framing aiohttp itself would use
     (chunked or plain, never compressed or length-bound), counted in what the response wrote."""
 
-    __slots__ = ("_clock", "_request", "_writer")
+    __slots__ = ("_clock", "_request", "_writer", "response")
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self._writer: StreamWriter | None = None
         self._clock: StreamClock | None = None
+        self.response: web.StreamResponse | None = None
 
     def start(self, response: web.StreamResponse, clock: StreamClock) -> None:
         """The writer task has written to the client: events may go directly from now on."""
@@ -163,23 +164,32 @@ class DirectWrites:
             and writer.length is None
             and writer.on_body_write is None
         ):
-            self._writer, self._clock = writer, clock
+            self._writer, self._clock, self.response = writer, clock, response
 
     def stop(self) -> None:
         self._writer = self._clock = None
 
     def __call__(self, event: StoredEvent) -> bool:
-        writer, clock = self._writer, self._clock
-        if writer is None or clock is None:
+        clock = self._clock
+        if clock is None or not self.write(event_frame(event)):
+            return False
+        clock.written((event,))
+        return True
+
+    def write(self, body: bytes) -> bool:
+        """Write `body` (what `response.write` would be given) to the client now, if it can go directly."""
+        writer = self._writer
+        if writer is None:
             return False
         transport = self._request.transport
         if transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
-        frame = event_frame(event)
-        data = b"%x\r\n%b\r\n" % (len(frame), frame) if writer.chunked else frame
-        transport.write(data)
+        data = b"%x\r\n%b\r\n" % (len(body), body) if writer.chunked else body
+        try:
+            transport.write(data)
+        except (ConnectionError, RuntimeError):  # nothing written: the writer task meets the client's end itself
+            return False
         writer.output_size += len(data)
-        clock.written((event,))
         return True
 
 

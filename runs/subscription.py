@@ -57,7 +57,7 @@ async def follow_events(
     cursor_epoch = after_epoch
 
     def take_directly(event: StoredEvent) -> bool:
-        nonlocal cursor, cursor_epoch
+        nonlocal cursor
         if (
             direct is None
             or event.sequence_number != cursor + 1

@@ -75,7 +75,7 @@ class MemoryStore(MemoryConversations):
         # Set (and dropped) at the next append, for event feeds waiting on any response: see next_append. Made only
         # when a feed asks for it: an Event made at every append cost one per event.
         self._any_append: asyncio.Event | None = None
-        # No response expires before this loop time (the front of `_expiry` did not, when last looked at, and the
+        # No response expires before this time of `clock` (the front of `_expiry` did not, when last looked at, and the
         # front only ever moves later): until then `_expire_due` need not look.
         self._expiry_floor = -math.inf
         self._notice_listeners: set[asyncio.Queue[RunNotice]] = set()

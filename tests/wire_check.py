@@ -2,7 +2,8 @@
 
 Every test that serves a gateway in this process has every JSON body, every SSE event and every WebSocket frame
 the gateway wrote validated after the test, whichever client read them (the SDK, raw aiohttp, a deliberately broken
-client). The bytes are taken where aiohttp's server writes them, so nothing a client does can hide a malformed event.
+client). The bytes are taken where aiohttp's server writes them (and where gateway/sse.DirectWrites writes an event
+to a stream's socket itself), so nothing a client does can hide a malformed event.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import orjson
 import pydantic
 from aiohttp import WSMsgType, web
 
+from gateway.sse import DirectWrites
 from gateway.state import STORE
 from tests.strict_models import body_model, check_event, check_ws_event, conversation_item_model
 
@@ -156,9 +158,11 @@ def _complete_events(stream: bytes) -> Iterator[dict[str, Any]]:
 
 @contextlib.contextmanager
 def recording(check: WireCheck) -> Iterator[None]:
-    """Tee what aiohttp's server writes into `check` while the block runs: bodies, and WebSocket frames."""
+    """Tee what aiohttp's server writes into `check` while the block runs: bodies (with the events DirectWrites
+    writes), and WebSocket frames."""
     original_write, original_write_eof = web.StreamResponse.write, web.StreamResponse.write_eof
     original_send_frame = web.WebSocketResponse.send_frame
+    original_direct_write = DirectWrites.write
 
     async def write(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
         check.record(self, bytes(data))
@@ -175,12 +179,20 @@ def recording(check: WireCheck) -> Iterator[None]:
         check.record_frame(self, bytes(message), opcode)
         await original_send_frame(self, message, opcode, compress)
 
+    def direct_write(self: DirectWrites, body: bytes) -> bool:  # events written in the step that stored them
+        written = original_direct_write(self, body)
+        if written and self.response is not None:
+            check.record(self.response, body)
+        return written
+
     web.StreamResponse.write = write  # type: ignore[method-assign]
     web.StreamResponse.write_eof = write_eof  # type: ignore[method-assign]
     web.WebSocketResponse.send_frame = send_frame  # type: ignore[method-assign]
+    DirectWrites.write = direct_write  # type: ignore[method-assign]
     try:
         yield
     finally:
+        DirectWrites.write = original_direct_write  # type: ignore[method-assign]
         web.StreamResponse.write = original_write  # type: ignore[method-assign]
         web.StreamResponse.write_eof = original_write_eof  # type: ignore[method-assign]
         web.WebSocketResponse.send_frame = original_send_frame  # type: ignore[method-assign]
