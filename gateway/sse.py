@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -169,11 +169,14 @@ class DirectWrites:
     def stop(self) -> None:
         self._writer = self._clock = None
 
-    def __call__(self, event: StoredEvent) -> bool:
+    def __call__(self, events: Sequence[StoredEvent]) -> bool:
         clock = self._clock
-        if clock is None or not self.write(event_frame(event)):
+        if clock is None:
             return False
-        clock.written((event,))
+        body = event_frame(events[0]) if len(events) == 1 else b"".join([event_frame(event) for event in events])
+        if not self.write(body):
+            return False
+        clock.written(events)
         return True
 
     def write(self, body: bytes) -> bool:

@@ -54,26 +54,32 @@ class LiveSubscription:
     # Looked up once: on Python 3.11 `get_running_loop()` is a getpid() system call each time.
     _loop: asyncio.AbstractEventLoop | None = None
     _idle_seconds: float = 0.0  # of the current wait
-    # Takes an event straight to the subscriber's client, in the step that pushes it (True: taken), or declines.
-    # Asked only while the subscriber waits with nothing buffered, so it never overtakes an event: the writer then
-    # has written everything before it. Saves waking the subscriber's task for each event (see follow_events).
-    direct: Callable[[StoredEvent], bool] | None = None
+    # Takes events straight to the subscriber's client, in the step that pushes them: how many it took (a prefix,
+    # written in one write), 0 if none. Asked only while the subscriber waits with nothing buffered, so it never
+    # overtakes an event: the writer then has written everything before them. Saves waking the subscriber's task
+    # for each event (see follow_events).
+    direct: Callable[[Sequence[StoredEvent]], int] | None = None
+
+    def push_all(self, events: Sequence[StoredEvent]) -> None:
+        """`push` each of `events`, in order, those the direct taker takes excepted."""
+        waiter = self._waiter
+        if self.direct is not None and waiter is not None and not waiter.done() and not self.buffer and not self.lagged:
+            try:
+                taken = self.direct(events)
+            except Exception:  # the subscriber's trouble: it is woken and meets it itself, the pusher never does
+                log.exception("direct delivery of %s failed", self.response_id)
+                self.direct = None
+                taken = 0
+            if taken:
+                if self._loop is not None:  # always, while a wait is on: set by it
+                    self._idle_at = self._loop.time() + self._idle_seconds  # the client has just heard something
+                events = events[taken:]
+        for event in events:
+            self.push(event)
 
     def push(self, event: StoredEvent) -> None:
         if self.lagged:
             return
-        waiter = self._waiter
-        if self.direct is not None and waiter is not None and not waiter.done() and not self.buffer:
-            try:
-                taken = self.direct(event)
-            except Exception:  # the subscriber's trouble: it is woken and meets it itself, the pusher never does
-                log.exception("direct delivery of %s failed", self.response_id)
-                self.direct = None
-                taken = False
-            if taken:
-                if self._loop is not None:  # always, while a wait is on: set by it
-                    self._idle_at = self._loop.time() + self._idle_seconds  # the client has just heard something
-                return
         if len(self.buffer) >= self.capacity:
             # Drop the whole buffer rather than grow: memory is released now, and the subscriber reads what it
             # missed from the store at its own pace.
@@ -152,12 +158,15 @@ class _Watch:
 
     def deliver(self, events: Sequence[StoredEvent]) -> None:
         """Push the events past the cursor to every subscriber, and move the cursor."""
+        fresh = []
         for event in events:
-            if event.sequence_number <= self.cursor:
-                continue
-            self.cursor = event.sequence_number
-            for subscription in list(self.subscribers):
-                subscription.push(event)
+            if event.sequence_number > self.cursor:
+                self.cursor = event.sequence_number
+                fresh.append(event)
+        if not fresh:
+            return
+        for subscription in list(self.subscribers):
+            subscription.push_all(fresh)
 
 
 class LiveEvents:

@@ -28,7 +28,7 @@ async def follow_events(
     known: Sequence[StoredEvent] = (),
     subscription: LiveSubscription | None = None,
     after_epoch: int | None = None,
-    direct: Callable[[StoredEvent], bool] | None = None,
+    direct: Callable[[Sequence[StoredEvent]], bool] | None = None,
 ) -> AsyncGenerator[list[StoredEvent] | None, None]:
     """Yield stored events with sequence_number > after, in order, without gaps or duplicates, in batches (all
     that is at hand at once, so a writer can send them in one write), and stop after the terminal event. Yields
@@ -46,28 +46,31 @@ async def follow_events(
     longer the stored ones: the store failed over and lost them, and a later owner wrote others under their
     numbers (known by their higher epoch). The follower then cannot go on without mixing two histories.
 
-    `direct` writes one event to the follower's client at once (True), or declines (False): while the follower
-    waits for live events, the event that is exactly the next one (same epoch, not terminal) is offered to it in
-    the step that stored it, and counts as yielded when taken. At a model's pace that is every delta, and the
-    follower's task is not woken for it. Everything else comes as before.
+    `direct` writes events to the follower's client at once, in one write (True), or declines (False): while the
+    follower waits for live events, the events that exactly continue it (the next numbers, same epoch, not
+    terminal) are offered to it in the step that stored them, and count as yielded when taken. At a model's pace
+    that is every delta, and the follower's task is not woken for it. Everything else comes as before.
     """
     subscription = subscription or live.subscribe(response_id)
     cursor = after
     # The epoch of the event at the cursor, once known: which event the follower has, not just its number.
     cursor_epoch = after_epoch
 
-    def take_directly(event: StoredEvent) -> bool:
+    def take_directly(events: Sequence[StoredEvent]) -> int:
         nonlocal cursor
-        if (
-            direct is None
-            or event.sequence_number != cursor + 1
-            or event.epoch != cursor_epoch
-            or event.type in TERMINAL_EVENT_TYPES
-            or not direct(event)
-        ):
-            return False
-        cursor = event.sequence_number
-        return True
+        count = 0
+        for event in events:
+            if (
+                event.sequence_number != cursor + count + 1
+                or event.epoch != cursor_epoch
+                or event.type in TERMINAL_EVENT_TYPES
+            ):
+                break
+            count += 1
+        if direct is None or not count or not direct(events[:count] if count < len(events) else events):
+            return 0
+        cursor += count
+        return count
 
     if direct is not None:
         # Offered only while this follower waits in `subscription.next`, i.e. in the live loop below, where

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -40,7 +40,7 @@ class Followed:
     created: StoredEvent  # the response's stored first event, as a follower that has it knows it
     subscription: LiveSubscription
 
-    def follow(self, direct: Callable[[StoredEvent], bool]) -> AsyncGenerator[list[StoredEvent] | None, None]:
+    def follow(self, direct: Callable[[Sequence[StoredEvent]], bool]) -> AsyncGenerator[list[StoredEvent] | None, None]:
         return follow_events(
             self.store,
             self.live,
@@ -69,9 +69,9 @@ async def test_the_follower_takes_each_next_event_directly_and_yields_the_rest_i
     taken: list[int] = []
     accepting = True
 
-    def direct(event: StoredEvent) -> bool:
+    def direct(events: Sequence[StoredEvent]) -> bool:
         if accepting:
-            taken.append(event.sequence_number)
+            taken.extend(event.sequence_number for event in events)
         return accepting
 
     yielded: list[int] = []
@@ -113,12 +113,43 @@ async def test_the_follower_takes_each_next_event_directly_and_yields_the_rest_i
     assert subscription.direct is None  # the follower ended: nothing can be taken for it any more
 
 
+async def test_events_stored_together_go_in_one_direct_write_up_to_the_terminal_event(followed: Followed) -> None:
+    log = followed.log
+    calls: list[list[int]] = []
+
+    def direct(events: Sequence[StoredEvent]) -> bool:
+        calls.append([event.sequence_number for event in events])
+        return True
+
+    yielded: list[int] = []
+
+    async def follow() -> None:
+        events = followed.follow(direct)
+        async with contextlib.aclosing(events):
+            async for batch in events:
+                assert batch is not None
+                yielded.extend(event.sequence_number for event in batch)
+
+    follower = asyncio.create_task(follow())
+    for _ in range(3):
+        await asyncio.sleep(0)
+    for text in ("a", "b", "c"):
+        await log.emit(delta(text))
+    await log.flush()  # one append, one write
+    await log.emit(delta("d"))
+    await log.emit({"type": "response.completed", "response": {**log.snapshot, "status": "completed"}})
+    await log.close()
+    await asyncio.wait_for(follower, 5)
+    assert calls == [[1, 2, 3], [4]]
+    assert yielded == [0, 5]
+
+
 async def test_an_event_after_a_gap_is_not_taken_directly(followed: Followed) -> None:
     log, subscription = followed.log, followed.subscription
     taken: list[int] = []
 
-    def take(event: StoredEvent) -> bool:
-        taken.append(event.sequence_number)
+    def take(events: Sequence[StoredEvent]) -> bool:
+        taken.extend(event.sequence_number for event in events)
         return True
 
     events = followed.follow(take)
@@ -128,7 +159,7 @@ async def test_an_event_after_a_gap_is_not_taken_directly(followed: Followed) ->
         await asyncio.sleep(0)
         # Event 2 arrives before 1 (a hint out of order): not the next one, so it wakes the follower instead, which
         # reads the store for the gap.
-        subscription.push(StoredEvent(2, "response.output_text.delta", b"{}", followed.created.epoch))
+        subscription.push_all([StoredEvent(2, "response.output_text.delta", b"{}", followed.created.epoch)])
         assert taken == []
         await log.emit(delta("a"))
         await log.emit(delta("b"))
@@ -163,10 +194,10 @@ def direct_writes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     written: list[int] = []
     original = DirectWrites.__call__
 
-    def counting(self: DirectWrites, event: StoredEvent) -> bool:
-        taken = original(self, event)
+    def counting(self: DirectWrites, events: Sequence[StoredEvent]) -> bool:
+        taken = original(self, events)
         if taken:
-            written.append(event.sequence_number)
+            written.extend(event.sequence_number for event in events)
         return taken
 
     monkeypatch.setattr(DirectWrites, "__call__", counting)
