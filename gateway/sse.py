@@ -138,9 +138,10 @@ class _StallWatch:
 
 
 class DirectWrites:
-    """Writes one event to the client in the step of whoever has just stored it (a run, through the live fan-out:
-    `follow_events`' `direct`), instead of waking the stream's writer task for it: at a model's pace that was a
-    task wake-up and a resumption through the follower for every delta.
+    """Writes events to the client in the step of whoever has just stored them (a run, through the live fan-out:
+    `follow_events`' `direct`), in one write, instead of waking the stream's writer task for them: at a model's
+    pace that was a task wake-up and a resumption through the follower for every delta. The storing step pays one
+    write per such subscriber, never a wait.
 
     Only once the writer task has written (the headers and the reconnect preamble are out) and until it ends; only
     while the socket has taken everything so far (a client that is not keeping up is written to by the writer
@@ -176,7 +177,10 @@ class DirectWrites:
         body = event_frame(events[0]) if len(events) == 1 else b"".join([event_frame(event) for event in events])
         if not self.write(body):
             return False
-        clock.written(events)
+        try:
+            clock.written(events)
+        except Exception:  # written: the events must count as taken, or they would be sent again
+            log.exception("stream clock failed")
         return True
 
     def write(self, body: bytes) -> bool:
@@ -192,6 +196,9 @@ class DirectWrites:
             transport.write(data)
         except (ConnectionError, RuntimeError):  # nothing written: the writer task meets the client's end itself
             return False
+        # Counted as aiohttp counts its own writes: the writer task's next write waits for the socket once 64 KiB
+        # have gone out without a wait, direct ones included.
+        writer.buffer_size += len(data)
         writer.output_size += len(data)
         return True
 

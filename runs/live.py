@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 # After a failed feed read (store unreachable), wait this long, doubling up to the cap, before trying again.
 RETRY_DELAY_SECONDS = 0.1
 RETRY_DELAY_CAP_SECONDS = 2.0
-# A subscriber's idle timer may fire this much before the wait's end (the loop's timers round to milliseconds) and
-# still count it as idle, rather than be set again for what is left.
+# A subscriber's idle timer may fire this much before the wait's end (a loop may run a timer up to its clock's
+# resolution early) and still count it as idle, rather than be set again for what is left.
 IDLE_TIMER_SLACK_SECONDS = 0.001
 
 
@@ -50,6 +50,7 @@ class LiveSubscription:
     # One idle timer per subscription, moved on lazily: when it fires early (events came meanwhile) it is set again
     # for the current wait's end. A timer made and cancelled at each wait cost a timer per event.
     _idle_timer: asyncio.TimerHandle | None = None
+    _idle_timer_at: float = 0.0  # when it fires
     _idle_at: float = 0.0  # the loop time at which the current wait is idle
     # Looked up once: on Python 3.11 `get_running_loop()` is a getpid() system call each time.
     _loop: asyncio.AbstractEventLoop | None = None
@@ -108,7 +109,13 @@ class LiveSubscription:
         if self._loop.time() + IDLE_TIMER_SLACK_SECONDS >= self._idle_at:
             self.wake()
         else:
-            self._idle_timer = self._loop.call_at(self._idle_at, self._idle_check)
+            self._set_idle_timer(self._loop)
+
+    def _set_idle_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        self._idle_timer_at = self._idle_at
+        self._idle_timer = loop.call_at(self._idle_at, self._idle_check)
 
     def stop_idle_timer(self) -> None:
         """The subscriber is gone: its timer need not keep it until it fires."""
@@ -134,8 +141,8 @@ class LiveSubscription:
             self._waiter = waiter = loop.create_future()
             self._idle_seconds = idle_seconds
             self._idle_at = loop.time() + idle_seconds
-            if self._idle_timer is None:
-                self._idle_timer = loop.call_at(self._idle_at, self._idle_check)
+            if self._idle_timer is None or self._idle_timer_at > self._idle_at:  # none, or set for a longer wait
+                self._set_idle_timer(loop)
             try:
                 await waiter
             finally:

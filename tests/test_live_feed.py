@@ -144,3 +144,14 @@ async def test_a_subscriber_hears_of_idleness_only_after_a_whole_idle_wait_witho
     assert await subscription.next(idle_seconds) is None
     assert loop.time() - waited_from >= idle_seconds - IDLE_TIMER_SLACK_SECONDS
     subscription.stop_idle_timer()
+
+
+async def test_a_shorter_idle_wait_after_a_longer_one_ends_on_time() -> None:
+    subscription = LiveSubscription("resp_idle_shorter", capacity=16)
+    waiting = asyncio.ensure_future(subscription.next(30))  # sets the timer 30 s ahead
+    await asyncio.sleep(0)
+    subscription.push(StoredEvent(0, "response.output_text.delta", b"{}"))
+    assert await waiting is not None
+    # The timer set for the 30 s wait must not be the one this wait gets.
+    assert await asyncio.wait_for(subscription.next(0.05), 5) is None
+    subscription.stop_idle_timer()

@@ -117,7 +117,11 @@ async def stream_response(
         after_epoch=after_epoch,
         direct=direct,
     )
-    response = await open_stream(request, settings, headers, events_at_hand=bool(known))
+    try:
+        response = await open_stream(request, settings, headers, events_at_hand=bool(known))
+    except BaseException:
+        live.unsubscribe(subscription)  # the follower never started: its own `finally` will not
+        raise
     async with contextlib.aclosing(events):  # unsubscribe at once when the client goes
         await write_events(request, response, events, settings, direct)
     return response
