@@ -52,6 +52,29 @@ class Followed:
             direct=direct,
         )
 
+    async def start_following(
+        self, direct: Callable[[Sequence[StoredEvent]], bool]
+    ) -> tuple[asyncio.Task[None], list[int]]:
+        """A follower task, and the sequence numbers it yields (those `direct` does not take); it is waiting for
+        live events when this returns."""
+        yielded: list[int] = []
+
+        async def follow() -> None:
+            events = self.follow(direct)
+            async with contextlib.aclosing(events):
+                async for batch in events:
+                    assert batch is not None
+                    yielded.extend(event.sequence_number for event in batch)
+
+        follower = asyncio.create_task(follow())
+        await settle()
+        return follower, yielded
+
+
+async def settle() -> None:
+    for _ in range(3):  # a follower has taken what it was handed and waits again
+        await asyncio.sleep(0)
+
 
 @pytest.fixture
 async def followed() -> AsyncIterator[Followed]:
@@ -74,20 +97,7 @@ async def test_the_follower_takes_each_next_event_directly_and_yields_the_rest_i
             taken.extend(event.sequence_number for event in events)
         return accepting
 
-    yielded: list[int] = []
-
-    async def follow() -> None:
-        events = followed.follow(direct)
-        async with contextlib.aclosing(events):
-            async for batch in events:
-                assert batch is not None
-                yielded.extend(event.sequence_number for event in batch)
-
-    follower = asyncio.create_task(follow())
-
-    async def settle() -> None:
-        for _ in range(3):  # the follower has taken what it was handed and waits again
-            await asyncio.sleep(0)
+    follower, yielded = await followed.start_following(direct)
 
     async def emit(count: int) -> None:
         for index in range(count):
@@ -95,7 +105,6 @@ async def test_the_follower_takes_each_next_event_directly_and_yields_the_rest_i
             await log.flush()
             await settle()
 
-    await settle()
     await emit(5)
     assert taken == [1, 2, 3, 4, 5]
     assert yielded == [0]
@@ -121,18 +130,7 @@ async def test_events_stored_together_go_in_one_direct_write_up_to_the_terminal_
         calls.append([event.sequence_number for event in events])
         return True
 
-    yielded: list[int] = []
-
-    async def follow() -> None:
-        events = followed.follow(direct)
-        async with contextlib.aclosing(events):
-            async for batch in events:
-                assert batch is not None
-                yielded.extend(event.sequence_number for event in batch)
-
-    follower = asyncio.create_task(follow())
-    for _ in range(3):
-        await asyncio.sleep(0)
+    follower, yielded = await followed.start_following(direct)
     for text in ("a", "b", "c"):
         await log.emit(delta(text))
     await log.flush()  # one append, one write
