@@ -142,19 +142,14 @@ class EventLog:
             and self._snapshot.get("status") in TERMINAL_STATUSES
         )
 
-    async def emit(self, event: dict[str, Any], *, flush_follows: bool = False) -> StoredEvent:
-        """Number `event`, apply it to the snapshot and queue its append. Raises the store's error once a write
-        has failed: the log cannot go on with a gap. `flush_follows`: the caller flushes (or closes the log)
-        before it next waits for anything else, so the writer need not be woken (a loop callback per event at
-        light load, where every read from the provider is one event)."""
-        if self._failure is not None:
-            raise self._failure
-        if len(self._pending) >= MAX_PENDING_EVENTS:
+    async def emit(self, event: dict[str, Any], *, flush_follows: bool = False) -> None:
+        """Number `event`, apply it to the snapshot and queue its append, once the log has room. Raises the store's
+        error once a write has failed: the log cannot go on with a gap. `flush_follows`: the caller flushes (or
+        closes the log) before it next waits for anything else, so the writer need not be woken (a loop callback
+        per event at light load, where every read from the provider is one event)."""
+        while not self.try_emit(event, flush_follows=flush_follows):
             self._nudge_writer()  # a caller that would flush after its batch cannot while it waits here
             await self._drained.wait()
-            if self._failure is not None:
-                raise self._failure
-        return self._emit_now(event, flush_follows)
 
     def try_emit(self, event: dict[str, Any], *, flush_follows: bool = False) -> bool:
         """`emit` without waiting: False (nothing done) when the log has no room, and the caller must `await
@@ -166,7 +161,7 @@ class EventLog:
         self._emit_now(event, flush_follows)
         return True
 
-    def _emit_now(self, event: dict[str, Any], flush_follows: bool) -> StoredEvent:
+    def _emit_now(self, event: dict[str, Any], flush_follows: bool) -> None:
         # Apply first: an event the snapshot cannot take raises here, before it has used up a sequence number.
         self._snapshot = apply_event(self._snapshot, event)
         event["sequence_number"] = self._next_sequence_number
@@ -184,7 +179,6 @@ class EventLog:
             # After this step, not now: a caller that flushes right away appends the events itself.
             self._nudged = True
             self._loop.call_soon(self._nudge_writer)
-        return stored
 
     @property
     def _unwritten(self) -> bool:
@@ -203,7 +197,7 @@ class EventLog:
     async def flush(self) -> None:
         """Wait until every emitted event is stored (appending them in this task when no append is in flight);
         raise the store's error if one could not be."""
-        if (self._pending or self._interrupted is not None) and not self._appending and self._failure is None:
+        if self._unwritten and not self._appending and self._failure is None:
             await self._append_pending()
         if not self._drained.is_set():
             await self._drained.wait()
@@ -239,7 +233,7 @@ class EventLog:
         append is idempotent, so the one it may have sent is no harm."""
         self._appending = True
         try:
-            while self._pending or self._interrupted is not None:  # _unwritten, spelt out on the hot path
+            while self._unwritten:
                 if self._interrupted is not None:
                     batch, snapshot, status = self._interrupted
                     self._interrupted = None
