@@ -54,6 +54,11 @@ def event_frame(event: StoredEvent) -> bytes:
     )
 
 
+def event_frames(events: Sequence[StoredEvent]) -> bytes:
+    """The frames of `events`, for one write (at a model's pace, one event)."""
+    return event_frame(events[0]) if len(events) == 1 else b"".join([event_frame(event) for event in events])
+
+
 def retry_preamble(retry_ms: int) -> bytes:
     """`retry:` alone on a line before the first event: it sets the client's reconnect delay. No blank line
     follows it (that would dispatch an empty event), so parsers read it as part of the next frame."""
@@ -174,8 +179,7 @@ class DirectWrites:
         clock = self._clock
         if clock is None:
             return False
-        body = event_frame(events[0]) if len(events) == 1 else b"".join([event_frame(event) for event in events])
-        if not self.write(body):
+        if not self.write(event_frames(events)):
             return False
         try:
             clock.written(events)
@@ -256,8 +260,7 @@ async def _write_events(
                 preamble = b""
                 continue
             # One write for everything at hand: a syscall per event was the largest single cost at the ceiling.
-            # At a model's pace a batch is one event.
-            frames = event_frame(batch[0]) if len(batch) == 1 else b"".join([event_frame(event) for event in batch])
+            frames = event_frames(batch)
             if preamble:
                 frames, preamble = preamble + frames, b""
             if batch[-1].type in TERMINAL_EVENT_TYPES:

@@ -192,8 +192,7 @@ class MemoryStore(MemoryConversations):
             raise SequenceConflict(f"{response_id}: append from {events[0].sequence_number} does not continue the log")
         if entry.status in TERMINAL_STATUSES:
             raise ResponseClosed(response_id)
-        epoch = lease.epoch
-        entry.events.extend([(event.type, _kept(event.data), epoch) for event in events])
+        entry.events.extend([_kept_event(event, lease.epoch) for event in events])
         self._wake_readers()
         if snapshot is None:
             return False

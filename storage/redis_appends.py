@@ -57,14 +57,15 @@ class PlainAppends:
             for event in events
         ]
         replies = await self._mux.execute_many(commands)
+        missing = refused = False
         for reply in replies:  # one look at each: the common case is every reply an entry id
-            if reply is None or isinstance(reply, Exception):
-                break
-        else:
-            return
-        if any(reply is None for reply in replies):
+            if reply is None:
+                missing = True
+            elif isinstance(reply, Exception):
+                refused = True
+        if missing:
             raise ResponseMissing(response_id)
-        if any(isinstance(reply, Exception) for reply in replies):
+        if refused:
             refusal = await self._refusal(response_id, events, lease, replies)
             if refusal is not None:
                 raise refusal
