@@ -112,8 +112,7 @@ class LiveSubscription:
             self._set_idle_timer(self._loop)
 
     def _set_idle_timer(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        self.stop_idle_timer()
         self._idle_timer_at = self._idle_at
         self._idle_timer = loop.call_at(self._idle_at, self._idle_check)
 
