@@ -161,13 +161,18 @@ class _Watch:
     # Whether the feed reads it (when nobody here writes it): from the first `follow`, where a follower has read
     # the store up to. Before that a feed read would only fetch what the follower reads from the store anyway.
     following: bool = False
+    # The epoch of the event at the cursor once one was delivered (0: not known, as after `follow`).
+    epoch: int = 0
 
     def deliver(self, events: Sequence[StoredEvent]) -> None:
-        """Push the events past the cursor to every subscriber, and move the cursor."""
+        """Push the events past the cursor to every subscriber, and move the cursor. An event under a newer epoch
+        is new even at a number already delivered: a later owner wrote it in place of events the store lost, and
+        its subscribers must see it at once to tell their clients (EventsLost), not at their next idle check."""
         fresh = []
         for event in events:
-            if event.sequence_number > self.cursor:
+            if event.sequence_number > self.cursor or event.epoch > self.epoch:
                 self.cursor = event.sequence_number
+                self.epoch = event.epoch
                 fresh.append(event)
         if not fresh:
             return
