@@ -94,6 +94,43 @@ async def test_an_agent_calls_its_tool_and_answers(sdk_gateway: Gateway) -> None
     assert last.status == "completed"
 
 
+async def test_a_streamed_agent_gets_every_event_of_each_turn(sdk_gateway: Gateway) -> None:
+    """The Agents SDK's streamed mode reads each turn's SSE itself: the tool turn and the answer turn arrive whole,
+    numbered without a gap, and the text the agent reports is the deltas it was streamed."""
+    asked: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        asked.append(city)
+        return f"Sunny in {city}."
+
+    agent = Agent(
+        name="weather",
+        instructions="Use the tool to answer.",
+        tools=[get_weather],
+        model=OpenAIResponsesModel(model="sim-1", openai_client=sdk_gateway.client),
+    )
+    streamed = Runner.run_streamed(agent, "What is the weather in Oslo?", max_turns=4)
+    turns: list[list[Any]] = []
+    async for event in streamed.stream_events():
+        if event.type != "raw_response_event":
+            continue
+        if event.data.type == "response.created":
+            turns.append([])
+        turns[-1].append(event.data)
+    assert len(asked) == 1
+    assert [[event.type for event in turn][-1] for turn in turns] == ["response.completed", "response.completed"]
+    for turn in turns:
+        numbers = [event.sequence_number for event in turn]
+        assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    answer = "".join(event.delta for event in turns[-1] if event.type == "response.output_text.delta")
+    assert answer
+    assert streamed.final_output == answer
+    stored = await sdk_gateway.client.responses.retrieve(turns[-1][-1].response.id)
+    assert stored.output_text == answer
+
+
 async def test_an_agent_with_structured_output(sdk_gateway: Gateway) -> None:
     agent = Agent(
         name="forecaster",
