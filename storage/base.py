@@ -3,7 +3,7 @@ idempotency keys, conversations. `Store` is all of them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
@@ -274,6 +274,20 @@ class EventLogStore(Protocol):
         deliveries it owes, put in the outbox in the same atomic step as the terminal event: a crash can never
         leave a response ended and its notification forgotten.
         """
+
+    def start_append(
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        lease: Lease,
+        done: Callable[[BaseException | None], None],
+    ) -> bool:
+        """`append_events` of a snapshotless, unchecked append, begun now without a task: `done` is called later
+        (never within this call) with None once the events are stored, or with what `append_events` would have
+        raised. False when the backend has no such path (its append costs no wake-up, or cannot be begun this
+        way): nothing was done, and the caller awaits `append_events`. A writer at a model's pace appends every
+        delta this way and reads on meanwhile, instead of its task waking for each reply."""
 
     async def get_response(self, response_id: str, *, tenant: str | None = None) -> ResponseRecord | None:
         """The response's snapshot and state, or None when it does not exist. With `tenant`, another tenant's

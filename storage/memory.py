@@ -158,6 +158,16 @@ class MemoryStore(MemoryConversations):
             self._queue[new.response_id] = None
         return Lease(new.owner, 1, lease_until) if new.owner else None
 
+    def start_append(
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        lease: Lease,
+        done: Callable[[BaseException | None], None],
+    ) -> bool:
+        return False  # awaiting `append_events` here never suspends: it costs no wake-up to avoid
+
     async def append_events(
         self,
         response_id: str,

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from storage.base import Store, StoreClosed, StoreError, StoreUnavailable
+from storage.base import Lease, Store, StoreClosed, StoredEvent, StoreError, StoreUnavailable
 
 
 def steps_1_2_5(low: float, high: float) -> tuple[float, ...]:
@@ -150,42 +150,74 @@ class _MeasuredStore:
     def __init__(self, inner: Store, metrics: StoreMetrics) -> None:
         self.inner = inner
         self._metrics = metrics
+        self._appends = _Operation("append_events", metrics)
 
     def __getattr__(self, name: str) -> Any:
         target = getattr(self.inner, name)
         if name.startswith("_") or not inspect.iscoroutinefunction(target):
             return target
-        measured = _timed(target, name, self._metrics)
+        measured = _timed(target, _Operation(name, self._metrics))
         setattr(self, name, measured)  # found directly from now on; __getattr__ is not asked again
         return measured
 
+    def start_append(
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        lease: Lease,
+        done: Callable[[BaseException | None], None],
+    ) -> bool:
+        """Timed as the `append_events` it stands for, from now until `done`."""
+        operation = self._appends
+        started = operation.clock()
+
+        def measured(error: BaseException | None) -> None:
+            operation.ended(started, error)
+            done(error)
+
+        return self.inner.start_append(response_id, events, lease=lease, done=measured)
+
+
+class _Operation:
+    """One operation's latency child and failure counters, resolved once."""
+
+    __slots__ = ("closed", "latency", "unavailable", "unexpected")
+
+    clock = staticmethod(time.perf_counter)
+
+    def __init__(self, name: str, metrics: StoreMetrics) -> None:
+        self.latency = metrics.latency.labels(name)
+        self.unavailable = metrics.errors.labels(name, "unavailable")
+        self.closed = metrics.errors.labels(name, "closed")
+        self.unexpected = metrics.errors.labels(name, "unexpected")
+
+    def ended(self, started: float, error: BaseException | None) -> None:
+        self.latency.observe(self.clock() - started)
+        if error is None or not isinstance(error, Exception):
+            return
+        if isinstance(error, StoreClosed):
+            self.closed.inc()
+        elif isinstance(error, StoreUnavailable):
+            self.unavailable.inc()
+        elif not isinstance(error, StoreError):  # a domain refusal (lease lost, missing) is an answer
+            self.unexpected.inc()
+
 
 def _timed(
-    method: Callable[..., Coroutine[Any, Any, Any]], operation: str, metrics: StoreMetrics
+    method: Callable[..., Coroutine[Any, Any, Any]], operation: _Operation
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
-    latency = metrics.latency.labels(operation)
-    unavailable = metrics.errors.labels(operation, "unavailable")
-    closed = metrics.errors.labels(operation, "closed")
-    unexpected = metrics.errors.labels(operation, "unexpected")
     clock = time.perf_counter
 
     async def call(*args: Any, **kwargs: Any) -> Any:
         started = clock()
         try:
-            return await method(*args, **kwargs)
-        except StoreClosed:
-            closed.inc()
+            result = await method(*args, **kwargs)
+        except BaseException as error:
+            operation.ended(started, error)
             raise
-        except StoreUnavailable:
-            unavailable.inc()
-            raise
-        except StoreError:
-            raise
-        except Exception:
-            unexpected.inc()
-            raise
-        finally:
-            latency.observe(clock() - started)
+        operation.ended(started, None)
+        return result
 
     return call
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -199,6 +199,18 @@ class RedisStore(RedisConversations, RedisRunQueue, RedisWebhookOutbox):
         if self._replica_acks.replicas and status in TERMINAL_STATUSES:
             await self._wait_for_replicas(response_id)
         return cancel_requested and snapshot is not None
+
+    def start_append(
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        lease: Lease,
+        done: Callable[[BaseException | None], None],
+    ) -> bool:
+        if not events:
+            return False
+        return self._plain_appends.start(response_id, events, lease, done)
 
     @unavailable_on_connection_error
     async def _wait_for_replicas(self, response_id: str) -> None:

@@ -13,7 +13,9 @@ stored, after a lost reply).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -28,7 +30,7 @@ from storage.base import (
     StoreUnavailable,
 )
 from storage.keys import KeySpace, event_entry_id
-from storage.redis_mux import LuaScript, RedisCommands
+from storage.redis_mux import LuaScript, RedisCommands, RedisMux
 from storage.redis_support import load_lua
 
 
@@ -37,13 +39,88 @@ class PlainAppends:
 
     def __init__(self, mux: RedisCommands, keys: KeySpace) -> None:
         self._mux = mux
+        # Only the single-node mux hands out its replies' futures (see `start`); over a cluster, appends are awaited.
+        self._sender = mux if isinstance(mux, RedisMux) else None
         self._keys = keys
         self._check_script = LuaScript.of(load_lua("check_append.lua"))
+        self._checking: set[asyncio.Task[None]] = set()
 
     async def append(self, response_id: str, events: Sequence[StoredEvent], lease: Lease) -> None:
         """Write `events` under the lease's epoch; raises as `Store.append_events` does."""
+        replies = await self._mux.execute_many(self._commands(response_id, events, lease))
+        verdict = _verdict(response_id, replies)
+        if verdict is _REFUSED:
+            verdict = await self._refusal(response_id, events, lease, replies)
+        if verdict is not None:
+            raise verdict
+
+    def start(
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        lease: Lease,
+        done: Callable[[BaseException | None], None],
+    ) -> bool:
+        """`append` without a task: the commands are queued now and `done` is called with None (stored) or what
+        `append` would raise, from the callback of the last reply. False when this connection cannot (a cluster):
+        nothing was sent, and the caller awaits `append` instead."""
+        if self._sender is None:
+            return False
+        replies = self._sender.send_many(self._commands(response_id, events, lease))
+        replies[-1].add_done_callback(functools.partial(self._replied, response_id, events, lease, replies, done))
+        return True
+
+    def _replied(
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        lease: Lease,
+        futures: list[asyncio.Future[Any]],
+        done: Callable[[BaseException | None], None],
+        _last: asyncio.Future[Any],
+    ) -> None:
+        try:
+            replies = [reply.result() for reply in futures]
+        except BaseException as failure:  # the connection failed under them
+            for reply in futures:
+                if not reply.cancelled():
+                    reply.exception()  # retrieved: none is reported as never retrieved
+            if not isinstance(failure, Exception):  # cancelled (nobody cancels these): as if unanswered
+                failure = StoreUnavailable("redis: the append was cancelled")
+            done(failure)
+            return
+        verdict = _verdict(response_id, replies)
+        if verdict is not _REFUSED:
+            done(verdict)
+            return
+        # Rare: Redis refused an XADD. Why takes a script's round trip, so a task of its own.
+        checking = asyncio.get_running_loop().create_task(
+            self._report_refusal(response_id, events, lease, replies, done)
+        )
+        self._checking.add(checking)
+        checking.add_done_callback(self._checking.discard)
+
+    async def _report_refusal(
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        lease: Lease,
+        replies: list[Any],
+        done: Callable[[BaseException | None], None],
+    ) -> None:
+        try:
+            refusal = await self._refusal(response_id, events, lease, replies)
+        except asyncio.CancelledError:
+            done(StoreUnavailable("redis: the check of a refused append was cancelled"))
+            raise
+        except Exception as error:
+            done(error)
+            return
+        done(refusal)
+
+    def _commands(self, response_id: str, events: Sequence[StoredEvent], lease: Lease) -> list[tuple[Any, ...]]:
         key = self._keys.response_events(response_id)
-        commands: list[tuple[Any, ...]] = [
+        return [
             (
                 "XADD",
                 key,
@@ -56,19 +133,6 @@ class PlainAppends:
             )
             for event in events
         ]
-        replies = await self._mux.execute_many(commands)
-        missing = refused = False
-        for reply in replies:  # one look at each: the common case is every reply an entry id
-            if reply is None:
-                missing = True
-            elif isinstance(reply, Exception):
-                refused = True
-        if missing:
-            raise ResponseMissing(response_id)
-        if refused:
-            refusal = await self._refusal(response_id, events, lease, replies)
-            if refusal is not None:
-                raise refusal
 
     async def _refusal(
         self, response_id: str, events: Sequence[StoredEvent], lease: Lease, replies: list[Any]
@@ -82,6 +146,24 @@ class PlainAppends:
         final_id = event_entry_id(final.sequence_number, lease.epoch)
         verdict = await self._mux.script(self._check_script, keys, [lease.owner, lease.epoch, final_id, final.data])
         return None if verdict == b"OK" else append_refusal(verdict, response_id, events[0].sequence_number)
+
+
+# An append with a refused XADD: a script must say why (see PlainAppends._refusal).
+_REFUSED = ResponseError("refused")
+
+
+def _verdict(response_id: str, replies: list[Any]) -> Exception | None:
+    """What the XADDs' replies mean: None (all stored), ResponseMissing (NOMKSTREAM found no stream), or _REFUSED.
+    One look at each: the common case is every reply an entry id."""
+    missing = refused = False
+    for reply in replies:
+        if reply is None:
+            missing = True
+        elif isinstance(reply, Exception):
+            refused = True
+    if missing:
+        return ResponseMissing(response_id)
+    return _REFUSED if refused else None
 
 
 def append_refusal(verdict: bytes, response_id: str, first_sequence_number: int) -> Exception:

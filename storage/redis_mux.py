@@ -120,14 +120,22 @@ class RedisMux:
         self._schedule_flush()
         return await reply
 
-    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """The raw replies to several commands, sent together and in order."""
+    def send_many(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
+        """Queue several commands, to be sent together and in order with this loop turn's others, and return their
+        replies' futures, for a caller that takes them in a callback rather than a task (a task costs a wake-up per
+        reply). The last one done means all are: replies come in order, and a lost connection fails every command
+        in flight at once."""
         if self._closed:
             raise StoreClosed("redis: the store is closed")
         loop = self._loop()
         replies = [loop.create_future() for _ in commands]
         self._queued.extend(zip(commands, replies, strict=True))
         self._schedule_flush()
+        return replies
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The raw replies to several commands, sent together and in order."""
+        replies = self.send_many(commands)
         try:
             # The last reply first. Cancelling this task cancels the one future it awaits at once, and the others
             # only when it next runs: a flush in between writes the commands whose futures are not done. Awaiting
