@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from runs.metrics import RunMetrics
@@ -38,6 +40,14 @@ WRITE_RETRY_MAX_DELAY_SECONDS = 2.0
 SNAPSHOT_MIN_BYTES = 32 * 1024
 
 
+@dataclass(frozen=True, slots=True)
+class _Retry:
+    """An append that failed to reach the store: when its first attempt began, and the failure."""
+
+    started: float
+    error: StoreUnavailable
+
+
 class EventPublisher(Protocol):
     """Where a log hands its events once they are stored: this process's subscribers, without reading them back.
     While a log is open for a response its subscribers here need no feed from the store."""
@@ -56,9 +66,10 @@ class EventLog:
     (`publisher`) as it is, and other instances' subscribers read it from the store. One append is in flight at a
     time; events emitted meanwhile queue and go out together in the next one.
 
-    Who appends: `flush` does, in the caller's task, when no append is in flight (the run flushes after each read
-    from the provider, so that is the common case); otherwise the log's writer task, woken once the emitting
-    step is over, appends what nobody flushed.
+    Who appends: the run, after each read from the provider (the common case), begins a delta's append with
+    `flush_soon` and reads on; the append's reply publishes it and begins the next batch. `flush` appends in the
+    caller's task and waits (appends that carry a snapshot or a check, and callers that need their events
+    stored). Otherwise the log's writer task, woken once the emitting step is over, appends what nobody flushed.
     """
 
     def __init__(
@@ -95,11 +106,14 @@ class EventLog:
         # What the writer waits on while there is nothing for it to do, and whether it is about to be woken.
         self._wakeup: asyncio.Future[None] | None = None
         self._nudged = False
-        # Whether an append is in flight (by the writer or by a flushing caller): appends never overlap.
+        # Whether an append is in flight (by the writer, a flushing caller, or begun by `flush_soon`): appends
+        # never overlap.
         self._appending = False
-        # A batch whose append a cancelled caller left unfinished (it may or may not be stored), to be appended
-        # again exactly as it was before anything else: appends are idempotent, a merged one would not be.
-        self._interrupted: tuple[list[StoredEvent], bytes | None, str] | None = None
+        # A batch whose append a cancelled caller left unfinished, or whose append begun by `flush_soon` failed to
+        # reach the store (it may or may not be stored): appended again exactly as it was before anything else,
+        # since appends are idempotent and a merged one would not be. With the failure and when its first attempt
+        # began, it is retried within that attempt's window.
+        self._interrupted: tuple[list[StoredEvent], bytes | None, str, _Retry | None] | None = None
         self._drained = asyncio.Event()
         self._drained.set()
         self._failure: BaseException | None = None
@@ -204,6 +218,55 @@ class EventLog:
         if self._failure is not None:
             raise self._failure
 
+    def flush_soon(self) -> bool:
+        """Begin appending what is pending without waiting for it, where the store can (a snapshotless append):
+        True when that is under way or nothing waits, and the caller may read on, its events published once
+        stored; False when the caller must `await flush()` instead (a snapshot or a check is due, the store has no
+        such path, a write failed). Events emitted meanwhile go in the next append, begun when this one ends."""
+        if self._appending:
+            return self._failure is None  # the append in flight takes what is pending next
+        if self._failure is not None or self._closed or self._interrupted is not None:
+            return False
+        if not self._pending:
+            return True
+        if self._check_next or self._after_loss or self._snapshot_is_due():
+            return False
+        batch = self._pending
+        status = self._snapshot["status"]
+        done = functools.partial(self._appended_soon, batch, status, self._loop.time())
+        try:
+            begun = self._store.start_append(self._response_id, batch, lease=self.lease, done=done)
+        except Exception:  # (a closed store) the awaited append meets it again, and reports it as it does
+            return False
+        if begun:
+            self._pending = []
+            self._appending = True
+        return begun
+
+    def _appended_soon(
+        self, batch: list[StoredEvent], status: str, started: float, error: BaseException | None
+    ) -> None:
+        """The end of an append `flush_soon` began: the events are published, and the next batch begun (or left
+        to the writer); a store out of reach leaves the batch to the writer's retries, any other error stops the
+        log as in `_append_pending`."""
+        self._appending = False
+        if error is None:
+            self._took(batch, status, cancel_requested=False)
+        elif isinstance(error, Exception) and (
+            isinstance(error, StoreClosed) or not isinstance(error, StoreUnavailable)
+        ):
+            self._stop_at(error, batch)
+            return
+        else:  # out of reach (or, never meant, cancelled): it may or may not be stored
+            unreached = (
+                error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"append interrupted: {error!r}")
+            )
+            self._interrupted = (batch, None, status, _Retry(started, unreached))
+        if not self._unwritten:
+            self._drained.set()
+        elif not self.flush_soon():
+            self._nudge_writer()
+
     async def close(self) -> None:
         """Flush, then stop the writer."""
         try:
@@ -234,8 +297,9 @@ class EventLog:
         self._appending = True
         try:
             while self._unwritten:
+                retry = None
                 if self._interrupted is not None:
-                    batch, snapshot, status = self._interrupted
+                    batch, snapshot, status, retry = self._interrupted
                     self._interrupted = None
                 else:
                     # Take the batch and serialise the snapshot in one step (no await between), so the snapshot
@@ -244,41 +308,54 @@ class EventLog:
                     snapshot = self._snapshot_to_write()
                     status = self._snapshot["status"]
                 try:
-                    started = self._loop.time()
-                    try:
-                        cancel_requested = await self._append_call(batch, snapshot, status)
-                        self._check_next = False
-                    except StoreUnavailable as error:
-                        cancel_requested = await self._append_again(batch, snapshot, status, error, started)
+                    if retry is not None:
+                        cancel_requested = await self._append_again(batch, snapshot, status, retry.error, retry.started)
+                    else:
+                        started = self._loop.time()
+                        try:
+                            cancel_requested = await self._append_call(batch, snapshot, status)
+                            self._check_next = False
+                        except StoreUnavailable as error:
+                            cancel_requested = await self._append_again(batch, snapshot, status, error, started)
                 except asyncio.CancelledError:
-                    self._interrupted = (batch, snapshot, status)
+                    self._interrupted = (batch, snapshot, status, None)
                     self._appending = False
                     self._nudge_writer()
                     raise
                 except Exception as error:
-                    self._failure = error
-                    if isinstance(error, LogRewound):
-                        self._unstored = [*batch, *self._pending]
-                    self._pending.clear()
-                    self._drained.set()
-                    if isinstance(error, LeaseLost) and self.on_lease_lost is not None:
-                        self.on_lease_lost()
+                    self._stop_at(error, batch)
                     return
-                self.stored_through = batch[-1].sequence_number
-                if self._metrics is not None:
-                    self._metrics.stored(len(batch), status)
-                if self._publisher is not None:
-                    self._publisher.publish(self._response_id, batch)
-                if cancel_requested and self.on_cancel_requested is not None:
-                    self.on_cancel_requested()
+                self._took(batch, status, cancel_requested)
         finally:
             self._appending = False
         self._drained.set()
 
+    def _took(self, batch: list[StoredEvent], status: str, cancel_requested: bool) -> None:
+        """The store has `batch`: publish it here."""
+        self.stored_through = batch[-1].sequence_number
+        if self._metrics is not None:
+            self._metrics.stored(len(batch), status)
+        if self._publisher is not None:
+            self._publisher.publish(self._response_id, batch)
+        if cancel_requested and self.on_cancel_requested is not None:
+            self.on_cancel_requested()
+
+    def _stop_at(self, error: Exception, batch: list[StoredEvent]) -> None:
+        """`batch` could not be stored: the log stops, and whoever waits for it is told (`error`)."""
+        self._failure = error
+        if isinstance(error, LogRewound):
+            self._unstored = [*batch, *self._pending]
+        self._pending.clear()
+        self._drained.set()
+        if isinstance(error, LeaseLost) and self.on_lease_lost is not None:
+            self.on_lease_lost()
+
+    def _snapshot_is_due(self) -> bool:
+        return self._snapshot_due or self._bytes_since_snapshot >= max(SNAPSHOT_MIN_BYTES, self._last_snapshot_bytes)
+
     def _snapshot_to_write(self) -> bytes | None:
         """The snapshot to store with the batch being taken, when one is due (see SNAPSHOT_MIN_BYTES)."""
-        due = self._snapshot_due or self._bytes_since_snapshot >= max(SNAPSHOT_MIN_BYTES, self._last_snapshot_bytes)
-        if not due:
+        if not self._snapshot_is_due():
             return None
         snapshot = stored_json(self._snapshot)
         self._snapshot_due = False

@@ -266,9 +266,11 @@ class ResponseRun:
                 for event in events:
                     if await self._take_upstream_event(event):
                         return
-                # What arrived together is stored together, by this task, before it reads on: one append per
-                # read, and no hand-over to the log's writer (a task step per event at a model's pace).
-                await self._log.flush()
+                # What arrived together is stored together: one append per read, begun here with no hand-over to
+                # the log's writer (a task step per event at a model's pace). A delta's append is not waited for:
+                # its reply publishes it, and this task reads on meanwhile (one wake-up per event, not two).
+                if not self._log.flush_soon():
+                    await self._log.flush()
         raise UpstreamFailure("The upstream ended the stream before the response was finished.")
 
     async def _take_upstream_event(self, event: dict[str, Any]) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -11,7 +11,7 @@ import pytest
 
 from runs.event_log import EventLog, EventPublisher
 from runs.snapshot import apply_event
-from storage.base import Lease, NewResponse, StoredEvent
+from storage.base import Lease, LeaseLost, NewResponse, StoredEvent, StoreUnavailable
 from storage.memory import MemoryStore
 from storage.redis import RedisStore
 
@@ -199,4 +199,179 @@ async def test_a_flush_cancelled_mid_append_leaves_its_batch_to_the_writer(
     numbers, replayed = await stored_log(store, "resp_gate")
     assert numbers == [0, 1, 2, 3]
     assert replayed["output"][0]["content"][0]["text"] == "hi"
+    await store.close()
+
+
+class BegunAppendsStore(RedisStore):
+    """The real Redis store, recording the appends `flush_soon` begins and those awaited. With `fail_first`, the
+    first begun append fails to reach the store: `before-sending` (nothing sent) or `reply-lost` (stored, and its
+    reply lost on the way back)."""
+
+    def __init__(self, *args: Any, fail_first: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fail_first = fail_first
+        self.begun: list[list[int]] = []
+        self.awaited: list[list[int]] = []
+
+    def start_append(
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        lease: Lease,
+        done: Callable[[BaseException | None], None],
+    ) -> bool:
+        self.begun.append([event.sequence_number for event in events])
+        fail, self.fail_first = self.fail_first, None
+        if fail == "before-sending":
+            asyncio.get_running_loop().call_soon(done, StoreUnavailable("redis: connection reset"))
+            return True
+        if fail == "reply-lost":
+
+            def lose_reply(error: BaseException | None) -> None:
+                assert error is None
+                done(StoreUnavailable("redis: connection reset"))
+
+            return super().start_append(response_id, events, lease=lease, done=lose_reply)
+        return super().start_append(response_id, events, lease=lease, done=done)
+
+    async def append_events(
+        self,
+        response_id: str,
+        events: Sequence[StoredEvent],
+        *,
+        snapshot: bytes | None,
+        status: str,
+        lease: Lease,
+        **options: bool,
+    ) -> bool:
+        self.awaited.append([event.sequence_number for event in events])
+        return await super().append_events(
+            response_id, events, snapshot=snapshot, status=status, lease=lease, **options
+        )
+
+
+class Published:
+    """An EventPublisher that records the batches it is handed."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def begin_writing(self, response_id: str) -> None:
+        pass
+
+    def publish(self, response_id: str, events: Sequence[StoredEvent]) -> None:
+        self.batches.append([event.sequence_number for event in events])
+
+    def end_writing(self, response_id: str) -> None:
+        pass
+
+
+def text_delta(text: str) -> dict[str, Any]:
+    return {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": text}
+
+
+async def begin_message(log: EventLog) -> None:
+    """An output message with an empty text part, stored."""
+    item = {"id": "msg_1", "type": "message", "role": "assistant", "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    await log.emit({"type": "response.output_item.added", "output_index": 0, "item": item})
+    await log.emit({"type": "response.content_part.added", "output_index": 0, "content_index": 0, "part": part})
+    await log.flush()
+
+
+async def test_an_append_begun_without_waiting_publishes_once_stored_and_begins_the_next(
+    redis_server: str, key_prefix: str
+) -> None:
+    """The run's way at a model's pace: it begins a delta's append and reads on. Nothing is published before its
+    reply; what is emitted meanwhile goes in one next append, begun by that reply; the store's latency metric
+    counts each as the append it is."""
+    import redis.asyncio as aioredis
+    from prometheus_client import CollectorRegistry
+
+    from storage.metrics import StoreMetrics, measured_store
+
+    backend = BegunAppendsStore(aioredis.Redis.from_url(redis_server), key_prefix=key_prefix, retention_seconds=60)
+    metrics = StoreMetrics(CollectorRegistry())
+    published = Published()
+    log = await open_log(measured_store(backend, metrics), "resp_soon", publisher=published)
+    await begin_message(log)
+    timed_before = sum(metrics.latency.labels("append_events").counts)
+
+    assert log.try_emit(text_delta("a"), flush_follows=True)
+    assert log.flush_soon()
+    assert published.batches == [[1, 2]]  # not yet: its reply has not come
+    for text in "bcd":
+        assert log.try_emit(text_delta(text), flush_follows=True)
+        assert log.flush_soon()  # one is in flight: these wait for it, and the caller need not
+    assert backend.begun == [[3]]
+    await log.flush()
+    assert backend.begun == [[3], [4, 5, 6]]
+    assert published.batches == [[1, 2], [3], [4, 5, 6]]
+    assert log.stored_through == 6
+    assert sum(metrics.latency.labels("append_events").counts) == timed_before + 2
+    await log.close()
+
+    assert backend.awaited == [[1, 2]]
+    numbers, replayed = await stored_log(backend, "resp_soon")
+    assert numbers == list(range(7))
+    assert replayed["output"][0]["content"][0]["text"] == "abcd"
+    await backend.close()
+
+
+@pytest.mark.parametrize("fail_first", ["before-sending", "reply-lost"])
+async def test_a_begun_append_that_does_not_reach_the_store_is_appended_again_whole(
+    redis_server: str, key_prefix: str, fail_first: str
+) -> None:
+    """Its connection fails before the append is sent, or after it was stored: the writer appends the same batch
+    again, first and exactly, checked (the store may have failed over), and the log stays whole."""
+    import redis.asyncio as aioredis
+
+    store = BegunAppendsStore(
+        aioredis.Redis.from_url(redis_server), key_prefix=key_prefix, retention_seconds=60, fail_first=fail_first
+    )
+    published = Published()
+    log = await open_log(store, "resp_soon_fails", publisher=published)
+    await begin_message(log)
+    assert log.try_emit(text_delta("a"), flush_follows=True)
+    assert log.try_emit(text_delta("b"), flush_follows=True)
+    assert log.flush_soon()
+    assert log.try_emit(text_delta("c"), flush_follows=True)
+    await log.flush()
+    await log.close()
+
+    assert store.begun == [[3, 4]]
+    assert store.awaited == [[1, 2], [3, 4], [5]]  # the failed batch again, whole, before what followed it
+    assert published.batches == [[1, 2], [3, 4], [5]]
+    numbers, replayed = await stored_log(store, "resp_soon_fails")
+    assert numbers == list(range(6))
+    assert replayed["output"][0]["content"][0]["text"] == "abc"
+    await store.close()
+
+
+async def test_a_begun_append_refused_stops_the_log(redis_server: str, key_prefix: str) -> None:
+    """Another instance has claimed the response: the refusal comes with the reply, the log stops, its owner is
+    told (lease lost), nothing refused is published, and from then on the caller must await (and meet) it."""
+    import redis.asyncio as aioredis
+
+    store = BegunAppendsStore(aioredis.Redis.from_url(redis_server), key_prefix=key_prefix, retention_seconds=60)
+    published = Published()
+    log = await open_log(store, "resp_soon_fenced", publisher=published)
+    lost: list[bool] = []
+    log.on_lease_lost = lambda: lost.append(True)
+    await begin_message(log)
+    await store.release_lease("resp_soon_fenced", log.lease)
+    assert await store.claim_response("resp_soon_fenced", "another", lease_ms=60_000) is not None
+
+    assert log.try_emit(text_delta("a"), flush_follows=True)
+    assert log.flush_soon()
+    with pytest.raises(LeaseLost):
+        await log.flush()
+    assert lost == [True]
+    assert published.batches == [[1, 2]]
+    assert not log.flush_soon()
+    with pytest.raises(LeaseLost):
+        log.try_emit(text_delta("b"), flush_follows=True)
+    numbers, _ = await stored_log(store, "resp_soon_fenced")
+    assert numbers == [0, 1, 2]
     await store.close()
