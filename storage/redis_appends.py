@@ -42,6 +42,8 @@ class PlainAppends:
         # Only the single-node mux hands out its replies' futures (see `start`); over a cluster, appends are awaited.
         self._sender = mux if isinstance(mux, RedisMux) else None
         self._keys = keys
+        # A run appends to one key again and again: its name is made once (a shard's hash and three formats).
+        self._events_key = functools.lru_cache(maxsize=4096)(keys.response_events)
         self._check_script = LuaScript.of(load_lua("check_append.lua"))
         self._checking: set[asyncio.Task[None]] = set()
 
@@ -119,7 +121,7 @@ class PlainAppends:
         done(refusal)
 
     def _commands(self, response_id: str, events: Sequence[StoredEvent], lease: Lease) -> list[tuple[Any, ...]]:
-        key = self._keys.response_events(response_id)
+        key = self._events_key(response_id)
         return [
             (
                 "XADD",
