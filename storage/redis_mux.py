@@ -73,12 +73,6 @@ async def run_script(commands: RedisCommands, script: LuaScript, keys: list[str]
     return reply
 
 
-@dataclass(slots=True)
-class _Sent:
-    reply: asyncio.Future[Any]
-    at: float
-
-
 class RedisMux:
     """Runs commands over one auto-pipelined connection. `execute` returns Redis's raw reply (no redis-py response
     callbacks), with an error reply returned, not raised, so that callers decide what it means."""
@@ -94,7 +88,9 @@ class RedisMux:
         self._transport: asyncio.Transport | None = None
         self._connecting = asyncio.Lock()
         self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._in_flight: deque[_Sent] = deque()
+        # Each command sent and not yet answered: its reply's future, and when it was sent (a plain tuple: one is
+        # made per command on the hot path).
+        self._in_flight: deque[tuple[asyncio.Future[Any], float]] = deque()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -187,7 +183,7 @@ class RedisMux:
         if not batch:
             return
         now = self._loop().time()
-        self._in_flight.extend(_Sent(reply, now) for _, reply in batch)
+        self._in_flight.extend([(reply, now) for _, reply in batch])
         self._arm_watchdog()
         try:
             # The transport buffers what the socket does not take at once; replies pace the callers, so what
@@ -221,7 +217,7 @@ class RedisMux:
             return
         now = self._loop().time()
         # In line for their replies before the write, so a reply can never arrive before its future.
-        self._in_flight.extend(_Sent(reply, now) for _, reply in batch)
+        self._in_flight.extend([(reply, now) for _, reply in batch])
         self._arm_watchdog()
         try:
             transport.write(packed)
@@ -251,9 +247,9 @@ class RedisMux:
         if not self._in_flight:  # a stray reply: this connection cannot be trusted any more
             self._drop("redis: a reply nobody asked for")
             return
-        sent = self._in_flight.popleft()
-        if not sent.reply.done():
-            sent.reply.set_result(reply)
+        sent, _ = self._in_flight.popleft()
+        if not sent.done():
+            sent.set_result(reply)
 
     def _lost(self, connection: aioredis.connection.AbstractConnection, reason: str) -> None:
         if connection is self._connection:
@@ -270,7 +266,7 @@ class RedisMux:
         self._watchdog = None
         if not self._in_flight:
             return
-        waited = self._loop().time() - self._in_flight[0].at
+        waited = self._loop().time() - self._in_flight[0][1]
         if waited >= self._reply_timeout:
             self._drop(f"redis: no reply in {self._reply_timeout:g}s")
             return
@@ -281,9 +277,9 @@ class RedisMux:
         connection, self._connection = self._connection, None
         self._transport = None
         while self._in_flight:
-            sent = self._in_flight.popleft()
-            if not sent.reply.done():
-                sent.reply.set_exception(StoreUnavailable(reason))
+            sent, _ = self._in_flight.popleft()
+            if not sent.done():
+                sent.set_exception(StoreUnavailable(reason))
         if connection is not None:
             task = self._loop().create_task(connection.disconnect(nowait=True))
             task.add_done_callback(_ignore_result)
