@@ -97,6 +97,9 @@ class EventLog:
         self.on_lease_lost: Callable[[], None] | None = None
         # Called when the store reports that a cancel was requested (e.g. the pub/sub notice was missed).
         self.on_cancel_requested = on_cancel_requested
+        # Called when an append nobody was waiting for failed for good (one `flush_soon` began, or the writer's),
+        # other than for a lost lease: its caller reads on meanwhile, and would learn of it only at its next emit.
+        self.on_write_failed: Callable[[Exception], None] | None = None
         self._write_retry_seconds = WRITE_RETRY_SECONDS if write_retry_seconds is None else write_retry_seconds
         self._response_id = response_id
         self._snapshot = snapshot
@@ -236,7 +239,7 @@ class EventLog:
         done = functools.partial(self._appended_soon, batch, status, self._loop.time())
         try:
             begun = self._store.start_append(self._response_id, batch, lease=self.lease, done=done)
-        except Exception:  # (a closed store) the awaited append meets it again, and reports it as it does
+        except StoreUnavailable:  # (a closed store) the awaited append meets it again, and reports it as it does
             return False
         if begun:
             self._pending = []
@@ -248,24 +251,30 @@ class EventLog:
     ) -> None:
         """The end of an append `flush_soon` began: the events are published, and the next batch begun (or left
         to the writer); a store out of reach leaves the batch to the writer's retries, any other error stops the
-        log as in `_append_pending`."""
+        log as in `_append_pending`. Runs as a callback: whatever publishing raises, the log goes on (or a waiting
+        `flush` would wait for ever)."""
         self._appending = False
-        if error is None:
-            self._took(batch, status, cancel_requested=False)
-        elif isinstance(error, Exception) and (
-            isinstance(error, StoreClosed) or not isinstance(error, StoreUnavailable)
-        ):
+        if isinstance(error, Exception) and (isinstance(error, StoreClosed) or not isinstance(error, StoreUnavailable)):
             self._stop_at(error, batch)
+            self._tell_write_failed(error)
             return
-        else:  # out of reach (or, never meant, cancelled): it may or may not be stored
-            unreached = (
-                error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"append interrupted: {error!r}")
-            )
-            self._interrupted = (batch, None, status, _Retry(started, unreached))
-        if not self._unwritten:
-            self._drained.set()
-        elif not self.flush_soon():
-            self._nudge_writer()
+        try:
+            if error is None:
+                self._took(batch, status, cancel_requested=False)
+            else:  # out of reach (or, never meant, cancelled): it may or may not be stored
+                unreached = (
+                    error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"append interrupted: {error!r}")
+                )
+                self._interrupted = (batch, None, status, _Retry(started, unreached))
+        finally:
+            if not self._unwritten:
+                self._drained.set()
+            elif not self.flush_soon():
+                self._nudge_writer()
+
+    def _tell_write_failed(self, error: Exception) -> None:
+        if not isinstance(error, LeaseLost) and self.on_write_failed is not None:  # (on_lease_lost was told)
+            self.on_write_failed(error)
 
     async def close(self) -> None:
         """Flush, then stop the writer."""
@@ -289,6 +298,8 @@ class EventLog:
                 self._wakeup = None
                 continue
             await self._append_pending()
+        if isinstance(self._failure, Exception):
+            self._tell_write_failed(self._failure)
 
     async def _append_pending(self) -> None:
         """Append what is pending, batch after batch, until nothing is; on a failure the log stops for good. A
@@ -312,9 +323,11 @@ class EventLog:
                         cancel_requested = await self._append_again(batch, snapshot, status, retry.error, retry.started)
                     else:
                         started = self._loop.time()
+                        checked = self._check_next
                         try:
                             cancel_requested = await self._append_call(batch, snapshot, status)
-                            self._check_next = False
+                            if checked:  # (a check asked for while an unchecked append was in flight still holds)
+                                self._check_next = False
                         except StoreUnavailable as error:
                             cancel_requested = await self._append_again(batch, snapshot, status, error, started)
                 except asyncio.CancelledError:

@@ -77,7 +77,10 @@ class ResponseRun:
         self._log = log
         log.on_cancel_requested = self.cancel
         log.on_lease_lost = self.abandon
+        log.on_write_failed = self._write_failed
         self._abandoned = False
+        # An append the consumer did not wait for failed (see _write_failed): what the run ends with.
+        self._write_failure: Exception | None = None
         self._consumer: asyncio.Task[None] | None = None
         self._cancel_requested = False
         # Steering input was queued for it: stop at the next safe boundary, ending `incomplete` / `steered`
@@ -165,6 +168,18 @@ class ResponseRun:
         if self._consumer is not None:
             self._consumer.cancel()
 
+    def _write_failed(self, error: Exception) -> None:
+        """An append nobody waited for failed for good while the consumer read on (it begins a delta's append and
+        reads the provider meanwhile): stop the provider call now, as if the consumer's own flush had raised,
+        rather than when the provider next sends something (a stalled provider would keep the call open)."""
+        if isinstance(error, LogRewound):
+            self.events_lost()
+            return
+        if self._write_failure is None:
+            self._write_failure = error
+        if self._consumer is not None and not self._consumer.done():
+            self._consumer.cancel()
+
     def check_next_append(self) -> None:
         """The store failed (seen by the lease keeper): the run's next append checks the log is whole first."""
         self._log.check_next_append()
@@ -229,10 +244,13 @@ class ResponseRun:
             log.error("run %s: the store lost events it had stored; ending it past them", self.response_id)
             await self._end_after_loss()
             return
-        if consumer.cancelled() and self._steered and not self._cancel_requested:
+        if self._write_failure is not None:
+            # The consumer was stopped for it, or met it itself: the run ends as it would have in its flush.
+            error = self._write_failure
+        elif consumer.cancelled() and self._steered and not self._cancel_requested:
             await self._end(ResponseStatus.INCOMPLETE, incomplete_details={"reason": "steered"})
             return
-        if consumer.cancelled():
+        elif consumer.cancelled():
             await self._end(ResponseStatus.CANCELLED)
             return
         if error is None:

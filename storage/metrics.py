@@ -173,8 +173,10 @@ class _MeasuredStore:
         started = operation.clock()
 
         def measured(error: BaseException | None) -> None:
-            operation.ended(started, error)
-            done(error)
+            try:
+                operation.ended(started, error)
+            finally:
+                done(error)  # whatever the metric does: the append's caller must hear of its end
 
         return self.inner.start_append(response_id, events, lease=lease, done=measured)
 

@@ -11,7 +11,7 @@ import pytest
 
 from runs.event_log import EventLog, EventPublisher
 from runs.snapshot import apply_event
-from storage.base import Lease, LeaseLost, NewResponse, StoredEvent, StoreUnavailable
+from storage.base import Lease, LeaseLost, NewResponse, ResponseMissing, StoredEvent, StoreUnavailable
 from storage.memory import MemoryStore
 from storage.redis import RedisStore
 
@@ -359,6 +359,8 @@ async def test_a_begun_append_refused_stops_the_log(redis_server: str, key_prefi
     log = await open_log(store, "resp_soon_fenced", publisher=published)
     lost: list[bool] = []
     log.on_lease_lost = lambda: lost.append(True)
+    failed: list[Exception] = []
+    log.on_write_failed = failed.append
     await begin_message(log)
     await store.release_lease("resp_soon_fenced", log.lease)
     assert await store.claim_response("resp_soon_fenced", "another", lease_ms=60_000) is not None
@@ -368,10 +370,34 @@ async def test_a_begun_append_refused_stops_the_log(redis_server: str, key_prefi
     with pytest.raises(LeaseLost):
         await log.flush()
     assert lost == [True]
+    assert failed == []  # told as a lost lease, once
     assert published.batches == [[1, 2]]
     assert not log.flush_soon()
     with pytest.raises(LeaseLost):
         log.try_emit(text_delta("b"), flush_follows=True)
     numbers, _ = await stored_log(store, "resp_soon_fenced")
     assert numbers == [0, 1, 2]
+    await store.close()
+
+
+async def test_a_begun_append_refused_while_nobody_waits_is_told_at_once(redis_server: str, key_prefix: str) -> None:
+    """The caller began the append and went back to reading its provider, which may stay silent for long: the
+    refusal (here: the response was deleted) is told through `on_write_failed` as soon as its reply comes, not at
+    the caller's next emit."""
+    import redis.asyncio as aioredis
+
+    store = BegunAppendsStore(aioredis.Redis.from_url(redis_server), key_prefix=key_prefix, retention_seconds=60)
+    log = await open_log(store, "resp_soon_deleted")
+    told = asyncio.get_running_loop().create_future()
+    log.on_write_failed = told.set_result
+    await begin_message(log)
+    await store.delete_response("resp_soon_deleted", only_if_finished=False)
+
+    assert log.try_emit(text_delta("a"), flush_follows=True)
+    assert log.flush_soon()
+    error = await asyncio.wait_for(told, 10)  # nothing else is emitted or flushed meanwhile
+    assert isinstance(error, ResponseMissing)
+    assert not log.flush_soon()
+    with pytest.raises(ResponseMissing):
+        await log.flush()
     await store.close()

@@ -20,7 +20,7 @@ import runs.event_log
 import runs.idempotency
 from gateway.state import OWNERSHIP, RUN_MANAGER, STORE
 from runs.faults import BOUNDARIES, KILL_AT_ENV, FaultPoints
-from storage.base import SequenceConflict, Store, StoreUnavailable
+from storage.base import ResponseMissing, SequenceConflict, Store, StoreUnavailable
 from storage.redis import RedisStore
 from tests.conftest import Gateway, GatewayProcess, eventually, gateway_settings, redis_gateway_env, serve_gateway
 from tests.helpers import sdk_for, sim_requests, sim_stats, upstream_calls
@@ -310,6 +310,43 @@ async def test_2_a_refused_terminal_write_is_never_settled_from_memory(
         assert events[-1]["response"]["output"]  # the partial output is kept
         assert [item async for item in a.client.conversations.items.list(conversation.id)] == []  # failed: nothing
         assert (await a.client.responses.retrieve(created.id)).status == "failed"
+
+
+class RefusesBegunAppends(FaultyStore):
+    """The real store, but every append a run begins without waiting (a delta's) is refused: the response is gone,
+    as if deleted under the run."""
+
+    def start_append(
+        self, response_id: str, events: Any, *, lease: Any, done: Callable[[BaseException | None], None]
+    ) -> bool:
+        asyncio.get_running_loop().call_soon(done, ResponseMissing(response_id))
+        return True
+
+
+async def test_a_refused_delta_stops_a_silent_provider_call_at_once(
+    storage_url: str, simulator_url: str, key_prefix: str
+) -> None:
+    """The run begins a delta's append and goes back to reading its provider, which then sends nothing for a
+    minute: the append's refusal stops the provider call when the refusal comes, not at the provider's next
+    token, and the run ends. (The response is not really gone, so a sweep later resumes it, into the same
+    refusal: only the first call matters here.)"""
+    sim_tag = tag()
+
+    def wrap(store: Store) -> Store:
+        return RefusesBegunAppends(store)  # type: ignore[return-value]
+
+    async with instance(storage_url, simulator_url, key_prefix, faults=FaultPoints(wrap_store=wrap)) as a:
+        created = await a.client.responses.create(
+            model="sim-1", input="hi", background=True, metadata=slow(sim_tag, tokens=5, delay_ms=60_000)
+        )
+        run = a.app[RUN_MANAGER].local_run(created.id)
+        assert run is not None
+
+        async def provider_call_closed() -> bool:
+            return bool((await sim_stats(simulator_url))["disconnects_by_tag"].get(sim_tag, 0) >= 1)
+
+        await eventually(provider_call_closed, within=10)  # the next token is a minute away
+        await asyncio.wait_for(run.wait_finished(), 10)
 
 
 async def test_3_an_unresumable_response_ends_failed_and_the_sweep_goes_on(
