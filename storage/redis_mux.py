@@ -211,10 +211,11 @@ class RedisMux:
             transport = await self._connected()
             packed = _pack(batch)
         except _CONNECTION_ERRORS as error:
-            for _, reply in batch:
-                if not reply.done():
-                    reply.set_exception(StoreUnavailable(f"redis: {error or type(error).__name__}"))
+            _fail_all(batch, StoreUnavailable(f"redis: {error or type(error).__name__}"))
             return
+        except asyncio.CancelledError:  # the mux is closing while it connects: nobody else will answer these
+            _fail_all(batch, StoreClosed("redis: the store is closing"))
+            raise
         now = self._loop().time()
         # In line for their replies before the write, so a reply can never arrive before its future.
         self._in_flight.extend([(reply, now) for _, reply in batch])
@@ -325,6 +326,12 @@ def _pack(batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> bytes:
     """The commands in Redis's wire format, packed by hiredis's C encoder (redis-py's own, in Python, was the
     largest single cost of the gateway at the ceiling)."""
     return b"".join([hiredis.pack_command(args) for args, _ in batch])
+
+
+def _fail_all(batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], error: Exception) -> None:
+    for _, reply in batch:
+        if not reply.done():
+            reply.set_exception(error)
 
 
 def _ignore_result(task: asyncio.Task[Any]) -> None:
