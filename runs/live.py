@@ -249,13 +249,14 @@ class LiveEvents:
             watch.subscribers.add(subscription)
         return subscription
 
-    def follow(self, subscription: LiveSubscription, cursor: int) -> None:
-        """The subscriber has read the store up to `cursor`: from there on, events stored elsewhere are read by
-        the feed too (a no-op once the response is followed)."""
+    def follow(self, subscription: LiveSubscription, cursor: int, epoch: int | None = None) -> None:
+        """The subscriber has read the store up to `cursor` (the event there written under `epoch`, when known):
+        from there on, events stored elsewhere are read by the feed too (a no-op once the response is followed)."""
         watch = self._watches.get(subscription.response_id)
         if watch is None or watch.following:
             return
-        watch.cursor = max(watch.cursor, cursor)
+        if cursor > watch.cursor:
+            watch.cursor, watch.epoch = cursor, epoch or 0
         watch.following = True
         if subscription.response_id not in self._writing:
             self._follow_in_feed()

@@ -105,7 +105,7 @@ async def follow_events(
                     await check_resume_point(store, response_id, cursor, cursor_epoch)
                     continue  # there is more to read
             read_store = True
-            live.follow(subscription, cursor)
+            live.follow(subscription, cursor, cursor_epoch)
             while True:
                 try:
                     live_event = await subscription.next(idle_seconds)
