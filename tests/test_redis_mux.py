@@ -133,3 +133,35 @@ async def test_a_cancelled_batch_goes_out_whole_or_as_a_prefix_never_with_a_hole
         await client.delete(key)
         await mux.close()
         await client.aclose()
+
+
+async def test_commands_waiting_for_a_connection_fail_when_the_mux_closes() -> None:
+    """Redis accepts the connection and never answers its handshake: the commands sent meanwhile (one begun
+    without a task among them, as a run's delta is) are failed by close(), not left waiting for ever."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await reader.read()  # whatever the handshake says, no answer
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{port}/0", client_name="mux-test")
+    mux = RedisMux(client)
+    try:
+        begun = mux.send_many([("SET", "k", "v")])
+        awaited = asyncio.ensure_future(mux.execute("GET", "k"))
+        for _ in range(100):  # until the mux is connecting: its handshake waits on the silent server
+            await asyncio.sleep(0.01)
+            if accepted:
+                break
+        assert accepted
+        await mux.close()
+        assert isinstance(begun[0].exception(), StoreUnavailable)
+        with pytest.raises(StoreUnavailable):
+            await awaited
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await client.aclose()
