@@ -174,7 +174,9 @@ async def test_a_keys_queued_runs_start_within_its_limit_and_do_not_hold_up_othe
     async with serve_gateway(settings) as gateway:
         a, b = sdk(gateway, KEY_A), sdk(gateway, KEY_B)
         try:
-            slow_b = {"sim_tag": f"{b_tag}-fill", "sim_tokens": "10", "sim_token_delay_ms": "30"}
+            # Long enough that every create below is admitted while the fill holds all four slots (at 10 tokens
+            # a loaded CI machine saw the fill end first: A's first two started, and its third create was a 429).
+            slow_b = {"sim_tag": f"{b_tag}-fill", "sim_tokens": "40", "sim_token_delay_ms": "30"}
             filling = [
                 await b.responses.create(model="sim-1", input="fill", background=True, metadata=slow_b)
                 for _ in range(4)
