@@ -246,26 +246,21 @@ class EventLog:
             self._appending = True
         return begun
 
-    def _appended_soon(
-        self, batch: list[StoredEvent], status: str, started: float, error: BaseException | None
-    ) -> None:
+    def _appended_soon(self, batch: list[StoredEvent], status: str, started: float, error: Exception | None) -> None:
         """The end of an append `flush_soon` began: the events are published, and the next batch begun (or left
         to the writer); a store out of reach leaves the batch to the writer's retries, any other error stops the
         log as in `_append_pending`. Runs as a callback: whatever publishing raises, the log goes on (or a waiting
         `flush` would wait for ever)."""
         self._appending = False
-        if isinstance(error, Exception) and (isinstance(error, StoreClosed) or not isinstance(error, StoreUnavailable)):
+        if isinstance(error, StoreUnavailable) and not isinstance(error, StoreClosed):
+            self._interrupted = (batch, None, status, _Retry(started, error))  # it may or may not be stored
+        elif error is not None:
             self._stop_at(error, batch)
             self._tell_write_failed(error)
             return
         try:
             if error is None:
                 self._took(batch, status, cancel_requested=False)
-            else:  # out of reach (or, never meant, cancelled): it may or may not be stored
-                unreached = (
-                    error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"append interrupted: {error!r}")
-                )
-                self._interrupted = (batch, None, status, _Retry(started, unreached))
         finally:
             if not self._unwritten:
                 self._drained.set()

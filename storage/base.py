@@ -281,7 +281,7 @@ class EventLogStore(Protocol):
         events: Sequence[StoredEvent],
         *,
         lease: Lease,
-        done: Callable[[BaseException | None], None],
+        done: Callable[[Exception | None], None],
     ) -> bool:
         """`append_events` of a snapshotless, unchecked append, begun now without a task: `done` is called later
         (never within this call) with None once the events are stored, or with what `append_events` would have

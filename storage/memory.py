@@ -164,7 +164,7 @@ class MemoryStore(MemoryConversations):
         events: Sequence[StoredEvent],
         *,
         lease: Lease,
-        done: Callable[[BaseException | None], None],
+        done: Callable[[Exception | None], None],
     ) -> bool:
         return False  # awaiting `append_events` here never suspends: it costs no wake-up to avoid
 

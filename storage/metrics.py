@@ -166,13 +166,13 @@ class _MeasuredStore:
         events: Sequence[StoredEvent],
         *,
         lease: Lease,
-        done: Callable[[BaseException | None], None],
+        done: Callable[[Exception | None], None],
     ) -> bool:
         """Timed as the `append_events` it stands for, from now until `done`."""
         operation = self._appends
         started = operation.clock()
 
-        def measured(error: BaseException | None) -> None:
+        def measured(error: Exception | None) -> None:
             try:
                 operation.ended(started, error)
             finally:
@@ -209,7 +209,7 @@ class _Operation:
 def _timed(
     method: Callable[..., Coroutine[Any, Any, Any]], operation: _Operation
 ) -> Callable[..., Coroutine[Any, Any, Any]]:
-    clock = time.perf_counter
+    clock = operation.clock
 
     async def call(*args: Any, **kwargs: Any) -> Any:
         started = clock()

@@ -206,7 +206,7 @@ class RedisStore(RedisConversations, RedisRunQueue, RedisWebhookOutbox):
         events: Sequence[StoredEvent],
         *,
         lease: Lease,
-        done: Callable[[BaseException | None], None],
+        done: Callable[[Exception | None], None],
     ) -> bool:
         if not events:
             return False

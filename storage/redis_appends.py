@@ -61,7 +61,7 @@ class PlainAppends:
         response_id: str,
         events: Sequence[StoredEvent],
         lease: Lease,
-        done: Callable[[BaseException | None], None],
+        done: Callable[[Exception | None], None],
     ) -> bool:
         """`append` without a task: the commands are queued now and `done` is called with None (stored) or what
         `append` would raise, from the callback of the last reply. False when this connection cannot (a cluster):
@@ -78,7 +78,7 @@ class PlainAppends:
         events: Sequence[StoredEvent],
         lease: Lease,
         futures: list[asyncio.Future[Any]],
-        done: Callable[[BaseException | None], None],
+        done: Callable[[Exception | None], None],
         _last: asyncio.Future[Any],
     ) -> None:
         try:
@@ -108,7 +108,7 @@ class PlainAppends:
         events: Sequence[StoredEvent],
         lease: Lease,
         replies: list[Any],
-        done: Callable[[BaseException | None], None],
+        done: Callable[[Exception | None], None],
     ) -> None:
         try:
             refusal = await self._refusal(response_id, events, lease, replies)

@@ -156,9 +156,7 @@ class RedisMux:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._writer
         self._drop("redis: the store is closing")
-        for _, reply in self._queued:
-            if not reply.done():
-                reply.set_exception(StoreUnavailable("redis: the store is closing"))
+        _fail_all(self._queued, StoreUnavailable("redis: the store is closing"))
         self._queued.clear()
 
     # -- writing --------------------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ class BegunAppendsStore(RedisStore):
         events: Sequence[StoredEvent],
         *,
         lease: Lease,
-        done: Callable[[BaseException | None], None],
+        done: Callable[[Exception | None], None],
     ) -> bool:
         self.begun.append([event.sequence_number for event in events])
         fail, self.fail_first = self.fail_first, None
@@ -228,7 +228,7 @@ class BegunAppendsStore(RedisStore):
             return True
         if fail == "reply-lost":
 
-            def lose_reply(error: BaseException | None) -> None:
+            def lose_reply(error: Exception | None) -> None:
                 assert error is None
                 done(StoreUnavailable("redis: connection reset"))
 

@@ -317,7 +317,7 @@ class RefusesBegunAppends(FaultyStore):
     as if deleted under the run."""
 
     def start_append(
-        self, response_id: str, events: Any, *, lease: Any, done: Callable[[BaseException | None], None]
+        self, response_id: str, events: Any, *, lease: Any, done: Callable[[Exception | None], None]
     ) -> bool:
         asyncio.get_running_loop().call_soon(done, ResponseMissing(response_id))
         return True
