@@ -61,8 +61,8 @@ async def test_an_incomplete_response_is_continued(sdk_gateway: Gateway) -> None
     assert items  # the continuation's own input, listed
 
 
-async def test_an_agent_calls_its_tool_and_answers(sdk_gateway: Gateway) -> None:
-    asked: list[str] = []
+def weather_agent(gateway: Gateway, asked: list[str]) -> Agent[Any]:
+    """An agent with one tool, served by `gateway`; each city the tool is asked about goes into `asked`."""
 
     @function_tool
     def get_weather(city: str) -> str:
@@ -70,12 +70,17 @@ async def test_an_agent_calls_its_tool_and_answers(sdk_gateway: Gateway) -> None
         asked.append(city)
         return f"Sunny in {city}."
 
-    agent = Agent(
+    return Agent(
         name="weather",
         instructions="Use the tool to answer.",
         tools=[get_weather],
-        model=OpenAIResponsesModel(model="sim-1", openai_client=sdk_gateway.client),
+        model=OpenAIResponsesModel(model="sim-1", openai_client=gateway.client),
     )
+
+
+async def test_an_agent_calls_its_tool_and_answers(sdk_gateway: Gateway) -> None:
+    asked: list[str] = []
+    agent = weather_agent(sdk_gateway, asked)
     result = await Runner.run(agent, "What is the weather in Oslo?", max_turns=4)
     assert len(asked) == 1
     assert asked[0]
@@ -98,19 +103,7 @@ async def test_a_streamed_agent_gets_every_event_of_each_turn(sdk_gateway: Gatew
     """The Agents SDK's streamed mode reads each turn's SSE itself: the tool turn and the answer turn arrive whole,
     numbered without a gap, and the text the agent reports is the deltas it was streamed."""
     asked: list[str] = []
-
-    @function_tool
-    def get_weather(city: str) -> str:
-        """The weather in a city."""
-        asked.append(city)
-        return f"Sunny in {city}."
-
-    agent = Agent(
-        name="weather",
-        instructions="Use the tool to answer.",
-        tools=[get_weather],
-        model=OpenAIResponsesModel(model="sim-1", openai_client=sdk_gateway.client),
-    )
+    agent = weather_agent(sdk_gateway, asked)
     streamed = Runner.run_streamed(agent, "What is the weather in Oslo?", max_turns=4)
     turns: list[list[Any]] = []
     async for event in streamed.stream_events():
