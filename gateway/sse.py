@@ -153,27 +153,31 @@ class DirectWrites:
     task, which waits for the socket and is cut off when stalled); only with the framing aiohttp itself would use
     (chunked or plain, never compressed or length-bound), counted in what the response wrote."""
 
-    __slots__ = ("_clock", "_request", "_writer", "response")
+    __slots__ = ("_clock", "_request", "_transport", "_writer", "response")
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
         self._writer: StreamWriter | None = None
+        # The connection's transport, looked up once (aiohttp's `request.transport` is a property of properties).
+        self._transport: asyncio.Transport | None = None
         self._clock: StreamClock | None = None
         self.response: web.StreamResponse | None = None
 
     def start(self, response: web.StreamResponse, clock: StreamClock) -> None:
         """The writer task has written to the client: events may go directly from now on."""
         writer = self._request.writer
+        transport = self._request.transport
         if (
             isinstance(writer, StreamWriter)
+            and transport is not None
             and not response.compression
             and writer.length is None
             and writer.on_body_write is None
         ):
-            self._writer, self._clock, self.response = writer, clock, response
+            self._writer, self._transport, self._clock, self.response = writer, transport, clock, response
 
     def stop(self) -> None:
-        self._writer = self._clock = None
+        self._writer = self._transport = self._clock = None
 
     def __call__(self, events: Sequence[StoredEvent]) -> bool:
         clock = self._clock
@@ -189,11 +193,8 @@ class DirectWrites:
 
     def write(self, body: bytes) -> bool:
         """Write `body` (what `response.write` would be given) to the client now, if it can go directly."""
-        writer = self._writer
-        if writer is None:
-            return False
-        transport = self._request.transport
-        if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+        writer, transport = self._writer, self._transport
+        if writer is None or transport is None or transport.is_closing() or transport.get_write_buffer_size():
             return False
         data = b"%x\r\n%b\r\n" % (len(body), body) if writer.chunked else body
         try:

@@ -87,6 +87,7 @@ class EventLog:
         metrics: RunMetrics | None = None,
     ) -> None:
         self._store = store
+        self._begins_appends = store.begins_appends  # else `flush_soon` need not offer the store each batch
         self._metrics = metrics
         # The webhook deliveries the response owes if it ends with a given status (runs/webhooks.py): written by
         # the append of its terminal event, in the same step. Made once: a retried append must be the same.
@@ -214,8 +215,8 @@ class EventLog:
     async def flush(self) -> None:
         """Wait until every emitted event is stored (appending them in this task when no append is in flight);
         raise the store's error if one could not be."""
-        if self._unwritten and not self._appending and self._failure is None:
-            await self._append_pending()
+        if (self._pending or self._interrupted is not None) and not self._appending and self._failure is None:
+            await self._append_pending()  # (`_unwritten`, spelt out: a property is a call on every event's path)
         if not self._drained.is_set():
             await self._drained.wait()
         if self._failure is not None:
@@ -228,7 +229,7 @@ class EventLog:
         such path, a write failed). Events emitted meanwhile go in the next append, begun when this one ends."""
         if self._appending:
             return self._failure is None  # the append in flight takes what is pending next
-        if self._failure is not None or self._closed or self._interrupted is not None:
+        if not self._begins_appends or self._failure is not None or self._closed or self._interrupted is not None:
             return False
         if not self._pending:
             return True
@@ -302,7 +303,7 @@ class EventLog:
         append is idempotent, so the one it may have sent is no harm."""
         self._appending = True
         try:
-            while self._unwritten:
+            while self._pending or self._interrupted is not None:  # `_unwritten`, as in `flush`
                 retry = None
                 if self._interrupted is not None:
                     batch, snapshot, status, retry = self._interrupted

@@ -232,6 +232,11 @@ class ConversationRecord:
 class EventLogStore(Protocol):
     """Responses and their event logs: the one place events are numbered into, and read back from."""
 
+    # Whether `start_append` can begin an append on this backend at all. False: it always declines (awaiting an
+    # append here never suspends, or its commands cannot be begun without a task), so a writer need not offer it
+    # each batch.
+    begins_appends: bool
+
     async def create_response(self, new: NewResponse) -> Lease | None:
         """Admit the response in one step: its first events (sequence numbers from 0), snapshot, input items and
         request, and its place in the run index (owned by `new.owner` under the returned lease) or at the tail of

@@ -158,6 +158,9 @@ class MemoryStore(MemoryConversations):
             self._queue[new.response_id] = None
         return Lease(new.owner, 1, lease_until) if new.owner else None
 
+    # Awaiting `append_events` here never suspends: a begun append would save no wake-up.
+    begins_appends = False
+
     def start_append(
         self,
         response_id: str,
@@ -166,7 +169,7 @@ class MemoryStore(MemoryConversations):
         lease: Lease,
         done: Callable[[Exception | None], None],
     ) -> bool:
-        return False  # awaiting `append_events` here never suspends: it costs no wake-up to avoid
+        return False
 
     async def append_events(
         self,
@@ -526,5 +529,6 @@ def _kept(data: bytes) -> bytes:
 
 
 def _kept_event(event: StoredEvent, epoch: int) -> tuple[str, bytes, int]:
-    """The store's own copy of an appended event, under the epoch of the lease that appended it."""
-    return (event.type, _kept(event.data), epoch)
+    """The store's own copy of an appended event, under the epoch of the lease that appended it (its bytes as
+    `_kept` makes them, without the call: this is every event's path)."""
+    return (event.type, memoryview(event.data).tobytes(), epoch)

@@ -92,6 +92,7 @@ class RedisStore(RedisConversations, RedisRunQueue, RedisWebhookOutbox):
         self._queue_steer_script = LuaScript.of(load_lua("queue_steer.lua"))
         self._steer_state_script = LuaScript.of(load_lua("steer_state.lua"))
         self._plain_appends = PlainAppends(self._mux, self._keys)
+        self.begins_appends = self._plain_appends.begins
         self._replica_acks = ReplicaAcks(
             client, replicas=replica_acks, timeout_ms=replica_ack_timeout_ms, ttl_ms=self._ttl_ms, cluster=cluster
         )

@@ -41,6 +41,7 @@ class PlainAppends:
         self._mux = mux
         # Only the single-node mux hands out its replies' futures (see `start`); over a cluster, appends are awaited.
         self._sender = mux if isinstance(mux, RedisMux) else None
+        self.begins = self._sender is not None
         self._keys = keys
         # A run appends to one key again and again: its name is made once (a shard's hash and three formats).
         self._events_key = functools.lru_cache(maxsize=4096)(keys.response_events)

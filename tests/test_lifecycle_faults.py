@@ -316,6 +316,8 @@ class RefusesBegunAppends(FaultyStore):
     """The real store, but every append a run begins without waiting (a delta's) is refused: the response is gone,
     as if deleted under the run."""
 
+    begins_appends = True  # whatever the store under it (a cluster's declines): this one begins every append
+
     def start_append(
         self, response_id: str, events: Any, *, lease: Any, done: Callable[[Exception | None], None]
     ) -> bool:
