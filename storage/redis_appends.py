@@ -69,8 +69,10 @@ class PlainAppends:
         nothing was sent, and the caller awaits `append` instead."""
         if self._sender is None:
             return False
-        replies = self._sender.send_many(self._commands(response_id, events, lease))
-        replies[-1].add_done_callback(functools.partial(self._replied, response_id, events, lease, replies, done))
+        self._sender.send_then(
+            self._commands(response_id, events, lease),
+            functools.partial(self._replied, response_id, events, lease, done),
+        )
         return True
 
     def _replied(
@@ -78,19 +80,11 @@ class PlainAppends:
         response_id: str,
         events: Sequence[StoredEvent],
         lease: Lease,
-        futures: list[asyncio.Future[Any]],
         done: Callable[[Exception | None], None],
-        _last: asyncio.Future[Any],
+        replies: list[Any] | StoreUnavailable,
     ) -> None:
-        try:
-            replies = [reply.result() for reply in futures]
-        except BaseException as failure:  # the connection failed under them
-            for reply in futures:
-                if not reply.cancelled():
-                    reply.exception()  # retrieved: none is reported as never retrieved
-            if not isinstance(failure, Exception):  # cancelled (nobody cancels these): as if unanswered
-                failure = StoreUnavailable("redis: the append was cancelled")
-            done(failure)
+        if isinstance(replies, StoreUnavailable):  # the connection failed under them
+            done(replies)
             return
         verdict = _verdict(response_id, replies)
         if verdict is not _REFUSED:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -31,6 +33,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage.base import StoreClosed, StoreUnavailable
 from storage.redis_support import COMMAND_TIMEOUT_SECONDS
+
+log = logging.getLogger(__name__)
 
 _CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 # How often the watchdog looks at the oldest command in flight.
@@ -87,10 +91,10 @@ class RedisMux:
         self._connection: aioredis.connection.AbstractConnection | None = None
         self._transport: asyncio.Transport | None = None
         self._connecting = asyncio.Lock()
-        self._queued: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        # Each command sent and not yet answered: its reply's future, and when it was sent (a plain tuple: one is
+        self._queued: list[tuple[tuple[Any, ...], _Reply]] = []
+        # Each command sent and not yet answered: where its reply goes, and when it was sent (a plain tuple: one is
         # made per command on the hot path).
-        self._in_flight: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._in_flight: deque[tuple[_Reply, float]] = deque()
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
@@ -115,6 +119,17 @@ class RedisMux:
         self._queued.append((args, reply))
         self._schedule_flush()
         return await reply
+
+    def send_then(self, commands: list[tuple[Any, ...]], then: Callable[[list[Any] | StoreUnavailable], None]) -> None:
+        """Queue several commands, to be sent together and in order with this loop turn's others, and call `then`
+        once with their raw replies (in order), or with the StoreUnavailable that failed them, for a caller that
+        takes replies in a callback rather than a task (a task costs a wake-up per reply). `then` is called from
+        the callback that received the last reply: no future per command, no loop step of its own."""
+        if self._closed:
+            raise StoreClosed("redis: the store is closed")
+        batch = _Batch(len(commands), then)
+        self._queued.extend([(command, batch) for command in commands])
+        self._schedule_flush()
 
     def send_many(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
         """Queue several commands, to be sent together and in order with this loop turn's others, and return their
@@ -204,7 +219,7 @@ class RedisMux:
             if self._connection is not None:
                 return
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[tuple[Any, ...], _Reply]]) -> None:
         try:
             transport = await self._connected()
             packed = _pack(batch)
@@ -284,6 +299,50 @@ class RedisMux:
             task.add_done_callback(_ignore_result)
 
 
+class _Reply(Protocol):
+    """Where a command's reply goes: its future (`execute`, `send_many`) or its batch's callback (`send_then`)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+class _Batch:
+    """The replies of one `send_then`, shared by its commands: collected in order, then handed to its callback
+    at the last; a failure is handed over at once, and the rest of the batch skipped (`done`)."""
+
+    __slots__ = ("_left", "_replies", "_then")
+
+    def __init__(self, size: int, then: Callable[[list[Any] | StoreUnavailable], None]) -> None:
+        self._left = size
+        self._replies: list[Any] = []
+        self._then: Callable[[list[Any] | StoreUnavailable], None] | None = then
+
+    def done(self) -> bool:
+        return self._then is None
+
+    def set_result(self, result: Any) -> None:
+        self._replies.append(result)
+        self._left -= 1
+        if self._left == 0:
+            self._hand_over(self._replies)
+
+    def set_exception(self, exception: BaseException) -> None:
+        failure = exception if isinstance(exception, StoreUnavailable) else StoreUnavailable(str(exception))
+        self._hand_over(failure)
+
+    def _hand_over(self, outcome: list[Any] | StoreUnavailable) -> None:
+        then, self._then = self._then, None
+        if then is None:
+            return
+        try:
+            then(outcome)
+        except Exception:  # the caller's trouble: the mux (and the replies after this one) must go on
+            log.exception("a redis reply callback failed")
+
+
 _NOT_ENOUGH_DATA = object()
 
 
@@ -320,13 +379,13 @@ class _Replies(asyncio.Protocol):
         self._mux._lost(self._connection, f"redis: {exc or 'the server closed the connection'}")
 
 
-def _pack(batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> bytes:
+def _pack(batch: list[tuple[tuple[Any, ...], _Reply]]) -> bytes:
     """The commands in Redis's wire format, packed by hiredis's C encoder (redis-py's own, in Python, was the
     largest single cost of the gateway at the ceiling)."""
     return b"".join([hiredis.pack_command(args) for args, _ in batch])
 
 
-def _fail_all(batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]], error: Exception) -> None:
+def _fail_all(batch: list[tuple[tuple[Any, ...], _Reply]], error: Exception) -> None:
     for _, reply in batch:
         if not reply.done():
             reply.set_exception(error)

@@ -92,6 +92,50 @@ async def test_a_broken_connection_fails_what_is_in_flight_and_the_next_command_
         await client.aclose()
 
 
+async def test_a_batch_sent_with_a_callback_hears_its_replies_once_in_order(
+    redis_proxy: TcpProxy, key_prefix: str
+) -> None:
+    """`send_then` (a run's delta append): the callback gets the batch's replies, in order, among awaited
+    commands; a callback that raises costs nobody else their reply; a broken connection hands the batch's
+    failure over once, whatever part of it was answered."""
+    client, mux = await mux_over(f"redis://127.0.0.1:{redis_proxy.port}/0")
+    key = f"{key_prefix}:then"
+    heard: list[list[object] | StoreUnavailable] = []
+    try:
+        mux.send_then([("RPUSH", key, "a"), ("RPUSH", key, "b"), ("PEXPIRE", key, 60_000)], heard.append)
+
+        def raises(_: object) -> None:
+            raise RuntimeError("the caller's own bug")
+
+        mux.send_then([("LLEN", key)], raises)
+        awaited = mux.execute("LRANGE", key, 0, -1)
+        mux.send_then([("LLEN", key), ("INCR", key)], heard.append)  # an error reply is a value
+        assert await awaited == [b"a", b"b"]
+        assert await mux.execute("PING") == b"PONG"  # every reply before it has been handed over
+        assert heard[0] == [1, 2, 1]
+        second = heard[1]
+        assert isinstance(second, list)
+        assert second[0] == 2
+        assert isinstance(second[1], ResponseError)
+        assert len(heard) == 2
+
+        mux.send_then([("BLPOP", f"{key_prefix}:never", 5), ("PING",)], heard.append)
+        await asyncio.sleep(0.05)
+        redis_proxy.reset_all()
+        for _ in range(100):
+            if len(heard) > 2:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert len(heard) == 3
+        assert isinstance(heard[2], StoreUnavailable)
+        assert await mux.execute("PING") == b"PONG"  # and the next command reconnects
+    finally:
+        await mux.close()
+        await client.delete(key)
+        await client.aclose()
+
+
 async def test_a_connection_that_stops_answering_is_given_up_after_the_reply_timeout(redis_proxy: TcpProxy) -> None:
     client, mux = await mux_over(f"redis://127.0.0.1:{redis_proxy.port}/0", reply_timeout_seconds=0.5)
     try:
