@@ -88,7 +88,10 @@ def apply_event(snapshot: Json, event: Json) -> Json:
     """
     kind = event["type"]
     if kind in _TEXT_DELTAS:  # first: nearly every event is one
-        part = _part(snapshot, event)
+        try:  # the part is there (for every delta but a stray one): one lookup, not `_part`'s four calls
+            part = snapshot["output"][event["output_index"]]["content"][event["content_index"]]
+        except (KeyError, IndexError, TypeError):  # `_part` decides (and makes room for an index skipped)
+            part = _part(snapshot, event)
         part["text"] = part.get("text", "") + event["delta"]
         if event.get("logprobs") and "logprobs" in part:
             part["logprobs"] = [*(part["logprobs"] or []), *(_as_part_logprob(entry) for entry in event["logprobs"])]
