@@ -127,15 +127,16 @@ class RedisMux:
         the callback that received the last reply: no future per command, no loop step of its own."""
         if self._closed:
             raise StoreClosed("redis: the store is closed")
+        if not commands:
+            raise ValueError("send_then: no commands, so no reply would ever call back")
         batch = _Batch(len(commands), then)
         self._queued.extend([(command, batch) for command in commands])
         self._schedule_flush()
 
     def send_many(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
         """Queue several commands, to be sent together and in order with this loop turn's others, and return their
-        replies' futures, for a caller that takes them in a callback rather than a task (a task costs a wake-up per
-        reply). The last one done means all are: replies come in order, and a lost connection fails every command
-        in flight at once."""
+        replies' futures (`execute_many` awaits the last). The last one done means all are: replies come in order,
+        and a lost connection fails every command in flight at once."""
         if self._closed:
             raise StoreClosed("redis: the store is closed")
         loop = self._loop()
