@@ -229,11 +229,11 @@ class EventLog:
         such path, a write failed). Events emitted meanwhile go in the next append, begun when this one ends."""
         if self._appending:
             return self._failure is None  # the append in flight takes what is pending next
-        if not self._begins_appends or self._failure is not None or self._closed or self._interrupted is not None:
+        if self._failure is not None or self._closed or self._interrupted is not None:
             return False
         if not self._pending:
             return True
-        if self._check_next or self._after_loss or self._snapshot_is_due():
+        if not self._begins_appends or self._check_next or self._after_loss or self._snapshot_is_due():
             return False
         batch = self._pending
         status = self._snapshot["status"]

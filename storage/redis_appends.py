@@ -39,7 +39,7 @@ class PlainAppends:
 
     def __init__(self, mux: RedisCommands, keys: KeySpace) -> None:
         self._mux = mux
-        # Only the single-node mux hands out its replies' futures (see `start`); over a cluster, appends are awaited.
+        # Only the single-node mux hands replies to a callback (see `start`); over a cluster, appends are awaited.
         self._sender = mux if isinstance(mux, RedisMux) else None
         self.begins = self._sender is not None
         self._keys = keys

@@ -123,8 +123,10 @@ class RedisMux:
     def send_then(self, commands: list[tuple[Any, ...]], then: Callable[[list[Any] | StoreUnavailable], None]) -> None:
         """Queue several commands, to be sent together and in order with this loop turn's others, and call `then`
         once with their raw replies (in order), or with the StoreUnavailable that failed them, for a caller that
-        takes replies in a callback rather than a task (a task costs a wake-up per reply). `then` is called from
-        the callback that received the last reply: no future per command, no loop step of its own."""
+        takes replies in a callback rather than a task (a task costs a wake-up per reply). No future per command
+        and no loop step of its own: `then` runs inside the mux, in the transport callback that read the last
+        reply (or where the connection is dropped or the mux closed), so it must not block, and may queue more
+        commands (they are written at the next flush) but not wait for them."""
         if self._closed:
             raise StoreClosed("redis: the store is closed")
         if not commands:
@@ -231,7 +233,7 @@ class RedisMux:
             _fail_all(batch, StoreClosed("redis: the store is closing"))
             raise
         now = self._loop().time()
-        # In line for their replies before the write, so a reply can never arrive before its future.
+        # In line for their replies before the write, so a reply can never arrive before its place in line.
         self._in_flight.extend([(reply, now) for _, reply in batch])
         self._arm_watchdog()
         try:
@@ -340,7 +342,9 @@ class _Batch:
             return
         try:
             then(outcome)
-        except Exception:  # the caller's trouble: the mux (and the replies after this one) must go on
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException:  # the caller's trouble: the mux (and the replies after this one) must go on
             log.exception("a redis reply callback failed")
 
 

@@ -108,7 +108,8 @@ async def test_a_batch_sent_with_a_callback_hears_its_replies_once_in_order(
             raise RuntimeError("the caller's own bug")
 
         mux.send_then([("LLEN", key)], raises)
-        awaited = mux.execute("LRANGE", key, 0, -1)
+        awaited = asyncio.ensure_future(mux.execute("LRANGE", key, 0, -1))
+        await asyncio.sleep(0)  # queued now, between the batches
         mux.send_then([("LLEN", key), ("INCR", key)], heard.append)  # an error reply is a value
         assert await awaited == [b"a", b"b"]
         assert await mux.execute("PING") == b"PONG"  # every reply before it has been handed over
@@ -119,7 +120,7 @@ async def test_a_batch_sent_with_a_callback_hears_its_replies_once_in_order(
         assert isinstance(second[1], ResponseError)
         assert len(heard) == 2
 
-        mux.send_then([("BLPOP", f"{key_prefix}:never", 5), ("PING",)], heard.append)
+        mux.send_then([("PING",), ("BLPOP", f"{key_prefix}:never", 5)], heard.append)  # answered in part
         await asyncio.sleep(0.05)
         redis_proxy.reset_all()
         for _ in range(100):
@@ -130,6 +131,12 @@ async def test_a_batch_sent_with_a_callback_hears_its_replies_once_in_order(
         assert len(heard) == 3
         assert isinstance(heard[2], StoreUnavailable)
         assert await mux.execute("PING") == b"PONG"  # and the next command reconnects
+
+        mux.send_then([("BLPOP", f"{key_prefix}:never", 5)], heard.append)
+        await asyncio.sleep(0.05)
+        await mux.close()  # a batch still waiting is told, not left waiting for ever
+        assert len(heard) == 4
+        assert isinstance(heard[3], StoreUnavailable)
     finally:
         await mux.close()
         await client.delete(key)

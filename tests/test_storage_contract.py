@@ -850,6 +850,23 @@ async def test_a_response_is_its_snapshot_with_the_later_events_folded_in(store:
     assert [e.sequence_number for e in await store.read_events("resp_fold", 2)] == [3, 4]
 
 
+async def test_begins_appends_says_what_start_append_does(store: Store, request: pytest.FixtureRequest) -> None:
+    """Writers trust `begins_appends` and stop offering batches to a store that says False: such a store must
+    decline every one (nothing written), and one that says True must begin it and report it stored in `done`,
+    later, never within the call. Only the single node begins appends (its mux hands replies to a callback)."""
+    assert store.begins_appends is (request.node.callspec.params["store"] == "redis")
+    lease = await store.create_response(text_response("resp_begun"))
+    assert lease is not None
+    heard: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+    begun = store.start_append("resp_begun", [delta(1, "a")], lease=lease, done=heard.set_result)
+    assert begun is store.begins_appends
+    assert not heard.done()  # never within the call
+    if begun:
+        assert await asyncio.wait_for(heard, 5) is None
+    stored = [event.sequence_number for event in await store.read_events("resp_begun", -1)]
+    assert stored == ([0, 1] if begun else [0])
+
+
 async def test_a_snapshotless_append_is_fenced_once_another_instance_claims_the_response(store: Store) -> None:
     created = text_response("resp_fence")
     lease = await store.create_response(dataclasses.replace(created, lease_ms=100))
