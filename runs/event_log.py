@@ -215,8 +215,8 @@ class EventLog:
     async def flush(self) -> None:
         """Wait until every emitted event is stored (appending them in this task when no append is in flight);
         raise the store's error if one could not be."""
-        if (self._pending or self._interrupted is not None) and not self._appending and self._failure is None:
-            await self._append_pending()  # (`_unwritten`, spelt out: a property is a call on every event's path)
+        if self._unwritten and not self._appending and self._failure is None:
+            await self._append_pending()
         if not self._drained.is_set():
             await self._drained.wait()
         if self._failure is not None:
@@ -303,7 +303,7 @@ class EventLog:
         append is idempotent, so the one it may have sent is no harm."""
         self._appending = True
         try:
-            while self._pending or self._interrupted is not None:  # `_unwritten`, as in `flush`
+            while self._unwritten:
                 retry = None
                 if self._interrupted is not None:
                     batch, snapshot, status, retry = self._interrupted

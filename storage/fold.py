@@ -49,6 +49,11 @@ def _item(snapshot: Json, event: Json) -> Json:
 
 
 def _part(snapshot: Json, event: Json, field: str = "content", index_key: str = "content_index") -> Json:
+    try:  # the part is there (for every event but a stray one): one lookup, not the three calls below
+        found: Json = snapshot["output"][event["output_index"]][field][event[index_key]]
+        return found
+    except (KeyError, IndexError, TypeError):  # make room for an index skipped, with defaults and int()s
+        pass
     parts: list[Json] = _item(snapshot, event).setdefault(field, [])
     index = int(event.get(index_key, 0))
     _slot(parts, index)
@@ -88,10 +93,7 @@ def apply_event(snapshot: Json, event: Json) -> Json:
     """
     kind = event["type"]
     if kind in _TEXT_DELTAS:  # first: nearly every event is one
-        try:  # the part is there (for every delta but a stray one): one lookup, not `_part`'s four calls
-            part = snapshot["output"][event["output_index"]]["content"][event["content_index"]]
-        except (KeyError, IndexError, TypeError):  # `_part` decides (and makes room for an index skipped)
-            part = _part(snapshot, event)
+        part = _part(snapshot, event)
         part["text"] = part.get("text", "") + event["delta"]
         if event.get("logprobs") and "logprobs" in part:
             part["logprobs"] = [*(part["logprobs"] or []), *(_as_part_logprob(entry) for entry in event["logprobs"])]

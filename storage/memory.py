@@ -529,6 +529,5 @@ def _kept(data: bytes) -> bytes:
 
 
 def _kept_event(event: StoredEvent, epoch: int) -> tuple[str, bytes, int]:
-    """The store's own copy of an appended event, under the epoch of the lease that appended it (its bytes as
-    `_kept` makes them, without the call: this is every event's path)."""
-    return (event.type, memoryview(event.data).tobytes(), epoch)
+    """The store's own copy of an appended event, under the epoch of the lease that appended it."""
+    return (event.type, _kept(event.data), epoch)
