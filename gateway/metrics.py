@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -22,11 +22,11 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.auth import PUBLIC_PATHS
+from gateway.collector import FIRST_OUTPUT_WRITTEN, has_output
 from gateway.config import MetricsConfig
 from gateway.outcome import Outcome, answered
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS
 from runs.metrics import TTFT_BUCKETS_SECONDS, LoopHistogram, RunMetrics, SubscriberDrop, steps_1_2_5
-from runs.snapshot import LIFECYCLE_EVENT_TYPES
 from runs.store import StoredEvent
 
 log = logging.getLogger(__name__)
@@ -155,30 +155,38 @@ def exposition(registry: CollectorRegistry, request: web.Request) -> web.Respons
 class StreamClock:
     """Times one client stream: its first output event (from the request's arrival, for a create) and the gaps
     between its writes after that. One clock read and at most one observation per write, never per event. A clock
-    of an app without metrics (a bare app in a test) records nothing."""
+    of an app without metrics (a bare app in a test) records nothing. A create's clock also says when its first
+    output has been written (`first_output_written`, see gateway/collector.py)."""
 
-    __slots__ = ("_arrived", "_gaps", "_last", "_metrics")
+    __slots__ = ("_arrived", "_first_output_written", "_gaps", "_last", "_metrics")
 
-    def __init__(self, metrics: GatewayMetrics | None, arrived: float | None) -> None:
+    def __init__(
+        self,
+        metrics: GatewayMetrics | None,
+        arrived: float | None,
+        first_output_written: Callable[[], None] | None = None,
+    ) -> None:
         self._metrics = metrics
         self._arrived = arrived
+        self._first_output_written = first_output_written
         self._last: float | None = None
         # The histogram's child itself: observed at every write.
         self._gaps = None if metrics is None else metrics.inter_event.labels()
 
     def written(self, batch: Sequence[StoredEvent]) -> None:
         """`batch` has just been written to the client."""
-        metrics, gaps = self._metrics, self._gaps
-        if metrics is None or gaps is None:
-            return
-        now = time.perf_counter()
-        if self._last is not None:
-            gaps.observe(now - self._last)
+        if self._last is not None:  # after the first output: one gap per write
+            now = time.perf_counter()
+            if self._gaps is not None:
+                self._gaps.observe(now - self._last)
             self._last = now
-        elif any(event.type not in LIFECYCLE_EVENT_TYPES for event in batch):
-            self._last = now
-            if self._arrived is not None:
-                metrics.ttft.observe(now - self._arrived)
+        elif has_output(batch):
+            self._last = now = time.perf_counter()
+            if self._first_output_written is not None:
+                self._first_output_written()
+                self._first_output_written = None
+            if self._metrics is not None and self._arrived is not None:
+                self._metrics.ttft.observe(now - self._arrived)
 
     def dropped(self, reason: SubscriberDrop) -> None:
         """The stream ended before its terminal event was written, for `reason`."""
@@ -189,8 +197,9 @@ class StreamClock:
 def stream_clock(request: web.Request) -> StreamClock:
     """The clock of one event stream to a client; a create's stream (POST) also times its first token."""
     metrics = request.app.get(METRICS)
-    arrived = request.get(REQUEST_ARRIVED) if request.method == "POST" else None
-    return StreamClock(metrics, arrived)
+    if request.method != "POST":
+        return StreamClock(metrics, None)
+    return StreamClock(metrics, request.get(REQUEST_ARRIVED), request.get(FIRST_OUTPUT_WRITTEN))
 
 
 class _ThisInstance(Collector):

@@ -25,6 +25,7 @@ from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
 from gateway.auth import PRINCIPAL
+from gateway.collector import first_output_awaited, has_output
 from gateway.config import WebSocketConfig
 from gateway.errors import invalid_body, store_unavailable
 from gateway.json_depth import MAX_JSON_DEPTH, nesting_depth
@@ -343,22 +344,32 @@ class ResponsesSocket:
         create = create.model_copy(update={"stream": True})
         create = self._from_unstored(create)
         principal = self._principal
-        admission = await self._manager.admit(
-            create,
-            tenant=principal.tenant,
-            api_key=principal.api_key,
-            max_tenant_runs=principal.max_concurrent_runs,
-        )
-        run = admission.run
-        local = None
-        if run is not None and not create.is_stored:
-            local = self._running_unstored[admission.response_id] = _UnstoredRun(run)
+        first_output_written = first_output_awaited(self._request.app)  # collections wait (gateway/collector.py)
         try:
-            final = await self._follow(admission.response_id, -1, stream_id, known=admission.first_events)
-        finally:
+            admission = await self._manager.admit(
+                create,
+                tenant=principal.tenant,
+                api_key=principal.api_key,
+                max_tenant_runs=principal.max_concurrent_runs,
+            )
+            run = admission.run
+            local = None
             if run is not None and not create.is_stored:
-                self._running_unstored.pop(admission.response_id, None)
-                self._manager.release_connection_owned(run)
+                local = self._running_unstored[admission.response_id] = _UnstoredRun(run)
+            try:
+                final = await self._follow(
+                    admission.response_id,
+                    -1,
+                    stream_id,
+                    known=admission.first_events,
+                    first_output_written=first_output_written,
+                )
+            finally:
+                if run is not None and not create.is_stored:
+                    self._running_unstored.pop(admission.response_id, None)
+                    self._manager.release_connection_owned(run)
+        finally:
+            first_output_written()
         if final is not None and not create.is_stored:
             self._remember_unstored(create, final)
             if local is not None and local.steers:
@@ -416,9 +427,16 @@ class ResponsesSocket:
             await self._after_end(response_id, stream_id)
 
     async def _follow(
-        self, response_id: str, after: int, stream_id: str | None, *, known: Sequence[StoredEvent] = ()
+        self,
+        response_id: str,
+        after: int,
+        stream_id: str | None,
+        *,
+        known: Sequence[StoredEvent] = (),
+        first_output_written: Callable[[], None] | None = None,
     ) -> Json | None:
-        """Send the response's events after `after` until its terminal one; return that event's response."""
+        """Send the response's events after `after` until its terminal one; return that event's response.
+        `first_output_written` is called once the first output event has been sent."""
         subscription = self._live.subscribe(response_id)
         events = follow_events(
             self._store,
@@ -436,6 +454,9 @@ class ResponsesSocket:
                     continue  # the socket's own pings keep it alive
                 for stored in batch:
                     await self._send(with_lane(stored.data, stream_id))
+                if first_output_written is not None and has_output(batch):
+                    first_output_written()
+                    first_output_written = None
                 last = batch[-1]
                 if last.type in TERMINAL_EVENT_TYPES:
                     final = orjson.loads(last.data)["response"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from gateway.access_log import RESPONSE_ID
 from gateway.auth import PRINCIPAL
+from gateway.collector import awaiting_first_output
 from gateway.cursors import is_cursor_part
 from gateway.errors import invalid_body, json_response, raw_json_response, upstream_refusal
 from gateway.json_depth import MAX_JSON_DEPTH, nesting_depth
@@ -129,6 +130,16 @@ async def stream_response(
 
 async def create_response(request: web.Request) -> web.StreamResponse:
     """POST /v1/responses."""
+    # Until its stream's first output is written, collections wait (gateway/collector.py); a request that fails,
+    # or has no stream, stops waiting when it ends.
+    first_output_written = awaiting_first_output(request)
+    try:
+        return await _create_response(request, first_output_written)
+    finally:
+        first_output_written()
+
+
+async def _create_response(request: web.Request, first_output_written: Callable[[], None]) -> web.StreamResponse:
     key_header = request.headers.get(idempotency.HEADER)
     if key_header is not None:
         idempotency.check_key(key_header)  # before anything else, as the IETF draft asks
@@ -143,6 +154,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
             param="stream_id",
             code="unknown_parameter",
         )
+    if not create.is_streaming:
+        first_output_written()  # nobody sees a first output before the whole response (or none, in background)
     principal = request[PRINCIPAL]
     key = None
     if key_header is not None:

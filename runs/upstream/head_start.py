@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
+from runs.countdown import Countdown
 from runs.upstream.client import request_written
 
 Batch = list[dict[str, Any]]
@@ -37,26 +38,15 @@ class SendsFirst:
     the calls not yet written; `wait()` returns once there are none, or after SENDS_FIRST_LIMIT_SECONDS."""
 
     def __init__(self) -> None:
-        self._unsent = 0
         self._all_sent = asyncio.Event()  # bound to a loop only when first waited on (Python >= 3.10)
         self._all_sent.set()
+        self._unsent = Countdown(self._all_sent.set)
 
     def sending(self) -> Callable[[], None]:
         """Count a call about to be made; the callback returned says it has left (or ended without leaving), and
         only its first call counts."""
-        self._unsent += 1
         self._all_sent.clear()
-        counted = True
-
-        def sent() -> None:
-            nonlocal counted
-            if counted:
-                counted = False
-                self._unsent -= 1
-                if self._unsent == 0:
-                    self._all_sent.set()
-
-        return sent
+        return self._unsent.add()
 
     async def wait(self) -> None:
         """Until no call is left to write, or for SENDS_FIRST_LIMIT_SECONDS at most."""
