@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from opentelemetry.sdk.trace import TracerProvider
 
-from gateway import collector
+from gateway import gc_pacing
 from gateway.access_log import access_log_middleware, note_sent_status
 from gateway.auth import Authenticator, auth_middleware
 from gateway.config import Settings, WebhooksConfig
@@ -266,7 +266,7 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     app[METRICS] = metrics
     app[MAX_BODY_BYTES] = settings.server.max_body_bytes
     app[SOCKET_COUNTS] = SocketCounts()
-    collector.install(app, settings.server.gc_hold_seconds)
+    gc_pacing.install(app, settings.server.gc_hold_seconds)
     app[WEBHOOK_SETTINGS] = webhook_settings(
         settings.webhooks, settings.storage.retention_seconds
     )  # now: a missing secret fails the start

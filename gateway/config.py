@@ -49,8 +49,9 @@ class ServerConfig(_Section):
     min_body_bytes_per_second: int = Field(64 * 1024, ge=1)
     # Open connections one peer address may hold (0: no cap). Behind a proxy every client is the proxy's address.
     max_connections_per_ip: int = Field(1024, ge=0)
-    # While a create awaits its first output, automatic garbage collections wait, this long at most (0: they do
-    # not); a burst of creates then gets its first tokens without the collector's pauses (gateway/collector.py).
+    # While a streamed create awaits its first output, young garbage collections are held back, this long at most
+    # (0: they are not); a burst of creates then gets its first tokens without the collector's pauses
+    # (gateway/gc_pacing.py).
     gc_hold_seconds: float = Field(0.5, ge=0)
 
 

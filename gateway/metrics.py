@@ -22,11 +22,12 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from gateway.auth import PUBLIC_PATHS
-from gateway.collector import FIRST_OUTPUT_WRITTEN, has_output
 from gateway.config import MetricsConfig
+from gateway.gc_pacing import FIRST_OUTPUT_WRITTEN
 from gateway.outcome import Outcome, answered
 from gateway.state import LIVE_EVENTS, RUN_MANAGER, SETTINGS
 from runs.metrics import TTFT_BUCKETS_SECONDS, LoopHistogram, RunMetrics, SubscriberDrop, steps_1_2_5
+from runs.snapshot import has_output
 from runs.store import StoredEvent
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ class StreamClock:
     """Times one client stream: its first output event (from the request's arrival, for a create) and the gaps
     between its writes after that. One clock read and at most one observation per write, never per event. A clock
     of an app without metrics (a bare app in a test) records nothing. A create's clock also says when its first
-    output has been written (`first_output_written`, see gateway/collector.py)."""
+    output has been written (`first_output_written`, see gateway/gc_pacing.py)."""
 
     __slots__ = ("_arrived", "_first_output_written", "_gaps", "_last", "_metrics")
 

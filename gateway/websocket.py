@@ -25,9 +25,9 @@ from aiohttp import WSMsgType, web
 from pydantic import ValidationError
 
 from gateway.auth import PRINCIPAL
-from gateway.collector import first_output_awaited, has_output
 from gateway.config import WebSocketConfig
 from gateway.errors import invalid_body, store_unavailable
+from gateway.gc_pacing import create_waiting
 from gateway.json_depth import MAX_JSON_DEPTH, nesting_depth
 from gateway.state import LIVE_EVENTS, ROUTER, RUN_MANAGER, SETTINGS, STORE
 from gateway.websocket_frames import (
@@ -48,6 +48,7 @@ from runs.ids import new_id
 from runs.items import Json, check_input_items, normalise_items
 from runs.request import CreateResponseRequest
 from runs.run import ResponseRun
+from runs.snapshot import has_output
 from runs.status import TERMINAL_EVENT_TYPES
 from runs.steering import SteerOutcome
 from runs.store import StoredEvent, StoreUnavailable
@@ -344,7 +345,7 @@ class ResponsesSocket:
         create = create.model_copy(update={"stream": True})
         create = self._from_unstored(create)
         principal = self._principal
-        first_output_written = first_output_awaited(self._request.app)  # collections wait (gateway/collector.py)
+        first_output_written = create_waiting(self._request.app)  # collections held back (gateway/gc_pacing.py)
         try:
             admission = await self._manager.admit(
                 create,

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import orjson
 
 from runs.request import CreateResponseRequest
 from runs.status import ResponseStatus
+from storage.base import StoredEvent
 from storage.fold import LIFECYCLE_EVENT_TYPES, Json, apply_event
 
-__all__ = ["LIFECYCLE_EVENT_TYPES", "Json", "apply_event", "initial_snapshot", "stored_json"]
+__all__ = ["LIFECYCLE_EVENT_TYPES", "Json", "apply_event", "has_output", "initial_snapshot", "stored_json"]
 
 
 # `value` as the JSON bytes that are stored and sent: orjson's own function, not a wrapper (a call of its own for
@@ -150,3 +151,9 @@ def _number(value: Any, default: float | None) -> Any:
 
 def _one_of(value: Any, allowed: frozenset[str]) -> str | None:
     return value if isinstance(value, str) and value in allowed else None
+
+
+def has_output(events: Iterable[StoredEvent]) -> bool:
+    """Whether `events` hold an output event, anything but the lifecycle's: the first one is what a client waits
+    for."""
+    return any(event.type not in LIFECYCLE_EVENT_TYPES for event in events)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -15,9 +15,9 @@ from pydantic import ValidationError
 
 from gateway.access_log import RESPONSE_ID
 from gateway.auth import PRINCIPAL
-from gateway.collector import awaiting_first_output
 from gateway.cursors import is_cursor_part
 from gateway.errors import invalid_body, json_response, raw_json_response, upstream_refusal
+from gateway.gc_pacing import FIRST_OUTPUT_WRITTEN, create_waiting
 from gateway.json_depth import MAX_JSON_DEPTH, nesting_depth
 from gateway.pagination import PageQuery
 from gateway.request_id import request_id_of
@@ -130,16 +130,20 @@ async def stream_response(
 
 async def create_response(request: web.Request) -> web.StreamResponse:
     """POST /v1/responses."""
-    # Until its stream's first output is written, collections wait (gateway/collector.py); a request that fails,
-    # or has no stream, stops waiting when it ends.
-    first_output_written = awaiting_first_output(request)
+    create, key = await _read_create(request)
+    if not create.is_streaming:  # nobody sees a first output before the whole response (or none, in background)
+        return await _start_create(request, create, key)
+    # Until the stream's first output is written, collections are held back (gateway/gc_pacing.py); a request that
+    # ends without one stops waiting then.
+    first_output_written = request[FIRST_OUTPUT_WRITTEN] = create_waiting(request.app)
     try:
-        return await _create_response(request, first_output_written)
+        return await _start_create(request, create, key)
     finally:
         first_output_written()
 
 
-async def _create_response(request: web.Request, first_output_written: Callable[[], None]) -> web.StreamResponse:
+async def _read_create(request: web.Request) -> tuple[CreateResponseRequest, idempotency.IdempotencyKey | None]:
+    """The create request and its Idempotency-Key, checked; a 400 for anything wrong with either."""
     key_header = request.headers.get(idempotency.HEADER)
     if key_header is not None:
         idempotency.check_key(key_header)  # before anything else, as the IETF draft asks
@@ -154,8 +158,6 @@ async def _create_response(request: web.Request, first_output_written: Callable[
             param="stream_id",
             code="unknown_parameter",
         )
-    if not create.is_streaming:
-        first_output_written()  # nobody sees a first output before the whole response (or none, in background)
     principal = request[PRINCIPAL]
     key = None
     if key_header is not None:
@@ -163,6 +165,14 @@ async def _create_response(request: web.Request, first_output_written: Callable[
         key = idempotency.IdempotencyKey.for_request(
             key_header, create, ttl_seconds=ttl_seconds, scope=principal.tenant
         )
+    return create, key
+
+
+async def _start_create(
+    request: web.Request, create: CreateResponseRequest, key: idempotency.IdempotencyKey | None
+) -> web.StreamResponse:
+    """Admit the create and serve what it started (or what its Idempotency-Key started before)."""
+    principal = request[PRINCIPAL]
     manager = request.app[RUN_MANAGER]
     admission = await manager.admit(
         create,
