@@ -17,6 +17,7 @@ from gateway.errors import MAX_BODY_BYTES, error_middleware
 from gateway.metrics import METRICS, GatewayMetrics
 from gateway.request_id import request_id_middleware, send_request_id
 from gateway.routes import compaction, conversations, health, input_tokens, models, responses, steering
+from gateway.socket_counts import SOCKET_COUNTS, SocketCounts
 from gateway.state import (
     FAULTS,
     LIVE_EVENTS,
@@ -29,7 +30,6 @@ from gateway.state import (
     WEBHOOK_SETTINGS,
 )
 from gateway.tracing import trace_requests, tracing_ctx
-from gateway.websocket import SOCKET_COUNTS, SocketCounts
 from runs.faults import FaultPoints
 from runs.history import HistoryBounds
 from runs.lifecycle import Lifecycle, RunSettings

@@ -29,6 +29,7 @@ from gateway.config import WebSocketConfig
 from gateway.errors import invalid_body, store_unavailable
 from gateway.gc_pacing import create_waiting
 from gateway.json_depth import MAX_JSON_DEPTH, nesting_depth
+from gateway.socket_counts import SOCKET_COUNTS
 from gateway.state import LIVE_EVENTS, ROUTER, RUN_MANAGER, SETTINGS, STORE
 from gateway.websocket_frames import (
     CREATE,
@@ -56,29 +57,6 @@ from runs.subscription import follow_events
 from runs.upstream.router import UpstreamRouter
 
 log = logging.getLogger(__name__)
-
-
-class SocketCounts:
-    """Open sockets per tenant (each API key belongs to one), so one key cannot hold every connection."""
-
-    def __init__(self) -> None:
-        self._open: dict[str, int] = {}
-
-    def acquire(self, tenant: str, limit: int) -> bool:
-        if self._open.get(tenant, 0) >= limit:
-            return False
-        self._open[tenant] = self._open.get(tenant, 0) + 1
-        return True
-
-    def release(self, tenant: str) -> None:
-        left = self._open.get(tenant, 1) - 1
-        if left:
-            self._open[tenant] = left
-        else:
-            self._open.pop(tenant, None)
-
-
-SOCKET_COUNTS = web.AppKey("websocket_counts", SocketCounts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from gateway.gc_pacing import GC_PACING, GROWTH_CAP, GcPacing
 from gateway.state import RUN_MANAGER
-from tests.conftest import Gateway, gateway_settings, serve_gateway
+from tests.conftest import Gateway, eventually, gateway_settings, serve_gateway
 
 
 @pytest.fixture(autouse=True)
@@ -40,14 +40,6 @@ def young_threshold_of(value: int) -> Iterator[None]:
         yield
     finally:
         gc.set_threshold(*thresholds)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not within 5 s")
 
 
 async def test_collections_are_held_back_while_any_create_waits_for_its_first_output() -> None:
@@ -187,7 +179,11 @@ async def test_a_client_that_leaves_before_the_first_output_ends_its_hold(holdin
         break
     assert pacing.holding
     await stream.close()
-    await until(lambda: not pacing.holding)
+
+    async def released() -> bool:
+        return not pacing.holding
+
+    await eventually(released, within=5, interval=0.01)
 
 
 @pytest.mark.parametrize("storage_url", ["memory"], indirect=True)
@@ -198,7 +194,11 @@ async def test_a_create_nobody_streams_holds_nothing_back(holding_gateway: Gatew
     running = asyncio.create_task(
         holding_gateway.client.responses.create(model="sim-1", input="hello", metadata=SLOW_FIRST_TOKEN)
     )
-    await until(lambda: bool(manager.local_runs()))
+
+    async def admitted() -> bool:
+        return bool(manager.local_runs())
+
+    await eventually(admitted, within=5, interval=0.01)
     assert not pacing.holding  # the run waits for its first token, but no client sees it before the end
     response = await running
     assert response.status == "completed"
